@@ -1,0 +1,288 @@
+"""The pipeline spec (the DSL) and the settings that say where things live.
+
+A spec is one YAML file validated by :class:`PipelineSpec`; overlays are merged
+over it key by key. Secrets and endpoints never live in the spec: they come
+from :class:`Settings` (``VOXELFLOW_*`` environment variables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message names the file, the key and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _single_key(item: Any, what: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(item, str):
+        return item, {}
+    if isinstance(item, dict) and len(item) == 1:
+        name, kwargs = next(iter(item.items()))
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"the arguments of {what} {name!r} must be a mapping, got {type(kwargs).__name__}")
+        return str(name), kwargs
+    raise ValueError(f"each {what} must be a name or a one-key mapping {{Name: {{arg: value}}}}, got {item!r}")
+
+
+def _check_kwargs(cls: type, name: str, kwargs: dict[str, Any], what: str) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params) - {"self"})
+    if unknown:
+        allowed = ", ".join(p for p in params if p not in ("self", "args", "kwargs"))
+        raise ValueError(f"{what} {name!r} has no argument {', '.join(unknown)}; it takes: {allowed}")
+
+
+def resolve_monai(module: str, name: str, what: str) -> type:
+    """Look a class up by name in a MONAI module, with a helpful error."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    cls = getattr(mod, name, None)
+    if not inspect.isclass(cls):
+        raise ValueError(f"unknown {what} {name!r}: expected a class in {module}")
+    return cls
+
+
+class DataSpec(_Section):
+    source: str = Field(description="fsspec URL of the incoming data; '{home}' expands to VOXELFLOW_HOME")
+    layout: Literal["decathlon", "folder"] = "decathlon"
+    deidentify: Literal["dicom-basic-profile", "none"] = "dicom-basic-profile"
+    max_voxels: int = Field(512**3, gt=0, description="cases larger than this are quarantined")
+
+
+class PreprocessSpec(_Section):
+    transforms: list[dict[str, dict[str, Any]]] = Field(
+        description="MONAI dictionary transforms, by name, applied in order"
+    )
+    shard_size: int = Field(8, ge=1)
+    cluster: str = Field("auto", description="auto | local | cuda | tcp://scheduler:8786")
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _normalise(cls, value: Any) -> list[dict[str, dict[str, Any]]]:
+        if not isinstance(value, list) or not value:
+            raise ValueError("expected a non-empty list of MONAI dictionary transforms")
+        out = []
+        for item in value:
+            name, kwargs = _single_key(item, "transform")
+            if not name.endswith("d"):
+                raise ValueError(f"transform {name!r} is not a MONAI dictionary transform (name ending in 'd')")
+            _check_kwargs(resolve_monai("monai.transforms", name, "transform"), name, kwargs, "transform")
+            if "keys" not in kwargs:
+                raise ValueError(f"transform {name!r} needs 'keys' (image, label or both)")
+            out.append({name: kwargs})
+        return out
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster(cls, value: str) -> str:
+        if value in ("auto", "local", "cuda") or value.startswith(("tcp://", "tls://")):
+            return value
+        raise ValueError("expected auto, local, cuda or a scheduler address tcp://host:port")
+
+    @property
+    def spatial_size(self) -> tuple[int, ...] | None:
+        """The fixed output size, from the last transform that sets one."""
+        size = None
+        for item in self.transforms:
+            for kwargs in item.values():
+                if "spatial_size" in kwargs:
+                    size = tuple(int(s) for s in kwargs["spatial_size"])
+        return size
+
+
+class TrainSpec(_Section):
+    network: dict[str, dict[str, Any]]
+    loss: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"DiceCELoss": {}})
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(2, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "bf16-mixed"
+    checkpoint_every_steps: int = Field(50, ge=1)
+    seed: int = 0
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, value: Any) -> dict[str, dict[str, Any]]:
+        name, kwargs = _single_key(value, "network")
+        _check_kwargs(resolve_monai("monai.networks.nets", name, "network"), name, kwargs, "network")
+        return {name: kwargs}
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss(cls, value: Any) -> dict[str, dict[str, Any]]:
+        name, kwargs = _single_key(value, "loss")
+        _check_kwargs(resolve_monai("monai.losses", name, "loss"), name, kwargs, "loss")
+        return {name: kwargs}
+
+
+class EvaluateSpec(_Section):
+    metrics: list[Literal["dice", "hausdorff95"]] = Field(default_factory=lambda: ["dice"])
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class Gates(_Section):
+    min_dice: float = Field(0.8, ge=0, le=1)
+    beat_champion_by: float = Field(0.0, ge=-1, le=1)
+
+
+class PromoteSpec(_Section):
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    gates: Gates = Field(default_factory=Gates)
+    approval: Literal["auto", "manual"] = "auto"
+
+
+class Autoscale(_Section):
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(8, ge=1)
+    target_cpu_percent: int = Field(70, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscale:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+
+class DeploySpec(_Section):
+    target: Literal["local"] = Field("local", description="local: the service on 127.0.0.1")
+    autoscale: Autoscale = Field(default_factory=Autoscale)
+
+
+class PipelineSpec(_Section):
+    """One lifecycle: each stage reads only its own section."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataSpec
+    preprocess: PreprocessSpec
+    train: TrainSpec
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    promote: PromoteSpec
+    deploy: DeploySpec = Field(default_factory=DeploySpec)
+
+    def digest(self) -> str:
+        """A stable hash of the spec, for lineage."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into a copy of ``base``: mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_set(expr: str) -> dict[str, Any]:
+    """Turn ``train.epochs=3`` into ``{"train": {"epochs": 3}}``; the value is read as YAML."""
+    path, sep, raw = expr.partition("=")
+    if not sep or not path.strip():
+        raise SpecError(f"--set {expr!r}: expected key.path=value")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    out: dict[str, Any] = value
+    for key in reversed(path.strip().split(".")):
+        out = {key: out}
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec ({exc.strerror or exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _explain(source: str, exc: ValidationError) -> SpecError:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the spec)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{source}: {key}: {msg}")
+    return SpecError("\n".join(lines))
+
+
+def validate_spec(data: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(source, exc) from None
+
+
+def load_spec(
+    path: str | Path, overlays: list[str | Path] | None = None, sets: list[str] | None = None
+) -> PipelineSpec:
+    """Read a spec, merge overlays (files) and ``key.path=value`` settings over it, validate."""
+    path = Path(path)
+    data = _read_yaml(path)
+    sources = [str(path)]
+    for overlay in overlays or []:
+        data = deep_merge(data, _read_yaml(Path(overlay)))
+        sources.append(str(overlay))
+    for expr in sets or []:
+        data = deep_merge(data, parse_set(expr))
+        sources.append(f"--set {expr}")
+    return validate_spec(data, " + ".join(sources))
+
+
+class Settings(BaseSettings):
+    """Where voxelflow keeps things and which services it talks to (``VOXELFLOW_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="VOXELFLOW_", extra="ignore")
+
+    home: Path = Field(Path(".voxelflow"), description="stores, MLflow database and artifacts, audit log, keys")
+    mlflow_tracking_uri: str | None = Field(None, description="default: SQLite inside home")
+    dask_scheduler: str | None = Field(None, description="default: none, a local cluster is started")
+    dask_workers: int | None = Field(None, ge=1, description="workers of the local cluster (default: cores)")
+    serve_host: str = "127.0.0.1"
+    serve_port: int = Field(8000, ge=0, le=65535)
+
+    @property
+    def root(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.root / "mlartifacts").as_uri()
+
+    def expand(self, url: str) -> str:
+        return url.replace("{home}", str(self.root))

@@ -1,0 +1,332 @@
+"""The lifecycle's stages as plain functions: each takes its own spec section and the outputs before it.
+
+Prefect tasks wrap these one to one (``tasks/``); :func:`run` chains them with no orchestrator,
+which is what the orchestration benchmark compares the flow against.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from voxelflow import audit, evaluate, ingest, preprocess, registry, report, train
+from voxelflow.config import (
+    DataSpec,
+    DeploySpec,
+    EvaluateSpec,
+    PipelineSpec,
+    PreprocessSpec,
+    PromoteSpec,
+    Settings,
+    TrainSpec,
+)
+from voxelflow.storage import Layout
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every stage needs besides its section: where things live, which services to use."""
+
+    settings: Settings
+    pipeline: str
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.settings.root, self.pipeline)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.settings.tracking_uri
+
+
+def ingest_stage(data: DataSpec, ctx: Context, progress: Progress | None = None) -> ingest.IngestReport:
+    source = ctx.settings.expand(data.source)
+    result = ingest.ingest(data, ctx.layout, source, progress=progress)
+    if not result.case_ids:
+        raise ValueError(f"no usable cases under {source}: {len(result.quarantined)} quarantined")
+    audit.append(ctx.layout.audit_log, "data.ingested", "voxelflow", pipeline=ctx.pipeline, **result.summary())
+    for q in result.quarantined:
+        audit.append(ctx.layout.audit_log, "data.quarantined", "voxelflow", pipeline=ctx.pipeline, **q)
+    return result
+
+
+def preprocess_stage(
+    spec: PreprocessSpec, ctx: Context, case_ids: list[str], progress: Progress | None = None
+) -> preprocess.PreprocessReport:
+    from voxelflow.cluster import dask_client
+
+    layout = ctx.layout
+    out = layout.preprocessed_store(preprocess.transform_digest(spec))
+    todo = set(case_ids) - set(preprocess.stored_cases(out))
+    if not todo:  # nothing new: no cluster needed
+        return preprocess.preprocess(spec, layout.raw_store, case_ids, out, progress=progress)
+    with dask_client(spec.cluster, ctx.settings.dask_scheduler, ctx.settings.dask_workers) as client:
+        raw, transforms = str(layout.raw_store), spec.transforms
+        return preprocess.preprocess(
+            spec, layout.raw_store, case_ids, out,
+            submit=lambda part: client.submit(preprocess.preprocess_shard, raw, part, transforms, pure=False),
+            gather=client.gather, progress=progress,
+        )
+
+
+@dataclass
+class Split:
+    train: list[str]
+    val: list[str]
+
+
+def split_stage(spec: EvaluateSpec, case_ids: list[str], seed: int = 0) -> Split:
+    tr, va = evaluate.split(case_ids, spec.val_fraction, seed)
+    return Split(tr, va)
+
+
+def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str) -> str:
+    lineage = {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name}
+    return registry.start_run(ctx.tracking_uri, ctx.settings.artifact_root, spec, lineage)
+
+
+@dataclass
+class TrainOutcome:
+    weights_path: str
+    model_config: dict[str, Any]
+    history: list[dict[str, float]]
+    steps: int
+    seconds: float
+    resumed_from: int | None
+    curve_png: str
+
+
+def model_config(spec: TrainSpec, pre: PreprocessSpec) -> dict[str, Any]:
+    if pre.spatial_size is None:
+        raise ValueError("preprocess.transforms must fix a spatial_size (e.g. ResizeWithPadOrCropd)")
+    return {
+        "network": spec.network,
+        "transforms": pre.transforms,
+        "spatial_size": list(pre.spatial_size),
+        "precision": spec.precision,
+    }
+
+
+def train_stage(
+    spec: TrainSpec, pre: PreprocessSpec, ctx: Context, store: str, train_ids: list[str], run_id: str,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainOutcome:
+    arrays = preprocess.load_arrays(Path(store), train_ids)
+    if "label" not in arrays:
+        raise ValueError("training needs labelled cases")
+    ckpt_dir = ctx.layout.checkpoint_dir(run_id)
+
+    def log(epoch: int, metrics: dict[str, float]) -> None:
+        registry.log_metrics(ctx.tracking_uri, run_id, metrics, step=epoch)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+
+    result = train.train(spec, arrays["image"], arrays["label"], ckpt_dir, on_epoch=log)
+    weights = ckpt_dir / "final.safetensors"
+    weights.write_bytes(result.weights)
+    curve = report.curve_png(result.history, ctx.layout.reports_dir / run_id / "training-curve.png")
+    registry.log_artifact(ctx.tracking_uri, run_id, curve)
+    registry.log_metrics(ctx.tracking_uri, run_id, {"train_seconds": result.seconds, "train_steps": result.steps})
+    return TrainOutcome(str(weights), model_config(spec, pre), result.history, result.steps, result.seconds,
+                        result.resumed_from, str(curve))
+
+
+@dataclass
+class Evaluation:
+    candidate: dict[str, float]
+    champion: dict[str, float] | None
+    champion_version: str | None
+    overlay_png: str
+
+
+def evaluate_stage(
+    spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOutcome, val_ids: list[str], run_id: str
+) -> Evaluation:
+    """Score the candidate and the current champion on the same held-out cases."""
+    from voxelflow.model import Segmenter
+
+    candidate = Segmenter(outcome.model_config, Path(outcome.weights_path).read_bytes())
+    raw = ctx.layout.raw_store
+    scores = evaluate.score(candidate.segment, raw, val_ids, spec.metrics)
+    registry.log_metrics(ctx.tracking_uri, run_id, {f"val_{k}": v for k, v in scores.items()})
+    champion_scores, champion_version = None, registry.alias_version(ctx.tracking_uri, model_name)
+    if champion_version is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            champ, _ = registry.load_segmenter(ctx.tracking_uri, model_name, Path(tmp))
+        champion_scores = evaluate.score(champ.segment, raw, val_ids, spec.metrics)
+        registry.log_metrics(ctx.tracking_uri, run_id, {f"champion_val_{k}": v for k, v in champion_scores.items()})
+    case = ingest.load_case(raw, val_ids[0])
+    pred = candidate.segment(case["image"], case["affine"])
+    png = report.overlay_png(
+        case["image"], case.get("label"), pred, ctx.layout.reports_dir / run_id / "overlay.png",
+        title=f"{val_ids[0]}  dice {evaluate.dice(pred, case['label']):.3f}",
+    )
+    registry.log_artifact(ctx.tracking_uri, run_id, png)
+    return Evaluation(scores, champion_scores, champion_version, str(png))
+
+
+@dataclass
+class Promotion:
+    version: str
+    promoted: bool
+    reasons: list[str]
+    champion: str | None
+    previous: str | None = None
+    model_uri: str = ""
+
+
+def register_stage(
+    spec: PromoteSpec, ctx: Context, run_id: str, outcome: TrainOutcome, evaluation: Evaluation,
+    lineage: dict[str, str],
+) -> Promotion:
+    """Log and register the candidate, then move ``champion`` if the gates pass."""
+    weights = Path(outcome.weights_path).read_bytes()
+    model_uri = registry.log_model(ctx.tracking_uri, run_id, outcome.model_config, weights)
+    tags = {**lineage, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
+    version = registry.register(ctx.tracking_uri, model_uri, spec.model_name, run_id, tags)
+    decision = registry.should_promote(evaluation.candidate, evaluation.champion, spec.gates)
+    if spec.approval == "manual":
+        decision.promote = False
+        decision.reasons.append("approval is manual: promote it from the Prefect UI or `voxelflow promote`")
+    previous = None
+    if decision.promote:
+        previous = registry.promote(ctx.tracking_uri, spec.model_name, version)
+        audit.append(ctx.layout.audit_log, "model.promoted", "voxelflow", model=spec.model_name, version=version,
+                     previous=previous, metrics=evaluation.candidate, reasons=decision.reasons)
+    else:
+        audit.append(ctx.layout.audit_log, "model.rejected", "voxelflow", model=spec.model_name, version=version,
+                     metrics=evaluation.candidate, reasons=decision.reasons)
+    champion = registry.alias_version(ctx.tracking_uri, spec.model_name)
+    return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri)
+
+
+@dataclass
+class Deployment:
+    endpoint: str
+    model_version: str
+    case: str
+    dice: float
+    latency_s: float
+    stopped: bool = True
+
+
+def smoke_key(ctx: Context) -> str:
+    from voxelflow.serve import KeyStore
+
+    return KeyStore(ctx.layout.api_keys).create("lifecycle-smoke-test", ["predict"])
+
+
+def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str, keep_serving: bool = False) -> Deployment:
+    """Serve the champion on loopback and segment one held-out case over HTTP (the smoke test)."""
+    import gzip
+    import io
+    import time
+
+    import httpx
+    import nibabel as nib
+
+    from voxelflow.serve import KeyStore, ModelHolder, Server, create_app
+
+    cache = Path(tempfile.mkdtemp(prefix="voxelflow-serve-"))
+    holder = ModelHolder(lambda: registry.load_segmenter(ctx.tracking_uri, model_name, cache))
+    holder.reload()
+    app = create_app(holder, KeyStore(ctx.layout.api_keys), audit_log=ctx.layout.audit_log)
+    server = Server(app, ctx.settings.serve_host, 0 if not keep_serving else ctx.settings.serve_port).start()
+    audit.append(ctx.layout.audit_log, "service.deployed", "voxelflow", model=model_name,
+                 version=holder.version, endpoint=server.url)
+    try:
+        case = ingest.load_case(ctx.layout.raw_store, case_id)
+        body = ingest.read_bytes(case["attrs"]["sources"][0])
+        start = time.perf_counter()
+        resp = httpx.post(f"{server.url}/v1/segment", content=body, timeout=120,
+                          headers={"X-API-Key": smoke_key(ctx), "Content-Type": "application/gzip"})
+        latency = time.perf_counter() - start
+        if resp.status_code != 200:
+            raise RuntimeError(f"smoke test failed: HTTP {resp.status_code}: {resp.text[:300]}")
+        data = resp.content
+        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        mask = np.asanyarray(nib.Nifti1Image.from_stream(io.BytesIO(data)).dataobj)
+        score = evaluate.dice(mask, case["label"])
+        result = Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency, not keep_serving)
+    finally:
+        if not keep_serving:
+            server.stop()
+    return result
+
+
+@dataclass
+class LifecycleResult:
+    dataset_digest: str
+    run_id: str
+    ingest: dict[str, Any]
+    preprocess: dict[str, Any]
+    train: dict[str, Any]
+    metrics: dict[str, float]
+    champion_metrics: dict[str, float] | None
+    promotion: dict[str, Any]
+    deployment: dict[str, Any] | None
+    pictures: list[str] = field(default_factory=list)
+
+
+def summarise(
+    ingested: ingest.IngestReport, prep: preprocess.PreprocessReport, outcome: TrainOutcome, evaluation: Evaluation,
+    promotion: Promotion, deployment: Deployment | None, run_id: str,
+) -> LifecycleResult:
+    return LifecycleResult(
+        dataset_digest=ingested.dataset_digest,
+        run_id=run_id,
+        ingest=ingested.summary(),
+        preprocess=asdict(prep),
+        train={"steps": outcome.steps, "seconds": round(outcome.seconds, 2),
+               "final_loss": outcome.history[-1]["train_loss"] if outcome.history else None},
+        metrics=evaluation.candidate,
+        champion_metrics=evaluation.champion,
+        promotion=asdict(promotion),
+        deployment=asdict(deployment) if deployment else None,
+        pictures=[outcome.curve_png, evaluation.overlay_png],
+    )
+
+
+def markdown(result: LifecycleResult, name: str) -> str:
+    """The lifecycle's closing report (a Prefect markdown artifact, and the CLI's summary)."""
+    p, d = result.promotion, result.deployment
+    rows = [
+        ("dataset digest", f"`{result.dataset_digest}`"),
+        ("cases", f"{result.ingest['cases']} ({result.ingest['ingested']} new, {result.ingest['duplicate']} "
+                  f"duplicate, {result.ingest['quarantined']} quarantined)"),
+        ("preprocessed", f"{result.preprocess['processed']} new, {result.preprocess['skipped']} reused, "
+                         f"shape {tuple(result.preprocess['shape'])}"),
+        ("training", f"{result.train['steps']} steps in {result.train['seconds']} s"),
+        *[(f"val {k}", f"{v:.4f}") for k, v in result.metrics.items()],
+        ("model version", f"{name} v{p['version']} ({'promoted to champion' if p['promoted'] else 'not promoted'})"),
+        ("gates", "; ".join(p["reasons"])),
+        ("MLflow run", f"`{result.run_id}`"),
+    ]
+    if d:
+        rows += [("endpoint", f"{d['endpoint']}/v1/segment (v{d['model_version']})"),
+                 ("HTTP prediction dice", f"{d['dice']:.4f} on {d['case']}")]
+    lines = [f"# voxelflow lifecycle: {name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+    return "\n".join(lines) + "\n"
+
+
+def run(spec: PipelineSpec, settings: Settings, progress: Progress | None = None) -> LifecycleResult:
+    """The whole lifecycle with no orchestrator: the baseline the flow is measured against."""
+    ctx = Context(settings, spec.name)
+    ingested = ingest_stage(spec.data, ctx)
+    prep = preprocess_stage(spec.preprocess, ctx, ingested.case_ids)
+    split = split_stage(spec.evaluate, ingested.case_ids, spec.train.seed)
+    run_id = start_run(spec, ctx, ingested.dataset_digest)
+    outcome = train_stage(spec.train, spec.preprocess, ctx, prep.store, split.train, run_id)
+    evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.val, run_id)
+    lineage = {"dataset_digest": ingested.dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name}
+    promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage)
+    deployment = None
+    if promotion.champion is not None:
+        deployment = deploy_stage(spec.deploy, spec.promote.model_name, ctx, split.val[0])
+    return summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)

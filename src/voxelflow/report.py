@@ -1,0 +1,53 @@
+"""Pictures people would rather look at: overlays of image, label and prediction; training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overlay_png(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None, path: Path, title: str = "") -> Path:
+    """The middle axial slice: image, image+label, image+prediction side by side."""
+    plt = _pyplot()
+    z = int(np.argmax((label > 0).sum(axis=(0, 1)))) if label is not None and label.any() else image.shape[2] // 2
+    panels = [("image", None), ("label", label), ("prediction", pred)]
+    panels = [(n, m) for n, m in panels if n == "image" or m is not None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    for ax, (name, mask) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
+        if mask is not None:
+            ax.imshow(np.ma.masked_equal(mask[:, :, z].T, 0), cmap="autumn", alpha=0.5, origin="lower")
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def curve_png(history: list[dict[str, float]], path: Path, key: str = "train_loss") -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot([h["epoch"] + 1 for h in history], [h[key] for h in history], marker=".")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.set_title("training curve")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,286 @@
+"""The inference service: FastAPI on the champion model, API keys with roles, throttling, metrics.
+
+``POST /v1/segment`` takes a volume (NIfTI, optionally gzipped, or ``.npy``) and returns the
+mask in the same format and grid. Health at ``/health/live`` and ``/health/ready``,
+Prometheus metrics at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import io
+import json
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from fastapi import FastAPI, Header, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from voxelflow import audit
+from voxelflow.storage import atomic_write_bytes
+
+ROLES = ("predict", "admin")
+NPY = "application/x-npy"
+NIFTI = "application/gzip"
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    roles: tuple[str, ...]
+
+
+class KeyStore:
+    """API keys kept as SHA-256 digests in a JSON file; the key itself is shown once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._keys: dict[str, dict[str, Any]] = {}
+        self._mtime = -1.0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _digest(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def _load(self) -> None:
+        mtime = self.path.stat().st_mtime if self.path.exists() else 0.0
+        if mtime != self._mtime:
+            self._keys = json.loads(self.path.read_text())["keys"] if self.path.exists() else {}
+            self._mtime = mtime
+
+    def create(self, name: str, roles: list[str]) -> str:
+        bad = sorted(set(roles) - set(ROLES))
+        if bad or not roles:
+            raise ValueError(f"unknown role(s) {bad or roles}: choose from {', '.join(ROLES)}")
+        key = "vf_" + secrets.token_urlsafe(32)
+        with self._lock:
+            self._load()
+            keys = dict(self._keys)
+            keys[self._digest(key)] = {"name": name, "roles": sorted(roles), "created": time.time()}
+            atomic_write_bytes(self.path, json.dumps({"keys": keys}, indent=2).encode())
+            self.path.chmod(0o600)
+            self._mtime = -1.0
+        return key
+
+    def lookup(self, key: str | None) -> Principal | None:
+        if not key:
+            return None
+        with self._lock:
+            self._load()
+            digest = self._digest(key)
+            for stored, info in self._keys.items():
+                if hmac.compare_digest(stored, digest):
+                    return Principal(info["name"], tuple(info["roles"]))
+        return None
+
+
+class Throttle:
+    """A token bucket per key: ``rate`` requests a second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, who: str) -> float:
+        """0 when allowed, else the seconds to wait."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(who, (float(self.burst), now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1:
+                self._buckets[who] = (tokens - 1, now)
+                return 0.0
+            self._buckets[who] = (tokens, now)
+            return (1 - tokens) / self.rate
+
+
+class ModelHolder:
+    """The loaded model and its version; ``reload`` swaps it in without dropping requests."""
+
+    def __init__(self, loader: Callable[[], tuple[Any, str]]) -> None:
+        self.loader = loader
+        self.segmenter: Any = None
+        self.version: str | None = None
+        self.error: str | None = None
+        self.lock = threading.Lock()
+
+    def reload(self) -> str | None:
+        try:
+            segmenter, version = self.loader()
+        except Exception as exc:  # noqa: BLE001 - reported through /health/ready
+            self.error = str(exc)
+            raise
+        with self.lock:
+            self.segmenter, self.version, self.error = segmenter, version, None
+        return version
+
+
+def decode_volume(body: bytes, content_type: str) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The request body as (volume, affine or None, response format)."""
+    import nibabel as nib
+
+    if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+        return array, None, "npy"
+    data = gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+    img = nib.Nifti1Image.from_stream(io.BytesIO(data))
+    return np.asanyarray(img.dataobj), np.asarray(img.affine), "nifti"
+
+
+def encode_mask(mask: np.ndarray, affine: np.ndarray | None, fmt: str) -> tuple[bytes, str]:
+    import nibabel as nib
+
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, mask, allow_pickle=False)
+        return buf.getvalue(), NPY
+    img = nib.Nifti1Image(mask.astype(np.uint8), affine if affine is not None else np.eye(4))
+    return gzip.compress(img.to_bytes(), compresslevel=1), NIFTI
+
+
+def create_app(
+    holder: ModelHolder,
+    keys: KeyStore,
+    audit_log: Path | None = None,
+    max_bytes: int = 256 * 1024**2,
+    max_voxels: int = 512**3,
+    rate: float = 10.0,
+    burst: int = 20,
+):
+    registry = CollectorRegistry()
+    requests = Counter("voxelflow_requests", "Requests by endpoint and status", ["endpoint", "status"],
+                       registry=registry)
+    latency = Histogram("voxelflow_inference_seconds", "Inference time per volume", registry=registry,
+                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+    throttle = Throttle(rate, burst)
+    app = FastAPI(title="voxelflow inference", version="1")
+
+    def deny(status: int, detail: str, who: str, endpoint: str) -> HTTPException:
+        requests.labels(endpoint, str(status)).inc()
+        if audit_log is not None and status in (401, 403):
+            audit.append(audit_log, "access.denied", who, endpoint=endpoint, status=status)
+        return HTTPException(status_code=status, detail=detail)
+
+    def authorize(key: str | None, role: str, endpoint: str) -> Principal:
+        who = keys.lookup(key)
+        if who is None:
+            raise deny(401, "missing or unknown API key (send it in the X-API-Key header)", "anonymous", endpoint)
+        if role not in who.roles and "admin" not in who.roles:
+            raise deny(403, f"key {who.name!r} lacks the {role!r} role", who.name, endpoint)
+        wait = throttle.allow(who.name)
+        if wait:
+            requests.labels(endpoint, "429").inc()
+            raise HTTPException(429, f"too many requests for key {who.name!r}", headers={"Retry-After": f"{wait:.1f}"})
+        return who
+
+    @app.get("/health/live")
+    def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    def ready(response: Response) -> dict[str, Any]:
+        if holder.segmenter is None:
+            response.status_code = 503
+            return {"status": "loading", "error": holder.error}
+        return {"status": "ready", "model_version": holder.version}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/segment")
+    async def segment(request: Request, x_api_key: str | None = Header(None)) -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        endpoint = "/v1/segment"
+        authorize(x_api_key, "predict", endpoint)
+        body = await request.body()
+        return await run_in_threadpool(infer, body, request.headers.get("content-type", ""))
+
+    def infer(body: bytes, content_type: str) -> Response:
+        endpoint = "/v1/segment"
+        if holder.segmenter is None:
+            raise deny(503, "model not loaded yet", "", endpoint)
+        if not body:
+            raise deny(400, "empty body: send a NIfTI (.nii/.nii.gz) or .npy volume", "", endpoint)
+        if len(body) > max_bytes:
+            raise deny(413, f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "", endpoint)
+        try:
+            volume, affine, fmt = decode_volume(body, content_type)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's input
+            raise deny(400, f"cannot decode the volume: {exc}", "", endpoint) from None
+        if volume.ndim == 4 and volume.shape[-1] == 1:
+            volume = volume[..., 0]
+        if volume.ndim != 3 or volume.size > max_voxels or not np.issubdtype(volume.dtype, np.number):
+            raise deny(422, f"expected a numeric 3-D volume of at most {max_voxels} voxels, got "
+                            f"{volume.dtype} {volume.shape}", "", endpoint)
+        if not np.isfinite(volume).all():
+            raise deny(422, "volume contains NaN or infinite values", "", endpoint)
+        with holder.lock:
+            segmenter, version = holder.segmenter, holder.version
+        start = time.perf_counter()
+        mask = segmenter.segment(volume, affine)
+        latency.observe(time.perf_counter() - start)
+        payload, media = encode_mask(mask, affine, fmt)
+        requests.labels(endpoint, "200").inc()
+        return Response(payload, media_type=media, headers={"X-Model-Version": str(version)})
+
+    @app.post("/v1/reload")
+    def reload(x_api_key: str | None = Header(None)) -> dict[str, Any]:
+        who = authorize(x_api_key, "admin", "/v1/reload")
+        version = holder.reload()
+        if audit_log is not None:
+            audit.append(audit_log, "service.reloaded", who.name, model_version=version)
+        return {"model_version": version}
+
+    return app
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a background thread, for the lifecycle's smoke test and the tests."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        self._server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name="voxelflow-serve", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Server:
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"inference service did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

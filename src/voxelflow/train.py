@@ -1,0 +1,168 @@
+"""Training: the spec's MONAI network on the preprocessed store, mixed precision, atomic checkpoints.
+
+A retry resumes from the newest checkpoint; the data order is a pure function of the seed
+and the epoch, so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from voxelflow.config import TrainSpec, resolve_monai
+from voxelflow.storage import atomic_write_bytes
+
+CHECKPOINT_GLOB = "step-*.pt"
+
+
+def build_network(network: dict[str, dict[str, Any]]):
+    (name, kwargs), = network.items()
+    return resolve_monai("monai.networks.nets", name, "network")(**kwargs)
+
+
+def build_loss(loss: dict[str, dict[str, Any]]):
+    (name, kwargs), = loss.items()
+    return resolve_monai("monai.losses", name, "loss")(**kwargs)
+
+
+def device_for(prefer: str | None = None):
+    import torch
+
+    if prefer:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_for(precision: str, device):
+    import torch
+
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class TrainResult:
+    weights: bytes
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    resumed_from: int | None = None
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    path = directory / f"step-{step:08d}.pt"
+    atomic_write_bytes(path, buf.getvalue())
+    for old in sorted(directory.glob(CHECKPOINT_GLOB))[:-2]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob(CHECKPOINT_GLOB)) if directory.exists() else []
+    return found[-1] if found else None
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train(
+    spec: TrainSpec,
+    images: np.ndarray,
+    labels: np.ndarray,
+    checkpoint_dir: Path,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Train ``spec.network`` on in-memory arrays (N, C, *spatial); returns the final weights."""
+    import torch
+
+    if len(images) == 0:
+        raise ValueError("no training cases: ingest data first")
+    dev = device_for(device)
+    torch.manual_seed(spec.seed)
+    net = build_network(spec.network).to(dev)
+    loss_fn = build_loss(spec.loss)
+    opt = torch.optim.Adam(net.parameters(), lr=spec.learning_rate)
+    use_scaler = spec.precision == "fp16-mixed" and dev.type == "cuda"
+    scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
+    x_all = torch.as_tensor(images, dtype=torch.float32, device=dev)
+    y_all = torch.as_tensor(labels, dtype=torch.float32, device=dev)
+    n = len(x_all)
+    steps_per_epoch = -(-n // spec.batch_size)
+
+    step, history, resumed = 0, [], None
+    ckpt = latest_checkpoint(checkpoint_dir)
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, resumed = int(state["step"]), int(state["step"])
+        history = [dict(h) for h in state["history"]]
+
+    start = time.perf_counter()
+    net.train()
+    total = spec.epochs * steps_per_epoch
+    running: list[float] = []
+    while step < total:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = epoch_order(n, spec.seed, epoch)
+        idx = torch.as_tensor(order[offset * spec.batch_size : (offset + 1) * spec.batch_size], device=dev)
+        opt.zero_grad(set_to_none=True)
+        with autocast_for(spec.precision, dev):
+            loss = loss_fn(net(x_all[idx]), y_all[idx])
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        running.append(float(loss.detach()))
+        step += 1
+        if step % steps_per_epoch == 0:
+            metrics = {"train_loss": float(np.mean(running))}
+            history.append({"epoch": epoch, **metrics})
+            running = []
+            if on_epoch:
+                on_epoch(epoch, metrics)
+        if step % spec.checkpoint_every_steps == 0 or step == total:
+            save_checkpoint(
+                checkpoint_dir,
+                step,
+                {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "history": history},
+            )
+    return TrainResult(
+        weights=state_dict_bytes(net),
+        history=history,
+        steps=step,
+        resumed_from=resumed,
+        seconds=time.perf_counter() - start,
+        device=str(dev),
+    )
+
+
+def state_dict_bytes(net) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+
+
+def load_network(network: dict[str, dict[str, Any]], weights: bytes, device: str | None = None):
+    """Rebuild a network from its spec and safetensors weights (no pickle)."""
+    from safetensors.torch import load
+
+    net = build_network(network)
+    net.load_state_dict(load(weights))
+    return net.to(device_for(device)).eval()
