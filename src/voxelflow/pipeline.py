@@ -86,9 +86,13 @@ def split_stage(spec: EvaluateSpec, case_ids: list[str], seed: int = 0) -> Split
     return Split(tr, va)
 
 
+def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
+    """What ties a model version back to its data and its spec."""
+    return {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name}
+
+
 def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str) -> str:
-    lineage = {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name}
-    return registry.start_run(ctx.tracking_uri, ctx.settings.artifact_root, spec, lineage)
+    return registry.start_run(ctx.tracking_uri, ctx.settings.artifact_root, spec, lineage(spec, dataset_digest))
 
 
 @dataclass
@@ -183,12 +187,12 @@ class Promotion:
 
 def register_stage(
     spec: PromoteSpec, ctx: Context, run_id: str, outcome: TrainOutcome, evaluation: Evaluation,
-    lineage: dict[str, str],
+    tags: dict[str, str],
 ) -> Promotion:
     """Log and register the candidate, then move ``champion`` if the gates pass."""
     weights = Path(outcome.weights_path).read_bytes()
     model_uri = registry.log_model(ctx.tracking_uri, run_id, outcome.model_config, weights)
-    tags = {**lineage, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
+    tags = {**tags, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
     version = registry.register(ctx.tracking_uri, model_uri, spec.model_name, run_id, tags)
     decision = registry.should_promote(evaluation.candidate, evaluation.champion, spec.gates)
     if spec.approval == "manual":
@@ -213,7 +217,6 @@ class Deployment:
     case: str
     dice: float
     latency_s: float
-    stopped: bool = True
 
 
 def smoke_key(ctx: Context) -> str:
@@ -222,7 +225,7 @@ def smoke_key(ctx: Context) -> str:
     return KeyStore(ctx.layout.api_keys).create("lifecycle-smoke-test", ["predict"])
 
 
-def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str, keep_serving: bool = False) -> Deployment:
+def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) -> Deployment:
     """Serve the champion on loopback and segment one held-out case over HTTP (the smoke test)."""
     import gzip
     import io
@@ -237,7 +240,7 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str, 
     holder = ModelHolder(lambda: registry.load_segmenter(ctx.tracking_uri, model_name, cache))
     holder.reload()
     app = create_app(holder, KeyStore(ctx.layout.api_keys), audit_log=ctx.layout.audit_log)
-    server = Server(app, ctx.settings.serve_host, 0 if not keep_serving else ctx.settings.serve_port).start()
+    server = Server(app, ctx.settings.serve_host, 0).start()
     audit.append(ctx.layout.audit_log, "service.deployed", "voxelflow", model=model_name,
                  version=holder.version, endpoint=server.url)
     try:
@@ -253,10 +256,9 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str, 
         data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
         mask = np.asanyarray(nib.Nifti1Image.from_stream(io.BytesIO(data)).dataobj)
         score = evaluate.dice(mask, case["label"])
-        result = Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency, not keep_serving)
+        result = Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency)
     finally:
-        if not keep_serving:
-            server.stop()
+        server.stop()
     return result
 
 
@@ -324,8 +326,7 @@ def run(spec: PipelineSpec, settings: Settings, progress: Progress | None = None
     run_id = start_run(spec, ctx, ingested.dataset_digest)
     outcome = train_stage(spec.train, spec.preprocess, ctx, prep.store, split.train, run_id)
     evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.val, run_id)
-    lineage = {"dataset_digest": ingested.dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name}
-    promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage)
+    promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage(spec, ingested.dataset_digest))
     deployment = None
     if promotion.champion is not None:
         deployment = deploy_stage(spec.deploy, spec.promote.model_name, ctx, split.val[0])

@@ -1,0 +1,1 @@
+"""Prefect flows (the entry points deployments name) and the ``voxelflow`` CLI."""

@@ -1,0 +1,253 @@
+"""The ``voxelflow`` command line. Heavy imports live inside the commands so ``--help`` answers at once."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="voxelflow: the whole life of a medical-imaging model, from arriving scans to a served model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Manage API keys of the inference service.", no_args_is_help=True)
+audit_app = typer.Typer(help="Inspect the tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+console = Console()
+err = Console(stderr=True)
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_SPEC = REPO / "deployments" / "specs" / "demo.yaml"
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def reasons():
+    """Turn any failure into one line on stderr and a non-zero exit."""
+    from voxelflow.config import SpecError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except SpecError as exc:
+        fail(str(exc), 2)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per failure
+        if os.environ.get("VOXELFLOW_DEBUG"):
+            raise
+        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+@contextlib.contextmanager
+def stage_bars():
+    """Rich progress bars fed by the tasks' progress reports."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks import progress as task_progress
+
+    bars: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:<11}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+
+        def listener(stage: str, done: int, total: int) -> None:
+            if stage not in bars:
+                bars[stage] = progress.add_task(stage, total=total)
+            progress.update(bars[stage], completed=done, total=total)
+
+        task_progress.listeners.append(listener)
+        try:
+            yield
+        finally:
+            task_progress.listeners.remove(listener)
+
+
+def run_lifecycle(spec) -> dict:
+    """Run the lifecycle flow in this process (Prefect's API or a temporary server)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from flows.lifecycle import lifecycle
+
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), stage_bars():
+        return lifecycle(spec)
+
+
+def show(result: dict, name: str) -> None:
+    from rich.markdown import Markdown
+
+    from voxelflow.pipeline import LifecycleResult, markdown
+
+    console.print(Markdown(markdown(LifecycleResult(**result), name)))
+    for picture in result["pictures"]:
+        console.print(f"picture: {picture}", highlight=False)
+
+
+@app.command()
+def demo(
+    cases: Annotated[int, typer.Option(min=4, help="how many synthetic cases to make")] = 12,
+    data_only: Annotated[bool, typer.Option("--data-only", help="only synthesize the data")] = False,
+) -> None:
+    """Synthesize a small labelled dataset and run the whole lifecycle on the demo spec."""
+    with reasons():
+        from voxelflow.config import Settings, load_spec
+        from voxelflow.synthetic import make_decathlon
+
+        settings = Settings()
+        dest = make_decathlon(settings.root / "incoming", n_cases=cases)
+        console.print(f"data: {cases} synthetic cases (Decathlon layout) in {dest}", highlight=False)
+        if data_only:
+            return
+        spec = load_spec(DEMO_SPEC)
+        result = run_lifecycle(spec)
+        show(result, spec.name)
+        deployment = result["deployment"]
+        if deployment is None:
+            fail("the candidate did not pass the gates, so nothing was served: " + "; ".join(result["promotion"]["reasons"]))
+        console.print(f"[bold green]HTTP prediction dice: {deployment['dice']:.4f}[/]")
+        home = settings.root
+        console.print(
+            "\nwhere to look:\n"
+            f"  MLflow UI:   mlflow ui --backend-store-uri {settings.tracking_uri} --host 127.0.0.1\n"
+            "  Prefect UI:  prefect server start --host 127.0.0.1   (then set PREFECT_API_URL=http://127.0.0.1:4200/api)\n"
+            f"  stores:      {home / 'datasets' / spec.name}\n"
+            f"  audit log:   voxelflow audit verify",
+            highlight=False,
+        )
+
+
+@app.command()
+def run(
+    spec: Annotated[Path, typer.Argument(help="pipeline spec (YAML)")],
+    overlay: Annotated[Optional[list[Path]], typer.Option(help="overlay merged over the spec (repeatable)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key.path=value override (repeatable)")] = None,
+) -> None:
+    """Run the lifecycle on any spec, with overlays and --set overrides."""
+    with reasons():
+        from voxelflow.config import load_spec
+
+        loaded = load_spec(spec, overlays=list(overlay or []), sets=list(set_ or []))
+        result = run_lifecycle(loaded)
+        show(result, loaded.name)
+        if result["deployment"]:
+            console.print(f"[bold green]HTTP prediction dice: {result['deployment']['dice']:.4f}[/]")
+
+
+@app.command()
+def validate(
+    spec: Annotated[Path, typer.Argument(help="pipeline spec (YAML)")],
+    overlay: Annotated[Optional[list[Path]], typer.Option(help="overlay merged over the spec (repeatable)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key.path=value override (repeatable)")] = None,
+) -> None:
+    """Check a spec (and its overlays) without running anything; print the merged result."""
+    with reasons():
+        import yaml
+
+        from voxelflow.config import load_spec
+
+        loaded = load_spec(spec, overlays=list(overlay or []), sets=list(set_ or []))
+        console.print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False), highlight=False)
+        console.print(f"[green]ok[/] spec digest {loaded.digest()}")
+
+
+@app.command()
+def ledger(pipeline: Annotated[str, typer.Argument(help="pipeline name (the spec's `name`)")] = "demo-spheres") -> None:
+    """Show where every arrived object ended: ingested, duplicate or quarantined."""
+    with reasons():
+        from rich.table import Table
+
+        from voxelflow.config import Settings
+        from voxelflow.ingest import read_ledger
+        from voxelflow.storage import Layout
+
+        rows = read_ledger(Layout(Settings().root, pipeline))
+        table = Table("at", "state", "case", "object", "reason")
+        for r in rows:
+            table.add_row(r["at"], r["state"], r["case"], r["object"], r.get("reason", ""))
+        console.print(table)
+        console.print(f"{len(rows)} objects")
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="registered model name")] = "demo-spheres",
+    alias: Annotated[str, typer.Option(help="model alias to serve")] = "champion",
+    host: Annotated[Optional[str], typer.Option(help="bind address (default from settings: 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default from settings: 8000)")] = None,
+) -> None:
+    """Serve a registered model over HTTP (API keys, throttling, health, metrics)."""
+    with reasons():
+        import tempfile
+
+        import uvicorn
+
+        from voxelflow import registry
+        from voxelflow.config import Settings
+        from voxelflow.serve import KeyStore, ModelHolder, create_app
+        from voxelflow.storage import Layout
+
+        settings = Settings()
+        layout = Layout(settings.root, model)
+        cache = Path(tempfile.mkdtemp(prefix="voxelflow-serve-"))
+        holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, model, cache, alias))
+        version = holder.reload()
+        console.print(f"serving {model}@{alias} (v{version}); create a key with `voxelflow keys create NAME`")
+        app_ = create_app(holder, KeyStore(layout.api_keys), audit_log=layout.audit_log)
+        uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="who the key is for")],
+    role: Annotated[list[str], typer.Option(help="predict or admin (repeatable)")] = ["predict"],  # noqa: B006
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    with reasons():
+        from voxelflow.config import Settings
+        from voxelflow.serve import KeyStore
+        from voxelflow.storage import Layout
+
+        print(KeyStore(Layout(Settings().root, "").api_keys).create(name, role))
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the audit log's hash chain; exit 1 and name the first broken entry if it was altered."""
+    with reasons():
+        from voxelflow import audit
+        from voxelflow.config import Settings
+        from voxelflow.storage import Layout
+
+        log = Layout(Settings().root, "").audit_log
+        verdict = audit.verify(log)
+        if not verdict.ok:
+            fail(f"audit log {log} is not intact: {verdict.problem}")
+        console.print(f"[green]ok[/] {verdict.entries} entries, chain intact ({log})", highlight=False)
+
+
+@app.command()
+def version() -> None:
+    """Print voxelflow's version."""
+    from voxelflow import __version__
+
+    print(__version__)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from voxelflow.config import EvaluateSpec
+from voxelflow.pipeline import Context, Evaluation, TrainOutcome, evaluate_stage
+
+
+@task(name="evaluate", retries=1, cache_policy=NO_CACHE)
+def evaluate(spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOutcome, val_ids: list[str],
+             run_id: str) -> Evaluation:
+    """Score the candidate and the champion on the same held-out cases."""
+    result = evaluate_stage(spec, model_name, ctx, outcome, val_ids, run_id)
+    rows = [{"model": "candidate", **result.candidate}]
+    if result.champion is not None:
+        rows.append({"model": f"champion v{result.champion_version}", **result.champion})
+    create_table_artifact(rows, description=f"held-out scores on {len(val_ids)} cases")
+    return result

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.progress import reporter
+from voxelflow.config import EvaluateSpec, PipelineSpec, PreprocessSpec, TrainSpec
+from voxelflow.pipeline import Context, Split, TrainOutcome, split_stage, start_run, train_stage
+
+
+@task(name="split", cache_policy=NO_CACHE)
+def split(spec: EvaluateSpec, case_ids: list[str], seed: int) -> Split:
+    """Hold out validation cases, deterministically by case hash."""
+    return split_stage(spec, case_ids, seed)
+
+
+@task(name="start-mlflow-run", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def mlflow_run(spec: PipelineSpec, ctx: Context, dataset_digest: str) -> str:
+    """Open the MLflow run that carries params, metrics, pictures and lineage tags."""
+    return start_run(spec, ctx, dataset_digest)
+
+
+@task(name="train", retries=2, retry_delay_seconds=5, timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
+def train(spec: TrainSpec, pre: PreprocessSpec, ctx: Context, store: str, train_ids: list[str],
+          run_id: str) -> TrainOutcome:
+    """Train the spec's network; a retry resumes from the newest checkpoint."""
+    logger = get_run_logger()
+    report = reporter("train", f"training {next(iter(spec.network))} for {spec.epochs} epochs")
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        report(epoch + 1, spec.epochs)
+        logger.info("epoch %d/%d train_loss %.4f", epoch + 1, spec.epochs, metrics["train_loss"])
+
+    return train_stage(spec, pre, ctx, store, train_ids, run_id, on_epoch=on_epoch)
