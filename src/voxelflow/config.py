@@ -82,9 +82,14 @@ class PreprocessSpec(_Section):
         out = []
         for item in value:
             name, kwargs = _single_key(item, "transform")
-            if not name.endswith("d"):
-                raise ValueError(f"transform {name!r} is not a MONAI dictionary transform (name ending in 'd')")
-            _check_kwargs(resolve_monai("monai.transforms", name, "transform"), name, kwargs, "transform")
+            cls = resolve_monai("monai.transforms", name, "transform")
+            from monai.transforms import MapTransform
+
+            if not issubclass(cls, MapTransform):
+                raise ValueError(
+                    f"transform {name!r} is not a MONAI dictionary transform: use its dictionary form (e.g. {name}d)"
+                )
+            _check_kwargs(cls, name, kwargs, "transform")
             if "keys" not in kwargs:
                 raise ValueError(f"transform {name!r} needs 'keys' (image, label or both)")
             out.append({name: kwargs})
@@ -110,7 +115,10 @@ class PreprocessSpec(_Section):
 
 class TrainSpec(_Section):
     network: dict[str, dict[str, Any]]
-    loss: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"DiceCELoss": {}})
+    loss: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"DiceCELoss": {"to_onehot_y": True, "softmax": True}},
+        description="a MONAI loss by name; Dice-family losses default to to_onehot_y and softmax",
+    )
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(2, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
@@ -129,7 +137,11 @@ class TrainSpec(_Section):
     @classmethod
     def _loss(cls, value: Any) -> dict[str, dict[str, Any]]:
         name, kwargs = _single_key(value, "loss")
-        _check_kwargs(resolve_monai("monai.losses", name, "loss"), name, kwargs, "loss")
+        cls = resolve_monai("monai.losses", name, "loss")
+        _check_kwargs(cls, name, kwargs, "loss")
+        params = inspect.signature(cls.__init__).parameters
+        if "to_onehot_y" in params and "softmax" in params:  # labels are class indices, outputs logits
+            kwargs = {"to_onehot_y": True, "softmax": True, **kwargs}
         return {name: kwargs}
 
 

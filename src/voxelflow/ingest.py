@@ -111,7 +111,7 @@ def discover(source: str, layout: str) -> list[SourceCase]:
             image = next((files[n] for n in ("image.nii.gz", "image.nii") if n in files), None)
             label = next((files[n] for n in ("label.nii.gz", "label.nii") if n in files), None)
             if image is None:
-                image = next((f for n, f in sorted(files.items()) if n != "label"), None)
+                image = next((f for n, f in sorted(files.items()) if not n.startswith("label")), None)
             if image:
                 cases.append(SourceCase(posixpath.basename(entry), url(image), url(label) if label else None))
     else:
@@ -262,8 +262,10 @@ def ingest(
         except QuarantineError as exc:
             content = sha256_bytes(*blobs.values()) if blobs else ""
             case_id, state, reason = "", "quarantined", exc.reason
-            for obj, blob in blobs.items():
-                atomic_write_bytes(layout.quarantine_dir / (content[:16] or "unread") / posixpath.basename(obj), blob)
+            for role, obj in zip(("image", "label"), case.objects):
+                if obj in blobs:
+                    dest = layout.quarantine_dir / (content[:16] or "unread") / f"{role}-{posixpath.basename(obj)}"
+                    atomic_write_bytes(dest, blobs[obj])
             report.quarantined.append({"case": case.name, "reason": exc.reason, "detail": exc.detail})
         for obj in case.objects:
             record = {"object": obj, "case": case_id, "state": state, "at": now}

@@ -72,11 +72,14 @@ class Segmenter:
         return np.rint(mask).astype(np.uint8)
 
 
-class SegmentationModel(PythonModel):
-    """MLflow pyfunc wrapper: ``predict`` takes a 3-D volume (voxel grid = identity affine)."""
+with warnings.catch_warnings():  # MLflow nags about type hints it cannot use for tensors
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context) -> None:
-        self.segmenter = Segmenter.from_dir(Path(context.artifacts["model.json"]).parent)
+    class SegmentationModel(PythonModel):
+        """MLflow pyfunc wrapper: ``predict`` takes a 3-D volume (voxel grid = identity affine)."""
 
-    def predict(self, context, model_input, params=None):
-        return self.segmenter.segment(np.asarray(model_input))
+        def load_context(self, context) -> None:
+            self.segmenter = Segmenter.from_dir(Path(context.artifacts["model.json"]).parent)
+
+        def predict(self, context, model_input, params=None):
+            return self.segmenter.segment(np.asarray(model_input))

@@ -70,7 +70,7 @@ def preprocess_stage(
         raw, transforms = str(layout.raw_store), spec.transforms
         return preprocess.preprocess(
             spec, layout.raw_store, case_ids, out,
-            submit=lambda part: client.submit(preprocess.preprocess_shard, raw, part, transforms, pure=False),
+            submit=lambda part: client.submit(preprocess.preprocess_shard, raw, part, transforms, 1, pure=False),
             gather=client.gather, progress=progress,
         )
 

@@ -36,7 +36,7 @@ def build_transforms(transforms: list[dict[str, dict[str, Any]]], keys: tuple[st
                     continue
                 for arg, value in list(kwargs.items()):
                     if arg != "keys" and isinstance(value, (list, tuple)) and len(value) == len(wanted) and \
-                            len(wanted) > 1 and all(isinstance(v, str) for v in value):
+                            len(wanted) > 1 and all(v is None or isinstance(v, (str, bool)) for v in value):
                         kwargs[arg] = [value[i] for i in kept]
                 kwargs["keys"] = [wanted[i] for i in kept]
             with warnings.catch_warnings():
@@ -68,13 +68,16 @@ def preprocess_case(case: dict[str, Any], transforms) -> dict[str, np.ndarray]:
     return result
 
 
-def preprocess_shard(raw_store: str, case_ids: list[str], transforms_spec: list[dict[str, dict[str, Any]]]):
+def preprocess_shard(
+    raw_store: str, case_ids: list[str], transforms_spec: list[dict[str, dict[str, Any]]], threads: int | None = None
+):
     """One Dask task: load, transform and return a shard of cases (in the given order)."""
-    import torch
-
     from voxelflow.ingest import load_case
 
-    torch.set_num_threads(1)
+    if threads:  # a worker process of its own: one torch thread per Dask thread
+        import torch
+
+        torch.set_num_threads(threads)
     transforms = build_transforms(transforms_spec)
     return [(cid, preprocess_case(load_case(raw_store, cid), transforms)) for cid in case_ids]
 

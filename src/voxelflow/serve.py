@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import io
 import json
+import math
 import secrets
 import socket
 import threading
@@ -125,14 +126,21 @@ class ModelHolder:
         return version
 
 
-def decode_volume(body: bytes, content_type: str) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The request body as (volume, affine or None, response format)."""
+def decode_volume(
+    body: bytes, content_type: str, max_decoded: int = 2**31
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The request body as (volume, affine or None, response format); gzip is inflated at most to ``max_decoded``."""
     import nibabel as nib
 
     if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
         array = np.load(io.BytesIO(body), allow_pickle=False)
         return array, None, "npy"
-    data = gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+    data = body
+    if body[:2] == b"\x1f\x8b":
+        with gzip.GzipFile(fileobj=io.BytesIO(body)) as fh:
+            data = fh.read(max_decoded + 1)
+        if len(data) > max_decoded:
+            raise ValueError(f"decompressed volume exceeds {max_decoded} bytes")
     img = nib.Nifti1Image.from_stream(io.BytesIO(data))
     return np.asanyarray(img.dataobj), np.asarray(img.affine), "nifti"
 
@@ -180,7 +188,8 @@ def create_app(
         wait = throttle.allow(who.name)
         if wait:
             requests.labels(endpoint, "429").inc()
-            raise HTTPException(429, f"too many requests for key {who.name!r}", headers={"Retry-After": f"{wait:.1f}"})
+            raise HTTPException(429, f"too many requests for key {who.name!r}",
+                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return who
 
     @app.get("/health/live")
@@ -204,8 +213,16 @@ def create_app(
 
         endpoint = "/v1/segment"
         authorize(x_api_key, "predict", endpoint)
-        body = await request.body()
-        return await run_in_threadpool(infer, body, request.headers.get("content-type", ""))
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise deny(413, f"body of {declared} bytes exceeds the limit of {max_bytes}", "", endpoint)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise deny(413, f"body exceeds the limit of {max_bytes} bytes", "", endpoint)
+            chunks.append(chunk)
+        return await run_in_threadpool(infer, b"".join(chunks), request.headers.get("content-type", ""))
 
     def infer(body: bytes, content_type: str) -> Response:
         endpoint = "/v1/segment"
@@ -216,7 +233,7 @@ def create_app(
         if len(body) > max_bytes:
             raise deny(413, f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "", endpoint)
         try:
-            volume, affine, fmt = decode_volume(body, content_type)
+            volume, affine, fmt = decode_volume(body, content_type, max_decoded=max_voxels * 8 + 64 * 1024)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's input
             raise deny(400, f"cannot decode the volume: {exc}", "", endpoint) from None
         if volume.ndim == 4 and volume.shape[-1] == 1:

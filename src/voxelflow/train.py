@@ -104,7 +104,7 @@ def train(
     n = len(x_all)
     steps_per_epoch = -(-n // spec.batch_size)
 
-    step, history, resumed = 0, [], None
+    step, history, resumed, running = 0, [], None, []
     ckpt = latest_checkpoint(checkpoint_dir)
     if ckpt is not None:
         state = torch.load(ckpt, map_location=dev, weights_only=True)
@@ -113,11 +113,11 @@ def train(
         scaler.load_state_dict(state["scaler"])
         step, resumed = int(state["step"]), int(state["step"])
         history = [dict(h) for h in state["history"]]
+        running = [float(v) for v in state.get("running", [])]
 
     start = time.perf_counter()
     net.train()
     total = spec.epochs * steps_per_epoch
-    running: list[float] = []
     while step < total:
         epoch, offset = divmod(step, steps_per_epoch)
         order = epoch_order(n, spec.seed, epoch)
@@ -141,7 +141,7 @@ def train(
                 checkpoint_dir,
                 step,
                 {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "step": step, "history": history},
+                 "step": step, "history": history, "running": running},
             )
     return TrainResult(
         weights=state_dict_bytes(net),

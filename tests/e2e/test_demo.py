@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, client_env, run_cli
 
 pytestmark = pytest.mark.slow
 FLOOR = 0.6  # the demo spec's promotion gate
@@ -17,14 +16,7 @@ FLOOR = 0.6  # the demo spec's promotion gate
 @pytest.fixture(scope="module")
 def demo_run(prefect_api, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
-    env = {
-        **__import__("os").environ,
-        "PREFECT_API_URL": prefect_api,
-        "PREFECT_HOME": str(tmp / "prefect-client"),
-        "VOXELFLOW_HOME": str(tmp / "home"),
-        "PYTHONWARNINGS": "ignore",
-    }
-    proc = run_cli(["voxelflow", "demo"], env)
+    proc = run_cli(["voxelflow", "demo"], client_env(prefect_api, tmp))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, tmp / "home"
 
@@ -87,13 +79,13 @@ def test_trained_beats_untrained_over_http(demo_run):
     holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, spec.promote.model_name, home / "cache"))
     holder.reload()
     key = KeyStore(layout.api_keys).create("test", ["predict"])
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     np.save(buf, case["image"])
     with Server(create_app(holder, KeyStore(layout.api_keys))) as server:
         resp = httpx.post(f"{server.url}/v1/segment", content=buf.getvalue(), timeout=60,
                           headers={"X-API-Key": key, "Content-Type": "application/x-npy"})
     assert resp.status_code == 200, resp.text
-    trained = evaluate.dice(np.load(__import__("io").BytesIO(resp.content)), case["label"])
+    trained = evaluate.dice(np.load(io.BytesIO(resp.content)), case["label"])
 
     import torch
 

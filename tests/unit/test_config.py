@@ -1,0 +1,240 @@
+"""The pipeline spec (DSL): loading, overlays, --set, and the errors a bad spec gives."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from voxelflow.config import PipelineSpec, Settings, SpecError, load_spec
+
+
+def write_yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_demo_spec_loads(demo_spec_path, demo_data):
+    spec = load_spec(demo_spec_path)
+    assert isinstance(spec, PipelineSpec)
+    # every value written in the file survives validation (the values themselves may be tuned)
+    assert spec.name == demo_data["name"]
+    assert spec.data.layout == demo_data["data"]["layout"]
+    assert spec.preprocess.transforms == demo_data["preprocess"]["transforms"]
+    assert [next(iter(t)) for t in spec.preprocess.transforms][-1] == "ResizeWithPadOrCropd"
+    assert spec.preprocess.spatial_size == tuple(
+        demo_data["preprocess"]["transforms"][-1]["ResizeWithPadOrCropd"]["spatial_size"])
+    assert spec.train.network == demo_data["train"]["network"]
+    assert spec.train.loss == demo_data["train"]["loss"]
+    assert spec.train.epochs == demo_data["train"]["epochs"]
+    assert spec.train.precision == demo_data["train"]["precision"]
+    assert spec.promote.gates.min_dice == pytest.approx(demo_data["promote"]["gates"]["min_dice"])
+    assert spec.deploy.autoscale.model_dump() == {**spec.deploy.autoscale.model_dump(),
+                                                  **demo_data["deploy"]["autoscale"]}
+    # the digest is stable across loads and changes with the content
+    assert load_spec(demo_spec_path).digest() == spec.digest()
+    assert load_spec(demo_spec_path, sets=[f"train.epochs={spec.train.epochs + 1}"]).digest() != spec.digest()
+
+
+def test_overlay_merges_deeply(demo_spec_path, tmp_path):
+    overlay = write_yaml(tmp_path / "overlay.yaml", {
+        "train": {"epochs": 987},
+        "deploy": {"autoscale": {"max_replicas": 17}},
+    })
+    base = load_spec(demo_spec_path)
+    spec = load_spec(demo_spec_path, overlays=[overlay])
+    assert base.train.epochs != 987 and base.deploy.autoscale.max_replicas != 17
+    assert spec.train.epochs == 987
+    # siblings of the changed keys keep the base's values
+    assert spec.train.model_dump(exclude={"epochs"}) == base.train.model_dump(exclude={"epochs"})
+    assert spec.deploy.autoscale.max_replicas == 17
+    assert spec.deploy.autoscale.min_replicas == base.deploy.autoscale.min_replicas
+    assert spec.deploy.autoscale.target_cpu_percent == base.deploy.autoscale.target_cpu_percent
+    assert spec.model_dump(exclude={"train", "deploy"}) == base.model_dump(exclude={"train", "deploy"})
+
+
+def test_overlays_apply_in_order_and_sets_win(demo_spec_path, tmp_path):
+    first = write_yaml(tmp_path / "a.yaml", {"train": {"epochs": 5, "batch_size": 4}})
+    second = write_yaml(tmp_path / "b.yaml", {"train": {"epochs": 7}})
+    spec = load_spec(demo_spec_path, overlays=[first, second], sets=["train.batch_size=3"])
+    assert spec.train.epochs == 7
+    assert spec.train.batch_size == 3
+
+
+def test_set_expression(demo_spec_path):
+    base = load_spec(demo_spec_path)
+    assert base.train.epochs != 3
+    spec = load_spec(demo_spec_path, sets=["train.epochs=3"])
+    assert spec.train.epochs == 3
+    assert isinstance(spec.train.epochs, int)
+    assert spec.train.model_dump(exclude={"epochs"}) == base.train.model_dump(exclude={"epochs"})
+    spec = load_spec(demo_spec_path, sets=["promote.gates.min_dice=0.9", "train.precision=fp32"])
+    assert spec.promote.gates.min_dice == pytest.approx(0.9)
+    assert spec.promote.gates.beat_champion_by == base.promote.gates.beat_champion_by
+    assert spec.train.precision == "fp32"
+
+
+def test_set_without_equals_is_an_error(demo_spec_path):
+    with pytest.raises(SpecError, match="key.path=value"):
+        load_spec(demo_spec_path, sets=["train.epochs"])
+
+
+def _mutate(data: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[last] = value
+
+
+def _transform(data: dict, item) -> None:
+    data["preprocess"]["transforms"].append(item)
+
+
+# (id, how to break the spec, fragments the message must contain: key path, what was expected)
+BAD_SPECS = [
+    ("unknown-top-level", lambda d: d.update(bogus=1), ["bogus", "unknown key"]),
+    ("unknown-nested", lambda d: _mutate(d, "train.epocs", 3), ["train.epocs", "unknown key"]),
+    ("wrong-type", lambda d: _mutate(d, "train.epochs", "many"), ["train.epochs", "integer"]),
+    ("unknown-transform", lambda d: _transform(d, {"NoSuchTransformd": {"keys": "image"}}),
+     ["preprocess.transforms", "NoSuchTransformd", "unknown transform"]),
+    ("not-dictionary-transform", lambda d: _transform(d, {"Orientation": {"axcodes": "RAS"}}),
+     ["preprocess.transforms", "Orientation", "dictionary transform"]),
+    ("unknown-argument", lambda d: _transform(d, {"Orientationd": {"keys": "image", "axcode": "RAS"}}),
+     ["preprocess.transforms", "Orientationd", "axcode", "axcodes"]),
+    ("missing-keys", lambda d: _transform(d, {"Orientationd": {"axcodes": "RAS"}}),
+     ["preprocess.transforms", "Orientationd", "keys"]),
+    ("unknown-network", lambda d: _mutate(d, "train.network", {"NoSuchNet": {}}),
+     ["train.network", "NoSuchNet", "unknown network"]),
+    ("network-argument", lambda d: _mutate(d, "train.network", {"UNet": {"spatial_dims": 3, "chanels": [4]}}),
+     ["train.network", "UNet", "chanels"]),
+    ("unknown-loss", lambda d: _mutate(d, "train.loss", {"NoSuchLoss": {}}),
+     ["train.loss", "NoSuchLoss", "unknown loss"]),
+    ("bad-precision", lambda d: _mutate(d, "train.precision", "fp8"),
+     ["train.precision", "fp32", "bf16-mixed", "fp16-mixed"]),
+    ("bad-cluster", lambda d: _mutate(d, "preprocess.cluster", "kubernetes"),
+     ["preprocess.cluster", "tcp://"]),
+    ("replicas-order", lambda d: _mutate(d, "deploy.autoscale", {"min_replicas": 3, "max_replicas": 2}),
+     ["deploy.autoscale", "max_replicas", "min_replicas"]),
+    ("missing-section", lambda d: d.pop("train"), ["train", "required"]),
+    ("bad-layout", lambda d: _mutate(d, "data.layout", "bids"), ["data.layout", "decathlon", "folder"]),
+    ("bad-model-name", lambda d: _mutate(d, "promote.model_name", "has space"), ["promote.model_name"]),
+]
+
+
+@pytest.mark.parametrize("breaker, fragments", [b[1:] for b in BAD_SPECS], ids=[b[0] for b in BAD_SPECS])
+def test_bad_spec_raises_spec_error_naming_file_key_and_expectation(demo_data, tmp_path, breaker, fragments):
+    data = copy.deepcopy(demo_data)
+    breaker(data)
+    path = write_yaml(tmp_path / "broken.yaml", data)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_error_from_an_overlay_names_the_overlay(demo_spec_path, tmp_path):
+    overlay = write_yaml(tmp_path / "over.yaml", {"train": {"epocs": 3}})
+    with pytest.raises(SpecError) as info:
+        load_spec(demo_spec_path, overlays=[overlay])
+    message = str(info.value)
+    assert str(overlay) in message and str(demo_spec_path) in message
+    assert "train.epocs" in message
+
+
+def test_error_from_a_set_names_the_set(demo_spec_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(demo_spec_path, sets=["train.epochs=many"])
+    message = str(info.value)
+    assert "--set train.epochs=many" in message
+    assert "train.epochs" in message
+
+
+def test_file_that_is_not_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: demo\ntrain: [1, 2\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+    assert "not valid YAML" in str(info.value)
+
+
+def test_file_that_is_a_list(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- name\n- train\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+    assert "mapping" in str(info.value) and "list" in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value)
+    assert "cannot read" in str(info.value)
+
+
+def test_missing_overlay_file(demo_spec_path, tmp_path):
+    path = tmp_path / "no-overlay.yaml"
+    with pytest.raises(SpecError) as info:
+        load_spec(demo_spec_path, overlays=[path])
+    assert str(path) in str(info.value)
+
+
+def test_empty_file_reports_missing_keys(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    for key in ("name", "data", "preprocess", "train", "promote"):
+        assert f"{path}: {key}: required key is missing" in message
+
+
+def test_array_transform_whose_name_ends_in_d_is_rejected(demo_data, tmp_path):
+    _transform(demo_data, {"SpatialPad": {"keys": "image", "spatial_size": [32, 32, 32]}})
+    with pytest.raises(SpecError, match="dictionary transform"):
+        load_spec(write_yaml(tmp_path / "pad.yaml", demo_data))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ("VOXELFLOW_HOME", "VOXELFLOW_MLFLOW_TRACKING_URI", "VOXELFLOW_DASK_SCHEDULER"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def test_settings_tracking_uri_is_absolute_sqlite(tmp_path, clean_env):
+    settings = Settings(home=tmp_path)
+    uri = settings.tracking_uri
+    assert uri.startswith("sqlite:////")
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert settings.artifact_root == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert settings.expand("{home}/incoming") == f"{tmp_path.resolve()}/incoming"
+
+
+def test_settings_relative_home_still_gives_absolute_uri(tmp_path, clean_env):
+    clean_env.chdir(tmp_path)
+    uri = Settings(home=Path("rel-home")).tracking_uri
+    assert uri.startswith("sqlite:////")
+    assert uri.endswith(str(tmp_path.resolve() / "rel-home" / "mlflow.db"))
+
+
+def test_settings_reads_environment(tmp_path, clean_env):
+    clean_env.setenv("VOXELFLOW_HOME", str(tmp_path / "from-env"))
+    clean_env.setenv("VOXELFLOW_SERVE_PORT", "9123")
+    settings = Settings()
+    assert settings.root == (tmp_path / "from-env").resolve()
+    assert settings.serve_port == 9123
+    assert settings.tracking_uri == f"sqlite:///{(tmp_path / 'from-env').resolve() / 'mlflow.db'}"
+
+
+def test_settings_explicit_tracking_uri_wins(tmp_path, clean_env):
+    clean_env.setenv("VOXELFLOW_MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert Settings(home=tmp_path).tracking_uri == "http://mlflow.example:5000"

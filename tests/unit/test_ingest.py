@@ -1,0 +1,392 @@
+"""Ingestion: NIfTI decoding, Zarr v3 raw store, idempotence, quarantine with reason codes."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from voxelflow.config import DataSpec
+from voxelflow.ingest import (
+    QuarantineError,
+    decode_nifti,
+    discover,
+    ingest,
+    load_case,
+    read_ledger,
+)
+from voxelflow.storage import Layout
+
+AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.25, 0, 4.0], [0, 0, 2.0, 7.5], [0, 0, 0, 1]])
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray = AFFINE, gz: bool = True) -> bytes:
+    raw = nib.Nifti1Image(array, affine).to_bytes()
+    return gzip.compress(raw) if gz else raw
+
+
+def sphere(shape=(12, 12, 12), seed=0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    centre = np.array(shape, dtype=np.float32)[:, None, None, None] / 2
+    label = (np.sqrt(((grid - centre) ** 2).sum(0)) < min(shape) / 4).astype(np.uint8)
+    image = (label + rng.normal(0, 0.1, shape)).astype(np.float32)
+    return image, label
+
+
+def write_decathlon(root: Path, cases: dict[str, tuple[str, bytes | None, str | None, bytes | None]]) -> Path:
+    """cases: name -> (image relpath, image bytes or None for missing, label relpath or None, label bytes)."""
+    training = []
+    for image_rel, image_blob, label_rel, label_blob in cases.values():
+        if image_blob is not None:
+            (root / image_rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / image_rel).write_bytes(image_blob)
+        item = {"image": f"./{image_rel}"}
+        if label_rel is not None:
+            item["label"] = f"./{label_rel}"
+            if label_blob is not None:
+                (root / label_rel).parent.mkdir(parents=True, exist_ok=True)
+                (root / label_rel).write_bytes(label_blob)
+        training.append(item)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps({"name": "t", "training": training}))
+    return root
+
+
+def singular_affine_bytes() -> bytes:
+    """A NIfTI whose sform (the affine nibabel uses) has a zero row: nibabel will not write one directly."""
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    raw = bytearray(img.to_bytes())
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw)))
+    hdr.set_qform(None, code=0)
+    hdr["sform_code"] = 1
+    hdr["srow_x"] = [1, 0, 0, 0]
+    hdr["srow_y"] = [0, 1, 0, 0]
+    hdr["srow_z"] = [0, 0, 0, 0]
+    raw[:348] = hdr.binaryblock
+    check = nib.Nifti1Image.from_bytes(bytes(raw))
+    assert not np.linalg.det(check.affine[:3, :3]) and np.isfinite(np.asanyarray(check.dataobj)).all()
+    return gzip.compress(bytes(raw))
+
+
+def states_by_object(layout: Layout) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for record in read_ledger(layout):
+        out.setdefault(Path(record["object"]).name, []).append(record)
+    return out
+
+
+# ---------------------------------------------------------------- the synthetic dataset
+
+
+def test_ingest_writes_zarr_v3_groups(ingested):
+    layout, report = ingested
+    root_meta = json.loads((layout.raw_store / "zarr.json").read_text())
+    assert root_meta["zarr_format"] == 3 and root_meta["node_type"] == "group"
+    assert sorted(report.case_ids) == sorted(report.ingested)
+    assert len(set(report.case_ids)) == 3
+    assert all(c.startswith("case-") for c in report.case_ids)
+    children = sorted(p.name for p in layout.raw_store.iterdir() if p.is_dir())
+    assert children == sorted(report.case_ids)  # no '.partial' group is left behind
+    for case_id in report.case_ids:
+        meta = json.loads((layout.raw_store / case_id / "zarr.json").read_text())
+        assert meta["zarr_format"] == 3 and meta["node_type"] == "group"
+        for var in ("image", "label"):
+            arr = json.loads((layout.raw_store / case_id / var / "zarr.json").read_text())
+            assert arr["zarr_format"] == 3 and arr["node_type"] == "array"
+            assert arr["shape"] == [24, 24, 24]
+
+
+def test_load_case_round_trips_exactly(ingested, synth_source):
+    layout, report = ingested
+    seen = set()
+    for case_id in report.case_ids:
+        case = load_case(layout.raw_store, case_id)
+        name = case["attrs"]["case_name"]
+        seen.add(name)
+        img = nib.load(synth_source / "imagesTr" / f"{name}.nii.gz")
+        lab = nib.load(synth_source / "labelsTr" / f"{name}.nii.gz")
+        expected_image = np.asanyarray(img.dataobj)
+        assert case["image"].dtype == expected_image.dtype == np.float32
+        np.testing.assert_array_equal(case["image"], expected_image)
+        assert case["label"].dtype == np.uint8
+        np.testing.assert_array_equal(case["label"], np.asanyarray(lab.dataobj))
+        assert case["affine"].dtype == np.float64
+        np.testing.assert_array_equal(case["affine"], img.affine)
+        assert case["attrs"]["spacing"] == [1.0, 1.0, 1.0]
+        assert len(case["attrs"]["source_sha256"]) == 64
+        assert case_id == f"case-{case['attrs']['source_sha256'][:16]}"
+    assert seen == {"synth_000", "synth_001", "synth_002"}
+
+
+def test_ledger_after_first_ingest(ingested):
+    layout, report = ingested
+    records = read_ledger(layout)
+    assert len(records) == 6  # one per object: 3 images + 3 labels
+    assert {r["state"] for r in records} == {"ingested"}
+    assert {r["case"] for r in records} == set(report.case_ids)
+    assert not any("reason" in r for r in records)
+
+
+def test_second_ingest_marks_everything_duplicate(synth_source, tmp_path):
+    layout = Layout(tmp_path / "home", "p")
+    data = DataSpec(source=str(synth_source), layout="decathlon")
+    first = ingest(data, layout, str(synth_source))
+    store_files = sorted(p.relative_to(layout.raw_store) for p in layout.raw_store.rglob("*"))
+    second = ingest(data, layout, str(synth_source))
+    assert len(first.ingested) == 3 and not first.duplicate
+    assert not second.ingested and not second.quarantined
+    assert sorted(second.duplicate) == sorted(first.ingested)
+    assert second.dataset_digest == first.dataset_digest
+    assert second.case_ids == first.case_ids
+    assert sorted(p.relative_to(layout.raw_store) for p in layout.raw_store.rglob("*")) == store_files
+    records = read_ledger(layout)
+    assert [r["state"] for r in records] == ["ingested"] * 6 + ["duplicate"] * 6
+    assert {r["case"] for r in records[6:]} == set(first.case_ids)
+
+
+def test_new_case_changes_the_digest(tmp_path):
+    from voxelflow.synthetic import make_decathlon
+
+    source = make_decathlon(tmp_path / "src", n_cases=2, size=12)
+    layout = Layout(tmp_path / "home", "p")
+    data = DataSpec(source=str(source), layout="decathlon")
+    first = ingest(data, layout, str(source))
+    make_decathlon(source, n_cases=3, size=12)
+    second = ingest(data, layout, str(source))
+    assert len(second.ingested) == 1 and len(second.duplicate) == 2
+    assert len(second.case_ids) == 3
+    assert second.dataset_digest != first.dataset_digest
+
+
+# ---------------------------------------------------------------- quarantine
+
+
+@pytest.fixture
+def bad_source(tmp_path):
+    """One good case and one case per kind of defect, each file named after its case."""
+    image, label = sphere()
+    good_img, good_lab = nifti_bytes(image), nifti_bytes(label)
+    full = nifti_bytes(image)
+    raw = nifti_bytes(image, gz=False)
+    cases = {
+        "good": ("img/good.nii.gz", good_img, "lab/good_seg.nii.gz", good_lab),
+        "truncated_gz": ("img/truncated_gz.nii.gz", full[: len(full) // 2], "lab/truncated_gz_seg.nii.gz",
+                         nifti_bytes(label, affine=np.eye(4))),
+        "truncated_nii": ("img/truncated_nii.nii", raw[: len(raw) // 2], None, None),
+        "nan": ("img/nan.nii.gz", nifti_bytes(np.full((12, 12, 12), np.nan, np.float32)),
+                "lab/nan_seg.nii.gz", nifti_bytes(label.copy(order="F"))),
+        "flat": ("img/flat.nii.gz", nifti_bytes(image[:, :, 0].copy()), None, None),
+        "mismatch": ("img/mismatch.nii.gz", nifti_bytes(image * 2), "lab/mismatch_seg.nii.gz",
+                     nifti_bytes(label[:10].copy())),
+        "notnifti.txt": ("img/notnifti.txt", b"this is not a volume\n", None, None),
+        "missing_image": ("img/missing_image.nii.gz", None, None, None),
+        "missing_label": ("img/missing_label.nii.gz", nifti_bytes(image * 3), "lab/missing_label_seg.nii.gz", None),
+    }
+    root = write_decathlon(tmp_path / "incoming", cases)
+    return root, cases
+
+
+EXPECTED_REASONS = {
+    "truncated_gz": {"truncated", "unreadable"},  # the gzip stream itself is cut: decompression fails first
+    "truncated_nii": {"truncated"},
+    "nan": {"non-finite"},
+    "flat": {"bad-shape"},
+    "mismatch": {"label-mismatch"},
+    "notnifti.txt": {"unsupported-format"},
+    "missing_image": {"missing-file"},
+    "missing_label": {"missing-file"},
+}
+
+
+def test_quarantine_reason_codes(bad_source, tmp_path):
+    root, cases = bad_source
+    layout = Layout(tmp_path / "home", "p")
+    report = ingest(DataSpec(source=str(root), layout="decathlon"), layout, str(root))
+
+    assert len(report.ingested) == 1  # the good case is not held back by its neighbours
+    assert load_case(layout.raw_store, report.ingested[0])["attrs"]["case_name"] == "good"
+    reasons = {q["case"]: q["reason"] for q in report.quarantined}
+    assert set(reasons) == set(EXPECTED_REASONS)
+    for name, allowed in EXPECTED_REASONS.items():
+        assert reasons[name] in allowed, (name, reasons[name])
+
+    ledger = states_by_object(layout)
+    for name, (image_rel, _, label_rel, _) in cases.items():
+        for rel in filter(None, (image_rel, label_rel)):
+            (record,) = ledger[Path(rel).name]
+            if name == "good":
+                assert record["state"] == "ingested"
+                assert record["case"] == report.ingested[0]
+            else:
+                assert record["state"] == "quarantined", (name, record)
+                assert record["reason"] == reasons[name]
+                assert record["case"] == ""
+                assert record["detail"]
+    # every object of every case has exactly one ledger record
+    n_objects = sum(1 + (label_rel is not None) for _, _, label_rel, _ in cases.values())
+    assert len(read_ledger(layout)) == n_objects
+
+
+def test_quarantined_bytes_are_kept(bad_source, tmp_path):
+    root, cases = bad_source
+    layout = Layout(tmp_path / "home", "p")
+    ingest(DataSpec(source=str(root), layout="decathlon"), layout, str(root))
+    kept = {}
+    for path in layout.quarantine_dir.rglob("*"):
+        if path.is_file():
+            role, _, name = path.name.partition("-")  # kept as <role>-<file name>
+            assert role in ("image", "label"), path.name
+            kept.setdefault(name, []).append(path.read_bytes())
+    assert not any(name.endswith(".tmp") for name in kept)
+    for name, (image_rel, image_blob, label_rel, label_blob) in cases.items():
+        if name == "good":
+            assert Path(image_rel).name not in kept and Path(label_rel).name not in kept
+            continue
+        if name == "missing_image":
+            continue  # nothing could be read
+        # the bytes read before the defect showed are kept verbatim
+        assert image_blob in kept[Path(image_rel).name], name
+        if label_rel is not None and label_blob is not None:
+            assert label_blob in kept[Path(label_rel).name], name
+
+
+def test_quarantine_is_not_remembered_as_ingested(bad_source, tmp_path):
+    root, _ = bad_source
+    layout = Layout(tmp_path / "home", "p")
+    data = DataSpec(source=str(root), layout="decathlon")
+    first = ingest(data, layout, str(root))
+    second = ingest(data, layout, str(root))
+    assert second.duplicate == first.ingested
+    assert {q["case"] for q in second.quarantined} == {q["case"] for q in first.quarantined}
+    assert second.case_ids == first.case_ids
+
+
+def test_quarantine_keeps_image_and_label_with_the_same_name(tmp_path):
+    image, label = sphere()
+    image_blob, label_blob = nifti_bytes(image), nifti_bytes(label[:10].copy())
+    root = write_decathlon(tmp_path / "incoming", {
+        "case": ("imagesTr/case_001.nii.gz", image_blob, "labelsTr/case_001.nii.gz", label_blob),
+    })
+    layout = Layout(tmp_path / "home", "p")
+    report = ingest(DataSpec(source=str(root), layout="decathlon"), layout, str(root))
+    assert report.quarantined[0]["reason"] == "label-mismatch"
+    kept = [p.read_bytes() for p in layout.quarantine_dir.rglob("*") if p.is_file()]
+    assert image_blob in kept
+    assert label_blob in kept
+
+
+def test_too_many_voxels_is_quarantined(tmp_path):
+    image, label = sphere()
+    root = write_decathlon(tmp_path / "incoming", {"big": ("img/big.nii.gz", nifti_bytes(image), None, None)})
+    layout = Layout(tmp_path / "home", "p")
+    report = ingest(DataSpec(source=str(root), layout="decathlon", max_voxels=1000), layout, str(root))
+    assert [q["reason"] for q in report.quarantined] == ["too-large"]
+    assert not report.case_ids
+
+
+# ---------------------------------------------------------------- decode_nifti
+
+
+def test_decode_real_nibabel_file():
+    path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
+    with open(path, "rb") as fh:
+        volume = decode_nifti(fh.read(), "anatomical.nii", 512**3)
+    reference = nib.load(path)
+    assert volume.array.shape == reference.shape[:3]
+    assert volume.array.ndim == 3
+    np.testing.assert_array_equal(volume.array, np.asanyarray(reference.dataobj).reshape(volume.array.shape))
+    np.testing.assert_array_equal(volume.affine, reference.affine)
+    assert volume.spacing == tuple(float(z) for z in reference.header.get_zooms()[:3])
+
+
+def test_decode_gzip_and_plain_agree():
+    image, _ = sphere()
+    a = decode_nifti(nifti_bytes(image, gz=True), "a.nii.gz", 10**6)
+    b = decode_nifti(nifti_bytes(image, gz=False), "a.nii", 10**6)
+    np.testing.assert_array_equal(a.array, image)
+    np.testing.assert_array_equal(b.array, image)
+    np.testing.assert_array_equal(a.affine, AFFINE)
+    assert a.spacing == (1.5, 1.25, 2.0)
+
+
+def test_decode_squeezes_a_trailing_singleton_axis():
+    image, _ = sphere()
+    volume = decode_nifti(nifti_bytes(image[..., None]), "a.nii.gz", 10**6)
+    assert volume.array.shape == image.shape
+
+
+@pytest.mark.parametrize("blob, name, reason", [
+    (nifti_bytes(np.zeros((4, 4, 4, 3), np.float32)), "four.nii.gz", "bad-shape"),
+    (nifti_bytes(np.zeros((4, 4, 1), np.float32)), "thin.nii.gz", "bad-shape"),
+    (singular_affine_bytes(), "sing.nii.gz", "bad-affine"),
+    (nifti_bytes(np.array([[[np.inf, 0], [0, 0]], [[0, 0], [0, 0]]], np.float32)), "inf.nii.gz", "non-finite"),
+    (b"\x1f\x8b not really gzip", "junk.nii.gz", "unreadable"),
+    (b"\x00" * 400, "zeros.nii", "unreadable"),
+    (nifti_bytes(np.zeros((4, 4, 4), np.float32)), "volume.mha", "unsupported-format"),
+], ids=["4-d", "thin", "singular-affine", "inf", "bad-gzip", "bad-header", "not-nifti-name"])
+def test_decode_rejects(blob, name, reason):
+    with pytest.raises(QuarantineError) as info:
+        decode_nifti(blob, name, 10**6)
+    assert info.value.reason == reason
+    assert name in info.value.detail
+
+
+def test_decode_rejects_too_large():
+    with pytest.raises(QuarantineError) as info:
+        decode_nifti(nifti_bytes(np.zeros((8, 8, 8), np.float32)), "a.nii.gz", 511)
+    assert info.value.reason == "too-large"
+    decode_nifti(nifti_bytes(np.zeros((8, 8, 8), np.float32)), "a.nii.gz", 512)
+
+
+# ---------------------------------------------------------------- folder layout
+
+
+def test_folder_layout_is_discovered_and_ingested(tmp_path):
+    root = tmp_path / "folders"
+    a_img, a_lab = sphere(seed=1)
+    b_img, _ = sphere(seed=2)
+    (root / "patient_b").mkdir(parents=True)
+    (root / "patient_a").mkdir()
+    (root / "patient_a" / "image.nii.gz").write_bytes(nifti_bytes(a_img))
+    (root / "patient_a" / "label.nii.gz").write_bytes(nifti_bytes(a_lab))
+    (root / "patient_b" / "image.nii").write_bytes(nifti_bytes(b_img, gz=False))
+    (root / "README.txt").write_text("not a case")
+
+    cases = discover(str(root), "folder")
+    assert [c.name for c in cases] == ["patient_a", "patient_b"]
+    assert cases[0].image.endswith("patient_a/image.nii.gz")
+    assert cases[0].label.endswith("patient_a/label.nii.gz")
+    assert cases[1].image.endswith("patient_b/image.nii") and cases[1].label is None
+
+    layout = Layout(tmp_path / "home", "p")
+    report = ingest(DataSpec(source=str(root), layout="folder"), layout, str(root))
+    assert len(report.ingested) == 2 and not report.quarantined
+    by_name = {load_case(layout.raw_store, c)["attrs"]["case_name"]: load_case(layout.raw_store, c)
+               for c in report.case_ids}
+    np.testing.assert_array_equal(by_name["patient_a"]["image"], a_img)
+    np.testing.assert_array_equal(by_name["patient_a"]["label"], a_lab)
+    np.testing.assert_array_equal(by_name["patient_b"]["image"], b_img)
+    assert "label" not in by_name["patient_b"]
+
+
+def test_folder_with_only_a_label_does_not_use_it_as_image(tmp_path):
+    _, lab = sphere()
+    (tmp_path / "folders" / "p1").mkdir(parents=True)
+    (tmp_path / "folders" / "p1" / "label.nii.gz").write_bytes(nifti_bytes(lab))
+    cases = discover(str(tmp_path / "folders"), "folder")
+    assert all(not c.image.endswith("label.nii.gz") for c in cases)
+
+
+def test_discover_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        discover(str(tmp_path / "absent"), "decathlon")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        discover(str(tmp_path / "empty"), "decathlon")

@@ -1,0 +1,376 @@
+"""The inference service: health, API keys and roles, volume formats, input checks, throttling, metrics."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import stat
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from voxelflow import audit
+from voxelflow.model import Segmenter
+from voxelflow.serve import NPY, KeyStore, ModelHolder, Throttle, create_app, decode_volume, encode_mask
+
+VERSION = "7"
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
+    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
+
+
+@pytest.fixture
+def keys(tmp_path) -> KeyStore:
+    return KeyStore(tmp_path / "api-keys.json")
+
+
+@pytest.fixture
+def make_client(segmenter, keys, tmp_path):
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return segmenter, VERSION
+
+    def make(load: bool = True, **kwargs) -> TestClient:
+        holder = ModelHolder(loader)
+        if load:
+            holder.reload()
+        return TestClient(create_app(holder, keys, audit_log=tmp_path / "audit.log", **kwargs))
+
+    make.loads = loads
+    return make
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture
+def predict_key(keys) -> str:
+    return keys.create("clinic", ["predict"])
+
+
+@pytest.fixture
+def admin_key(keys) -> str:
+    return keys.create("ops", ["admin"])
+
+
+def npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def volume(shape=(14, 12, 10), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def post(client: TestClient, body: bytes, key: str | None, content_type: str = NPY):
+    headers = {"content-type": content_type}
+    if key is not None:
+        headers["X-API-Key"] = key
+    return client.post("/v1/segment", content=body, headers=headers)
+
+
+# ---------------------------------------------------------------- health
+
+
+def test_live(client):
+    response = client.get("/health/live")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_ready_with_model_version(client):
+    response = client.get("/health/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "model_version": VERSION}
+
+
+def test_not_ready_before_the_model_is_loaded(make_client, predict_key):
+    client = make_client(load=False)
+    assert client.get("/health/live").status_code == 200
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    assert response.json()["status"] == "loading"
+    assert post(client, npy(volume()), predict_key).status_code == 503
+
+
+def test_failed_load_is_reported_by_ready(keys, tmp_path):
+    def broken():
+        raise RuntimeError("no champion yet")
+
+    holder = ModelHolder(broken)
+    with pytest.raises(RuntimeError):
+        holder.reload()
+    client = TestClient(create_app(holder, keys))
+    response = client.get("/health/ready")
+    assert response.status_code == 503
+    assert "no champion yet" in response.json()["error"]
+
+
+# ---------------------------------------------------------------- keys and roles
+
+
+def test_no_key_is_401(client):
+    response = post(client, npy(volume()), None)
+    assert response.status_code == 401
+    assert "X-API-Key" in response.json()["detail"]
+
+
+def test_unknown_key_is_401(client, predict_key):
+    assert post(client, npy(volume()), predict_key + "x").status_code == 401
+    assert post(client, npy(volume()), "").status_code == 401
+
+
+def test_predict_key_cannot_reload(client, predict_key, make_client):
+    response = client.post("/v1/reload", headers={"X-API-Key": predict_key})
+    assert response.status_code == 403
+    assert "admin" in response.json()["detail"]
+
+
+def test_admin_key_can_predict_and_reload(client, admin_key, make_client, tmp_path):
+    assert post(client, npy(volume()), admin_key).status_code == 200
+    before = len(make_client.loads)
+    response = client.post("/v1/reload", headers={"X-API-Key": admin_key})
+    assert response.status_code == 200
+    assert response.json() == {"model_version": VERSION}
+    assert len(make_client.loads) == before + 1
+    events = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert events[-1]["event"] == "service.reloaded" and events[-1]["actor"] == "ops"
+    assert audit.verify(tmp_path / "audit.log").ok
+
+
+def test_keystore(tmp_path):
+    store = KeyStore(tmp_path / "keys.json")
+    key = store.create("someone", ["predict"])
+    assert key.startswith("vf_")
+    text = (tmp_path / "keys.json").read_text()
+    assert key not in text  # only the digest is kept
+    assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
+    principal = store.lookup(key)
+    assert principal.name == "someone" and principal.roles == ("predict",)
+    assert store.lookup("vf_wrong") is None and store.lookup(None) is None
+    # another process (another KeyStore) sees the key
+    assert KeyStore(tmp_path / "keys.json").lookup(key) == principal
+    second = store.create("other", ["admin", "predict"])
+    assert KeyStore(tmp_path / "keys.json").lookup(second).roles == ("admin", "predict")
+    assert store.lookup(key) == principal
+    for bad in (["root"], [], ["predict", "superuser"]):
+        with pytest.raises(ValueError, match="role"):
+            store.create("bad", bad)
+
+
+# ---------------------------------------------------------------- volumes in and out
+
+
+def test_npy_in_npy_out(client, predict_key):
+    vol = volume()
+    response = post(client, npy(vol), predict_key)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith(NPY)
+    assert response.headers["X-Model-Version"] == VERSION
+    mask = np.load(io.BytesIO(response.content), allow_pickle=False)
+    assert mask.shape == vol.shape
+    assert mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 1}
+
+
+def test_npy_detected_without_content_type(client, predict_key, segmenter):
+    vol = volume(seed=3)
+    response = post(client, npy(vol), predict_key, content_type="application/octet-stream")
+    assert response.status_code == 200
+    mask = np.load(io.BytesIO(response.content))
+    np.testing.assert_array_equal(mask, segmenter.segment(vol))
+
+
+def test_nifti_gz_in_nifti_out(client, predict_key, segmenter):
+    vol = volume((12, 14, 10), seed=1)
+    affine = np.array([[-1.5, 0, 0, 20.0], [0, 1.25, 0, -8.0], [0, 0, 2.0, 3.5], [0, 0, 0, 1]])
+    body = gzip.compress(nib.Nifti1Image(vol, affine).to_bytes())
+    response = post(client, body, predict_key, content_type="application/gzip")
+    assert response.status_code == 200, response.text
+    assert response.content[:2] == b"\x1f\x8b"
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+    assert out.shape == vol.shape
+    np.testing.assert_allclose(out.affine, affine, atol=1e-6)
+    mask = np.asanyarray(out.dataobj)
+    assert set(np.unique(mask)) <= {0, 1}
+    np.testing.assert_array_equal(mask, segmenter.segment(vol, affine))
+
+
+def test_plain_nifti_with_singleton_fourth_axis(client, predict_key):
+    vol = volume((10, 10, 12), seed=2)[..., None]
+    response = post(client, nib.Nifti1Image(vol, np.eye(4)).to_bytes(), predict_key, "application/octet-stream")
+    assert response.status_code == 200, response.text
+    out = nib.Nifti1Image.from_bytes(gzip.decompress(response.content))
+    assert out.shape == (10, 10, 12)
+
+
+@pytest.mark.parametrize("body", [b"definitely not a volume", b"\x1f\x8bbroken gzip", b"\x93NUMPY garbage"],
+                         ids=["text", "bad-gzip", "bad-npy"])
+def test_garbage_is_400(client, predict_key, body):
+    response = post(client, body, predict_key, content_type="application/octet-stream")
+    assert response.status_code == 400
+    assert "cannot decode" in response.json()["detail"]
+
+
+def test_empty_body_is_400(client, predict_key):
+    assert post(client, b"", predict_key).status_code == 400
+
+
+def test_pickled_npy_is_refused(client, predict_key):
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert post(client, buf.getvalue(), predict_key).status_code == 400
+
+
+@pytest.mark.parametrize("array", [
+    np.zeros((16, 16), np.float32),
+    np.zeros((4, 4, 4, 2), np.float32),
+    np.zeros((8, 8, 8), dtype=bool),
+], ids=["2-d", "4-d", "bool"])
+def test_wrong_shape_or_type_is_422(client, predict_key, array):
+    response = post(client, npy(array), predict_key)
+    assert response.status_code == 422
+    assert "3-D" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_volume_is_422(client, predict_key, bad):
+    vol = volume()
+    vol[3, 4, 5] = bad
+    response = post(client, npy(vol), predict_key)
+    assert response.status_code == 422
+    assert "NaN" in response.json()["detail"]
+
+
+def test_too_many_voxels_is_422(make_client, predict_key):
+    client = make_client(max_voxels=999)
+    assert post(client, npy(volume((10, 10, 10))), predict_key).status_code == 422
+    assert post(client, npy(volume((9, 10, 11))), predict_key).status_code == 200
+
+
+def test_body_over_max_bytes_is_413(make_client, predict_key):
+    body = npy(volume((10, 10, 10)))
+    client = make_client(max_bytes=len(body) - 1)
+    response = post(client, body, predict_key)
+    assert response.status_code == 413
+    assert post(make_client(max_bytes=len(body)), body, predict_key).status_code == 200
+
+
+# ---------------------------------------------------------------- throttling, metrics, audit
+
+
+def test_throttling_gives_429_with_retry_after(make_client, predict_key, keys):
+    client = make_client(rate=0.001, burst=2)
+    body = npy(volume((8, 8, 8)))
+    assert post(client, body, predict_key).status_code == 200
+    assert post(client, body, predict_key).status_code == 200
+    third = post(client, body, predict_key)
+    assert third.status_code == 429
+    retry = third.headers["Retry-After"]
+    assert retry.isdigit()  # HTTP wants whole seconds
+    assert int(retry) == pytest.approx(1000, rel=0.01)
+    # the bucket is per key: another key is not held back
+    other = keys.create("other-clinic", ["predict"])
+    assert post(client, body, other).status_code == 200
+
+
+def test_metrics(client, predict_key):
+    post(client, npy(volume()), predict_key)
+    post(client, npy(volume()), None)
+    post(client, npy(np.zeros((4, 4), np.float32)), predict_key)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    text = response.text
+    assert "voxelflow_requests" in text
+    assert 'voxelflow_requests_total{endpoint="/v1/segment",status="200"} 1.0' in text
+    assert 'voxelflow_requests_total{endpoint="/v1/segment",status="401"} 1.0' in text
+    assert 'voxelflow_requests_total{endpoint="/v1/segment",status="422"} 1.0' in text
+    assert "voxelflow_inference_seconds_count 1.0" in text
+
+
+def test_metrics_are_per_app(make_client, predict_key):
+    first, second = make_client(), make_client()
+    post(first, npy(volume()), None)
+    assert 'status="401"} 1.0' in first.get("/metrics").text
+    assert 'status="401"' not in second.get("/metrics").text
+
+
+def test_denied_requests_are_audited(client, predict_key, tmp_path):
+    log = tmp_path / "audit.log"
+    post(client, npy(volume()), None)
+    post(client, npy(volume()), "vf_not-a-key")
+    client.post("/v1/reload", headers={"X-API-Key": predict_key})
+    post(client, npy(volume()), predict_key)  # allowed: not a denial
+    post(client, b"garbage", predict_key)  # a bad input is not an access denial
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["event"], e["actor"], e["details"]["status"], e["details"]["endpoint"]) for e in entries] == [
+        ("access.denied", "anonymous", 401, "/v1/segment"),
+        ("access.denied", "anonymous", 401, "/v1/segment"),
+        ("access.denied", "clinic", 403, "/v1/reload"),
+    ]
+    verdict = audit.verify(log)
+    assert verdict.ok, verdict.problem
+    assert verdict.entries == 3
+
+
+def test_throttle_bucket():
+    throttle = Throttle(rate=20.0, burst=2)
+    assert throttle.allow("a") == 0.0
+    assert throttle.allow("a") == 0.0
+    wait = throttle.allow("a")
+    assert 0 < wait <= 0.05 + 1e-6
+    assert throttle.allow("b") == 0.0  # buckets are per caller
+    time.sleep(wait + 0.02)
+    assert throttle.allow("a") == 0.0
+    assert throttle.allow("a") > 0
+
+
+def test_throttle_refills_to_burst_only():
+    throttle = Throttle(rate=20.0, burst=3)
+    throttle.allow("a")
+    time.sleep(0.3)  # would be 8 tokens without the cap
+    assert [throttle.allow("a") == 0.0 for _ in range(4)] == [True, True, True, False]
+
+
+def test_decode_and_encode_round_trip():
+    vol = volume()
+    array, affine, fmt = decode_volume(npy(vol), NPY)
+    assert fmt == "npy" and affine is None
+    np.testing.assert_array_equal(array, vol)
+    mask = (vol > 0.5).astype(np.uint8)
+    payload, media = encode_mask(mask, None, "npy")
+    assert media == NPY
+    np.testing.assert_array_equal(np.load(io.BytesIO(payload)), mask)
+    payload, media = encode_mask(mask, np.diag([2.0, 2.0, 2.0, 1.0]), "nifti")
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(payload))
+    np.testing.assert_array_equal(np.asanyarray(img.dataobj), mask)
+    np.testing.assert_array_equal(img.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+
+
+def test_gzip_bomb_is_refused_before_inflating_it(make_client, predict_key):
+    """A small gzip body that inflates past the voxel budget is a 400, not a memory spike."""
+    bomb = gzip.compress(b"\0" * (8 * 1024**2))
+    client = make_client(max_voxels=1000)
+    response = post(client, bomb, predict_key, content_type="application/gzip")
+    assert response.status_code == 400
+    assert "exceeds" in response.json()["detail"]
+    with pytest.raises(ValueError, match="exceeds"):
+        decode_volume(bomb, "application/gzip", max_decoded=1024)
+
+
+def test_declared_oversize_body_is_refused_unread(make_client, predict_key):
+    client = make_client(max_bytes=100)
+    response = client.post("/v1/segment", content=b"x" * 101,
+                           headers={"X-API-Key": predict_key, "content-type": NPY})
+    assert response.status_code == 413
