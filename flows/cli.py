@@ -25,7 +25,14 @@ console = Console()
 err = Console(stderr=True)
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_SPEC = REPO / "deployments" / "specs" / "demo.yaml"
+
+
+def demo_spec() -> Path:
+    """The demo spec of the project tree we run in (a checkout or an image's working directory)."""
+    for root in (Path.cwd(), REPO):
+        if (root / "deployments" / "specs" / "demo.yaml").exists():
+            return root / "deployments" / "specs" / "demo.yaml"
+    raise FileNotFoundError("deployments/specs/demo.yaml not found: run from the voxelflow project directory")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -110,7 +117,7 @@ def demo(
         console.print(f"data: {cases} synthetic cases (Decathlon layout) in {dest}", highlight=False)
         if data_only:
             return
-        spec = load_spec(DEMO_SPEC)
+        spec = load_spec(demo_spec())
         result = run_lifecycle(spec)
         show(result, spec.name)
         deployment = result["deployment"]
@@ -186,6 +193,7 @@ def serve(
     alias: Annotated[str, typer.Option(help="model alias to serve")] = "champion",
     host: Annotated[Optional[str], typer.Option(help="bind address (default from settings: 127.0.0.1)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default from settings: 8000)")] = None,
+    poll_seconds: Annotated[float, typer.Option(help="how often to look for a moved alias")] = 30.0,
 ) -> None:
     """Serve a registered model over HTTP (API keys, throttling, health, metrics)."""
     with reasons():
@@ -202,8 +210,12 @@ def serve(
         layout = Layout(settings.root, model)
         cache = Path(tempfile.mkdtemp(prefix="voxelflow-serve-"))
         holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, model, cache, alias))
-        version = holder.reload()
-        console.print(f"serving {model}@{alias} (v{version}); create a key with `voxelflow keys create NAME`")
+        try:
+            version = holder.reload()
+            console.print(f"serving {model}@{alias} (v{version}); create a key with `voxelflow keys create NAME`")
+        except LookupError as exc:  # not promoted yet: stay up, not ready, and keep looking
+            console.print(f"waiting for a model: {exc}")
+        holder.watch(lambda: registry.alias_version(settings.tracking_uri, model, alias), poll_seconds)
         app_ = create_app(holder, KeyStore(layout.api_keys), audit_log=layout.audit_log)
         uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info")
 

@@ -72,14 +72,13 @@ class Segmenter:
         return np.rint(mask).astype(np.uint8)
 
 
-with warnings.catch_warnings():  # MLflow nags about type hints it cannot use for tensors
-    warnings.simplefilter("ignore", UserWarning)
+class SegmentationModel(PythonModel):
+    """MLflow pyfunc wrapper: ``predict`` takes a 3-D volume (voxel grid = identity affine)."""
 
-    class SegmentationModel(PythonModel):
-        """MLflow pyfunc wrapper: ``predict`` takes a 3-D volume (voxel grid = identity affine)."""
+    _skip_type_hint_validation = True  # the tensor signature is given explicitly at log time
 
-        def load_context(self, context) -> None:
-            self.segmenter = Segmenter.from_dir(Path(context.artifacts["model.json"]).parent)
+    def load_context(self, context) -> None:
+        self.segmenter = Segmenter.from_dir(Path(context.artifacts["model.json"]).parent)
 
-        def predict(self, context, model_input, params=None):
-            return self.segmenter.segment(np.asarray(model_input))
+    def predict(self, context, model_input, params=None):
+        return self.segmenter.segment(np.asarray(model_input))

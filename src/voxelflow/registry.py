@@ -46,7 +46,12 @@ def start_run(tracking_uri: str, artifact_root: str, spec: PipelineSpec, lineage
     """Create the lifecycle's MLflow run with the spec as params and lineage as tags."""
     mc = client(tracking_uri)
     exp = mc.get_experiment_by_name(spec.name)
-    exp_id = exp.experiment_id if exp else mc.create_experiment(spec.name, artifact_location=f"{artifact_root}/{spec.name}")
+    if exp is not None:
+        exp_id = exp.experiment_id
+    elif tracking_uri.startswith(("http://", "https://", "databricks")):
+        exp_id = mc.create_experiment(spec.name)  # the tracking server decides where artifacts live
+    else:
+        exp_id = mc.create_experiment(spec.name, artifact_location=f"{artifact_root}/{spec.name}")
     tags = {f"voxelflow.{k}": v for k, v in lineage.items()}
     tags["voxelflow.code_version"] = code_version()
     run = mc.create_run(exp_id, tags=tags, run_name=f"{spec.name}-{lineage.get('dataset_digest', '')[:8]}")

@@ -7,22 +7,22 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float, ncols: int = 1):
+    """A figure on its own Agg canvas: no global backend switch, so notebooks keep theirs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols)
 
 
 def overlay_png(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None, path: Path, title: str = "") -> Path:
     """The middle axial slice: image, image+label, image+prediction side by side."""
-    plt = _pyplot()
     z = int(np.argmax((label > 0).sum(axis=(0, 1)))) if label is not None and label.any() else image.shape[2] // 2
     panels = [("image", None), ("label", label), ("prediction", pred)]
     panels = [(n, m) for n, m in panels if n == "image" or m is not None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    fig, axes = _figure(3.2 * len(panels), 3.4, len(panels))
     for ax, (name, mask) in zip(np.atleast_1d(axes), panels):
         ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
         if mask is not None:
@@ -34,13 +34,11 @@ def overlay_png(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
 
 
 def curve_png(history: list[dict[str, float]], path: Path, key: str = "train_loss") -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = _figure(4.5, 3.2)
     ax.plot([h["epoch"] + 1 for h in history], [h[key] for h in history], marker=".")
     ax.set_xlabel("epoch")
     ax.set_ylabel(key)
@@ -49,5 +47,4 @@ def curve_png(history: list[dict[str, float]], path: Path, key: str = "train_los
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path

@@ -125,6 +125,22 @@ class ModelHolder:
             self.segmenter, self.version, self.error = segmenter, version, None
         return version
 
+    def watch(self, current: Callable[[], str | None], interval: float) -> threading.Event:
+        """Poll ``current()`` (the alias's version) and reload when it differs; set the event to stop."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    wanted = current()
+                    if wanted is not None and wanted != self.version:
+                        self.reload()
+                except Exception:  # noqa: BLE001 - kept in self.error, shown by /health/ready
+                    continue
+
+        threading.Thread(target=loop, name="voxelflow-model-watch", daemon=True).start()
+        return stop
+
 
 def decode_volume(
     body: bytes, content_type: str, max_decoded: int = 2**31

@@ -374,3 +374,35 @@ def test_declared_oversize_body_is_refused_unread(make_client, predict_key):
     response = client.post("/v1/segment", content=b"x" * 101,
                            headers={"X-API-Key": predict_key, "content-type": NPY})
     assert response.status_code == 413
+
+
+def test_watch_swaps_in_the_new_version_when_the_alias_moves(segmenter):
+    versions = iter(["1", "2"])
+    holder = ModelHolder(lambda: (segmenter, next(versions)))
+    assert holder.reload() == "1"
+    target = {"version": "1"}
+    stop = holder.watch(lambda: target["version"], interval=0.02)
+    try:
+        target["version"] = "2"
+        deadline = time.monotonic() + 5
+        while holder.version != "2" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert holder.version == "2"
+    finally:
+        stop.set()
+
+
+def test_watch_loads_a_model_that_appears_later(segmenter):
+    holder = ModelHolder(lambda: (segmenter, "1"))
+    target = {"version": None}
+    stop = holder.watch(lambda: target["version"], interval=0.02)
+    try:
+        time.sleep(0.1)
+        assert holder.segmenter is None
+        target["version"] = "1"
+        deadline = time.monotonic() + 5
+        while holder.segmenter is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert holder.version == "1"
+    finally:
+        stop.set()
