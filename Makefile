@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/voxelflow demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src flows tasks tests benchmarks
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

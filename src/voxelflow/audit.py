@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -9,8 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import fcntl
 
 GENESIS = "0" * 64
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -28,9 +29,26 @@ def resolve_kind(cluster: str, scheduler: str | None) -> str:
 
 
 @contextlib.contextmanager
+def quiet(logger: str = "distributed", level: int = logging.WARNING) -> Iterator[None]:
+    """Keep a chatty library's INFO lines out of the run's log while a local cluster lives."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(max(level, before))
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
+@contextlib.contextmanager
 def dask_client(cluster: str = "auto", scheduler: str | None = None, n_workers: int | None = None) -> Iterator[Client]:
     """A connected client; a local cluster is started (on 127.0.0.1) and torn down around it."""
     kind = resolve_kind(cluster, scheduler)
+    with quiet():
+        yield from _client(kind, cluster, scheduler, n_workers)
+
+
+def _client(kind: str, cluster: str, scheduler: str | None, n_workers: int | None) -> Iterator[Client]:
     if kind == "external":
         address = cluster if cluster.startswith(("tcp://", "tls://")) else scheduler
         with Client(address) as client:

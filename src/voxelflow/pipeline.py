@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from voxelflow import audit, evaluate, ingest, preprocess, registry, report, train
 from voxelflow.config import (
     DataSpec,
@@ -219,47 +217,36 @@ class Deployment:
     latency_s: float
 
 
-def smoke_key(ctx: Context) -> str:
-    from voxelflow.serve import KeyStore
-
-    return KeyStore(ctx.layout.api_keys).create("lifecycle-smoke-test", ["predict"])
-
-
 def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) -> Deployment:
     """Serve the champion on loopback and segment one held-out case over HTTP (the smoke test)."""
-    import gzip
-    import io
     import time
 
     import httpx
-    import nibabel as nib
 
-    from voxelflow.serve import KeyStore, ModelHolder, Server, create_app
+    from voxelflow.serve import NIFTI, KeyStore, ModelHolder, Server, create_app, decode_volume, nifti_gz
 
-    cache = Path(tempfile.mkdtemp(prefix="voxelflow-serve-"))
-    holder = ModelHolder(lambda: registry.load_segmenter(ctx.tracking_uri, model_name, cache))
-    holder.reload()
-    app = create_app(holder, KeyStore(ctx.layout.api_keys), audit_log=ctx.layout.audit_log)
-    server = Server(app, ctx.settings.serve_host, 0).start()
-    audit.append(ctx.layout.audit_log, "service.deployed", "voxelflow", model=model_name,
-                 version=holder.version, endpoint=server.url)
-    try:
-        case = ingest.load_case(ctx.layout.raw_store, case_id)
-        body = ingest.read_bytes(case["attrs"]["sources"][0])
-        start = time.perf_counter()
-        resp = httpx.post(f"{server.url}/v1/segment", content=body, timeout=120,
-                          headers={"X-API-Key": smoke_key(ctx), "Content-Type": "application/gzip"})
-        latency = time.perf_counter() - start
-        if resp.status_code != 200:
-            raise RuntimeError(f"smoke test failed: HTTP {resp.status_code}: {resp.text[:300]}")
-        data = resp.content
-        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-        mask = np.asanyarray(nib.Nifti1Image.from_stream(io.BytesIO(data)).dataobj)
-        score = evaluate.dice(mask, case["label"])
-        result = Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency)
-    finally:
-        server.stop()
-    return result
+    keys = KeyStore(ctx.layout.api_keys)
+    key = keys.create("lifecycle-smoke-test", ["predict"])
+    case = ingest.load_case(ctx.layout.raw_store, case_id)
+    with tempfile.TemporaryDirectory(prefix="voxelflow-serve-") as cache:
+        holder = ModelHolder(lambda: registry.load_segmenter(ctx.tracking_uri, model_name, Path(cache)))
+        holder.reload()
+        app = create_app(holder, keys, audit_log=ctx.layout.audit_log)
+        with Server(app, ctx.settings.serve_host, 0) as server:
+            audit.append(ctx.layout.audit_log, "service.deployed", "voxelflow", model=model_name,
+                         version=holder.version, endpoint=server.url)
+            try:
+                start = time.perf_counter()
+                resp = httpx.post(f"{server.url}/v1/segment", content=nifti_gz(case["image"], case["affine"]),
+                                  headers={"X-API-Key": key, "Content-Type": NIFTI}, timeout=120)
+                latency = time.perf_counter() - start
+            finally:
+                keys.revoke(key)
+    if resp.status_code != 200:
+        raise RuntimeError(f"smoke test failed: HTTP {resp.status_code}: {resp.text[:300]}")
+    mask, _, _ = decode_volume(resp.content, resp.headers.get("content-type", ""))
+    score = evaluate.dice(mask, case["label"])
+    return Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency)
 
 
 @dataclass

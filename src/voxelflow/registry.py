@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-import warnings
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

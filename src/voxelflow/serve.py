@@ -72,6 +72,17 @@ class KeyStore:
             self._mtime = -1.0
         return key
 
+    def revoke(self, key: str) -> bool:
+        """Remove a key; True if it existed."""
+        with self._lock:
+            self._load()
+            keys = dict(self._keys)
+            if keys.pop(self._digest(key), None) is None:
+                return False
+            atomic_write_bytes(self.path, json.dumps({"keys": keys}, indent=2).encode())
+            self._mtime = -1.0
+        return True
+
     def lookup(self, key: str | None) -> Principal | None:
         if not key:
             return None
@@ -162,14 +173,18 @@ def decode_volume(
 
 
 def encode_mask(mask: np.ndarray, affine: np.ndarray | None, fmt: str) -> tuple[bytes, str]:
-    import nibabel as nib
-
     if fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, mask, allow_pickle=False)
         return buf.getvalue(), NPY
-    img = nib.Nifti1Image(mask.astype(np.uint8), affine if affine is not None else np.eye(4))
-    return gzip.compress(img.to_bytes(), compresslevel=1), NIFTI
+    return nifti_gz(mask.astype(np.uint8), affine), NIFTI
+
+
+def nifti_gz(array: np.ndarray, affine: np.ndarray | None) -> bytes:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, affine if affine is not None else np.eye(4))
+    return gzip.compress(img.to_bytes(), compresslevel=1)
 
 
 def create_app(

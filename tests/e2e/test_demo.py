@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+
 import numpy as np
 import pytest
 
@@ -23,7 +24,7 @@ def demo_run(prefect_api, tmp_path_factory):
 
 def test_demo_prints_http_dice(demo_run):
     proc, _ = demo_run
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("HTTP prediction dice:"))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("HTTP prediction dice:"))
     assert float(line.split(":")[1]) > FLOOR
 
 
@@ -61,14 +62,13 @@ def test_trained_beats_untrained_over_http(demo_run):
     """The served champion clears the floor; the same network untrained does not."""
     import httpx
 
-    from voxelflow import evaluate, train
+    from voxelflow import evaluate, registry, train
     from voxelflow.config import Settings, load_spec
     from voxelflow.ingest import load_case
     from voxelflow.model import Segmenter
     from voxelflow.pipeline import model_config
     from voxelflow.serve import KeyStore, ModelHolder, Server, create_app
     from voxelflow.storage import Layout
-    from voxelflow import registry
 
     _, home = demo_run
     settings = Settings(home=home)
@@ -102,7 +102,7 @@ def test_audit_log_intact(demo_run, prefect_env):
     env = {**prefect_env, "VOXELFLOW_HOME": str(home)}
     proc = run_cli(["voxelflow", "audit", "verify"], env)
     assert proc.returncode == 0, proc.stderr
-    events = [json.loads(l)["event"] for l in (home / "audit.log").read_text().splitlines()]
+    events = [json.loads(ln)["event"] for ln in (home / "audit.log").read_text().splitlines()]
     assert events[:1] == ["data.ingested"] and "model.promoted" in events and "service.deployed" in events
 
 

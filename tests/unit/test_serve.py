@@ -406,3 +406,11 @@ def test_watch_loads_a_model_that_appears_later(segmenter):
         assert holder.version == "1"
     finally:
         stop.set()
+
+
+def test_revoked_key_is_refused(client, keys):
+    key = keys.create("temp", ["predict"])
+    assert post(client, npy(volume((8, 8, 8))), key).status_code == 200
+    assert keys.revoke(key) is True
+    assert keys.revoke(key) is False
+    assert post(client, npy(volume((8, 8, 8))), key).status_code == 401
