@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="spec override key.path=value")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -78,6 +78,7 @@ def main() -> None:
                 print(f"repeat {i + 1}: " + ", ".join(line), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     ratio = statistics.median(times["flow"]) / statistics.median(times["direct"])
+    paired = [f / d for f, d in zip(times["flow"], times["direct"])]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(json.dumps({
         "metric": "orchestration_overhead",
@@ -86,6 +87,7 @@ def main() -> None:
         "higher_is_better": False,
         "direct_s": [round(t, 2) for t in times["direct"]],
         "flow_s": [round(t, 2) for t in times["flow"]],
+        "paired_ratios": [round(r, 3) for r in paired],
     }))
 
 

@@ -135,17 +135,22 @@ def demo(
         )
 
 
+SpecArg = Annotated[Path, typer.Argument(help="pipeline spec (YAML)")]
+OverlayOpt = Annotated[Optional[list[Path]], typer.Option(help="overlay merged over the spec (repeatable)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="key.path=value override (repeatable)")]
+
+
+def load(spec: Path, overlay: list[Path] | None, set_: list[str] | None):
+    from voxelflow.config import load_spec
+
+    return load_spec(spec, overlays=list(overlay or []), sets=list(set_ or []))
+
+
 @app.command()
-def run(
-    spec: Annotated[Path, typer.Argument(help="pipeline spec (YAML)")],
-    overlay: Annotated[Optional[list[Path]], typer.Option(help="overlay merged over the spec (repeatable)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key.path=value override (repeatable)")] = None,
-) -> None:
+def run(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
     """Run the lifecycle on any spec, with overlays and --set overrides."""
     with reasons():
-        from voxelflow.config import load_spec
-
-        loaded = load_spec(spec, overlays=list(overlay or []), sets=list(set_ or []))
+        loaded = load(spec, overlay, set_)
         result = run_lifecycle(loaded)
         show(result, loaded.name)
         if result["deployment"]:
@@ -153,18 +158,12 @@ def run(
 
 
 @app.command()
-def validate(
-    spec: Annotated[Path, typer.Argument(help="pipeline spec (YAML)")],
-    overlay: Annotated[Optional[list[Path]], typer.Option(help="overlay merged over the spec (repeatable)")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="key.path=value override (repeatable)")] = None,
-) -> None:
+def validate(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
     """Check a spec (and its overlays) without running anything; print the merged result."""
     with reasons():
         import yaml
 
-        from voxelflow.config import load_spec
-
-        loaded = load_spec(spec, overlays=list(overlay or []), sets=list(set_ or []))
+        loaded = load(spec, overlay, set_)
         console.print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False), highlight=False)
         console.print(f"[green]ok[/] spec digest {loaded.digest()}")
 

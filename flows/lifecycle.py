@@ -12,9 +12,9 @@ from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
 from tasks.registry import register_and_promote
-from tasks.train import mlflow_run, split, train
+from tasks.train import mlflow_run, train
 from voxelflow.config import PipelineSpec, Settings, load_spec
-from voxelflow.pipeline import Context, lineage, markdown, summarise
+from voxelflow.pipeline import Context, lineage, markdown, split_stage, summarise
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -31,7 +31,7 @@ def lifecycle(
 
     ingested = ingest(spec.data, ctx)
     prep = preprocess(spec.preprocess, ctx, ingested.case_ids)
-    parts = split(spec.evaluate, ingested.case_ids, spec.train.seed)
+    parts = split_stage(spec.evaluate, ingested.case_ids, spec.train.seed)  # pure and instant: no task
     run_id = mlflow_run(spec, ctx, ingested.dataset_digest)
     outcome = train(spec.train, spec.preprocess, ctx, prep.store, parts.train, run_id)
     evaluation = evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.val, run_id)

@@ -11,13 +11,13 @@ listeners: list[Listener] = []
 
 
 def reporter(stage: str, description: str) -> Callable[[int, int], None]:
-    """A ``(done, total)`` callback that updates a progress artifact at most every 5 %."""
+    """A ``(done, total)`` callback that updates a progress artifact in steps of at least 10 %."""
     artifact = create_progress_artifact(progress=0.0, description=description)
     last = [-1.0]
 
     def report(done: int, total: int) -> None:
         pct = 100.0 * done / max(total, 1)
-        if pct >= 100 or pct - last[0] >= 5:
+        if pct >= 100 or pct - last[0] >= 10:
             update_progress_artifact(artifact, pct)
             last[0] = pct
         for listener in listeners:

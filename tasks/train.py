@@ -4,14 +4,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
-from voxelflow.config import EvaluateSpec, PipelineSpec, PreprocessSpec, TrainSpec
-from voxelflow.pipeline import Context, Split, TrainOutcome, split_stage, start_run, train_stage
-
-
-@task(name="split", cache_policy=NO_CACHE)
-def split(spec: EvaluateSpec, case_ids: list[str], seed: int) -> Split:
-    """Hold out validation cases, deterministically by case hash."""
-    return split_stage(spec, case_ids, seed)
+from voxelflow.config import PipelineSpec, PreprocessSpec, TrainSpec
+from voxelflow.pipeline import Context, TrainOutcome, start_run, train_stage
 
 
 @task(name="start-mlflow-run", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -1,0 +1,46 @@
+"""The GPU path: training cached on the device with mixed precision, inference, LocalCUDACluster.
+
+Skipped cleanly where there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from voxelflow import train
+from voxelflow.model import Segmenter
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_training_on_the_gpu(tiny_spec, tmp_path, precision):
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 1, 16, 16, 16), dtype=np.float32)
+    labels = (images > 0.5).astype(np.float32)
+    spec = tiny_spec.train.model_copy(update={"epochs": 2, "precision": precision})
+    result = train.train(spec, images, labels, tmp_path, device="cuda")
+    assert result.device.startswith("cuda")
+    assert all(np.isfinite(h["train_loss"]) for h in result.history)
+
+
+def test_segmenter_on_the_gpu(tiny_model_config, tiny_weights):
+    seg = Segmenter(tiny_model_config, tiny_weights[0], device="cuda")
+    volume = np.random.default_rng(0).random((20, 18, 16), dtype=np.float32)
+    assert seg.segment(volume).shape == volume.shape
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dask_cuda") is None, reason="needs the gpu extra (dask-cuda)")
+def test_auto_cluster_is_cuda():
+    from voxelflow.cluster import dask_client, resolve_kind
+
+    assert resolve_kind("auto", None) == "cuda"
+    with dask_client("auto") as client:
+        assert client.submit(lambda: torch.cuda.is_available()).result()
