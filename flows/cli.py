@@ -21,7 +21,7 @@ keys_app = typer.Typer(help="Manage API keys of the inference service.", no_args
 audit_app = typer.Typer(help="Inspect the tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
-console = Console()
+console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -111,3 +111,29 @@ def test_reports_are_pictures(demo_run):
     pngs = list((home / "reports").rglob("*.png"))
     assert {p.name for p in pngs} == {"training-curve.png", "overlay.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_second_run_reuses_data_and_gates_against_the_champion(demo_run, prefect_api, tmp_path):
+    """A rerun ingests nothing new, preprocesses nothing, and a weaker candidate does not unseat the champion."""
+    from voxelflow import registry
+    from voxelflow.config import Settings
+
+    _, home = demo_run
+    env = {**client_env(prefect_api, tmp_path), "VOXELFLOW_HOME": str(home)}
+    proc = run_cli(["voxelflow", "run", "deployments/specs/demo.yaml", "--set", "train.epochs=2"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "12 (0 new, 12 duplicate, 0 quarantined)" in out
+    assert "0 new, 12 reused" in out
+    assert "not promoted" in out and "does not beat the champion" in out.replace("\n", " ")
+
+    uri = Settings(home=home).tracking_uri
+    assert registry.alias_version(uri, "demo-spheres", "champion") == "1"
+    v2 = registry.client(uri).get_model_version("demo-spheres", "2")
+    run = registry.client(uri).get_run(v2.run_id)
+    assert run.data.metrics["champion_val_dice"] > run.data.metrics["val_dice"]
+    entries = [json.loads(ln) for ln in (home / "audit.log").read_text().splitlines()]
+    rejected = [e for e in entries if e["event"] == "model.rejected"]
+    assert [e["details"]["version"] for e in rejected] == ["2"]
+    # the endpoint keeps serving the champion, v1
+    assert entries[-1]["event"] == "service.deployed" and entries[-1]["details"]["version"] == "1"
