@@ -8,6 +8,7 @@ medians is printed. Last line: one JSON object (metric, value, goal, higher_is_b
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -21,6 +22,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def clock_stages(into: dict[str, list[float]]) -> None:
+    """Time each library stage wherever it is called from: the direct chain or a Prefect task."""
+    import importlib
+
+    from voxelflow import pipeline
+
+    names = ["ingest_stage", "preprocess_stage", "start_run", "train_stage", "evaluate_stage",
+             "register_stage", "deploy_stage"]
+    modules = [pipeline] + [importlib.import_module(f"tasks.{m}")
+                            for m in ("ingest", "preprocess", "train", "evaluate", "registry", "deploy")]
+    for name in names:
+        original = getattr(pipeline, name)
+
+        def timed(*args, _original=original, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                into[_name.removesuffix("_stage")].append(time.perf_counter() - start)
+
+        for module in modules:
+            if getattr(module, name, None) is original:
+                setattr(module, name, timed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
@@ -29,6 +55,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.lifecycle import lifecycle
@@ -41,6 +68,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="voxelflow-bench-"))
     data = make_decathlon(work / "incoming", n_cases=12)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"source": str(data)})})
+
+    stage_s: dict[str, list[float]] = collections.defaultdict(list)
+    clock_stages(stage_s)
 
     def fresh_home(tag: str) -> Settings:
         # a new folder each time: MLflow caches its SQLite engine per URI, so a deleted database
@@ -61,6 +91,8 @@ def main() -> None:
 
     sides = {"direct": direct, "flow": flowed}
     times: dict[str, list[float]] = {"direct": [], "flow": []}
+    stages: dict[str, dict[str, list[float]]] = {"direct": collections.defaultdict(list),
+                                                 "flow": collections.defaultdict(list)}
     with local_prefect_server(work / "prefect") as api:
         with temporary_settings({PREFECT_API_URL: api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             # warm-up: the first pass through each side pays lazy imports and caches the other would not
@@ -72,11 +104,21 @@ def main() -> None:
                 order = ["direct", "flow"] if i % 2 == 0 else ["flow", "direct"]
                 line = []
                 for name in order:
+                    stage_s.clear()
                     seconds, dice = sides[name](spec, f"{name}-{i}")
                     times[name].append(seconds)
+                    stage_s["outside stages"].append(seconds - sum(sum(v) for v in stage_s.values()))
+                    for stage, values in stage_s.items():
+                        stages[name][stage].append(sum(values))
                     line.append(f"{name} {seconds:.1f} s (dice {dice:.3f})")
                 print(f"repeat {i + 1}: " + ", ".join(line), flush=True)
+            APILogHandler().flush()  # ship the last run's logs before the server stops
     shutil.rmtree(work, ignore_errors=True)
+    print(f"{'stage (median s)':<18} {'direct':>8} {'flow':>8}")
+    for stage in stages["flow"]:
+        d = statistics.median(stages["direct"].get(stage, [0.0]))
+        f = statistics.median(stages["flow"][stage])
+        print(f"{stage:<18} {d:8.2f} {f:8.2f}")
     ratio = statistics.median(times["flow"]) / statistics.median(times["direct"])
     paired = [f / d for f, d in zip(times["flow"], times["direct"])]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")

@@ -181,7 +181,7 @@ def existing_cases(raw_store: Path) -> list[str]:
     if not raw_store.exists():
         return []
     group = zarr.open_group(str(raw_store), mode="r", zarr_format=3)
-    return sorted(name for name, _ in group.groups())
+    return sorted(name for name, _ in group.groups() if not name.endswith(".partial"))  # .partial: a crashed write
 
 
 def write_case(raw_store: Path, case_id: str, image: Volume, label: np.ndarray | None, attrs: dict[str, Any]) -> None:

@@ -390,3 +390,19 @@ def test_discover_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="dataset.json"):
         discover(str(tmp_path / "empty"), "decathlon")
+
+
+def test_a_crashed_partial_write_is_not_a_case(tmp_path):
+    """A case whose write died half-way (left as <id>.partial) is neither listed nor blocks a re-ingest."""
+    from voxelflow.ingest import existing_cases
+    from voxelflow.synthetic import make_decathlon
+
+    src = make_decathlon(tmp_path / "incoming", n_cases=2, size=16)
+    layout = Layout(tmp_path / "home", "p")
+    data = DataSpec(source=str(src), layout="decathlon")
+    first = ingest(data, layout, str(src))
+    victim = first.case_ids[0]
+    (layout.raw_store / victim).rename(layout.raw_store / f"{victim}.partial")
+    assert existing_cases(layout.raw_store) == first.case_ids[1:]
+    again = ingest(data, layout, str(src))
+    assert again.ingested == [victim] and again.case_ids == first.case_ids
