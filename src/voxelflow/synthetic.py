@@ -9,7 +9,10 @@ import nibabel as nib
 import numpy as np
 
 
-def make_case(size: int, seed: int, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> nib.Nifti1Image:
+def make_case(
+    size: int, seed: int, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """One noisy-spheres image and its binary label, as NIfTI images."""
     from monai.data import create_test_image_3d
 
     image, label = create_test_image_3d(
