@@ -116,7 +116,8 @@ class PreprocessSpec(_Section):
 class TrainSpec(_Section):
     network: dict[str, dict[str, Any]]
     loss: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"DiceCELoss": {"to_onehot_y": True, "softmax": True}},
+        default_factory=lambda: {"DiceCELoss": {}},
+        validate_default=True,  # the validator below fills in the Dice-family defaults
         description="a MONAI loss by name; Dice-family losses default to to_onehot_y and softmax",
     )
     epochs: int = Field(50, ge=1)

@@ -226,22 +226,22 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
     from voxelflow.serve import NIFTI, KeyStore, ModelHolder, Server, create_app, decode_volume, nifti_gz
 
     keys = KeyStore(ctx.layout.api_keys)
-    key = keys.create("lifecycle-smoke-test", ["predict"])
     case = ingest.load_case(ctx.layout.raw_store, case_id)
-    with tempfile.TemporaryDirectory(prefix="voxelflow-serve-") as cache:
-        holder = ModelHolder(lambda: registry.load_segmenter(ctx.tracking_uri, model_name, Path(cache)))
-        holder.reload()
-        app = create_app(holder, keys, audit_log=ctx.layout.audit_log)
-        with Server(app, ctx.settings.serve_host, 0) as server:
-            audit.append(ctx.layout.audit_log, "service.deployed", "voxelflow", model=model_name,
-                         version=holder.version, endpoint=server.url)
-            try:
+    key = keys.create("lifecycle-smoke-test", ["predict"])
+    try:  # the temporary key never outlives the smoke test, whatever fails
+        with tempfile.TemporaryDirectory(prefix="voxelflow-serve-") as cache:
+            holder = ModelHolder(lambda: registry.load_segmenter(ctx.tracking_uri, model_name, Path(cache)))
+            holder.reload()
+            app = create_app(holder, keys, audit_log=ctx.layout.audit_log)
+            with Server(app, ctx.settings.serve_host, 0) as server:
+                audit.append(ctx.layout.audit_log, "service.deployed", "voxelflow", model=model_name,
+                             version=holder.version, endpoint=server.url)
                 start = time.perf_counter()
                 resp = httpx.post(f"{server.url}/v1/segment", content=nifti_gz(case["image"], case["affine"]),
                                   headers={"X-API-Key": key, "Content-Type": NIFTI}, timeout=120)
                 latency = time.perf_counter() - start
-            finally:
-                keys.revoke(key)
+    finally:
+        keys.revoke(key)
     if resp.status_code != 200:
         raise RuntimeError(f"smoke test failed: HTTP {resp.status_code}: {resp.text[:300]}")
     mask, _, _ = decode_volume(resp.content, resp.headers.get("content-type", ""))
@@ -304,7 +304,7 @@ def markdown(result: LifecycleResult, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(spec: PipelineSpec, settings: Settings, progress: Progress | None = None) -> LifecycleResult:
+def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
     """The whole lifecycle with no orchestrator: the baseline the flow is measured against."""
     ctx = Context(settings, spec.name)
     ingested = ingest_stage(spec.data, ctx)
