@@ -95,11 +95,14 @@ def run_lifecycle(spec) -> dict:
 def show(result: dict, name: str) -> None:
     from rich.markdown import Markdown
 
+    from voxelflow.config import Settings
     from voxelflow.pipeline import LifecycleResult, markdown
+    from voxelflow.storage import Store
 
     console.print(Markdown(markdown(LifecycleResult(**result), name)))
+    store = Store(Settings().store_url)
     for picture in result["pictures"]:
-        console.print(f"picture: {picture}", highlight=False)
+        console.print(f"picture: {store.url_of(picture)}", highlight=False)
 
 
 @app.command()
@@ -124,13 +127,12 @@ def demo(
         if deployment is None:
             fail("the candidate did not pass the gates, so nothing was served: " + "; ".join(result["promotion"]["reasons"]))
         console.print(f"[bold green]HTTP prediction dice: {deployment['dice']:.4f}[/]")
-        home = settings.root
         console.print(
             "\nwhere to look:\n"
             f"  MLflow UI:   mlflow ui --backend-store-uri {settings.tracking_uri} --host 127.0.0.1\n"
             "  Prefect UI:  prefect server start --host 127.0.0.1   (then set PREFECT_API_URL=http://127.0.0.1:4200/api)\n"
-            f"  stores:      {home / 'datasets' / spec.name}\n"
-            f"  audit log:   voxelflow audit verify",
+            f"  store:       {settings.store_url}/datasets/{spec.name}\n"
+            f"  database:    {settings.database}  (voxelflow ledger, voxelflow audit verify)",
             highlight=False,
         )
 
@@ -175,13 +177,13 @@ def ledger(pipeline: Annotated[str, typer.Argument(help="pipeline name (the spec
         from rich.table import Table
 
         from voxelflow.config import Settings
+        from voxelflow.db import connect
         from voxelflow.ingest import read_ledger
-        from voxelflow.storage import Layout
 
-        rows = read_ledger(Layout(Settings().root, pipeline))
+        rows = read_ledger(connect(Settings().database), pipeline)
         table = Table("at", "state", "case", "object", "reason")
         for r in rows:
-            table.add_row(r["at"], r["state"], r["case"], r["object"], r.get("reason", ""))
+            table.add_row(r["at"], r["state"], r["case_id"] or "", r["object"], r["reason"] or "")
         console.print(table)
         console.print(f"{len(rows)} objects")
 
@@ -202,11 +204,11 @@ def serve(
 
         from voxelflow import registry
         from voxelflow.config import Settings
+        from voxelflow.db import connect
         from voxelflow.serve import KeyStore, ModelHolder, create_app
-        from voxelflow.storage import Layout
 
         settings = Settings()
-        layout = Layout(settings.root, model)
+        db = connect(settings.database)
         cache = Path(tempfile.mkdtemp(prefix="voxelflow-serve-"))
         holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, model, cache, alias))
         try:
@@ -215,7 +217,7 @@ def serve(
         except LookupError as exc:  # not promoted yet: stay up, not ready, and keep looking
             console.print(f"waiting for a model: {exc}")
         holder.watch(lambda: registry.alias_version(settings.tracking_uri, model, alias), poll_seconds)
-        app_ = create_app(holder, KeyStore(layout.api_keys), audit_log=layout.audit_log)
+        app_ = create_app(holder, KeyStore(db), db=db)
         uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info")
 
 
@@ -227,10 +229,10 @@ def keys_create(
     """Create an API key; it is printed once and stored only as a hash."""
     with reasons():
         from voxelflow.config import Settings
+        from voxelflow.db import connect
         from voxelflow.serve import KeyStore
-        from voxelflow.storage import Layout
 
-        print(KeyStore(Layout(Settings().root, "").api_keys).create(name, role))
+        print(KeyStore(connect(Settings().database)).create(name, role))
 
 
 @audit_app.command("verify")
@@ -239,13 +241,13 @@ def audit_verify() -> None:
     with reasons():
         from voxelflow import audit
         from voxelflow.config import Settings
-        from voxelflow.storage import Layout
+        from voxelflow.db import connect
 
-        log = Layout(Settings().root, "").audit_log
-        verdict = audit.verify(log)
+        db = connect(Settings().database)
+        verdict = audit.verify(db)
         if not verdict.ok:
-            fail(f"audit log {log} is not intact: {verdict.problem}")
-        console.print(f"[green]ok[/] {verdict.entries} entries, chain intact ({log})", highlight=False)
+            fail(f"audit log in {db} is not intact: {verdict.problem}")
+        console.print(f"[green]ok[/] {verdict.entries} entries, chain intact ({db})", highlight=False)
 
 
 @app.command()

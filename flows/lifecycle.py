@@ -1,4 +1,8 @@
-"""The lifecycle flow: ingest → preprocess → train → evaluate → register and promote → deploy."""
+"""The lifecycle flow: ingest → preprocess → train → evaluate → register and promote → deploy.
+
+A stage whose spec section names a ``work_pool`` runs as that pool's deployment of the stage
+flow (``flows/stages.py``); the others run here as tasks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import asdict
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.stages import current_lifecycle_id, placed
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
@@ -14,32 +19,47 @@ from tasks.preprocess import preprocess
 from tasks.registry import register_and_promote
 from tasks.train import mlflow_run, train
 from voxelflow.config import PipelineSpec, Settings, load_spec
-from voxelflow.pipeline import Context, lineage, markdown, split_stage, summarise
+from voxelflow.pipeline import Context, lineage, markdown, split_stage, summarise, usable_cases
 
 
 @flow(name="lifecycle", log_prints=True)
 def lifecycle(
     spec: PipelineSpec | str = "deployments/specs/demo.yaml",
     overlays: list[str] | None = None,
+    sets: list[str] | None = None,
 ) -> dict:
-    """Run the whole life of a model. ``spec`` is the pipeline spec itself or the path of its YAML file."""
-    if isinstance(spec, str):
-        spec = load_spec(spec, overlays)
-    elif overlays:
-        raise ValueError("overlays apply to a spec file: pass the spec as a path")
-    ctx = Context(Settings(), spec.name)
+    """Run the whole life of a model.
 
-    ingested = ingest(spec.data, ctx)
-    prep = preprocess(spec.preprocess, ctx, ingested.case_ids)
-    parts = split_stage(spec.evaluate, ingested.case_ids, spec.train.seed)  # pure and instant: no task
+    ``spec`` is the pipeline spec itself or the path of its YAML file; ``overlays`` (files) and ``sets``
+    (``key.path=value``) are merged over a spec file, as ``voxelflow run`` does.
+    """
+    if isinstance(spec, str):
+        spec = load_spec(spec, overlays, sets)
+    elif overlays or sets:
+        raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
+    ctx = Context(Settings(), spec.name)
+    lid = current_lifecycle_id()
+
+    ingested = placed("ingest", spec.data.work_pool, ctx, spec, lid, lambda: ingest(spec.data, ctx))
+    prep = placed("preprocess", spec.preprocess.work_pool, ctx, spec, lid,
+                  lambda: preprocess(spec.preprocess, ctx, ingested.case_ids), case_ids=ingested.case_ids)
+    parts = split_stage(spec.evaluate, usable_cases(ingested, prep), spec.train.seed)  # pure and instant: no task
     run_id = mlflow_run(spec, ctx, ingested.dataset_digest)
-    outcome = train(spec.train, spec.preprocess, ctx, prep.store, parts.train, run_id)
-    evaluation = evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.val, run_id)
+    outcome = placed("train", spec.train.work_pool, ctx, spec, lid,
+                     lambda: train(spec.train, spec.preprocess, ctx, parts.train, run_id),
+                     train_ids=parts.train, run_id=run_id)
+    evaluation = placed("evaluate", spec.evaluate.work_pool, ctx, spec, lid,
+                        lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.val, run_id),
+                        outcome=asdict(outcome), val_ids=parts.val, run_id=run_id)
     tags = lineage(spec, ingested.dataset_digest)
-    promotion = register_and_promote(spec.promote, ctx, run_id, outcome, evaluation, tags)
+    promotion = placed("register-and-promote", spec.promote.work_pool, ctx, spec, lid,
+                       lambda: register_and_promote(spec.promote, ctx, run_id, outcome, evaluation, tags),
+                       run_id=run_id, outcome=asdict(outcome), evaluation=asdict(evaluation), tags=tags)
     deployment = None
     if promotion.champion is not None:
-        deployment = deploy(spec.deploy, spec.promote.model_name, ctx, parts.val[0])
+        deployment = placed("deploy", spec.deploy.work_pool, ctx, spec, lid,
+                            lambda: deploy(spec.deploy, spec.promote.model_name, ctx, parts.val[0]),
+                            case_id=parts.val[0])
 
     result = summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
     key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())

@@ -15,8 +15,7 @@ def mlflow_run(spec: PipelineSpec, ctx: Context, dataset_digest: str) -> str:
 
 
 @task(name="train", retries=2, retry_delay_seconds=5, timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
-def train(spec: TrainSpec, pre: PreprocessSpec, ctx: Context, store: str, train_ids: list[str],
-          run_id: str) -> TrainOutcome:
+def train(spec: TrainSpec, pre: PreprocessSpec, ctx: Context, train_ids: list[str], run_id: str) -> TrainOutcome:
     """Train the spec's network; a retry resumes from the newest checkpoint."""
     logger = get_run_logger()
     report = reporter("train", f"training {next(iter(spec.network))} for {spec.epochs} epochs")
@@ -25,4 +24,4 @@ def train(spec: TrainSpec, pre: PreprocessSpec, ctx: Context, store: str, train_
         report(epoch + 1, spec.epochs)
         logger.info("epoch %d/%d train_loss %.4f", epoch + 1, spec.epochs, metrics["train_loss"])
 
-    return train_stage(spec, pre, ctx, store, train_ids, run_id, on_epoch=on_epoch)
+    return train_stage(spec, pre, ctx, train_ids, run_id, on_epoch=on_epoch)

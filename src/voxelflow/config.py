@@ -26,6 +26,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class _Stage(_Section):
+    work_pool: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="run this stage as its own flow run on this work pool (deployment STAGE/WORK_POOL); "
+        "unset: in the lifecycle's own process",
+    )
+
+
 def _single_key(item: Any, what: str) -> tuple[str, dict[str, Any]]:
     if isinstance(item, str):
         return item, {}
@@ -60,19 +69,35 @@ def resolve_monai(module: str, name: str, what: str) -> type:
     return cls
 
 
-class DataSpec(_Section):
+class DataSpec(_Stage):
     source: str = Field(description="fsspec URL of the incoming data; '{home}' expands to VOXELFLOW_HOME")
     layout: Literal["decathlon", "folder"] = "decathlon"
-    deidentify: Literal["dicom-basic-profile", "none"] = "dicom-basic-profile"
     max_voxels: int = Field(512**3, gt=0, description="cases larger than this are quarantined")
 
 
-class PreprocessSpec(_Section):
+class Adaptive(_Section):
+    minimum: int = Field(1, ge=0)
+    maximum: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> Adaptive:
+        if self.maximum < self.minimum:
+            raise ValueError("maximum must be at least minimum")
+        return self
+
+
+class PreprocessSpec(_Stage):
     transforms: list[dict[str, dict[str, Any]]] = Field(
         description="MONAI dictionary transforms, by name, applied in order"
     )
     shard_size: int = Field(8, ge=1)
     cluster: str = Field("auto", description="auto | local | cuda | tcp://scheduler:8786")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="where the transforms run; cuda: on the workers' GPUs (LocalCUDACluster under auto)"
+    )
+    adaptive: Adaptive | None = Field(
+        None, description="scale a cluster voxelflow starts between minimum and maximum workers"
+    )
 
     @field_validator("transforms", mode="before")
     @classmethod
@@ -113,7 +138,7 @@ class PreprocessSpec(_Section):
         return size
 
 
-class TrainSpec(_Section):
+class TrainSpec(_Stage):
     network: dict[str, dict[str, Any]]
     loss: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"DiceCELoss": {}},
@@ -146,7 +171,7 @@ class TrainSpec(_Section):
         return {name: kwargs}
 
 
-class EvaluateSpec(_Section):
+class EvaluateSpec(_Stage):
     metrics: list[Literal["dice", "hausdorff95"]] = Field(default_factory=lambda: ["dice"])
     val_fraction: float = Field(0.2, gt=0, lt=1)
 
@@ -156,7 +181,7 @@ class Gates(_Section):
     beat_champion_by: float = Field(0.0, ge=-1, le=1)
 
 
-class PromoteSpec(_Section):
+class PromoteSpec(_Stage):
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     gates: Gates = Field(default_factory=Gates)
     approval: Literal["auto", "manual"] = "auto"
@@ -174,7 +199,7 @@ class Autoscale(_Section):
         return self
 
 
-class DeploySpec(_Section):
+class DeploySpec(_Stage):
     target: Literal["local"] = Field("local", description="local: the service on 127.0.0.1")
     autoscale: Autoscale = Field(default_factory=Autoscale)
 
@@ -272,12 +297,23 @@ def load_spec(
 
 
 class Settings(BaseSettings):
-    """Where voxelflow keeps things and which services it talks to (``VOXELFLOW_*``)."""
+    """Where voxelflow keeps things and which services it talks to (``VOXELFLOW_*``).
+
+    Two addresses decide where a lifecycle's state lives: ``store`` (bytes, any fsspec URL) and
+    ``database_url`` (shared state, any SQLAlchemy URL). Both default to the home folder.
+    """
 
     model_config = SettingsConfigDict(env_prefix="VOXELFLOW_", extra="ignore")
 
-    home: Path = Field(Path(".voxelflow"), description="stores, MLflow database and artifacts, audit log, keys")
+    home: Path = Field(Path(".voxelflow"), description="local defaults: store, database, MLflow, caches")
+    store: str | None = Field(None, description="fsspec URL for every byte the pipeline writes (default: home)")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL for ledger, audit log, API keys, cursors, locks (default: SQLite in home)"
+    )
     mlflow_tracking_uri: str | None = Field(None, description="default: SQLite inside home")
+    mlflow_artifact_root: str | None = Field(
+        None, description="default: mlartifacts in home, or a prefix under the store when the store is not local"
+    )
     dask_scheduler: str | None = Field(None, description="default: none, a local cluster is started")
     dask_workers: int | None = Field(None, ge=1, description="workers of the local cluster (default: cores)")
     serve_host: str = "127.0.0.1"
@@ -288,6 +324,14 @@ class Settings(BaseSettings):
         return self.home.expanduser().resolve()
 
     @property
+    def store_url(self) -> str:
+        return self.expand(self.store) if self.store else str(self.root)
+
+    @property
+    def database(self) -> str:
+        return self.expand(self.database_url) if self.database_url else f"sqlite:///{self.root / 'voxelflow.db'}"
+
+    @property
     def tracking_uri(self) -> str:
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
@@ -295,6 +339,10 @@ class Settings(BaseSettings):
 
     @property
     def artifact_root(self) -> str:
+        if self.mlflow_artifact_root:
+            return self.mlflow_artifact_root
+        if self.store and "://" in self.store and not self.store.startswith("file://"):
+            return self.store.rstrip("/") + "/mlflow-artifacts"
         return (self.root / "mlartifacts").as_uri()
 
     def expand(self, url: str) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from voxelflow.ingest import load_case
+from voxelflow.storage import CaseStore
 
 
 def split(case_ids: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -45,14 +45,14 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...])
 
 def score(
     segment: Callable[[np.ndarray, np.ndarray], np.ndarray],
-    raw_store: Path,
+    raw: CaseStore,
     case_ids: list[str],
     metrics: list[str],
 ) -> dict[str, float]:
     """Mean of each metric over the cases, each predicted from its raw volume."""
     per_case: dict[str, list[float]] = {m: [] for m in metrics}
     for cid in case_ids:
-        case = load_case(raw_store, cid)
+        case = load_case(raw, cid)
         if "label" not in case:
             raise ValueError(f"{cid} has no label: it cannot be used for evaluation")
         pred = segment(case["image"], case["affine"])

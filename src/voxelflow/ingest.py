@@ -7,10 +7,10 @@ Every arrived object ends in exactly one ledger state: ``ingested``, ``duplicate
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import posixpath
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,10 +19,11 @@ import fsspec
 import nibabel as nib
 import numpy as np
 import xarray as xr
-import zarr
+from sqlalchemy import insert, select
 
 from voxelflow.config import DataSpec
-from voxelflow.storage import Layout, append_jsonl, atomic_write_bytes, read_jsonl, sha256_bytes
+from voxelflow.db import Database, ledger, now
+from voxelflow.storage import CaseStore, Layout, sha256_bytes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -61,12 +62,16 @@ class IngestReport:
     quarantined: list[dict[str, str]] = field(default_factory=list)
     dataset_digest: str = ""
     case_ids: list[str] = field(default_factory=list)
+    objects: dict[str, int] = field(default_factory=dict)  # new ledger rows by state, in objects
+    seen: int = 0  # objects the ledger had already accounted for (same key, same bytes)
 
     def summary(self) -> dict[str, Any]:
         return {
             "ingested": len(self.ingested),
             "duplicate": len(self.duplicate),
             "quarantined": len(self.quarantined),
+            "objects": dict(self.objects),
+            "already_seen": self.seen,
             "cases": len(self.case_ids),
             "dataset_digest": self.dataset_digest,
         }
@@ -177,31 +182,22 @@ def case_id_for(content_hash: str) -> str:
     return f"case-{content_hash[:16]}"
 
 
-def existing_cases(raw_store: Path) -> list[str]:
-    if not raw_store.exists():
-        return []
-    group = zarr.open_group(str(raw_store), mode="r", zarr_format=3)
-    return sorted(name for name, _ in group.groups() if not name.endswith(".partial"))  # .partial: a crashed write
-
-
-def write_case(raw_store: Path, case_id: str, image: Volume, label: np.ndarray | None, attrs: dict[str, Any]) -> None:
-    """Store one case as a Zarr v3 group (``image``, optional ``label``) through xarray."""
+def case_dataset(image: Volume, label: np.ndarray | None, attrs: dict[str, Any]) -> xr.Dataset:
     dims = ("x", "y", "z")
     data_vars = {"image": (dims, image.array)}
     if label is not None:
         data_vars["label"] = (dims, label)
-    ds = xr.Dataset(data_vars, attrs=attrs)
-    chunks = tuple(min(s, 128) for s in image.array.shape)
-    encoding = {v: {"chunks": chunks} for v in data_vars}
-    raw_store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{case_id}.partial"
-    ds.to_zarr(str(raw_store), group=tmp, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
-    (raw_store / tmp).rename(raw_store / case_id)
+    return xr.Dataset(data_vars, attrs=attrs)
 
 
-def load_case(raw_store: Path | str, case_id: str) -> dict[str, Any]:
+def write_case(raw: CaseStore, case_id: str, image: Volume, label: np.ndarray | None, attrs: dict[str, Any]) -> None:
+    """Store one case as its own Zarr v3 store (``image``, optional ``label``) through xarray, then commit it."""
+    raw.write(case_id, case_dataset(image, label, attrs), chunks=tuple(min(s, 128) for s in image.array.shape))
+
+
+def load_case(raw: CaseStore, case_id: str) -> dict[str, Any]:
     """Read one ingested case back: arrays plus the geometry needed to resample it."""
-    ds = xr.open_zarr(str(raw_store), group=case_id, consolidated=False, zarr_format=3)
+    ds = raw.open(case_id)
     out = {
         "image": np.asarray(ds["image"].values),
         "affine": np.asarray(ds.attrs["affine"], dtype=np.float64),
@@ -216,69 +212,120 @@ def dataset_digest(case_ids: list[str]) -> str:
     return sha256_bytes(*(c.encode() for c in sorted(case_ids)))[:16]
 
 
+def ingested_cases(db: Database, pipeline: str) -> list[str]:
+    """Every case the ledger says was ingested for ``pipeline``: the dataset."""
+    with db.transaction() as conn:
+        rows = conn.execute(
+            select(ledger.c.case_id).where(ledger.c.pipeline == pipeline, ledger.c.state == "ingested").distinct()
+        ).all()
+    return sorted(r.case_id for r in rows)
+
+
+def _seen(conn, pipeline: str, shas: dict[str, str]) -> set[str]:
+    """The objects (of ``shas``) the ledger already accounts for with these exact bytes."""
+    if not shas:
+        return set()
+    rows = conn.execute(
+        select(ledger.c.object, ledger.c.sha256).where(ledger.c.pipeline == pipeline, ledger.c.object.in_(list(shas)))
+    ).all()
+    return {r.object for r in rows if shas.get(r.object) == r.sha256}
+
+
+def _case_ingested(conn, pipeline: str, case_id: str) -> bool:
+    return conn.execute(
+        select(ledger.c.id).where(ledger.c.pipeline == pipeline, ledger.c.case_id == case_id,
+                                  ledger.c.state == "ingested").limit(1)
+    ).first() is not None
+
+
 def ingest(
     data: DataSpec,
     layout: Layout,
+    db: Database,
     source: str,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
-    """Ingest every case under ``source`` that the raw store does not hold yet."""
+    """Ingest every case under ``source``; each object the ledger has not seen gets exactly one state.
+
+    Decoding runs outside any lock; the decision (ingest, duplicate or quarantine), the Zarr write
+    and the ledger rows happen under the pipeline's ingest lock, so two ingests of one source at
+    once store each case once and record each object once.
+    """
     cases = discover(source, data.layout)
-    known = set(existing_cases(layout.raw_store))
     report = IngestReport()
+    pipeline = layout.pipeline
     for i, case in enumerate(cases):
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         blobs: dict[str, bytes] = {}
-        try:
-            for obj in case.objects:
-                try:
-                    blobs[obj] = read_bytes(obj)
-                except FileNotFoundError as exc:
-                    raise QuarantineError("missing-file", f"{obj} does not exist") from exc
-            content = sha256_bytes(*blobs.values())
-            case_id = case_id_for(content)
-            if case_id in known:
-                state, reason = "duplicate", ""
-                report.duplicate.append(case_id)
-            else:
+        missing: list[str] = []
+        for obj in case.objects:
+            try:
+                blobs[obj] = read_bytes(obj)
+            except FileNotFoundError:
+                missing.append(obj)
+        shas = {obj: hashlib.sha256(b).hexdigest() for obj, b in blobs.items()}
+        shas.update({obj: "missing" for obj in missing})
+        with db.transaction() as conn:
+            already = _seen(conn, pipeline, shas)
+        if len(already) == len(shas):  # every object already accounted for: nothing arrived
+            report.seen += len(shas)
+            if progress:
+                progress(i + 1, len(cases))
+            continue
+        content = sha256_bytes(*blobs.values())
+        case_id = case_id_for(content)
+        problem: QuarantineError | None = None
+        image = label = None
+        if missing:
+            problem = QuarantineError("missing-file", f"{len(missing)} object(s) of the case do not exist")
+        elif not layout.raw.is_committed(case_id):
+            try:
                 image = decode_nifti(blobs[case.image], posixpath.basename(case.image), data.max_voxels)
-                label = None
                 if case.label:
                     lab = decode_nifti(blobs[case.label], posixpath.basename(case.label), data.max_voxels)
                     label = check_label(image, lab, case.name)
-                attrs = {
-                    "case_name": case.name,
-                    "source_sha256": content,
-                    "sources": case.objects,
-                    "spacing": list(image.spacing),
-                    "affine": image.affine.tolist(),
-                    "modality": "unknown",
-                    "dtype": str(image.array.dtype),
-                }
-                write_case(layout.raw_store, case_id, image, label, attrs)
-                known.add(case_id)
-                state, reason = "ingested", ""
+            except QuarantineError as exc:
+                problem = exc
+        with db.locked(f"ingest:{pipeline}") as conn:
+            fresh = [obj for obj in case.objects if obj not in _seen(conn, pipeline, shas)]
+            at = now()
+            if problem is not None:
+                state, cid = "quarantined", None
+                for obj in fresh:
+                    if obj in blobs:
+                        layout.store.write_bytes(layout.quarantine(shas[obj]), blobs[obj])
+                report.quarantined.append({"case": case.name, "reason": problem.reason, "detail": problem.detail})
+            elif layout.raw.is_committed(case_id) and _case_ingested(conn, pipeline, case_id):
+                state, cid = "duplicate", case_id
+                report.duplicate.append(case_id)
+            else:
+                if not layout.raw.is_committed(case_id):  # else a crash after the commit: record what is there
+                    write_case(layout.raw, case_id, image, label, {
+                        "case_name": case.name, "source_sha256": content, "spacing": list(image.spacing),
+                        "affine": image.affine.tolist(), "modality": "unknown", "dtype": str(image.array.dtype),
+                    })
+                state, cid = "ingested", case_id
                 report.ingested.append(case_id)
-        except QuarantineError as exc:
-            content = sha256_bytes(*blobs.values()) if blobs else ""
-            case_id, state, reason = "", "quarantined", exc.reason
-            for role, obj in zip(("image", "label"), case.objects):
-                if obj in blobs:
-                    dest = layout.quarantine_dir / (content[:16] or "unread") / f"{role}-{posixpath.basename(obj)}"
-                    atomic_write_bytes(dest, blobs[obj])
-            report.quarantined.append({"case": case.name, "reason": exc.reason, "detail": exc.detail})
-        for obj in case.objects:
-            record = {"object": obj, "case": case_id, "state": state, "at": now}
-            if reason:
-                record["reason"] = reason
-                record["detail"] = report.quarantined[-1]["detail"]
-            append_jsonl(layout.ledger, record)
+            for obj in fresh:
+                conn.execute(insert(ledger).values(
+                    pipeline=pipeline, object=obj, sha256=shas[obj], size=len(blobs.get(obj, b"")), case_id=cid,
+                    state=state, reason=problem.reason if problem else None,
+                    detail=problem.detail if problem else None, at=at,
+                ))
+            report.objects[state] = report.objects.get(state, 0) + len(fresh)
+            report.seen += len(case.objects) - len(fresh)
         if progress:
             progress(i + 1, len(cases))
-    report.case_ids = sorted(known)
+    report.case_ids = ingested_cases(db, pipeline)
     report.dataset_digest = dataset_digest(report.case_ids)
     return report
 
 
-def read_ledger(layout: Layout) -> list[dict[str, Any]]:
-    return read_jsonl(layout.ledger)
+def read_ledger(db: Database, pipeline: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
+    """Every object ever seen, oldest first, with its state and reason."""
+    query = select(ledger).order_by(ledger.c.id)
+    if pipeline:
+        query = query.where(ledger.c.pipeline == pipeline)
+    if state:
+        query = query.where(ledger.c.state == state)
+    with db.transaction() as conn:
+        return [{**r._asdict(), "at": r.at.isoformat() if r.at else None} for r in conn.execute(query)]

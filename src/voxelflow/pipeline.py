@@ -7,9 +7,9 @@ which is what the orchestration benchmark compares the flow against.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from voxelflow import audit, evaluate, ingest, preprocess, registry, report, train
 from voxelflow.config import (
@@ -22,55 +22,76 @@ from voxelflow.config import (
     Settings,
     TrainSpec,
 )
-from voxelflow.storage import Layout
+from voxelflow.db import Database, connect
+from voxelflow.storage import Layout, Store
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Context:
-    """What every stage needs besides its section: where things live, which services to use."""
+    """What every stage needs besides its section: where bytes and state live, which services to use."""
 
     settings: Settings
     pipeline: str
 
     @property
+    def store(self) -> Store:
+        return Store(self.settings.store_url)
+
+    @property
+    def db(self) -> Database:
+        return connect(self.settings.database)
+
+    @property
     def layout(self) -> Layout:
-        return Layout(self.settings.root, self.pipeline)
+        return Layout(self.store, self.pipeline)
 
     @property
     def tracking_uri(self) -> str:
         return self.settings.tracking_uri
 
 
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a stage's result dataclass from its JSON form (a stage run elsewhere wrote it)."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
 def ingest_stage(data: DataSpec, ctx: Context, progress: Progress | None = None) -> ingest.IngestReport:
     source = ctx.settings.expand(data.source)
-    result = ingest.ingest(data, ctx.layout, source, progress=progress)
+    result = ingest.ingest(data, ctx.layout, ctx.db, source, progress=progress)
     if not result.case_ids:
         raise ValueError(f"no usable cases under {source}: {len(result.quarantined)} quarantined")
-    audit.append(ctx.layout.audit_log, "data.ingested", "voxelflow", pipeline=ctx.pipeline, **result.summary())
+    audit.append(ctx.db, "data.ingested", "voxelflow", pipeline=ctx.pipeline, **result.summary())
     for q in result.quarantined:
-        audit.append(ctx.layout.audit_log, "data.quarantined", "voxelflow", pipeline=ctx.pipeline, **q)
+        audit.append(ctx.db, "data.quarantined", "voxelflow", pipeline=ctx.pipeline, **q)
     return result
 
 
 def preprocess_stage(
     spec: PreprocessSpec, ctx: Context, case_ids: list[str], progress: Progress | None = None
 ) -> preprocess.PreprocessReport:
+    """New cases only, shard by shard on a Dask cluster whose workers read and write the store themselves."""
     from voxelflow.cluster import dask_client
 
     layout = ctx.layout
-    out = layout.preprocessed_store(preprocess.transform_digest(spec))
-    todo = set(case_ids) - set(preprocess.stored_cases(out))
-    if not todo:  # nothing new: no cluster needed
-        return preprocess.preprocess(spec, layout.raw_store, case_ids, out, progress=progress)
-    with dask_client(spec.cluster, ctx.settings.dask_scheduler, ctx.settings.dask_workers) as client:
-        raw, transforms = str(layout.raw_store), spec.transforms
-        return preprocess.preprocess(
-            spec, layout.raw_store, case_ids, out,
-            submit=lambda part: client.submit(preprocess.preprocess_shard, raw, part, transforms, 1, pure=False),
-            gather=client.gather, progress=progress,
-        )
+    out = layout.preprocessed(preprocess.transform_digest(spec))
+    if not set(case_ids) - set(out.committed()):  # nothing new: no cluster needed
+        return preprocess.preprocess(spec, layout.raw, case_ids, out, progress=progress)
+    with dask_client(spec.cluster, ctx.settings.dask_scheduler, ctx.settings.dask_workers, device=spec.device,
+                     adaptive=spec.adaptive) as client:
+        report = preprocess.preprocess(spec, layout.raw, case_ids, out, client=client, progress=progress)
+    for failure in report.failed:
+        audit.append(ctx.db, "data.preprocess_failed", "voxelflow", pipeline=ctx.pipeline, **failure)
+    return report
+
+
+def usable_cases(ingested: ingest.IngestReport, prep: preprocess.PreprocessReport) -> list[str]:
+    """The dataset less the cases preprocessing could not handle."""
+    failed = {f["case"] for f in prep.failed}
+    return [c for c in ingested.case_ids if c not in failed]
 
 
 @dataclass
@@ -90,18 +111,32 @@ def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
 
 
 def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str) -> str:
+    ensure_tracking(ctx)
     return registry.start_run(ctx.tracking_uri, ctx.settings.artifact_root, spec, lineage(spec, dataset_digest))
+
+
+_tracking_ready: set[str] = set()
+
+
+def ensure_tracking(ctx: Context) -> None:
+    """Let one process at a time create MLflow's schema: two lifecycles starting together on a fresh
+    tracking database would otherwise both run MLflow's migrations and one would fail."""
+    if ctx.tracking_uri in _tracking_ready:
+        return
+    with ctx.db.locked("mlflow-schema"):
+        registry.client(ctx.tracking_uri).search_experiments(max_results=1)
+    _tracking_ready.add(ctx.tracking_uri)
 
 
 @dataclass
 class TrainOutcome:
-    weights_path: str
+    weights_key: str
     model_config: dict[str, Any]
     history: list[dict[str, float]]
     steps: int
     seconds: float
     resumed_from: int | None
-    curve_png: str
+    curve_key: str
 
 
 def model_config(spec: TrainSpec, pre: PreprocessSpec) -> dict[str, Any]:
@@ -116,27 +151,32 @@ def model_config(spec: TrainSpec, pre: PreprocessSpec) -> dict[str, Any]:
 
 
 def train_stage(
-    spec: TrainSpec, pre: PreprocessSpec, ctx: Context, store: str, train_ids: list[str], run_id: str,
+    spec: TrainSpec, pre: PreprocessSpec, ctx: Context, train_ids: list[str], run_id: str,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainOutcome:
-    arrays = preprocess.load_arrays(Path(store), train_ids)
+    """Train on the preprocessed store; checkpoints and the weights go to the store, so any machine can go on."""
+    layout = ctx.layout
+    arrays = preprocess.load_arrays(layout.preprocessed(preprocess.transform_digest(pre)), train_ids)
     if "label" not in arrays:
         raise ValueError("training needs labelled cases")
-    ckpt_dir = ctx.layout.checkpoint_dir(run_id)
+    checkpoints = train.Checkpoints(ctx.store, layout.checkpoints(run_id))
 
     def log(epoch: int, metrics: dict[str, float]) -> None:
         registry.log_metrics(ctx.tracking_uri, run_id, metrics, step=epoch)
         if on_epoch:
             on_epoch(epoch, metrics)
 
-    result = train.train(spec, arrays["image"], arrays["label"], ckpt_dir, on_epoch=log)
-    weights = ckpt_dir / "final.safetensors"
-    weights.write_bytes(result.weights)
-    curve = report.curve_png(result.history, ctx.layout.reports_dir / run_id / "training-curve.png")
-    registry.log_artifact(ctx.tracking_uri, run_id, curve)
+    result = train.train(spec, arrays["image"], arrays["label"], checkpoints, on_epoch=log)
+    weights = f"{layout.model_files(run_id)}/weights.safetensors"
+    ctx.store.write_bytes(weights, result.weights)
+    curve = layout.report(run_id, "training-curve.png")
+    png = report.curve_png(result.history)
+    ctx.store.write_bytes(curve, png)
+    registry.log_bytes(ctx.tracking_uri, run_id, "training-curve.png", png)
     registry.log_metrics(ctx.tracking_uri, run_id, {"train_seconds": result.seconds, "train_steps": result.steps})
-    return TrainOutcome(str(weights), model_config(spec, pre), result.history, result.steps, result.seconds,
-                        result.resumed_from, str(curve))
+    checkpoints.clear()  # the weights are kept; the run finished, its checkpoints are no longer needed
+    return TrainOutcome(weights, model_config(spec, pre), result.history, result.steps, result.seconds,
+                        result.resumed_from, curve)
 
 
 @dataclass
@@ -144,7 +184,7 @@ class Evaluation:
     candidate: dict[str, float]
     champion: dict[str, float] | None
     champion_version: str | None
-    overlay_png: str
+    overlay_key: str
 
 
 def evaluate_stage(
@@ -153,8 +193,8 @@ def evaluate_stage(
     """Score the candidate and the current champion on the same held-out cases."""
     from voxelflow.model import Segmenter
 
-    candidate = Segmenter(outcome.model_config, Path(outcome.weights_path).read_bytes())
-    raw = ctx.layout.raw_store
+    candidate = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
+    raw = ctx.layout.raw
     scores = evaluate.score(candidate.segment, raw, val_ids, spec.metrics)
     registry.log_metrics(ctx.tracking_uri, run_id, {f"val_{k}": v for k, v in scores.items()})
     champion_scores, champion_version = None, registry.alias_version(ctx.tracking_uri, model_name)
@@ -165,12 +205,12 @@ def evaluate_stage(
         registry.log_metrics(ctx.tracking_uri, run_id, {f"champion_val_{k}": v for k, v in champion_scores.items()})
     case = ingest.load_case(raw, val_ids[0])
     pred = candidate.segment(case["image"], case["affine"])
-    png = report.overlay_png(
-        case["image"], case.get("label"), pred, ctx.layout.reports_dir / run_id / "overlay.png",
-        title=f"{val_ids[0]}  dice {evaluate.dice(pred, case['label']):.3f}",
-    )
-    registry.log_artifact(ctx.tracking_uri, run_id, png)
-    return Evaluation(scores, champion_scores, champion_version, str(png))
+    png = report.overlay_png(case["image"], case.get("label"), pred,
+                             title=f"{val_ids[0]}  dice {evaluate.dice(pred, case['label']):.3f}")
+    key = ctx.layout.report(run_id, "overlay.png")
+    ctx.store.write_bytes(key, png)
+    registry.log_bytes(ctx.tracking_uri, run_id, "overlay.png", png)
+    return Evaluation(scores, champion_scores, champion_version, key)
 
 
 @dataclass
@@ -188,10 +228,11 @@ def register_stage(
     tags: dict[str, str],
 ) -> Promotion:
     """Log and register the candidate, then move ``champion`` if the gates pass."""
-    weights = Path(outcome.weights_path).read_bytes()
+    weights = ctx.store.read_bytes(outcome.weights_key)
     model_uri = registry.log_model(ctx.tracking_uri, run_id, outcome.model_config, weights)
     tags = {**tags, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
-    version = registry.register(ctx.tracking_uri, model_uri, spec.model_name, run_id, tags)
+    with ctx.db.locked(f"register:{spec.model_name}"):  # concurrent registrations collide on version numbers
+        version = registry.register(ctx.tracking_uri, model_uri, spec.model_name, run_id, tags)
     decision = registry.should_promote(evaluation.candidate, evaluation.champion, spec.gates)
     if spec.approval == "manual":
         decision.promote = False
@@ -199,10 +240,10 @@ def register_stage(
     previous = None
     if decision.promote:
         previous = registry.promote(ctx.tracking_uri, spec.model_name, version)
-        audit.append(ctx.layout.audit_log, "model.promoted", "voxelflow", model=spec.model_name, version=version,
+        audit.append(ctx.db, "model.promoted", "voxelflow", model=spec.model_name, version=version,
                      previous=previous, metrics=evaluation.candidate, reasons=decision.reasons)
     else:
-        audit.append(ctx.layout.audit_log, "model.rejected", "voxelflow", model=spec.model_name, version=version,
+        audit.append(ctx.db, "model.rejected", "voxelflow", model=spec.model_name, version=version,
                      metrics=evaluation.candidate, reasons=decision.reasons)
     champion = registry.alias_version(ctx.tracking_uri, spec.model_name)
     return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri)
@@ -225,16 +266,16 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
 
     from voxelflow.serve import NIFTI, KeyStore, ModelHolder, Server, create_app, decode_volume, nifti_gz
 
-    keys = KeyStore(ctx.layout.api_keys)
-    case = ingest.load_case(ctx.layout.raw_store, case_id)
+    keys = KeyStore(ctx.db)
+    case = ingest.load_case(ctx.layout.raw, case_id)
     key = keys.create("lifecycle-smoke-test", ["predict"])
     try:  # the temporary key never outlives the smoke test, whatever fails
         with tempfile.TemporaryDirectory(prefix="voxelflow-serve-") as cache:
             holder = ModelHolder(lambda: registry.load_segmenter(ctx.tracking_uri, model_name, Path(cache)))
             holder.reload()
-            app = create_app(holder, keys, audit_log=ctx.layout.audit_log)
+            app = create_app(holder, keys, db=ctx.db)
             with Server(app, ctx.settings.serve_host, 0) as server:
-                audit.append(ctx.layout.audit_log, "service.deployed", "voxelflow", model=model_name,
+                audit.append(ctx.db, "service.deployed", "voxelflow", model=model_name,
                              version=holder.version, endpoint=server.url)
                 start = time.perf_counter()
                 resp = httpx.post(f"{server.url}/v1/segment", content=nifti_gz(case["image"], case["affine"]),
@@ -278,7 +319,7 @@ def summarise(
         champion_metrics=evaluation.champion,
         promotion=asdict(promotion),
         deployment=asdict(deployment) if deployment else None,
-        pictures=[outcome.curve_png, evaluation.overlay_png],
+        pictures=[outcome.curve_key, evaluation.overlay_key],
     )
 
 
@@ -288,9 +329,10 @@ def markdown(result: LifecycleResult, name: str) -> str:
     rows = [
         ("dataset digest", f"`{result.dataset_digest}`"),
         ("cases", f"{result.ingest['cases']} ({result.ingest['ingested']} new, {result.ingest['duplicate']} "
-                  f"duplicate, {result.ingest['quarantined']} quarantined)"),
+                  f"duplicate, {result.ingest['quarantined']} quarantined; "
+                  f"{result.ingest['already_seen']} objects already in the ledger)"),
         ("preprocessed", f"{result.preprocess['processed']} new, {result.preprocess['skipped']} reused, "
-                         f"shape {tuple(result.preprocess['shape'])}"),
+                         f"{len(result.preprocess['failed'])} failed"),
         ("training", f"{result.train['steps']} steps in {result.train['seconds']} s"),
         *[(f"val {k}", f"{v:.4f}") for k, v in result.metrics.items()],
         ("model version", f"{name} v{p['version']} ({'promoted to champion' if p['promoted'] else 'not promoted'})"),
@@ -309,9 +351,9 @@ def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
     ctx = Context(settings, spec.name)
     ingested = ingest_stage(spec.data, ctx)
     prep = preprocess_stage(spec.preprocess, ctx, ingested.case_ids)
-    split = split_stage(spec.evaluate, ingested.case_ids, spec.train.seed)
+    split = split_stage(spec.evaluate, usable_cases(ingested, prep), spec.train.seed)
     run_id = start_run(spec, ctx, ingested.dataset_digest)
-    outcome = train_stage(spec.train, spec.preprocess, ctx, prep.store, split.train, run_id)
+    outcome = train_stage(spec.train, spec.preprocess, ctx, split.train, run_id)
     evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.val, run_id)
     promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage(spec, ingested.dataset_digest))
     deployment = None

@@ -1,22 +1,36 @@
-"""Preprocessing: the spec's MONAI transforms, applied to new cases shard by shard on Dask.
+"""Preprocessing: the spec's MONAI transforms, applied to new cases shard by shard on Dask workers.
 
-Output is one Zarr v3 store of fixed-shape arrays (one case per chunk) named after the
-transforms' digest, so a rerun with the same transforms only processes cases it lacks.
+Each case's result is its own Zarr v3 store in a :class:`~voxelflow.storage.CaseStore` named after
+the transforms' digest (``image`` float32 ``(channel, x, y, z)``, ``label`` uint8 when the case has
+one), committed by a marker written last. The worker that runs a shard reads its cases from the
+raw store, transforms them and writes them itself: only small metadata (case ids, shapes, bytes)
+comes back to the driver, never an array. Writes are per case and idempotent, so a shard that
+Dask reschedules after its worker died produces the same bytes; a case that keeps killing its
+worker ends in :attr:`PreprocessReport.failed` while the others complete.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+import importlib
+import inspect
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import xarray as xr
 
-from voxelflow.config import PreprocessSpec, resolve_monai
-from voxelflow.storage import digest_json
+from voxelflow.storage import CaseStore, digest_json
+
+if TYPE_CHECKING:  # the workers need neither pydantic nor the rest of the spec machinery
+    from voxelflow.config import PreprocessSpec
+
+log = logging.getLogger(__name__)
 
 KEYS = ("image", "label")
+CHUNK = 128  # largest chunk edge of a preprocessed array (channel axis excepted)
 
 
 def build_transforms(transforms: list[dict[str, dict[str, Any]]], keys: tuple[str, ...] | None = None):
@@ -41,12 +55,58 @@ def build_transforms(transforms: list[dict[str, dict[str, Any]]], keys: tuple[st
                 kwargs["keys"] = [wanted[i] for i in kept]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # MONAI's notices about changed defaults
-                out.append(resolve_monai("monai.transforms", name, "transform")(**kwargs))
+                out.append(_monai_transform(name)(**kwargs))
     return Compose(out)
+
+
+def _monai_transform(name: str) -> type:
+    """``voxelflow.config.resolve_monai`` for transforms, without importing the spec machinery."""
+    cls = getattr(importlib.import_module("monai.transforms"), name, None)
+    if not inspect.isclass(cls):
+        raise ValueError(f"unknown transform {name!r}: expected a class in monai.transforms")
+    return cls
 
 
 def transform_digest(spec: PreprocessSpec) -> str:
     return digest_json(spec.transforms)
+
+
+_local = threading.local()
+
+
+def cached_transforms(transforms: list[dict[str, dict[str, Any]]]):
+    """The ``Compose`` for these transforms, built once per thread of a process (a Dask worker keeps it)."""
+    cache = _local.__dict__.setdefault("transforms", {})
+    key = json.dumps(transforms, sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = build_transforms(transforms)
+    return cache[key]
+
+
+def open_case(store: CaseStore, case_id: str):
+    """A case's Dataset backed by Zarr directly (no Dask graph).
+
+    ``CaseStore.open`` gives Dask arrays; computing those inside a Dask task would submit their
+    chunks to the cluster as tasks of their own, and in the driver while a Client is the default
+    scheduler, read them through the cluster. Here ``.values`` reads the chunks in this process.
+    """
+    import xarray as xr
+
+    return xr.open_zarr(store.url(case_id), zarr_format=3, consolidated=False, chunks=None)
+
+
+def read_case(raw: CaseStore, case_id: str) -> dict[str, Any]:
+    """One raw (ingested) case: ``image``, ``affine`` (4, 4), ``attrs``, ``label`` when it has one.
+
+    What ``voxelflow.ingest.load_case`` returns, read as :func:`open_case` does (and without
+    importing the ingestion module, its database layer included, on every worker).
+    """
+    ds = open_case(raw, case_id)
+    case = {"image": np.asarray(ds["image"].values), "affine": np.asarray(ds.attrs["affine"], dtype=np.float64),
+            "attrs": dict(ds.attrs)}
+    if "label" in ds:
+        case["label"] = np.asarray(ds["label"].values)
+    return case
 
 
 def to_meta(array: np.ndarray, affine: np.ndarray):
@@ -57,59 +117,132 @@ def to_meta(array: np.ndarray, affine: np.ndarray):
     return MetaTensor(torch.as_tensor(np.ascontiguousarray(array))[None], affine=torch.as_tensor(affine))
 
 
-def preprocess_case(case: dict[str, Any], transforms) -> dict[str, np.ndarray]:
-    item = {"image": to_meta(case["image"].astype(np.float32), case["affine"])}
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        value = value.as_tensor() if hasattr(value, "as_tensor") else value
+        return value.numpy()
+    return np.asarray(value)
+
+
+def preprocess_case(case: dict[str, Any], transforms, device: str = "cpu") -> dict[str, Any]:
+    """Transform one loaded case: ``image`` float32 and ``label`` uint8 (channel first), ``affine`` or None.
+
+    ``device="cuda"``: the tensors go to the GPU before the transforms and come back before anything
+    is returned.
+    """
+    item = {"image": to_meta(case["image"].astype(np.float32, copy=False), case["affine"])}
     if "label" in case:
         item["label"] = to_meta(case["label"], case["affine"])
+    if device != "cpu":
+        item = {k: v.to(device) for k, v in item.items()}
     out = transforms(item)
-    result = {"image": np.asarray(out["image"].detach().cpu().numpy(), dtype=np.float32)}
+    affine = getattr(out["image"], "affine", None)
+    result = {
+        "image": np.ascontiguousarray(_to_numpy(out["image"]), dtype=np.float32),
+        "affine": None if affine is None else np.asarray(_to_numpy(affine), dtype=np.float64),
+    }
     if "label" in out:
-        result["label"] = np.rint(out["label"].detach().cpu().numpy()).astype(np.uint8)
+        result["label"] = np.rint(_to_numpy(out["label"])).astype(np.uint8)
     return result
 
 
-def preprocess_shard(
-    raw_store: str, case_ids: list[str], transforms_spec: list[dict[str, dict[str, Any]]], threads: int | None = None
-):
-    """One Dask task: load, transform and return a shard of cases (in the given order)."""
-    from voxelflow.ingest import load_case
+def case_dataset(result: dict[str, Any], source_attrs: dict[str, Any], transforms_digest: str):
+    """The xarray Dataset one preprocessed case is stored as."""
+    import xarray as xr
 
-    if threads:  # a worker process of its own: one torch thread per Dask thread
+    dims = ("channel", "x", "y", "z")[-result["image"].ndim:]
+    data_vars = {"image": (dims, result["image"])}
+    if "label" in result:
+        data_vars["label"] = (dims, result["label"])
+    attrs = {k: v for k, v in source_attrs.items() if k not in ("affine", "spacing", "dtype")}
+    for k in ("affine", "spacing", "dtype"):
+        if k in source_attrs:
+            attrs[f"source_{k}"] = source_attrs[k]
+    attrs["transforms_digest"] = transforms_digest
+    if result["affine"] is not None:  # the geometry after the transforms (MONAI's MetaTensor tracks it)
+        affine = result["affine"]
+        attrs["affine"] = affine.tolist()
+        attrs["spacing"] = np.linalg.norm(affine[:3, :3], axis=0).tolist()
+    return xr.Dataset(data_vars, attrs=attrs)
+
+
+def chunks_for(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Whole channels, spatial chunks of at most ``CHUNK`` per axis."""
+    return (shape[0], *(min(s, CHUNK) for s in shape[1:]))
+
+
+def _case_bytes(ds) -> int:
+    return int(sum(ds[v].size * ds[v].dtype.itemsize for v in ds.data_vars))
+
+
+def committed_summary(out: CaseStore, case_id: str) -> dict[str, Any]:
+    """Shape and bytes of a case already in ``out`` (metadata only)."""
+    ds = open_case(out, case_id)
+    return {"case": case_id, "shape": [int(s) for s in ds["image"].shape], "bytes": _case_bytes(ds)}
+
+
+def _worker_threads() -> int | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads
+    except (ImportError, ValueError):  # not inside a Dask worker
+        return None
+
+
+def preprocess_shard(
+    raw: CaseStore, out: CaseStore, case_ids: list[str], transforms_spec: list[dict[str, dict[str, Any]]],
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """One Dask task: read, transform and write each case of a shard, in order; return small metadata.
+
+    Each entry is ``{"case", "shape", "bytes"}`` for a written case (``"resumed": True`` when an
+    earlier attempt of this shard had already committed it) or ``{"case", "error"}`` for a case
+    whose processing raised; the other cases of the shard go on. Nothing else comes back.
+    """
+    threads = _worker_threads()
+    if threads:  # a worker process: as many torch threads as the worker has (the preload sets it too)
         import torch
 
-        torch.set_num_threads(threads)
-    transforms = build_transforms(transforms_spec)
-    return [(cid, preprocess_case(load_case(raw_store, cid), transforms)) for cid in case_ids]
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    transforms = cached_transforms(transforms_spec)
+    digest = digest_json(transforms_spec)
+    results = []
+    for cid in case_ids:
+        if out.is_committed(cid):  # a rescheduled shard: its killed attempt got this far
+            results.append({**committed_summary(out, cid), "resumed": True})
+            continue
+        try:
+            t0 = time.perf_counter()
+            case = read_case(raw, cid)
+            t1 = time.perf_counter()
+            ds = case_dataset(preprocess_case(case, transforms, device), case["attrs"], digest)
+            del case
+            t2 = time.perf_counter()
+            out.write(cid, ds, chunks=chunks_for(ds["image"].shape))
+            t3 = time.perf_counter()
+            results.append({"case": cid, "shape": [int(s) for s in ds["image"].shape], "bytes": _case_bytes(ds),
+                            "seconds": {"read": t1 - t0, "transform": t2 - t1, "write": t3 - t2}})
+        except Exception as exc:  # this case only; a transient error gets one more try as a single task
+            log.warning("preprocessing %s failed: %s", cid, exc)
+            results.append({"case": cid, "error": describe(exc)})
+    return results
+
+
+def describe(exc: BaseException) -> str:
+    """An error and what caused it, one line: MONAI wraps the real cause in "applying transform ..."."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)[:2000]
 
 
 def shards(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def stored_cases(store: Path) -> list[str]:
-    if not (store / "zarr.json").exists():
-        return []
-    ds = xr.open_zarr(str(store), consolidated=False, zarr_format=3)
-    return [str(c) for c in ds["case"].values]
-
-
-def append_cases(store: Path, results: list[tuple[str, dict[str, np.ndarray]]]) -> None:
-    """Append preprocessed cases to the store, one case per chunk."""
-    if not results:
-        return
-    ids = [cid for cid, _ in results]
-    image = np.stack([r["image"] for _, r in results])
-    dims = ("case", "channel", "x", "y", "z")
-    data_vars = {"image": (dims, image)}
-    if all("label" in r for _, r in results):
-        data_vars["label"] = (dims, np.stack([r["label"] for _, r in results]))
-    ds = xr.Dataset(data_vars, coords={"case": np.array(ids, dtype=object)})
-    store.parent.mkdir(parents=True, exist_ok=True)
-    if (store / "zarr.json").exists():
-        ds.to_zarr(str(store), append_dim="case", zarr_format=3, consolidated=False)
-    else:
-        encoding = {v: {"chunks": (1, *image.shape[1:])} for v in data_vars}
-        ds.to_zarr(str(store), mode="w", zarr_format=3, consolidated=False, encoding=encoding)
 
 
 @dataclass
@@ -118,52 +251,215 @@ class PreprocessReport:
     processed: int
     skipped: int
     shards: int
-    shape: tuple[int, ...]
+    bytes_written: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # summed over the cases, wherever they ran
+
+
+class _Tally:
+    """The driver's bookkeeping: which cases ended how, and the progress callback."""
+
+    def __init__(self, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self.total, self.progress = total, progress
+        self.shapes: dict[str, list[int]] = {}
+        self.failed: dict[str, str] = {}
+        self.bytes = 0
+        self.seconds = {"read": 0.0, "transform": 0.0, "write": 0.0}
+
+    def written(self, entry: dict[str, Any]) -> None:
+        if entry["case"] not in self.shapes:
+            self.shapes[entry["case"]] = entry["shape"]
+            self.bytes += entry["bytes"]
+            for phase, seconds in entry.get("seconds", {}).items():
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def fail(self, case_id: str, reason: str) -> None:
+        log.warning("preprocessing %s failed for good: %s", case_id, reason)
+        self.failed[case_id] = reason
+
+    def tick(self) -> None:
+        if self.progress:
+            self.progress(len(self.shapes) + len(self.failed), self.total)
+
+
+def _killed_reason(exc: BaseException) -> str:
+    last = getattr(getattr(exc, "last_worker", None), "address", None)
+    return ("KilledWorker: the worker process died while processing this case, also when it ran alone on the "
+            f"cluster (out of memory, or a crash in native code?); last worker: {last}")
+
+
+def _run_local(spec: PreprocessSpec, raw: CaseStore, out: CaseStore, parts: list[list[str]], tally: _Tally) -> None:
+    """No cluster: the same shard function in this process, one shard after the other."""
+    for part in parts:
+        try:
+            entries = preprocess_shard(raw, out, part, spec.transforms, spec.device)
+        except Exception as exc:  # the shard as a whole: every case gets its own try
+            entries = [{"case": c, "error": describe(exc)} for c in part]
+        for entry in entries:
+            if "error" not in entry:
+                tally.written(entry)
+                continue
+            try:
+                (single,) = preprocess_shard(raw, out, [entry["case"]], spec.transforms, spec.device)
+            except Exception as exc:
+                single = {"case": entry["case"], "error": describe(exc)}
+            if "error" in single:
+                tally.fail(single["case"], single["error"])
+            else:
+                tally.written(single)
+        tally.tick()
+
+
+def _check_cuda(client) -> None:
+    def cuda_ok() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    missing = sorted(addr for addr, ok in client.run(cuda_ok).items() if not ok)
+    if missing:
+        raise RuntimeError(f"preprocess.device is cuda but these Dask workers have no CUDA device: {missing}")
+
+
+def _run_dask(client, spec: PreprocessSpec, raw: CaseStore, out: CaseStore, parts: list[list[str]],
+              tally: _Tally) -> None:
+    """Shards as Dask tasks; failed shards come back as single-case tasks, suspects of killing run alone."""
+    from distributed import KilledWorker, as_completed
+
+    if spec.device != "cpu":
+        _check_cuda(client)
+    pending: dict[Any, tuple[list[str], str]] = {}  # future -> (cases, "shard" | "single" | "alone")
+    ac = as_completed()
+
+    def submit(cases: list[str], kind: str) -> None:
+        fut = client.submit(preprocess_shard, raw, out, cases, spec.transforms, spec.device, pure=False)
+        pending[fut] = (cases, kind)
+        ac.add(fut)
+
+    suspects: list[str] = []  # cases that may kill a worker: each runs with nothing else of ours running
+    for part in parts:
+        submit(part, "shard")
+    while True:
+        for fut in ac:
+            cases, kind = pending.pop(fut)
+            try:
+                entries = fut.result()
+            except Exception as exc:  # KilledWorker, a lost scheduler connection, ...
+                entries = None
+                error = exc
+            finally:
+                fut.release()
+            if entries is not None:
+                for entry in entries:
+                    if "error" not in entry:
+                        tally.written(entry)
+                    elif kind == "shard":
+                        submit([entry["case"]], "single")
+                    else:
+                        tally.fail(entry["case"], entry["error"])
+            elif kind == "alone":
+                tally.fail(cases[0], _killed_reason(error) if isinstance(error, KilledWorker) else describe(error))
+            elif kind == "single" and not isinstance(error, KilledWorker):
+                tally.fail(cases[0], describe(error))
+            else:
+                # A worker died (KilledWorker counts every task that was on it, not only the culprit), or
+                # the task failed as a whole. Cases an attempt committed are done; a shard's first
+                # uncommitted case is the one its last attempt was processing: it runs alone later, the
+                # rest as single-case tasks now. A single that was killed among others runs alone too.
+                left = []
+                for cid in cases:
+                    if out.is_committed(cid):
+                        tally.written(committed_summary(out, cid))
+                    else:
+                        left.append(cid)
+                log.warning("preprocessing task for %d case(s) failed (%s: %s); %d case(s) to redo",
+                            len(cases), type(error).__name__, error, len(left))
+                if left and isinstance(error, KilledWorker):
+                    suspects.append(left.pop(0))
+                for cid in left:
+                    submit([cid], "single")
+            tally.tick()
+        if not suspects:
+            break
+        submit([suspects.pop(0)], "alone")
 
 
 def preprocess(
     spec: PreprocessSpec,
-    raw_store: Path,
+    raw: CaseStore,
     case_ids: list[str],
-    out_store: Path,
-    submit: Callable[[list[str]], Any] | None = None,
-    gather: Callable[[list[Any]], list] | None = None,
+    out: CaseStore,
+    client=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PreprocessReport:
-    """Preprocess the cases the store lacks; shards go through ``submit``/``gather`` (Dask) or run here."""
-    done = set(stored_cases(out_store))
-    todo = sorted(c for c in case_ids if c not in done)
+    """Preprocess the cases ``out`` lacks, shard by shard: on Dask workers with ``client``, else here.
+
+    ``out`` is the store for these transforms (``Layout.preprocessed(transform_digest(spec))``).
+    ``progress(done_cases, total_cases)`` is called as shards end. Cases that cannot be processed
+    (an error, or killing their worker again and again) are listed in ``failed`` with a reason;
+    the others are committed and the call does not raise for them.
+    """
+    wanted = list(dict.fromkeys(case_ids))
+    done = set(out.committed())
+    todo = sorted(c for c in wanted if c not in done)
     parts = shards(todo, spec.shard_size)
-    results: list[tuple[str, dict[str, np.ndarray]]] = []
-    if submit is None or gather is None:
-        for i, part in enumerate(parts):
-            results.extend(preprocess_shard(str(raw_store), part, spec.transforms))
-            if progress:
-                progress(i + 1, len(parts))
-    else:
-        futures = [submit(part) for part in parts]
-        for i, shard_result in enumerate(gather(futures)):
-            results.extend(shard_result)
-            if progress:
-                progress(i + 1, len(parts))
-    shapes = {r["image"].shape for _, r in results}
+    tally = _Tally(len(todo), progress)
+    if parts:
+        if client is None:
+            if spec.device != "cpu":
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise RuntimeError("preprocess.device is cuda but torch sees no CUDA device in this process")
+            _run_local(spec, raw, out, parts, tally)
+        else:
+            _run_dask(client, spec, raw, out, parts, tally)
+    return PreprocessReport(
+        store=out.store.url_of(out.prefix),
+        processed=len(tally.shapes),
+        skipped=len(wanted) - len(todo),
+        shards=len(parts),
+        bytes_written=tally.bytes,
+        failed=[{"case": c, "reason": r} for c, r in sorted(tally.failed.items())],
+        shapes=dict(sorted(tally.shapes.items())),
+        seconds={k: round(v, 3) for k, v in tally.seconds.items()},
+    )
+
+
+def load_case_arrays(out: CaseStore, case_id: str) -> dict[str, Any]:
+    """One preprocessed case: ``image`` (C, x, y, z) float32, ``label`` uint8 when stored, ``affine``."""
+    ds = open_case(out, case_id)
+    result: dict[str, Any] = {"case": case_id, "image": np.asarray(ds["image"].values)}
+    if "label" in ds:
+        result["label"] = np.asarray(ds["label"].values)
+    if "affine" in ds.attrs:
+        result["affine"] = np.asarray(ds.attrs["affine"], dtype=np.float64)
+    return result
+
+
+def load_arrays(out: CaseStore, case_ids: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Preprocessed cases stacked for training, in ``case_ids`` order (default: every committed case):
+    ``case``, ``image`` (N, C, ...), ``label`` (when the cases have one).
+
+    Training on whole volumes needs every case to have the same shape.
+    """
+    if case_ids is None:
+        case_ids = out.committed()
+    cases = [load_case_arrays(out, cid) for cid in case_ids]
+    if not cases:
+        raise ValueError("no cases to load")
+    shapes = {tuple(c["image"].shape) for c in cases}
     if len(shapes) > 1:
         raise ValueError(
-            f"preprocessed cases differ in shape {sorted(shapes)}: end the transforms with one that fixes "
-            "the size (e.g. ResizeWithPadOrCropd)"
+            f"the preprocessed cases differ in shape ({len(shapes)} shapes, e.g. {sorted(shapes)[:3]}); training on "
+            "whole volumes needs equal shapes: end the transforms with one that fixes the size "
+            "(e.g. ResizeWithPadOrCropd)"
         )
-    append_cases(out_store, results)
-    ds = xr.open_zarr(str(out_store), consolidated=False, zarr_format=3) if (out_store / "zarr.json").exists() else None
-    shape = tuple(ds["image"].shape[1:]) if ds is not None else ()
-    return PreprocessReport(str(out_store), len(todo), len(done & set(case_ids)), len(parts), shape)
-
-
-def load_arrays(store: Path, case_ids: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Read (a subset of) the preprocessed store into memory, in ``case_ids`` order."""
-    ds = xr.open_zarr(str(store), consolidated=False, zarr_format=3)
-    if case_ids is not None:
-        ds = ds.sel(case=list(case_ids))
-    out = {"case": np.array([str(c) for c in ds["case"].values]), "image": ds["image"].values}
-    if "label" in ds:
-        out["label"] = ds["label"].values
-    return out
+    arrays = {"case": np.array([c["case"] for c in cases]), "image": np.stack([c["image"] for c in cases])}
+    with_label = [c for c in cases if "label" in c]
+    if with_label and len(with_label) != len(cases):
+        raise ValueError("some of these cases have a label and some do not")
+    if with_label:
+        arrays["label"] = np.stack([c["label"] for c in cases])
+    return arrays

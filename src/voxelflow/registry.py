@@ -76,8 +76,12 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
         client(tracking_uri).log_batch(run_id, metrics=items)
 
 
-def log_artifact(tracking_uri: str, run_id: str, path: Path) -> None:
-    client(tracking_uri).log_artifact(run_id, str(path))
+def log_bytes(tracking_uri: str, run_id: str, name: str, data: bytes) -> None:
+    """Log an in-memory file (a picture, a report) as a run artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        client(tracking_uri).log_artifact(run_id, str(path))
 
 
 def log_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: bytes) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 
@@ -17,7 +17,7 @@ def _figure(width: float, height: float, ncols: int = 1):
     return fig, fig.subplots(1, ncols)
 
 
-def overlay_png(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None, path: Path, title: str = "") -> Path:
+def overlay_png(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | None, title: str = "") -> bytes:
     """The middle axial slice: image, image+label, image+prediction side by side."""
     z = int(np.argmax((label > 0).sum(axis=(0, 1)))) if label is not None and label.any() else image.shape[2] // 2
     panels = [("image", None), ("label", label), ("prediction", pred)]
@@ -32,12 +32,10 @@ def overlay_png(image: np.ndarray, label: np.ndarray | None, pred: np.ndarray | 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    return _png(fig)
 
 
-def curve_png(history: list[dict[str, float]], path: Path, key: str = "train_loss") -> Path:
+def curve_png(history: list[dict[str, float]], key: str = "train_loss") -> bytes:
     fig, ax = _figure(4.5, 3.2)
     ax.plot([h["epoch"] + 1 for h in history], [h[key] for h in history], marker=".")
     ax.set_xlabel("epoch")
@@ -45,6 +43,10 @@ def curve_png(history: list[dict[str, float]], path: Path, key: str = "train_los
     ax.set_title("training curve")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import hmac
 import io
 import json
 import math
@@ -18,15 +17,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from sqlalchemy import delete, insert, select
 
 from voxelflow import audit
-from voxelflow.storage import atomic_write_bytes
+from voxelflow.db import Database, api_keys, now
 
 ROLES = ("predict", "admin")
 NPY = "application/x-npy"
@@ -40,59 +39,45 @@ class Principal:
 
 
 class KeyStore:
-    """API keys kept as SHA-256 digests in a JSON file; the key itself is shown once."""
+    """API keys in the shared database, stored as SHA-256 digests; the key itself is shown once."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._keys: dict[str, dict[str, Any]] = {}
-        self._mtime = -1.0
-        self._lock = threading.Lock()
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     @staticmethod
     def _digest(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()
-
-    def _load(self) -> None:
-        mtime = self.path.stat().st_mtime if self.path.exists() else 0.0
-        if mtime != self._mtime:
-            self._keys = json.loads(self.path.read_text())["keys"] if self.path.exists() else {}
-            self._mtime = mtime
 
     def create(self, name: str, roles: list[str]) -> str:
         bad = sorted(set(roles) - set(ROLES))
         if bad or not roles:
             raise ValueError(f"unknown role(s) {bad or roles}: choose from {', '.join(ROLES)}")
         key = "vf_" + secrets.token_urlsafe(32)
-        with self._lock:
-            self._load()
-            keys = dict(self._keys)
-            keys[self._digest(key)] = {"name": name, "roles": sorted(roles), "created": time.time()}
-            atomic_write_bytes(self.path, json.dumps({"keys": keys}, indent=2).encode())
-            self.path.chmod(0o600)
-            self._mtime = -1.0
+        with self.db.transaction() as conn:
+            conn.execute(insert(api_keys).values(digest=self._digest(key), name=name, roles=json.dumps(sorted(roles)),
+                                                 created=now()))
         return key
 
     def revoke(self, key: str) -> bool:
         """Remove a key; True if it existed."""
-        with self._lock:
-            self._load()
-            keys = dict(self._keys)
-            if keys.pop(self._digest(key), None) is None:
-                return False
-            atomic_write_bytes(self.path, json.dumps({"keys": keys}, indent=2).encode())
-            self._mtime = -1.0
-        return True
+        with self.db.transaction() as conn:
+            return conn.execute(delete(api_keys).where(api_keys.c.digest == self._digest(key))).rowcount > 0
 
     def lookup(self, key: str | None) -> Principal | None:
         if not key:
             return None
-        with self._lock:
-            self._load()
-            digest = self._digest(key)
-            for stored, info in self._keys.items():
-                if hmac.compare_digest(stored, digest):
-                    return Principal(info["name"], tuple(info["roles"]))
-        return None
+        with self.db.transaction() as conn:
+            row = conn.execute(select(api_keys).where(api_keys.c.digest == self._digest(key))).first()
+        if row is None or (row.expires is not None and _aware(row.expires) <= now()):
+            return None
+        return Principal(row.name, tuple(json.loads(row.roles)))
+
+
+def _aware(when):
+    """SQLite hands datetimes back without their zone; they were written in UTC."""
+    from datetime import timezone
+
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 class Throttle:
@@ -190,7 +175,7 @@ def nifti_gz(array: np.ndarray, affine: np.ndarray | None) -> bytes:
 def create_app(
     holder: ModelHolder,
     keys: KeyStore,
-    audit_log: Path | None = None,
+    db: Database | None = None,
     max_bytes: int = 256 * 1024**2,
     max_voxels: int = 512**3,
     rate: float = 10.0,
@@ -206,8 +191,8 @@ def create_app(
 
     def deny(status: int, detail: str, who: str, endpoint: str) -> HTTPException:
         requests.labels(endpoint, str(status)).inc()
-        if audit_log is not None and status in (401, 403):
-            audit.append(audit_log, "access.denied", who, endpoint=endpoint, status=status)
+        if db is not None and status in (401, 403):
+            audit.append(db, "access.denied", who, endpoint=endpoint, status=status)
         return HTTPException(status_code=status, detail=detail)
 
     def authorize(key: str | None, role: str, endpoint: str) -> Principal:
@@ -243,7 +228,7 @@ def create_app(
         from starlette.concurrency import run_in_threadpool
 
         endpoint = "/v1/segment"
-        authorize(x_api_key, "predict", endpoint)
+        await run_in_threadpool(authorize, x_api_key, "predict", endpoint)  # a database lookup: off the loop
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise deny(413, f"body of {declared} bytes exceeds the limit of {max_bytes}", "", endpoint)
@@ -287,8 +272,8 @@ def create_app(
     def reload(x_api_key: str | None = Header(None)) -> dict[str, Any]:
         who = authorize(x_api_key, "admin", "/v1/reload")
         version = holder.reload()
-        if audit_log is not None:
-            audit.append(audit_log, "service.reloaded", who.name, model_version=version)
+        if db is not None:
+            audit.append(db, "service.reloaded", who.name, model_version=version)
         return {"model_version": version}
 
     return app

@@ -10,15 +10,12 @@ import io
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from voxelflow.config import TrainSpec, resolve_monai
-from voxelflow.storage import atomic_write_bytes
-
-CHECKPOINT_GLOB = "step-*.pt"
+from voxelflow.storage import Store
 
 
 def build_network(network: dict[str, dict[str, Any]]):
@@ -58,21 +55,42 @@ class TrainResult:
     device: str = "cpu"
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
-    import torch
+@dataclass(frozen=True)
+class Checkpoints:
+    """Checkpoints under a store prefix: ``step-00000050.pt``; each written atomically, the last two kept."""
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    path = directory / f"step-{step:08d}.pt"
-    atomic_write_bytes(path, buf.getvalue())
-    for old in sorted(directory.glob(CHECKPOINT_GLOB))[:-2]:
-        old.unlink(missing_ok=True)
-    return path
+    store: Store
+    prefix: str
+    keep: int = 2
 
+    def steps(self) -> list[str]:
+        return [n for n in self.store.list(self.prefix) if n.startswith("step-") and n.endswith(".pt")]
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob(CHECKPOINT_GLOB)) if directory.exists() else []
-    return found[-1] if found else None
+    def save(self, step: int, state: dict[str, Any]) -> str:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        key = f"{self.prefix}/step-{step:08d}.pt"
+        self.store.write_bytes(key, buf.getvalue())
+        for old in self.steps()[:-self.keep]:
+            self.store.remove(f"{self.prefix}/{old}")
+        return key
+
+    def load_latest(self, device) -> dict[str, Any] | None:
+        """The newest checkpoint that loads; a torn or corrupt newest one falls back to the one before."""
+        import torch
+
+        for name in reversed(self.steps()):
+            try:
+                return torch.load(io.BytesIO(self.store.read_bytes(f"{self.prefix}/{name}")), map_location=device,
+                                  weights_only=True)
+            except Exception:  # noqa: BLE001 - unreadable checkpoint: try the previous one
+                continue
+        return None
+
+    def clear(self) -> None:
+        self.store.remove(self.prefix)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -83,7 +101,7 @@ def train(
     spec: TrainSpec,
     images: np.ndarray,
     labels: np.ndarray,
-    checkpoint_dir: Path,
+    checkpoints: Checkpoints,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     device: str | None = None,
 ) -> TrainResult:
@@ -105,9 +123,8 @@ def train(
     steps_per_epoch = -(-n // spec.batch_size)
 
     step, history, resumed, running = 0, [], None, []
-    ckpt = latest_checkpoint(checkpoint_dir)
-    if ckpt is not None:
-        state = torch.load(ckpt, map_location=dev, weights_only=True)
+    state = checkpoints.load_latest(dev)
+    if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -137,8 +154,7 @@ def train(
             if on_epoch:
                 on_epoch(epoch, metrics)
         if step % spec.checkpoint_every_steps == 0 or step == total:
-            save_checkpoint(
-                checkpoint_dir,
+            checkpoints.save(
                 step,
                 {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                  "step": step, "history": history, "running": running},

@@ -31,13 +31,18 @@ def test_validate_merges_overlay_and_set():
 
 
 def test_audit_verify_detects_tampering(tmp_path):
-    from voxelflow import audit
+    from sqlalchemy import update
 
-    log = tmp_path / "audit.log"
-    audit.append(log, "model.promoted", "tester", version="1")
-    audit.append(log, "model.promoted", "tester", version="2")
+    from voxelflow import audit
+    from voxelflow.config import Settings
+    from voxelflow.db import audit_log, connect
+
+    db = connect(Settings(home=tmp_path).database)
+    audit.append(db, "model.promoted", "tester", version="1")
+    audit.append(db, "model.promoted", "tester", version="2")
     env = {**os.environ, "VOXELFLOW_HOME": str(tmp_path)}
     assert run_cli(["voxelflow", "audit", "verify"], env).returncode == 0
-    log.write_text(log.read_text().replace('"version": "1"', '"version": "9"'))
+    with db.transaction() as conn:
+        conn.execute(update(audit_log).where(audit_log.c.seq == 0).values(details='{"version": "9"}'))
     proc = run_cli(["voxelflow", "audit", "verify"], env)
-    assert proc.returncode == 1 and "line 1" in proc.stderr
+    assert proc.returncode == 1 and "record 0" in proc.stderr

@@ -19,7 +19,8 @@ def test_deployment_run_completes(prefect_env, tmp_path):
 
     pool = run_cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
     assert pool.returncode == 0 or "already exists" in pool.stdout, pool.stdout + pool.stderr
-    deploy = run_cli(["prefect", "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"], env)
+    deploy = run_cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                      "--name", "lifecycle/demo"], env)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
 
     inspect = run_cli(["prefect", "deployment", "inspect", "lifecycle/demo", "--output", "json"], env)

@@ -1,8 +1,16 @@
-"""Shared fixtures of the unit tests: the demo spec, a tiny network, a tiny synthetic dataset."""
+"""Shared fixtures of the unit tests: the demo spec, a tiny network, a tiny synthetic dataset,
+a fresh database (SQLite; PostgreSQL when ``VOXELFLOW_TEST_DATABASE_URL`` names a server) and an
+S3 bucket served by moto on loopback."""
 
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -89,12 +97,134 @@ def synth_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ingested(synth_source, tmp_path_factory):
-    """The synthetic cases ingested into a raw store; returns (layout, report)."""
+    """The synthetic cases ingested into a raw store (home/voxelflow.db holds the ledger); returns (layout, report)."""
     from voxelflow.config import DataSpec
+    from voxelflow.db import Database
     from voxelflow.ingest import ingest
-    from voxelflow.storage import Layout
+    from voxelflow.storage import Layout, Store
 
-    layout = Layout(tmp_path_factory.mktemp("ingested") / "home", "p")
-    report = ingest(DataSpec(source=str(synth_source), layout="decathlon"), layout, str(synth_source))
+    home = tmp_path_factory.mktemp("ingested") / "home"
+    layout = Layout(Store(home), "p")
+    db = Database(f"sqlite:///{home / 'voxelflow.db'}")
+    report = ingest(DataSpec(source=str(synth_source), layout="decathlon"), layout, db, str(synth_source))
+    db.dispose()
     assert len(report.ingested) == 3, report.summary()
     return layout, report
+
+
+# ---------------------------------------------------------------- databases
+
+PG_ENV = "VOXELFLOW_TEST_DATABASE_URL"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """The URL of a fresh SQLite file (not created yet)."""
+    return f"sqlite:///{tmp_path / 'db' / 'voxelflow.db'}"
+
+
+@pytest.fixture
+def db(sqlite_url):
+    """A migrated :class:`~voxelflow.db.Database` on a fresh SQLite file."""
+    from voxelflow.db import Database
+
+    database = Database(sqlite_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A fresh PostgreSQL database on the server of ``$VOXELFLOW_TEST_DATABASE_URL``, dropped afterwards.
+
+    The variable names a database on that server to connect to (for example
+    ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``); the test is skipped when it is unset.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin_url = os.environ.get(PG_ENV)
+    if not admin_url:
+        pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server to test against "
+                    "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
+    name = f"voxelflow_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        from voxelflow import db as vdb
+
+        for url in [u for u in vdb._open if name in u]:  # engines that connect() pooled for this database
+            vdb._open.pop(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# ---------------------------------------------------------------- S3 (moto on loopback)
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_store_url(tmp_path_factory) -> str:
+    """``s3://bucket/prefix`` on a moto S3 server on 127.0.0.1, for the whole session.
+
+    The AWS_* variables that point clients (s3fs, botocore) at it are set in ``os.environ`` and
+    restored when the session ends; the server is stopped then too.
+    """
+    import httpx
+
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent)
+    saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto did not start on {endpoint}: {log.read_text()[-2000:]}") from None
+                time.sleep(0.1)
+        os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        bucket = "voxelflow-test"
+        httpx.put(f"{endpoint}/{bucket}", timeout=10).raise_for_status()
+        yield f"s3://{bucket}/unit"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def s3_store(s3_store_url):
+    """A :class:`~voxelflow.storage.Store` under a prefix of its own in the session's bucket."""
+    from voxelflow.storage import Store
+
+    return Store(f"{s3_store_url}/{uuid.uuid4().hex[:12]}")

@@ -1,137 +1,295 @@
-"""The hash-chained audit log: appends verify, any edit, deletion or reordering is caught."""
+"""The hash-chained audit log in the database: appends verify; editing, deleting, reordering or forging
+records (straight in the table, as someone with database access would) is caught and named."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import threading
-from pathlib import Path
 
 import pytest
+from sqlalchemy import delete, select, update
 
 from voxelflow import audit
+from voxelflow.db import Database, audit_log
 
 
 @pytest.fixture
-def log(tmp_path) -> Path:
-    path = tmp_path / "sub" / "audit.log"
-    audit.append(path, "model.promoted", "alice", model="demo", version="1")
-    audit.append(path, "access.denied", "anonymous", endpoint="/v1/segment", status=401)
-    audit.append(path, "service.reloaded", "bob", model_version="2")
-    audit.append(path, "model.promoted", "carol", model="demo", version="2")
-    return path
+def log(db) -> Database:
+    """A database whose audit log holds four events (records 0-3)."""
+    audit.append(db, "model.promoted", "alice", model="demo", version="1")
+    audit.append(db, "access.denied", "anonymous", endpoint="/v1/segment", status=401)
+    audit.append(db, "service.reloaded", "bob", model_version="2")
+    audit.append(db, "model.promoted", "carol", model="demo", version="2")
+    return db
 
 
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines(keepends=True)
+def rows(db: Database) -> list[dict]:
+    """The raw rows, details still as the stored text."""
+    with db.transaction() as conn:
+        return [r._asdict() for r in conn.execute(select(audit_log).order_by(audit_log.c.seq))]
+
+
+def set_row(db: Database, seq: int, **values) -> None:
+    with db.transaction() as conn:
+        assert conn.execute(update(audit_log).where(audit_log.c.seq == seq).values(**values)).rowcount == 1
 
 
 def test_appended_events_verify(log):
     verdict = audit.verify(log)
     assert verdict.ok, verdict.problem
     assert verdict.entries == 4
-    entries = [json.loads(line) for line in lines(log)]
+    entries = list(audit.entries(log))
     assert [e["seq"] for e in entries] == [0, 1, 2, 3]
     assert entries[0]["prev"] == audit.GENESIS
     assert all(b["prev"] == a["hash"] for a, b in zip(entries, entries[1:]))
+    assert verdict.head == entries[-1]["hash"]
     assert entries[1]["details"] == {"endpoint": "/v1/segment", "status": 401}
     assert entries[2]["actor"] == "bob" and entries[2]["event"] == "service.reloaded"
+    assert all(e["hash"] == audit.entry_hash(e) for e in entries)
 
 
-def test_append_returns_the_written_entry(tmp_path):
-    path = tmp_path / "audit.log"
-    entry = audit.append(path, "x", "me", n=1)
-    assert json.loads(path.read_text()) == entry
-    assert audit.append(path, "y", "me")["prev"] == entry["hash"]
+def test_append_returns_the_written_entry(db):
+    entry = audit.append(db, "x", "me", n=1, when=object.__name__)
+    assert list(audit.entries(db)) == [entry]
+    assert entry["details"] == {"n": 1, "when": "object"}
+    assert audit.append(db, "y", "me")["prev"] == entry["hash"]
 
 
-def test_missing_log_is_empty_and_ok(tmp_path):
-    verdict = audit.verify(tmp_path / "absent.log")
-    assert verdict.ok and verdict.entries == 0
+def test_details_that_are_not_json_are_stored_as_text(db):
+    from pathlib import Path
+
+    entry = audit.append(db, "x", "me", path=Path("/a/b"), numbers=(1, 2))
+    assert entry["details"] == {"path": "/a/b", "numbers": [1, 2]}
+    assert list(audit.entries(db))[0]["details"] == entry["details"]
+    assert audit.verify(db).ok
 
 
-def test_edited_line_fails_naming_the_line(log):
-    text = lines(log)
-    entry = json.loads(text[1])
-    entry["actor"] = "mallory"
-    text[1] = json.dumps(entry, sort_keys=True) + "\n"
-    log.write_text("".join(text))
+def test_empty_log_is_ok(db):
+    verdict = audit.verify(db)
+    assert verdict.ok and verdict.entries == 0 and verdict.head == audit.GENESIS
+    assert list(audit.entries(db)) == []
+
+
+# ---------------------------------------------------------------- tampering in the table
+
+
+def test_edited_details_are_caught_naming_the_record(log):
+    details = json.loads(rows(log)[1]["details"])
+    details["status"] = 200
+    set_row(log, 1, details=json.dumps(details, sort_keys=True))
     verdict = audit.verify(log)
     assert not verdict.ok
-    assert "line 2" in verdict.problem
-    assert "changed" in verdict.problem
+    assert "record 1" in verdict.problem and "changed" in verdict.problem
     assert verdict.entries == 1
+    assert verdict.head == rows(log)[0]["hash"]  # the last good record
+
+
+def test_edited_actor_is_caught(log):
+    set_row(log, 2, actor="eve")
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 2" in verdict.problem and "changed" in verdict.problem
+
+
+def test_edited_hash_is_caught(log):
+    set_row(log, 3, hash="0" * 64)
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 3" in verdict.problem and verdict.entries == 3
+
+
+def test_edited_time_is_caught(log):
+    set_row(log, 0, at="1999-01-01T00:00:00Z")
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 0" in verdict.problem
 
 
 def test_edit_with_recomputed_hash_breaks_the_next_link(log):
-    text = lines(log)
-    entry = json.loads(text[1])
+    entry = list(audit.entries(log))[1]
     entry["details"]["status"] = 200
-    entry["hash"] = audit._entry_hash(entry)
-    text[1] = json.dumps(entry, sort_keys=True) + "\n"
-    log.write_text("".join(text))
+    set_row(log, 1, details=json.dumps(entry["details"], sort_keys=True), hash=audit.entry_hash(entry))
     verdict = audit.verify(log)
     assert not verdict.ok
-    assert "line 3" in verdict.problem
+    assert "record 2" in verdict.problem and "does not follow" in verdict.problem
+    assert verdict.entries == 2
 
 
-def test_raw_text_edit_fails(log):
-    log.write_text(log.read_text().replace('"bob"', '"eve"'))
-    verdict = audit.verify(log)
-    assert not verdict.ok and "line 3" in verdict.problem
-
-
-def test_deleted_line_fails(log):
-    text = lines(log)
-    del text[1]
-    log.write_text("".join(text))
+def test_deleted_middle_record_is_caught(log):
+    with log.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 1))
     verdict = audit.verify(log)
     assert not verdict.ok
-    assert "line 2" in verdict.problem
+    assert "record 1 is missing" in verdict.problem
+    assert verdict.entries == 1
 
 
-def test_deleted_first_line_fails(log):
-    log.write_text("".join(lines(log)[1:]))
+def test_deleted_first_record_is_caught(log):
+    with log.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 0))
     verdict = audit.verify(log)
-    assert not verdict.ok and "line 1" in verdict.problem
+    assert not verdict.ok and "record 0 is missing" in verdict.problem and verdict.entries == 0
 
 
-def test_reordered_lines_fail(log):
-    text = lines(log)
-    text[1], text[2] = text[2], text[1]
-    log.write_text("".join(text))
+def test_deleted_middle_record_renumbered_is_caught(log):
+    """Closing the gap left by a deletion (renumbering the later records) breaks a link instead."""
+    with log.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 1))
+        for seq in (2, 3):
+            conn.execute(update(audit_log).where(audit_log.c.seq == seq).values(seq=seq - 1))
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 1" in verdict.problem
+
+
+def test_truncated_tail_changes_the_head(log):
+    """Dropping the newest records leaves a valid shorter chain: the head (kept elsewhere) tells."""
+    head = audit.verify(log).head
+    with log.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 3))
+    verdict = audit.verify(log)
+    assert verdict.ok and verdict.entries == 3
+    assert verdict.head != head
+
+
+def test_reordered_records_are_caught(log):
+    with log.transaction() as conn:  # swap the sequence numbers of records 1 and 2
+        conn.execute(update(audit_log).where(audit_log.c.seq == 1).values(seq=-1))
+        conn.execute(update(audit_log).where(audit_log.c.seq == 2).values(seq=1))
+        conn.execute(update(audit_log).where(audit_log.c.seq == -1).values(seq=2))
     verdict = audit.verify(log)
     assert not verdict.ok
-    assert "line 2" in verdict.problem
+    assert "record 1" in verdict.problem and "does not follow" in verdict.problem
 
 
-def test_garbage_line_fails(log):
-    with open(log, "a") as fh:
-        fh.write("not json\n")
+def test_forged_prev_is_caught(log):
+    set_row(log, 2, prev=rows(log)[0]["hash"])  # skip record 1 in the chain
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 2" in verdict.problem and "does not follow" in verdict.problem
+
+
+def test_forged_prev_with_recomputed_hash_is_caught(log):
+    entry = list(audit.entries(log))[2]
+    entry["prev"] = audit.GENESIS
+    set_row(log, 2, prev=entry["prev"], hash=audit.entry_hash(entry))
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 2" in verdict.problem and "does not follow" in verdict.problem
+
+
+def test_inserted_record_is_caught(log):
+    forged = {"seq": 4, "at": "2030-01-01T00:00:00Z", "event": "model.promoted", "actor": "mallory",
+              "details": {}, "prev": "f" * 64}
+    with log.transaction() as conn:
+        conn.execute(audit_log.insert().values(**{**forged, "details": "{}", "hash": audit.entry_hash(forged)}))
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 4" in verdict.problem and verdict.entries == 4
+
+
+def test_rewritten_chain_verifies_but_changes_the_head(log):
+    """Someone who rewrites every record after an edit gets a valid chain; only the head gives it away."""
+    head = audit.verify(log).head
+    entries = list(audit.entries(log))
+    entries[1]["actor"] = "mallory"
+    prev = entries[0]["hash"]
+    with log.transaction() as conn:
+        for entry in entries[1:]:
+            entry["prev"] = prev
+            entry["hash"] = prev = audit.entry_hash(entry)
+            conn.execute(update(audit_log).where(audit_log.c.seq == entry["seq"]).values(
+                actor=entry["actor"], prev=entry["prev"], hash=entry["hash"]))
+    verdict = audit.verify(log)
+    assert verdict.ok and verdict.entries == 4
+    assert verdict.head != head
+
+
+def test_unreadable_details_are_reported_not_raised(log):
+    """A record whose details are not JSON any more is a verdict naming it, not a crash of verify()."""
+    set_row(log, 1, details="not json")
     verdict = audit.verify(log)
     assert not verdict.ok
-    assert "line 5" in verdict.problem and verdict.entries == 4
+    assert "record 1" in verdict.problem
 
 
 def test_appending_after_tampering_does_not_heal_the_chain(log):
-    text = lines(log)
-    del text[2]
-    log.write_text("".join(text))
-    audit.append(log, "late", "someone")
-    assert not audit.verify(log).ok
+    with log.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 2))
+    entry = audit.append(log, "late", "someone")
+    assert entry["seq"] == 4 and entry["prev"] == rows(log)[-2]["hash"]
+    verdict = audit.verify(log)
+    assert not verdict.ok and "record 2 is missing" in verdict.problem
 
 
-def test_concurrent_appends_keep_one_chain(tmp_path):
-    path = tmp_path / "audit.log"
+def test_append_joins_a_transaction_and_rolls_back_with_it(db):
+    audit.append(db, "first", "me")
+    with pytest.raises(RuntimeError):
+        with db.transaction() as conn:
+            audit.append(db, "never", "me", conn=conn, n=1)
+            raise RuntimeError("the work this event records failed")
+    with db.transaction() as conn:
+        audit.append(db, "second", "me", conn=conn)
+    assert [e["event"] for e in audit.entries(db)] == ["first", "second"]
+    assert audit.verify(db).ok
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_concurrent_appends_from_threads_keep_one_chain(request, kind):
+    db = request.getfixturevalue("db") if kind == "sqlite" else Database(request.getfixturevalue("pg_url"))
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
 
     def writer(i: int) -> None:
-        for j in range(5):
-            audit.append(path, "event", f"w{i}", j=j)
+        try:
+            start.wait(10)
+            for j in range(5):
+                audit.append(db, "event", f"w{i}", j=j)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    verdict = audit.verify(path)
+        t.join(60)
+    assert not errors, errors
+    verdict = audit.verify(db)
     assert verdict.ok, verdict.problem
     assert verdict.entries == 20
+    entries = list(audit.entries(db))
+    for i in range(4):  # each writer's events are all there, in its own order
+        assert [e["details"]["j"] for e in entries if e["actor"] == f"w{i}"] == list(range(5))
+    db.dispose()
+
+
+def _append_many(url: str, who: str, n: int, barrier, results) -> None:
+    try:
+        db = Database(url)
+        barrier.wait(timeout=60)
+        for j in range(n):
+            audit.append(db, "event", who, j=j)
+        db.dispose()
+        results.put("ok")
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        results.put(f"{who}: {type(exc).__name__}: {exc}")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_concurrent_appends_from_two_processes_keep_one_chain(request, kind):
+    url = request.getfixturevalue("sqlite_url" if kind == "sqlite" else "pg_url")
+    db = Database(url)  # migrated here, so the processes only append
+    audit.append(db, "start", "parent")
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_append_many, args=(url, f"p{i}", 15, barrier, results)) for i in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert outcomes == ["ok", "ok"]
+    verdict = audit.verify(db)
+    assert verdict.ok, verdict.problem
+    assert verdict.entries == 31
+    entries = list(audit.entries(db))
+    for who in ("p0", "p1"):
+        assert [e["details"]["j"] for e in entries if e["actor"] == who] == list(range(15))
+    db.dispose()

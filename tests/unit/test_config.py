@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from voxelflow.config import PipelineSpec, Settings, SpecError, load_spec
+from voxelflow.config import PipelineSpec, PreprocessSpec, Settings, SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ("data", "preprocess", "train", "evaluate", "promote", "deploy")
 
 
 def write_yaml(path: Path, data) -> Path:
@@ -121,6 +124,17 @@ BAD_SPECS = [
     ("missing-section", lambda d: d.pop("train"), ["train", "required"]),
     ("bad-layout", lambda d: _mutate(d, "data.layout", "bids"), ["data.layout", "decathlon", "folder"]),
     ("bad-model-name", lambda d: _mutate(d, "promote.model_name", "has space"), ["promote.model_name"]),
+    ("bad-work-pool", lambda d: _mutate(d, "train.work_pool", "gpu pool"), ["train.work_pool"]),
+    ("work-pool-not-a-string", lambda d: _mutate(d, "evaluate", {"work_pool": 3}), ["evaluate.work_pool", "string"]),
+    ("bad-device", lambda d: _mutate(d, "preprocess.device", "tpu"), ["preprocess.device", "cpu", "cuda"]),
+    ("adaptive-order", lambda d: _mutate(d, "preprocess.adaptive", {"minimum": 3, "maximum": 2}),
+     ["preprocess.adaptive", "maximum must be at least minimum"]),
+    ("adaptive-negative", lambda d: _mutate(d, "preprocess.adaptive", {"minimum": -1}),
+     ["preprocess.adaptive.minimum", "greater than or equal to 0"]),
+    ("adaptive-zero-maximum", lambda d: _mutate(d, "preprocess.adaptive", {"maximum": 0}),
+     ["preprocess.adaptive.maximum", "greater than or equal to 1"]),
+    ("adaptive-unknown-key", lambda d: _mutate(d, "preprocess.adaptive", {"most": 4}),
+     ["preprocess.adaptive.most", "unknown key"]),
 ]
 
 
@@ -203,9 +217,43 @@ def test_array_transform_whose_name_ends_in_d_is_rejected(demo_data, tmp_path):
         load_spec(write_yaml(tmp_path / "pad.yaml", demo_data))
 
 
+def test_every_stage_takes_an_optional_work_pool(demo_spec_path):
+    spec = load_spec(demo_spec_path)
+    assert all(getattr(spec, stage).work_pool is None for stage in STAGES)  # default: the lifecycle's process
+    spec = load_spec(demo_spec_path, sets=[f"{stage}.work_pool=pool-{stage}.v1_x" for stage in STAGES])
+    assert {stage: getattr(spec, stage).work_pool for stage in STAGES} == {s: f"pool-{s}.v1_x" for s in STAGES}
+
+
+@pytest.mark.parametrize("pool", ["", "-leading-dash", "has space", "slash/pool", "ümlaut"])
+def test_bad_work_pool_names_are_refused(demo_spec_path, pool):
+    with pytest.raises(SpecError, match="train.work_pool"):
+        load_spec(demo_spec_path, sets=[f"train.work_pool={pool!r}"])
+
+
+def test_preprocess_device_and_adaptive(demo_spec_path):
+    spec = load_spec(demo_spec_path)
+    assert spec.preprocess.device == "cpu" and spec.preprocess.adaptive is None
+    spec = load_spec(demo_spec_path, sets=["preprocess.device=cuda", "preprocess.adaptive={minimum: 0, maximum: 6}"])
+    assert spec.preprocess.device == "cuda"
+    assert spec.preprocess.adaptive.model_dump() == {"minimum": 0, "maximum": 6}
+    spec = load_spec(demo_spec_path, sets=["preprocess.adaptive={}"])
+    assert spec.preprocess.adaptive.model_dump() == {"minimum": 1, "maximum": 4}
+    spec = load_spec(demo_spec_path, sets=["preprocess.adaptive={minimum: 2, maximum: 2}"])
+    assert spec.preprocess.adaptive.minimum == spec.preprocess.adaptive.maximum == 2
+    direct = PreprocessSpec(transforms=spec.preprocess.transforms, device="cuda", adaptive={"maximum": 2})
+    assert direct.adaptive.model_dump() == {"minimum": 1, "maximum": 2}
+
+
+@pytest.mark.parametrize("overlay", sorted((REPO / "deployments" / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_overlays_apply_to_the_demo_spec(demo_spec_path, overlay):
+    spec = load_spec(demo_spec_path, overlays=[overlay])
+    assert spec.name
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in ("VOXELFLOW_HOME", "VOXELFLOW_MLFLOW_TRACKING_URI", "VOXELFLOW_DASK_SCHEDULER"):
+    for var in ("VOXELFLOW_HOME", "VOXELFLOW_MLFLOW_TRACKING_URI", "VOXELFLOW_DASK_SCHEDULER", "VOXELFLOW_STORE",
+                "VOXELFLOW_DATABASE_URL", "VOXELFLOW_MLFLOW_ARTIFACT_ROOT", "VOXELFLOW_SERVE_PORT"):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
 
@@ -238,3 +286,55 @@ def test_settings_reads_environment(tmp_path, clean_env):
 def test_settings_explicit_tracking_uri_wins(tmp_path, clean_env):
     clean_env.setenv("VOXELFLOW_MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert Settings(home=tmp_path).tracking_uri == "http://mlflow.example:5000"
+
+
+def test_settings_store_and_database_default_to_home(tmp_path, clean_env):
+    settings = Settings(home=tmp_path)
+    assert settings.store is None and settings.database_url is None
+    assert settings.store_url == str(tmp_path.resolve())
+    assert settings.database == f"sqlite:///{tmp_path.resolve() / 'voxelflow.db'}"
+    assert settings.database.startswith("sqlite:////")  # absolute, whatever the working directory
+
+
+def test_settings_relative_home_gives_absolute_store_and_database(tmp_path, clean_env):
+    clean_env.chdir(tmp_path)
+    settings = Settings(home=Path("rel-home"))
+    assert settings.store_url == str(tmp_path.resolve() / "rel-home")
+    assert settings.database == f"sqlite:///{tmp_path.resolve() / 'rel-home' / 'voxelflow.db'}"
+
+
+def test_settings_store_and_database_from_environment(tmp_path, clean_env):
+    clean_env.setenv("VOXELFLOW_HOME", str(tmp_path))
+    clean_env.setenv("VOXELFLOW_STORE", "s3://bucket/voxelflow")
+    clean_env.setenv("VOXELFLOW_DATABASE_URL", "postgresql+psycopg://vf:pw@db.example:5432/voxelflow")
+    settings = Settings()
+    assert settings.store_url == "s3://bucket/voxelflow"
+    assert settings.database == "postgresql+psycopg://vf:pw@db.example:5432/voxelflow"
+    # the store is not local, so MLflow's artifacts go there too
+    assert settings.artifact_root == "s3://bucket/voxelflow/mlflow-artifacts"
+    assert settings.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_settings_home_placeholder_expands_in_store_and_database(tmp_path, clean_env):
+    settings = Settings(home=tmp_path, store="{home}/objects", database_url="sqlite:///{home}/shared.db")
+    assert settings.store_url == f"{tmp_path.resolve()}/objects"
+    assert settings.database == f"sqlite:///{tmp_path.resolve()}/shared.db"
+    assert settings.artifact_root == (tmp_path.resolve() / "mlartifacts").as_uri()  # a local store
+
+
+@pytest.mark.parametrize("store, expected", [
+    ("s3://bucket/prefix", "s3://bucket/prefix/mlflow-artifacts"),
+    ("s3://bucket/prefix/", "s3://bucket/prefix/mlflow-artifacts"),
+    ("gs://bucket", "gs://bucket/mlflow-artifacts"),
+    ("file:///srv/objects", None),
+    ("/srv/objects", None),
+], ids=["s3", "s3-slash", "gs", "file-url", "path"])
+def test_settings_artifact_root_follows_a_remote_store(tmp_path, clean_env, store, expected):
+    settings = Settings(home=tmp_path, store=store)
+    assert settings.artifact_root == (expected or (tmp_path.resolve() / "mlartifacts").as_uri())
+
+
+def test_settings_explicit_artifact_root_wins(tmp_path, clean_env):
+    clean_env.setenv("VOXELFLOW_MLFLOW_ARTIFACT_ROOT", "s3://elsewhere/artifacts")
+    assert Settings(home=tmp_path, store="s3://bucket/x").artifact_root == "s3://elsewhere/artifacts"
+    assert Settings(home=tmp_path).artifact_root == "s3://elsewhere/artifacts"

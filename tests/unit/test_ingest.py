@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from voxelflow.config import DataSpec
+from voxelflow.db import Database
 from voxelflow.ingest import (
     QuarantineError,
     decode_nifti,
@@ -21,7 +22,7 @@ from voxelflow.ingest import (
     load_case,
     read_ledger,
 )
-from voxelflow.storage import Layout
+from voxelflow.storage import Layout, Store
 
 AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.25, 0, 4.0], [0, 0, 2.0, 7.5], [0, 0, 0, 1]])
 
@@ -75,39 +76,53 @@ def singular_affine_bytes() -> bytes:
     return gzip.compress(bytes(raw))
 
 
-def states_by_object(layout: Layout) -> dict[str, list[dict]]:
+def home(tmp_path: Path) -> tuple[Layout, Database]:
+    """A store and a database in a fresh home folder."""
+    root = tmp_path / "home"
+    return Layout(Store(root), "p"), Database(f"sqlite:///{root / 'voxelflow.db'}")
+
+
+def states_by_object(db: Database) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    for record in read_ledger(layout):
+    for record in read_ledger(db, "p"):
         out.setdefault(Path(record["object"]).name, []).append(record)
     return out
+
+
+@pytest.fixture(scope="module")
+def ingested(synth_source, tmp_path_factory):
+    """The synthetic cases ingested into a raw store; returns (layout, db, report)."""
+    layout, db = home(tmp_path_factory.mktemp("ingested"))
+    report = ingest(DataSpec(source=str(synth_source), layout="decathlon"), layout, db, str(synth_source))
+    assert len(report.ingested) == 3, report.summary()
+    return layout, db, report
 
 
 # ---------------------------------------------------------------- the synthetic dataset
 
 
-def test_ingest_writes_zarr_v3_groups(ingested):
-    layout, report = ingested
-    root_meta = json.loads((layout.raw_store / "zarr.json").read_text())
-    assert root_meta["zarr_format"] == 3 and root_meta["node_type"] == "group"
+def test_ingest_writes_one_committed_zarr_v3_store_per_case(ingested):
+    layout, _, report = ingested
     assert sorted(report.case_ids) == sorted(report.ingested)
     assert len(set(report.case_ids)) == 3
     assert all(c.startswith("case-") for c in report.case_ids)
-    children = sorted(p.name for p in layout.raw_store.iterdir() if p.is_dir())
-    assert children == sorted(report.case_ids)  # no '.partial' group is left behind
+    assert layout.raw.committed() == sorted(report.case_ids)
+    root = Path(layout.store.url)
     for case_id in report.case_ids:
-        meta = json.loads((layout.raw_store / case_id / "zarr.json").read_text())
+        case_dir = root / layout.raw.key(case_id)
+        meta = json.loads((case_dir / "zarr.json").read_text())
         assert meta["zarr_format"] == 3 and meta["node_type"] == "group"
         for var in ("image", "label"):
-            arr = json.loads((layout.raw_store / case_id / var / "zarr.json").read_text())
+            arr = json.loads((case_dir / var / "zarr.json").read_text())
             assert arr["zarr_format"] == 3 and arr["node_type"] == "array"
             assert arr["shape"] == [24, 24, 24]
 
 
 def test_load_case_round_trips_exactly(ingested, synth_source):
-    layout, report = ingested
+    layout, _, report = ingested
     seen = set()
     for case_id in report.case_ids:
-        case = load_case(layout.raw_store, case_id)
+        case = load_case(layout.raw, case_id)
         name = case["attrs"]["case_name"]
         seen.add(name)
         img = nib.load(synth_source / "imagesTr" / f"{name}.nii.gz")
@@ -126,41 +141,65 @@ def test_load_case_round_trips_exactly(ingested, synth_source):
 
 
 def test_ledger_after_first_ingest(ingested):
-    layout, report = ingested
-    records = read_ledger(layout)
+    _, db, report = ingested
+    records = read_ledger(db, "p")
     assert len(records) == 6  # one per object: 3 images + 3 labels
     assert {r["state"] for r in records} == {"ingested"}
-    assert {r["case"] for r in records} == set(report.case_ids)
-    assert not any("reason" in r for r in records)
+    assert {r["case_id"] for r in records} == set(report.case_ids)
+    assert not any(r["reason"] for r in records)
+    assert all(len(r["sha256"]) == 64 and r["size"] > 0 for r in records)
 
 
-def test_second_ingest_marks_everything_duplicate(synth_source, tmp_path):
-    layout = Layout(tmp_path / "home", "p")
+def test_second_ingest_of_the_same_objects_records_nothing_new(synth_source, tmp_path):
+    layout, db = home(tmp_path)
     data = DataSpec(source=str(synth_source), layout="decathlon")
-    first = ingest(data, layout, str(synth_source))
-    store_files = sorted(p.relative_to(layout.raw_store) for p in layout.raw_store.rglob("*"))
-    second = ingest(data, layout, str(synth_source))
+    first = ingest(data, layout, db, str(synth_source))
+    store_files = layout.store.files(layout.dataset)
+    second = ingest(data, layout, db, str(synth_source))
     assert len(first.ingested) == 3 and not first.duplicate
-    assert not second.ingested and not second.quarantined
-    assert sorted(second.duplicate) == sorted(first.ingested)
+    assert not second.ingested and not second.quarantined and not second.duplicate
+    assert second.seen == 6 and second.objects == {}
     assert second.dataset_digest == first.dataset_digest
     assert second.case_ids == first.case_ids
-    assert sorted(p.relative_to(layout.raw_store) for p in layout.raw_store.rglob("*")) == store_files
-    records = read_ledger(layout)
-    assert [r["state"] for r in records] == ["ingested"] * 6 + ["duplicate"] * 6
-    assert {r["case"] for r in records[6:]} == set(first.case_ids)
+    assert layout.store.files(layout.dataset) == store_files
+    assert [r["state"] for r in read_ledger(db, "p")] == ["ingested"] * 6
+
+
+def test_same_bytes_under_other_names_are_duplicates(synth_source, tmp_path):
+    import shutil
+
+    layout, db = home(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_source, copy)
+    for sub in ("imagesTr", "labelsTr"):
+        for f in (copy / sub).iterdir():
+            f.rename(f.with_name("renamed_" + f.name))
+    meta = json.loads((copy / "dataset.json").read_text())
+    for item in meta["training"]:
+        for key in ("image", "label"):
+            head, _, tail = item[key].rpartition("/")
+            item[key] = f"{head}/renamed_{tail}"
+    (copy / "dataset.json").write_text(json.dumps(meta))
+
+    first = ingest(DataSpec(source=str(synth_source)), layout, db, str(synth_source))
+    second = ingest(DataSpec(source=str(copy)), layout, db, str(copy))
+    assert sorted(second.duplicate) == sorted(first.ingested) and not second.ingested
+    assert second.objects == {"duplicate": 6}
+    records = read_ledger(db, "p")
+    assert len(records) == 12  # arrived = ingested + duplicate + quarantined, in objects
+    assert sorted(r["state"] for r in records) == ["duplicate"] * 6 + ["ingested"] * 6
 
 
 def test_new_case_changes_the_digest(tmp_path):
     from voxelflow.synthetic import make_decathlon
 
     source = make_decathlon(tmp_path / "src", n_cases=2, size=12)
-    layout = Layout(tmp_path / "home", "p")
+    layout, db = home(tmp_path)
     data = DataSpec(source=str(source), layout="decathlon")
-    first = ingest(data, layout, str(source))
+    first = ingest(data, layout, db, str(source))
     make_decathlon(source, n_cases=3, size=12)
-    second = ingest(data, layout, str(source))
-    assert len(second.ingested) == 1 and len(second.duplicate) == 2
+    second = ingest(data, layout, db, str(source))
+    assert len(second.ingested) == 1 and not second.duplicate and second.seen == 4
     assert len(second.case_ids) == 3
     assert second.dataset_digest != first.dataset_digest
 
@@ -207,64 +246,60 @@ EXPECTED_REASONS = {
 
 def test_quarantine_reason_codes(bad_source, tmp_path):
     root, cases = bad_source
-    layout = Layout(tmp_path / "home", "p")
-    report = ingest(DataSpec(source=str(root), layout="decathlon"), layout, str(root))
+    layout, db = home(tmp_path)
+    report = ingest(DataSpec(source=str(root), layout="decathlon"), layout, db, str(root))
 
     assert len(report.ingested) == 1  # the good case is not held back by its neighbours
-    assert load_case(layout.raw_store, report.ingested[0])["attrs"]["case_name"] == "good"
+    assert load_case(layout.raw, report.ingested[0])["attrs"]["case_name"] == "good"
     reasons = {q["case"]: q["reason"] for q in report.quarantined}
     assert set(reasons) == set(EXPECTED_REASONS)
     for name, allowed in EXPECTED_REASONS.items():
         assert reasons[name] in allowed, (name, reasons[name])
 
-    ledger = states_by_object(layout)
+    ledger = states_by_object(db)
     for name, (image_rel, _, label_rel, _) in cases.items():
         for rel in filter(None, (image_rel, label_rel)):
             (record,) = ledger[Path(rel).name]
             if name == "good":
                 assert record["state"] == "ingested"
-                assert record["case"] == report.ingested[0]
+                assert record["case_id"] == report.ingested[0]
             else:
                 assert record["state"] == "quarantined", (name, record)
                 assert record["reason"] == reasons[name]
-                assert record["case"] == ""
+                assert record["case_id"] is None
                 assert record["detail"]
     # every object of every case has exactly one ledger record
     n_objects = sum(1 + (label_rel is not None) for _, _, label_rel, _ in cases.values())
-    assert len(read_ledger(layout)) == n_objects
+    assert len(read_ledger(db, "p")) == n_objects
 
 
-def test_quarantined_bytes_are_kept(bad_source, tmp_path):
+def test_quarantined_bytes_are_kept_under_their_hash(bad_source, tmp_path):
+    import hashlib
+
     root, cases = bad_source
-    layout = Layout(tmp_path / "home", "p")
-    ingest(DataSpec(source=str(root), layout="decathlon"), layout, str(root))
-    kept = {}
-    for path in layout.quarantine_dir.rglob("*"):
-        if path.is_file():
-            role, _, name = path.name.partition("-")  # kept as <role>-<file name>
-            assert role in ("image", "label"), path.name
-            kept.setdefault(name, []).append(path.read_bytes())
+    layout, db = home(tmp_path)
+    ingest(DataSpec(source=str(root), layout="decathlon"), layout, db, str(root))
+    qdir = Path(layout.store.url) / layout.dataset / "quarantine"
+    kept = {p.name: p.read_bytes() for p in qdir.iterdir()}
     assert not any(name.endswith(".tmp") for name in kept)
-    for name, (image_rel, image_blob, label_rel, label_blob) in cases.items():
-        if name == "good":
-            assert Path(image_rel).name not in kept and Path(label_rel).name not in kept
+    for name, (_, image_blob, _, label_blob) in cases.items():
+        if name == "good":  # (its label's bytes are shared with a bad case)
+            assert hashlib.sha256(image_blob).hexdigest() not in kept
             continue
-        if name == "missing_image":
-            continue  # nothing could be read
-        # the bytes read before the defect showed are kept verbatim
-        assert image_blob in kept[Path(image_rel).name], name
-        if label_rel is not None and label_blob is not None:
-            assert label_blob in kept[Path(label_rel).name], name
+        for blob in (image_blob, label_blob):
+            if blob is not None:  # the bytes read before the defect showed are kept verbatim, named by their hash
+                assert kept[hashlib.sha256(blob).hexdigest()] == blob, name
 
 
-def test_quarantine_is_not_remembered_as_ingested(bad_source, tmp_path):
+def test_quarantine_is_not_recorded_twice(bad_source, tmp_path):
     root, _ = bad_source
-    layout = Layout(tmp_path / "home", "p")
+    layout, db = home(tmp_path)
     data = DataSpec(source=str(root), layout="decathlon")
-    first = ingest(data, layout, str(root))
-    second = ingest(data, layout, str(root))
-    assert second.duplicate == first.ingested
-    assert {q["case"] for q in second.quarantined} == {q["case"] for q in first.quarantined}
+    first = ingest(data, layout, db, str(root))
+    n = len(read_ledger(db, "p"))
+    second = ingest(data, layout, db, str(root))
+    assert not second.ingested and not second.quarantined and not second.duplicate
+    assert len(read_ledger(db, "p")) == n
     assert second.case_ids == first.case_ids
 
 
@@ -274,10 +309,10 @@ def test_quarantine_keeps_image_and_label_with_the_same_name(tmp_path):
     root = write_decathlon(tmp_path / "incoming", {
         "case": ("imagesTr/case_001.nii.gz", image_blob, "labelsTr/case_001.nii.gz", label_blob),
     })
-    layout = Layout(tmp_path / "home", "p")
-    report = ingest(DataSpec(source=str(root), layout="decathlon"), layout, str(root))
+    layout, db = home(tmp_path)
+    report = ingest(DataSpec(source=str(root), layout="decathlon"), layout, db, str(root))
     assert report.quarantined[0]["reason"] == "label-mismatch"
-    kept = [p.read_bytes() for p in layout.quarantine_dir.rglob("*") if p.is_file()]
+    kept = [p.read_bytes() for p in (Path(layout.store.url) / layout.dataset / "quarantine").iterdir()]
     assert image_blob in kept
     assert label_blob in kept
 
@@ -285,8 +320,8 @@ def test_quarantine_keeps_image_and_label_with_the_same_name(tmp_path):
 def test_too_many_voxels_is_quarantined(tmp_path):
     image, label = sphere()
     root = write_decathlon(tmp_path / "incoming", {"big": ("img/big.nii.gz", nifti_bytes(image), None, None)})
-    layout = Layout(tmp_path / "home", "p")
-    report = ingest(DataSpec(source=str(root), layout="decathlon", max_voxels=1000), layout, str(root))
+    layout, db = home(tmp_path)
+    report = ingest(DataSpec(source=str(root), layout="decathlon", max_voxels=1000), layout, db, str(root))
     assert [q["reason"] for q in report.quarantined] == ["too-large"]
     assert not report.case_ids
 
@@ -365,10 +400,10 @@ def test_folder_layout_is_discovered_and_ingested(tmp_path):
     assert cases[0].label.endswith("patient_a/label.nii.gz")
     assert cases[1].image.endswith("patient_b/image.nii") and cases[1].label is None
 
-    layout = Layout(tmp_path / "home", "p")
-    report = ingest(DataSpec(source=str(root), layout="folder"), layout, str(root))
+    layout, db = home(tmp_path)
+    report = ingest(DataSpec(source=str(root), layout="folder"), layout, db, str(root))
     assert len(report.ingested) == 2 and not report.quarantined
-    by_name = {load_case(layout.raw_store, c)["attrs"]["case_name"]: load_case(layout.raw_store, c)
+    by_name = {load_case(layout.raw, c)["attrs"]["case_name"]: load_case(layout.raw, c)
                for c in report.case_ids}
     np.testing.assert_array_equal(by_name["patient_a"]["image"], a_img)
     np.testing.assert_array_equal(by_name["patient_a"]["label"], a_lab)
@@ -392,17 +427,44 @@ def test_discover_errors(tmp_path):
         discover(str(tmp_path / "empty"), "decathlon")
 
 
-def test_a_crashed_partial_write_is_not_a_case(tmp_path):
-    """A case whose write died half-way (left as <id>.partial) is neither listed nor blocks a re-ingest."""
-    from voxelflow.ingest import existing_cases
+def test_a_write_that_died_before_its_commit_is_redone(tmp_path):
+    """Zarr objects without a commit marker and without ledger rows: the next ingest writes the case again."""
+    from sqlalchemy import delete
+
+    from voxelflow.db import ledger
     from voxelflow.synthetic import make_decathlon
 
     src = make_decathlon(tmp_path / "incoming", n_cases=2, size=16)
-    layout = Layout(tmp_path / "home", "p")
+    layout, db = home(tmp_path)
     data = DataSpec(source=str(src), layout="decathlon")
-    first = ingest(data, layout, str(src))
+    first = ingest(data, layout, db, str(src))
     victim = first.case_ids[0]
-    (layout.raw_store / victim).rename(layout.raw_store / f"{victim}.partial")
-    assert existing_cases(layout.raw_store) == first.case_ids[1:]
-    again = ingest(data, layout, str(src))
+    layout.store.remove(f"{layout.raw.prefix}/_committed/{victim}")
+    with db.transaction() as conn:
+        conn.execute(delete(ledger).where(ledger.c.case_id == victim))
+    assert layout.raw.committed() == first.case_ids[1:]
+    again = ingest(data, layout, db, str(src))
     assert again.ingested == [victim] and again.case_ids == first.case_ids
+    assert layout.raw.committed() == first.case_ids
+
+
+def test_a_commit_without_ledger_rows_is_recorded_not_rewritten(tmp_path):
+    """Killed after the commit marker, before the ledger rows: the case is there, so it is recorded as ingested."""
+    from sqlalchemy import delete
+
+    from voxelflow.db import ledger
+    from voxelflow.synthetic import make_decathlon
+
+    src = make_decathlon(tmp_path / "incoming", n_cases=2, size=16)
+    layout, db = home(tmp_path)
+    data = DataSpec(source=str(src), layout="decathlon")
+    first = ingest(data, layout, db, str(src))
+    victim = first.case_ids[0]
+    zarr_json = Path(layout.store.url) / layout.raw.key(victim) / "zarr.json"
+    before = zarr_json.stat().st_mtime_ns
+    with db.transaction() as conn:
+        conn.execute(delete(ledger).where(ledger.c.case_id == victim))
+    again = ingest(data, layout, db, str(src))
+    assert again.ingested == [victim] and again.objects == {"ingested": 2}
+    assert zarr_json.stat().st_mtime_ns == before
+    assert len(read_ledger(db, "p")) == 4

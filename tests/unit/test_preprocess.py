@@ -1,14 +1,17 @@
-"""Preprocessing: the spec's MONAI transforms, the fixed-shape Zarr store, reruns and Dask."""
+"""Preprocessing: the spec's MONAI transforms, one Zarr store per case written by the workers, reruns, Dask."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed.diagnostics.plugin import SchedulerPlugin
 
 from voxelflow.config import PreprocessSpec, load_spec
-from voxelflow.preprocess import build_transforms, load_arrays, preprocess, preprocess_shard, transform_digest
+from voxelflow.preprocess import build_transforms, load_arrays, load_case_arrays, preprocess, transform_digest
+from voxelflow.storage import CaseStore, Layout, Store
 
 # the demo's preprocessing as first written; the tests of trimming use it whatever the demo becomes
 DEMO_TRANSFORMS = [
@@ -116,116 +119,224 @@ def sequential(ingested, demo_pre, tmp_path_factory):
     """The three synthetic cases preprocessed here, without Dask, two cases per shard."""
     layout, report = ingested
     spec = demo_pre.model_copy(update={"shard_size": 2})
-    out = tmp_path_factory.mktemp("pre-seq") / "pre.zarr"
+    out = CaseStore(Store(tmp_path_factory.mktemp("pre-seq")), "pre")
     calls = []
-    result = preprocess(spec, layout.raw_store, report.case_ids, out, progress=lambda i, n: calls.append((i, n)))
+    result = preprocess(spec, layout.raw, report.case_ids, out, progress=lambda i, n: calls.append((i, n)))
     return spec, out, result, calls
 
 
 def test_sequential_preprocess(sequential, ingested, size):
     spec, out, report, calls = sequential
     _, ingest_report = ingested
-    assert report.processed == 3 and report.skipped == 0
+    assert report.processed == 3 and report.skipped == 0 and not report.failed
     assert report.shards == 2
-    assert calls == [(1, 2), (2, 2)]
-    assert report.shape == (1, *size)
-    assert json.loads((out / "zarr.json").read_text())["zarr_format"] == 3
-    arrays = load_arrays(out)
-    assert sorted(arrays["case"]) == sorted(ingest_report.case_ids)
+    assert calls == [(2, 3), (3, 3)]  # (cases done, cases to do) as each shard ends
+    assert report.shapes == {c: [1, *size] for c in ingest_report.case_ids}
+    assert report.bytes_written == 3 * (4 + 1) * int(np.prod(size))
+    assert out.committed() == sorted(ingest_report.case_ids)
+    meta = json.loads((Path(out.url(ingest_report.case_ids[0])) / "image" / "zarr.json").read_text())
+    assert meta["zarr_format"] == 3
+    arrays = load_arrays(out, ingest_report.case_ids)
+    assert list(arrays["case"]) == ingest_report.case_ids
     assert arrays["image"].shape == (3, 1, *size)
     assert arrays["image"].dtype == np.float32
     assert arrays["label"].shape == (3, 1, *size)
     assert arrays["label"].dtype == np.uint8
     assert set(np.unique(arrays["label"])) == {0, 1}
     assert np.isfinite(arrays["image"]).all()
-    # one case per chunk
-    meta = json.loads((out / "image" / "zarr.json").read_text())
-    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 1, *size]
+    affine = np.asarray(out.open(ingest_report.case_ids[0]).attrs["affine"])
+    np.testing.assert_allclose(np.abs(np.diag(affine))[:3], [1.5, 1.5, 1.5])  # the grid after Spacingd
 
 
-def test_subset_is_returned_in_the_asked_order(sequential):
+def test_subset_is_returned_in_the_asked_order(sequential, ingested):
     _, out, _, _ = sequential
-    every = load_arrays(out)
-    wanted = list(reversed(every["case"]))[:2]
+    _, report = ingested
+    every = load_arrays(out, report.case_ids)
+    wanted = list(reversed(report.case_ids))[:2]
     subset = load_arrays(out, wanted)
     assert list(subset["case"]) == wanted
     for i, cid in enumerate(wanted):
-        j = list(every["case"]).index(cid)
-        np.testing.assert_array_equal(subset["image"][i], every["image"][j])
+        np.testing.assert_array_equal(subset["image"][i], every["image"][report.case_ids.index(cid)])
 
 
-def test_rerun_processes_nothing(sequential, ingested, size):
+def test_rerun_processes_nothing(sequential, ingested):
     spec, out, _, _ = sequential
     layout, report = ingested
-    before = load_arrays(out)
-    again = preprocess(spec, layout.raw_store, report.case_ids, out)
-    assert again.processed == 0
-    assert again.skipped == 3
-    assert again.shards == 0
-    assert again.shape == (1, *size)
-    after = load_arrays(out)
-    assert list(after["case"]) == list(before["case"])
+    before = load_arrays(out, report.case_ids)
+    again = preprocess(spec, layout.raw, report.case_ids, out)
+    assert (again.processed, again.skipped, again.shards) == (0, 3, 0)
+    after = load_arrays(out, report.case_ids)
     np.testing.assert_array_equal(after["image"], before["image"])
 
 
-def test_new_cases_are_appended(ingested, demo_pre, tmp_path):
+def test_new_cases_are_added(ingested, demo_pre, tmp_path):
     layout, report = ingested
-    out = tmp_path / "pre.zarr"
-    first = preprocess(demo_pre, layout.raw_store, report.case_ids[:1], out)
-    second = preprocess(demo_pre, layout.raw_store, report.case_ids, out)
+    out = CaseStore(Store(tmp_path), "pre")
+    first = preprocess(demo_pre, layout.raw, report.case_ids[:1], out)
+    second = preprocess(demo_pre, layout.raw, report.case_ids, out)
     assert (first.processed, first.skipped) == (1, 0)
     assert (second.processed, second.skipped) == (2, 1)
-    assert sorted(load_arrays(out)["case"]) == sorted(report.case_ids)
+    assert out.committed() == sorted(report.case_ids)
 
 
-def test_preprocess_on_a_local_dask_cluster_is_bit_identical(sequential, ingested, tmp_path):
-    from distributed import Client, LocalCluster
+class ResultSizes(SchedulerPlugin):
+    """Records the size of every task result the scheduler is told about."""
 
+    name = "test-result-sizes"
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+        self.sizes: dict[str, int] = {}
+
+    def transition(self, key, start, finish, *args, **kwargs) -> None:
+        if finish == "memory":
+            self.sizes[str(key)] = self.scheduler.tasks[key].nbytes
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One 2-worker LocalCluster (processes, 127.0.0.1) for this module's Dask tests."""
+    from voxelflow.cluster import dask_client
+
+    with dask_client("local", n_workers=2) as c:
+        plugin = ResultSizes(c.cluster.scheduler)  # the scheduler of a LocalCluster lives in this process
+        c.cluster.scheduler.add_plugin(plugin)
+        c.result_sizes = plugin.sizes
+        yield c
+
+
+def test_dask_workers_write_the_store_bit_identical_to_a_sequential_run(sequential, ingested, tmp_path, client):
     spec, seq_out, _, _ = sequential
     layout, report = ingested
-    out = tmp_path / "pre-dask.zarr"
-    # in-process worker; protocol="tcp" because the default in-process transport cannot parse host="127.0.0.1"
-    with LocalCluster(n_workers=1, processes=False, host="127.0.0.1", protocol="tcp",
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        submitted = []
-
-        def submit(part):
-            submitted.append(list(part))
-            return client.submit(preprocess_shard, str(layout.raw_store), part, spec.transforms)
-
-        result = preprocess(spec, layout.raw_store, report.case_ids, out, submit=submit, gather=client.gather)
-    assert result.processed == 3 and result.shards == 2
-    assert len(submitted) == 2 and sum(len(p) for p in submitted) == 3
-    seq, par = load_arrays(seq_out), load_arrays(out)
-    order = [list(par["case"]).index(c) for c in seq["case"]]
-    assert sorted(par["case"]) == sorted(seq["case"])
+    out = CaseStore(Store(tmp_path), "pre")
+    calls = []
+    client.result_sizes.clear()
+    result = preprocess(spec, layout.raw, report.case_ids, out, client=client,
+                        progress=lambda i, n: calls.append((i, n)))
+    assert result.processed == 3 and result.shards == 2 and not result.failed
+    assert sorted(calls) == calls and calls[-1] == (3, 3) and len(calls) == 2  # as each shard completes
+    assert result.bytes_written == 3 * (4 + 1) * 32**3
+    seq, par = load_arrays(seq_out, report.case_ids), load_arrays(out, report.case_ids)
     for key in ("image", "label"):
         assert par[key].dtype == seq[key].dtype
-        np.testing.assert_array_equal(par[key][order], seq[key])
-        assert par[key][order].tobytes() == seq[key].tobytes()
+        assert par[key].tobytes() == seq[key].tobytes()
+    for cid in report.case_ids:
+        assert out.open(cid).attrs == seq_out.open(cid).attrs
+    # what came back from the workers: two small lists of metadata, nothing the size of an array
+    shard_results = {k: v for k, v in client.result_sizes.items() if k.startswith("preprocess_shard")}
+    assert len(shard_results) == 2 and max(shard_results.values()) < 4096, shard_results
+    assert all(not keys for keys in client.has_what().values())  # and nothing is left on the workers
 
 
-def test_mixed_shapes_are_refused(tmp_path):
+def test_a_rerun_on_dask_submits_nothing(sequential, ingested, client):
+    spec, seq_out, _, _ = sequential
+    layout, report = ingested
+    client.result_sizes.clear()
+    again = preprocess(spec, layout.raw, report.case_ids, seq_out, client=client)
+    assert (again.processed, again.skipped, again.shards) == (0, 3, 0)
+    assert not client.result_sizes
+
+
+def test_progress_moves_shard_by_shard_on_dask(tmp_path, client):
+    raw = CaseStore(Store(tmp_path), "raw")
+    ids = [f"case-{i:02d}" for i in range(7)]
+    for i, cid in enumerate(ids):
+        write_synthetic(raw, cid, i, (20, 18 + i, 16))
+    spec = PreprocessSpec(transforms=[{"ScaleIntensityd": {"keys": "image"}}], shard_size=2)
+    out = CaseStore(Store(tmp_path), "pre")
+    calls = []
+    report = preprocess(spec, raw, ids, out, client=client, progress=lambda i, n: calls.append((i, n)))
+    assert report.shards == 4 and report.processed == 7
+    assert [n for _, n in calls] == [7] * 4 and calls[-1] == (7, 7)
+    done = [i for i, _ in calls]
+    assert all(b - a in (1, 2) for a, b in zip([0, *done], done))  # one or two cases more per finished shard
+    # cases keep their own shapes (no stacking, no check that they agree)
+    assert report.shapes == {cid: [1, 20, 18 + i, 16] for i, cid in enumerate(ids)}
+    assert load_case_arrays(out, ids[3])["image"].shape == (1, 20, 21, 16)
+    with pytest.raises(ValueError, match="differ in shape"):
+        load_arrays(out, ids)
+
+
+def write_synthetic(raw: CaseStore, case_id: str, seed: int, shape: tuple[int, int, int]) -> None:
+    import xarray as xr
+    from monai.data import create_test_image_3d
+
+    image, label = create_test_image_3d(*shape, rad_max=4, rad_min=2, num_seg_classes=1,
+                                        random_state=np.random.RandomState(seed))
+    ds = xr.Dataset({"image": (("x", "y", "z"), image.astype(np.float32)),
+                     "label": (("x", "y", "z"), (label > 0).astype(np.uint8))},
+                    attrs={"affine": np.eye(4).tolist(), "spacing": [1.0, 1.0, 1.0]})
+    raw.write(case_id, ds)
+
+
+def test_large_volumes_are_chunked(tmp_path):
+    raw = CaseStore(Store(tmp_path), "raw")
+    write_synthetic(raw, "big", 0, (150, 40, 20))
+    out = CaseStore(Store(tmp_path), "pre")
+    preprocess(PreprocessSpec(transforms=[{"ScaleIntensityd": {"keys": "image"}}]), raw, ["big"], out)
+    meta = json.loads((Path(out.url("big")) / "image" / "zarr.json").read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, 128, 40, 20]
+    assert meta["data_type"] == "float32"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
+    raw = CaseStore(Store(tmp_path), "raw")
+    write_synthetic(raw, "case-0", 0, (12, 12, 12))
+    spec = PreprocessSpec(transforms=[{"ScaleIntensityd": {"keys": "image"}}], device="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        preprocess(spec, raw, ["case-0"], CaseStore(Store(tmp_path), "pre"))
+
+
+def test_cuda_device_on_cpu_workers_is_a_clear_error(tmp_path, client):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    raw = CaseStore(Store(tmp_path), "raw")
+    write_synthetic(raw, "case-0", 0, (12, 12, 12))
+    spec = PreprocessSpec(transforms=[{"ScaleIntensityd": {"keys": "image"}}], device="cuda")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        preprocess(spec, raw, ["case-0"], CaseStore(Store(tmp_path), "pre"), client=client)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_gives_the_cpu_result(tmp_path):
+    """device="cuda": the transforms run on the GPU; what is stored matches the CPU path."""
+    raw = CaseStore(Store(tmp_path), "raw")
+    ids = [f"case-{i}" for i in range(3)]
+    for i, cid in enumerate(ids):
+        write_synthetic(raw, cid, i, (24, 22, 20))
+    cpu = CaseStore(Store(tmp_path), "cpu")
+    gpu = CaseStore(Store(tmp_path), "gpu")
+    preprocess(PreprocessSpec(transforms=DEMO_TRANSFORMS), raw, ids, cpu)
+    report = preprocess(PreprocessSpec(transforms=DEMO_TRANSFORMS, device="cuda"), raw, ids, gpu)
+    assert report.processed == 3 and not report.failed
+    for cid in ids:
+        a, b = load_case_arrays(cpu, cid), load_case_arrays(gpu, cid)
+        assert b["image"].dtype == np.float32 and b["image"].shape == a["image"].shape
+        np.testing.assert_allclose(b["image"], a["image"], atol=1e-4)
+        assert (b["label"] != a["label"]).mean() < 0.01
+        np.testing.assert_allclose(b["affine"], a["affine"])
+
+
+def test_cases_keep_their_own_shapes(tmp_path):
     import nibabel as nib
 
     from voxelflow.config import DataSpec
+    from voxelflow.db import Database
     from voxelflow.ingest import ingest
-    from voxelflow.storage import Layout
 
-    for name, size in (("a", 10), ("b", 12)):
+    for name, size in (("a", 10), ("b", 16)):
         (tmp_path / "src" / name).mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.ones((size,) * 3, np.float32), np.eye(4)), tmp_path / "src" / name / "image.nii.gz")
-    layout = Layout(tmp_path / "home", "p")
-    report = ingest(DataSpec(source=str(tmp_path / "src"), layout="folder"), layout, str(tmp_path / "src"))
+    layout = Layout(Store(tmp_path / "home"), "p")
+    db = Database(f"sqlite:///{tmp_path / 'home' / 'voxelflow.db'}")
+    report = ingest(DataSpec(source=str(tmp_path / "src"), layout="folder"), layout, db, str(tmp_path / "src"))
     assert len(report.case_ids) == 2
-    spec = PreprocessSpec(transforms=[{"Orientationd": {"keys": "image", "axcodes": "RAS"}}])
-    out = tmp_path / "pre.zarr"
-    with pytest.raises(ValueError, match="differ in shape"):
-        preprocess(spec, layout.raw_store, report.case_ids, out)
-    assert not out.exists()
-    # fixing the size makes the same cases acceptable
-    fixed = PreprocessSpec(transforms=[*spec.transforms,
-                                       {"ResizeWithPadOrCropd": {"keys": "image", "spatial_size": [8, 8, 8]}}])
-    result = preprocess(fixed, layout.raw_store, report.case_ids, out)
-    assert result.shape == (1, 8, 8, 8)
-    assert "label" not in load_arrays(out)
+    spec = PreprocessSpec(transforms=[{"Spacingd": {"keys": "image", "pixdim": [2.0, 2.0, 2.0]}}])
+    out = CaseStore(Store(tmp_path / "out"), "pre")
+    result = preprocess(spec, layout.raw, report.case_ids, out)
+    assert sorted(tuple(s) for s in result.shapes.values()) == [(1, 6, 6, 6), (1, 8, 8, 8)]
+    assert "label" not in load_case_arrays(out, report.case_ids[0])
+    with pytest.raises(ValueError, match="differ in shape"):  # whole-volume training needs one shape
+        load_arrays(out, report.case_ids)

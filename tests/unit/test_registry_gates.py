@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -103,6 +105,48 @@ def test_log_metrics_skips_non_finite(mlflow_store):
     metrics = registry.client(settings.tracking_uri).get_run(run_id).data.metrics
     assert metrics["val_dice"] == pytest.approx(0.5)
     assert "val_hd95" not in metrics
+
+
+def test_log_bytes_stores_a_picture_as_a_run_artifact(mlflow_store, tmp_path):
+    import mlflow
+
+    from voxelflow import report
+
+    settings, run_id, _ = mlflow_store
+    rng = np.random.default_rng(0)
+    image = rng.random((12, 12, 8), dtype=np.float32)
+    label = (image > 0.7).astype(np.uint8)
+    pictures = {
+        "overlay.png": report.overlay_png(image, label, label, title="case-1"),
+        "curve.png": report.curve_png([{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "train_loss": 0.5}]),
+    }
+    for name, data in pictures.items():
+        assert isinstance(data, bytes) and data[:8] == b"\x89PNG\r\n\x1a\n"
+        registry.log_bytes(settings.tracking_uri, run_id, name, data)
+    listed = {a.path for a in registry.client(settings.tracking_uri).list_artifacts(run_id)}
+    assert set(pictures) <= listed
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    for name, data in pictures.items():
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(tmp_path))
+        assert Path(local).read_bytes() == data
+    # the artifacts live under the settings' artifact root
+    assert settings.artifact_root.startswith("file://")
+    assert (Path(settings.artifact_root.removeprefix("file://"))).is_dir()
+
+
+def test_artifacts_go_to_the_store_when_it_is_s3(mlflow_store, tiny_spec, s3_store_url):
+    """With VOXELFLOW_STORE on S3 the artifact root is a prefix there: every machine reads the same files."""
+    from voxelflow.storage import Store
+
+    local, _, _ = mlflow_store
+    settings = Settings(home=local.home, store=f"{s3_store_url}/registry")
+    assert settings.artifact_root == f"{s3_store_url}/registry/mlflow-artifacts"
+    spec = tiny_spec.model_copy(update={"name": "tiny-on-s3"})
+    run_id = registry.start_run(settings.tracking_uri, settings.artifact_root, spec, {"dataset_digest": "ab" * 8})
+    registry.log_bytes(settings.tracking_uri, run_id, "report.md", b"# a report")
+    store = Store(settings.artifact_root)
+    assert [f for f in store.files() if f.endswith("/report.md")] == [f"tiny-on-s3/{run_id}/artifacts/report.md"]
+    assert store.read_bytes(f"tiny-on-s3/{run_id}/artifacts/report.md") == b"# a report"
 
 
 def test_versions_are_numbered(mlflow_store, tiny_spec):

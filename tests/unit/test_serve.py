@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
-import stat
 import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from voxelflow import audit
+from voxelflow.db import Database, api_keys
 from voxelflow.model import Segmenter
 from voxelflow.serve import NPY, KeyStore, ModelHolder, Throttle, create_app, decode_volume, encode_mask
 
@@ -26,12 +26,12 @@ def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
 
 
 @pytest.fixture
-def keys(tmp_path) -> KeyStore:
-    return KeyStore(tmp_path / "api-keys.json")
+def keys(db) -> KeyStore:
+    return KeyStore(db)
 
 
 @pytest.fixture
-def make_client(segmenter, keys, tmp_path):
+def make_client(segmenter, keys, db):
     loads = []
 
     def loader():
@@ -42,7 +42,7 @@ def make_client(segmenter, keys, tmp_path):
         holder = ModelHolder(loader)
         if load:
             holder.reload()
-        return TestClient(create_app(holder, keys, audit_log=tmp_path / "audit.log", **kwargs))
+        return TestClient(create_app(holder, keys, db=db, **kwargs))
 
     make.loads = loads
     return make
@@ -104,7 +104,7 @@ def test_not_ready_before_the_model_is_loaded(make_client, predict_key):
     assert post(client, npy(volume()), predict_key).status_code == 503
 
 
-def test_failed_load_is_reported_by_ready(keys, tmp_path):
+def test_failed_load_is_reported_by_ready(keys):
     def broken():
         raise RuntimeError("no champion yet")
 
@@ -137,36 +137,55 @@ def test_predict_key_cannot_reload(client, predict_key, make_client):
     assert "admin" in response.json()["detail"]
 
 
-def test_admin_key_can_predict_and_reload(client, admin_key, make_client, tmp_path):
+def test_admin_key_can_predict_and_reload(client, admin_key, make_client, db):
     assert post(client, npy(volume()), admin_key).status_code == 200
     before = len(make_client.loads)
     response = client.post("/v1/reload", headers={"X-API-Key": admin_key})
     assert response.status_code == 200
     assert response.json() == {"model_version": VERSION}
     assert len(make_client.loads) == before + 1
-    events = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    events = list(audit.entries(db))
     assert events[-1]["event"] == "service.reloaded" and events[-1]["actor"] == "ops"
-    assert audit.verify(tmp_path / "audit.log").ok
+    assert events[-1]["details"] == {"model_version": VERSION}
+    assert audit.verify(db).ok
 
 
-def test_keystore(tmp_path):
-    store = KeyStore(tmp_path / "keys.json")
+def test_keystore(db):
+    store = KeyStore(db)
     key = store.create("someone", ["predict"])
-    assert key.startswith("vf_")
-    text = (tmp_path / "keys.json").read_text()
-    assert key not in text  # only the digest is kept
-    assert stat.S_IMODE((tmp_path / "keys.json").stat().st_mode) == 0o600
+    assert key.startswith("vf_") and len(key) > 40
+    with db.transaction() as conn:
+        stored = [r._asdict() for r in conn.execute(select(api_keys))]
+    assert len(stored) == 1
+    assert stored[0]["name"] == "someone" and stored[0]["expires"] is None
+    assert key not in repr(stored)  # only the digest is kept
+    assert stored[0]["digest"] != key and len(stored[0]["digest"]) == 64
     principal = store.lookup(key)
     assert principal.name == "someone" and principal.roles == ("predict",)
-    assert store.lookup("vf_wrong") is None and store.lookup(None) is None
-    # another process (another KeyStore) sees the key
-    assert KeyStore(tmp_path / "keys.json").lookup(key) == principal
-    second = store.create("other", ["admin", "predict"])
-    assert KeyStore(tmp_path / "keys.json").lookup(second).roles == ("admin", "predict")
+    assert store.lookup("vf_wrong") is None and store.lookup(None) is None and store.lookup("") is None
+    # another process (another Database on the same URL) sees the key
+    other_db = Database(db.url)
+    assert KeyStore(other_db).lookup(key) == principal
+    second = store.create("other", ["predict", "admin"])
+    assert KeyStore(other_db).lookup(second).roles == ("admin", "predict")
     assert store.lookup(key) == principal
+    assert store.create("someone", ["predict"]) != key  # a fresh random key each time
     for bad in (["root"], [], ["predict", "superuser"]):
         with pytest.raises(ValueError, match="role"):
             store.create("bad", bad)
+    other_db.dispose()
+
+
+def test_keys_are_shared_through_postgresql(pg_url):
+    first, second = Database(pg_url), Database(pg_url)
+    try:
+        key = KeyStore(first).create("clinic", ["predict"])
+        assert KeyStore(second).lookup(key).name == "clinic"
+        assert KeyStore(second).revoke(key) is True
+        assert KeyStore(first).lookup(key) is None
+    finally:
+        first.dispose()
+        second.dispose()
 
 
 # ---------------------------------------------------------------- volumes in and out
@@ -306,22 +325,29 @@ def test_metrics_are_per_app(make_client, predict_key):
     assert 'status="401"' not in second.get("/metrics").text
 
 
-def test_denied_requests_are_audited(client, predict_key, tmp_path):
-    log = tmp_path / "audit.log"
+def test_denied_requests_are_audited(client, predict_key, db):
     post(client, npy(volume()), None)
     post(client, npy(volume()), "vf_not-a-key")
     client.post("/v1/reload", headers={"X-API-Key": predict_key})
     post(client, npy(volume()), predict_key)  # allowed: not a denial
     post(client, b"garbage", predict_key)  # a bad input is not an access denial
-    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    entries = list(audit.entries(db))
     assert [(e["event"], e["actor"], e["details"]["status"], e["details"]["endpoint"]) for e in entries] == [
         ("access.denied", "anonymous", 401, "/v1/segment"),
         ("access.denied", "anonymous", 401, "/v1/segment"),
         ("access.denied", "clinic", 403, "/v1/reload"),
     ]
-    verdict = audit.verify(log)
+    verdict = audit.verify(db)
     assert verdict.ok, verdict.problem
     assert verdict.entries == 3
+
+
+def test_without_a_database_nothing_is_audited(segmenter, keys, db):
+    holder = ModelHolder(lambda: (segmenter, VERSION))
+    holder.reload()
+    client = TestClient(create_app(holder, keys))
+    assert post(client, npy(volume()), None).status_code == 401
+    assert list(audit.entries(db)) == []
 
 
 def test_throttle_bucket():

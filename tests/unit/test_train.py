@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from safetensors.torch import load
 
 from voxelflow.config import TrainSpec
-from voxelflow.train import epoch_order, latest_checkpoint, load_network, train
+from voxelflow.storage import Store
+from voxelflow.train import Checkpoints, epoch_order, load_network, train
 
 NETWORK = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                     "channels": [4, 8], "strides": [2], "num_res_units": 0}}
@@ -41,6 +43,10 @@ def spec(**over) -> TrainSpec:
     return TrainSpec(**values)
 
 
+def ckpts(tmp_path, name: str = "ckpt", keep: int = 2) -> Checkpoints:
+    return Checkpoints(Store(tmp_path / "store"), f"checkpoints/p/{name}", keep=keep)
+
+
 def same_weights(a: bytes, b: bytes) -> bool:
     ta, tb = load(a), load(b)
     return set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -49,7 +55,8 @@ def same_weights(a: bytes, b: bytes) -> bool:
 def test_tiny_training(data, tmp_path):
     images, labels = data
     epochs_seen = []
-    result = train(spec(), images, labels, tmp_path / "ckpt", on_epoch=lambda e, m: epochs_seen.append((e, m)))
+    checkpoints = ckpts(tmp_path)
+    result = train(spec(), images, labels, checkpoints, on_epoch=lambda e, m: epochs_seen.append((e, m)))
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
     assert [e for e, _ in epochs_seen] == [0, 1]
@@ -58,10 +65,10 @@ def test_tiny_training(data, tmp_path):
     assert result.resumed_from is None
     assert result.device == "cpu"
     # the final step is always checkpointed
-    ckpt = latest_checkpoint(tmp_path / "ckpt")
-    assert ckpt is not None and ckpt.name == "step-00000004.pt"
-    state = torch.load(ckpt, weights_only=True)
+    assert checkpoints.steps()[-1] == "step-00000004.pt"
+    state = checkpoints.load_latest("cpu")
     assert state["step"] == 4 and len(state["history"]) == 2
+    assert set(state) == {"model", "optimizer", "scaler", "step", "history", "running"}
     # the returned weights are safetensors that rebuild the network
     net = load_network(NETWORK, result.weights, "cpu")
     assert not net.training
@@ -77,24 +84,28 @@ def test_tiny_training(data, tmp_path):
 
 def test_checkpoints_every_n_steps_keep_the_last_two(data, tmp_path):
     images, labels = data
-    train(spec(epochs=3, checkpoint_every_steps=1), images, labels, tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("step-*.pt")) == ["step-00000005.pt", "step-00000006.pt"]
-    assert not list(tmp_path.glob("*.tmp"))
+    checkpoints = ckpts(tmp_path)
+    train(spec(epochs=3, checkpoint_every_steps=1), images, labels, checkpoints)
+    assert checkpoints.steps() == ["step-00000005.pt", "step-00000006.pt"]
+    # nothing else under the prefix: no temporary files of the atomic writes
+    assert checkpoints.store.files(checkpoints.prefix) == [f"{checkpoints.prefix}/{n}" for n in checkpoints.steps()]
+    folder = tmp_path / "store" / "checkpoints" / "p" / "ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == checkpoints.steps()
 
 
 def test_uneven_last_batch(data, tmp_path):
     images, labels = data
-    result = train(spec(batch_size=3, epochs=1), images[:4], labels[:4], tmp_path)
+    result = train(spec(batch_size=3, epochs=1), images[:4], labels[:4], ckpts(tmp_path))
     assert result.steps == 2 and len(result.history) == 1
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
     images, labels = data
-    straight = train(spec(epochs=2), images, labels, tmp_path / "straight")
+    straight = train(spec(epochs=2), images, labels, ckpts(tmp_path, "straight"))
 
-    first = train(spec(epochs=1), images, labels, tmp_path / "resumed")
+    first = train(spec(epochs=1), images, labels, ckpts(tmp_path, "resumed"))
     assert first.steps == 2
-    resumed = train(spec(epochs=2), images, labels, tmp_path / "resumed")
+    resumed = train(spec(epochs=2), images, labels, ckpts(tmp_path, "resumed"))
     assert resumed.resumed_from == 2
     assert resumed.steps == 4
     assert [h["epoch"] for h in resumed.history] == [0, 1]
@@ -103,18 +114,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
     assert resumed.weights == straight.weights  # byte-identical safetensors
 
 
-def _interrupted_mid_epoch(images, labels, directory):
-    """A run of 4 steps per epoch that stopped after step 3, in the middle of epoch 0."""
-    train(spec(epochs=1, batch_size=1, checkpoint_every_steps=3), images, labels, directory)
-    (directory / "step-00000004.pt").unlink()
-    assert latest_checkpoint(directory).name == "step-00000003.pt"
+def _interrupted_mid_epoch(images, labels, checkpoints: Checkpoints, torn: bool = False) -> None:
+    """A run of 4 steps per epoch that stopped after step 3, in the middle of epoch 0.
+
+    ``torn``: step 4's checkpoint is there but truncated (killed mid-write where writes are not atomic).
+    """
+    train(spec(epochs=1, batch_size=1, checkpoint_every_steps=3), images, labels, checkpoints)
+    assert checkpoints.steps() == ["step-00000003.pt", "step-00000004.pt"]
+    key = f"{checkpoints.prefix}/step-00000004.pt"
+    if torn:
+        checkpoints.store.write_bytes(key, checkpoints.store.read_bytes(key)[:1000])
+    else:
+        checkpoints.store.remove(key)
+    assert checkpoints.load_latest("cpu")["step"] == 3
 
 
-def test_resume_mid_epoch_gives_the_same_weights(data, tmp_path):
+@pytest.mark.parametrize("torn", [False, True], ids=["lost", "torn"])
+def test_resume_mid_epoch_gives_the_same_weights(data, tmp_path, torn):
     images, labels = data
-    straight = train(spec(epochs=2, batch_size=1), images, labels, tmp_path / "straight")
-    _interrupted_mid_epoch(images, labels, tmp_path / "resumed")
-    resumed = train(spec(epochs=2, batch_size=1), images, labels, tmp_path / "resumed")
+    straight = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "straight"))
+    _interrupted_mid_epoch(images, labels, ckpts(tmp_path, "resumed"), torn=torn)
+    resumed = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "resumed"))
     assert resumed.resumed_from == 3
     assert resumed.steps == 8
     assert [h["epoch"] for h in resumed.history] == [0, 1]
@@ -124,16 +144,16 @@ def test_resume_mid_epoch_gives_the_same_weights(data, tmp_path):
 
 def test_resume_mid_epoch_gives_the_same_history(data, tmp_path):
     images, labels = data
-    straight = train(spec(epochs=2, batch_size=1), images, labels, tmp_path / "straight")
-    _interrupted_mid_epoch(images, labels, tmp_path / "resumed")
-    resumed = train(spec(epochs=2, batch_size=1), images, labels, tmp_path / "resumed")
+    straight = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "straight"))
+    _interrupted_mid_epoch(images, labels, ckpts(tmp_path, "resumed"))
+    resumed = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "resumed"))
     assert resumed.history == straight.history
 
 
 def test_finished_run_is_not_trained_again(data, tmp_path):
     images, labels = data
-    done = train(spec(epochs=1), images, labels, tmp_path)
-    again = train(spec(epochs=1), images, labels, tmp_path)
+    done = train(spec(epochs=1), images, labels, ckpts(tmp_path))
+    again = train(spec(epochs=1), images, labels, ckpts(tmp_path))
     assert again.resumed_from == 1 * 2
     assert again.weights == done.weights
     assert again.history == done.history
@@ -141,15 +161,15 @@ def test_finished_run_is_not_trained_again(data, tmp_path):
 
 def test_different_seeds_differ(data, tmp_path):
     images, labels = data
-    a = train(spec(epochs=1, seed=0), images, labels, tmp_path / "a")
-    b = train(spec(epochs=1, seed=1), images, labels, tmp_path / "b")
+    a = train(spec(epochs=1, seed=0), images, labels, ckpts(tmp_path, "a"))
+    b = train(spec(epochs=1, seed=1), images, labels, ckpts(tmp_path, "b"))
     assert not same_weights(a.weights, b.weights)
 
 
 @pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
 def test_mixed_precision_on_cpu(data, tmp_path, precision):
     images, labels = data
-    result = train(spec(precision=precision), images, labels, tmp_path, device="cpu")
+    result = train(spec(precision=precision), images, labels, ckpts(tmp_path), device="cpu")
     assert len(result.history) == 2
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
     for name, tensor in load(result.weights).items():
@@ -159,7 +179,8 @@ def test_mixed_precision_on_cpu(data, tmp_path, precision):
 
 def test_no_cases_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no training cases"):
-        train(spec(), np.zeros((0, 1, 16, 16, 16), np.float32), np.zeros((0, 1, 16, 16, 16), np.uint8), tmp_path)
+        train(spec(), np.zeros((0, 1, 16, 16, 16), np.float32), np.zeros((0, 1, 16, 16, 16), np.uint8),
+              ckpts(tmp_path))
 
 
 def test_epoch_order_is_a_pure_function():
@@ -171,5 +192,80 @@ def test_epoch_order_is_a_pure_function():
 def test_default_loss_trains_on_one_channel_labels(data, tmp_path):
     images, labels = data
     default = TrainSpec(network=copy.deepcopy(NETWORK), epochs=1, batch_size=2, precision="fp32")
-    result = train(default, images, labels, tmp_path)
+    result = train(default, images, labels, ckpts(tmp_path))
     assert math.isfinite(result.history[0]["train_loss"])
+
+
+# ---------------------------------------------------------------- Checkpoints, on a folder and on S3
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> Store:
+    if request.param == "local":
+        return Store(tmp_path / "store")
+    return request.getfixturevalue("s3_store")
+
+
+def tiny_state(step: int) -> dict:
+    return {"step": step, "weights": torch.full((3,), float(step)), "history": [{"epoch": 0, "train_loss": 0.5}]}
+
+
+def test_checkpoints_save_list_load_and_keep(store):
+    checkpoints = Checkpoints(store, "checkpoints/p/run")
+    assert checkpoints.steps() == [] and checkpoints.load_latest("cpu") is None
+    key = checkpoints.save(7, tiny_state(7))
+    assert key == "checkpoints/p/run/step-00000007.pt"
+    state = checkpoints.load_latest("cpu")
+    assert state["step"] == 7 and torch.equal(state["weights"], torch.full((3,), 7.0))
+    checkpoints.save(12, tiny_state(12))
+    checkpoints.save(100, tiny_state(100))
+    assert checkpoints.steps() == ["step-00000012.pt", "step-00000100.pt"]  # the last two, in step order
+    assert checkpoints.load_latest("cpu")["step"] == 100
+    assert store.files("checkpoints/p/run") == [f"checkpoints/p/run/{n}" for n in checkpoints.steps()]
+    store.write_bytes("checkpoints/p/run/notes.txt", b"not a checkpoint")
+    assert checkpoints.steps() == ["step-00000012.pt", "step-00000100.pt"]
+    checkpoints.clear()
+    assert checkpoints.steps() == [] and store.files("checkpoints/p/run") == []
+    assert checkpoints.load_latest("cpu") is None
+
+
+def test_checkpoints_keep_more_when_asked(store):
+    checkpoints = Checkpoints(store, "ck", keep=3)
+    for step in range(1, 6):
+        checkpoints.save(step, tiny_state(step))
+    assert checkpoints.steps() == [f"step-{s:08d}.pt" for s in (3, 4, 5)]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_one_before(store, damage):
+    checkpoints = Checkpoints(store, "checkpoints/p/run")
+    checkpoints.save(1, tiny_state(1))
+    newest = checkpoints.save(2, tiny_state(2))
+    good = store.read_bytes(newest)
+    broken = {"garbage": b"\x00not a torch file" * 10, "truncated": good[: len(good) // 2], "empty": b""}[damage]
+    store.write_bytes(newest, broken)
+    state = checkpoints.load_latest("cpu")
+    assert state is not None and state["step"] == 1
+    assert torch.equal(state["weights"], torch.ones(3))
+    store.write_bytes(f"{checkpoints.prefix}/step-00000001.pt", broken)  # every checkpoint unreadable
+    assert checkpoints.load_latest("cpu") is None
+
+
+def test_checkpoints_refuse_pickled_code(store):
+    """load_latest uses weights_only: a checkpoint carrying an arbitrary object is not executed."""
+    checkpoints = Checkpoints(store, "ck")
+    checkpoints.save(1, tiny_state(1))
+    buf = io.BytesIO()
+    torch.save({"step": 2, "payload": Store("/tmp")}, buf)  # any non-tensor class needs a full unpickle
+    store.write_bytes("ck/step-00000002.pt", buf.getvalue())
+    assert checkpoints.load_latest("cpu")["step"] == 1
+
+
+def test_training_on_s3_checkpoints_resumes(data, s3_store):
+    images, labels = data
+    checkpoints = Checkpoints(s3_store, "checkpoints/p/run")
+    first = train(spec(epochs=1), images, labels, checkpoints)
+    assert checkpoints.steps() == ["step-00000002.pt"]
+    resumed = train(spec(epochs=2), images, labels, Checkpoints(Store(s3_store.url), "checkpoints/p/run"))
+    assert first.steps == 2 and resumed.resumed_from == 2 and resumed.steps == 4
+    assert checkpoints.steps() == ["step-00000002.pt", "step-00000004.pt"]

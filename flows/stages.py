@@ -1,0 +1,125 @@
+"""Each stage as its own flow, so that a spec can place it on the work pool that fits it.
+
+``train.work_pool: gpu`` makes the lifecycle call the deployment ``train/gpu`` with
+:func:`run_deployment`: a linked subflow in the UI that receives references only (the spec,
+case ids, run ids, the store's URL) and leaves its result as JSON in the store, where the
+lifecycle reads it back. Without ``work_pool`` the stage's task runs in the lifecycle's process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Callable, TypeVar
+
+from prefect import flow
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+
+from tasks.deploy import deploy
+from tasks.evaluate import evaluate
+from tasks.ingest import ingest
+from tasks.preprocess import preprocess
+from tasks.registry import register_and_promote
+from tasks.train import train
+from voxelflow.config import PipelineSpec, Settings
+from voxelflow.ingest import IngestReport
+from voxelflow.pipeline import Context, Deployment, Evaluation, Promotion, TrainOutcome, from_dict
+from voxelflow.preprocess import PreprocessReport
+
+T = TypeVar("T")
+
+RESULTS: dict[str, type] = {
+    "ingest": IngestReport,
+    "preprocess": PreprocessReport,
+    "train": TrainOutcome,
+    "evaluate": Evaluation,
+    "register-and-promote": Promotion,
+    "deploy": Deployment,
+}
+
+
+def context_for(spec: PipelineSpec, store: str) -> Context:
+    """This worker's context; its store must be the one the lifecycle uses, or nothing adds up."""
+    ctx = Context(Settings(), spec.name)
+    if ctx.store.url != store:
+        raise RuntimeError(
+            f"this worker's store is {ctx.store.url!r} but the lifecycle's is {store!r}: give every work pool the "
+            "same VOXELFLOW_STORE and VOXELFLOW_DATABASE_URL"
+        )
+    return ctx
+
+
+def placed(stage: str, pool: str | None, ctx: Context, spec: PipelineSpec, lifecycle_id: str,
+           here: Callable[[], T], **refs: Any) -> T:
+    """Run a stage here, or as the deployment ``STAGE/POOL`` and read its result back from the store."""
+    if pool is None:
+        return here()
+    run = run_deployment(
+        f"{stage}/{pool}",
+        parameters={"spec": spec.model_dump(mode="json"), "lifecycle_id": lifecycle_id, "store": ctx.store.url,
+                    **refs},
+        as_subflow=True,
+        timeout=None,
+    )
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise RuntimeError(f"stage {stage} on work pool {pool!r} ended {state} (flow run {run.id})")
+    return from_dict(RESULTS[stage], ctx.store.read_json(ctx.layout.stage_output(lifecycle_id, stage)))
+
+
+def _keep(ctx: Context, lifecycle_id: str, stage: str, result: Any) -> None:
+    ctx.store.write_json(ctx.layout.stage_output(lifecycle_id, stage), asdict(result))
+
+
+@flow(name="ingest")
+def ingest_flow(spec: PipelineSpec, lifecycle_id: str, store: str) -> None:
+    """Ingest the spec's source (placed: ``data.work_pool``)."""
+    ctx = context_for(spec, store)
+    _keep(ctx, lifecycle_id, "ingest", ingest(spec.data, ctx))
+
+
+@flow(name="preprocess")
+def preprocess_flow(spec: PipelineSpec, lifecycle_id: str, store: str, case_ids: list[str]) -> None:
+    """Preprocess new cases on a Dask cluster (placed: ``preprocess.work_pool``)."""
+    ctx = context_for(spec, store)
+    _keep(ctx, lifecycle_id, "preprocess", preprocess(spec.preprocess, ctx, case_ids))
+
+
+@flow(name="train")
+def train_flow(spec: PipelineSpec, lifecycle_id: str, store: str, train_ids: list[str], run_id: str) -> None:
+    """Train the candidate (placed: ``train.work_pool``, e.g. a GPU pool)."""
+    ctx = context_for(spec, store)
+    _keep(ctx, lifecycle_id, "train", train(spec.train, spec.preprocess, ctx, train_ids, run_id))
+
+
+@flow(name="evaluate")
+def evaluate_flow(spec: PipelineSpec, lifecycle_id: str, store: str, outcome: dict, val_ids: list[str],
+                  run_id: str) -> None:
+    """Score candidate and champion on the held-out cases (placed: ``evaluate.work_pool``)."""
+    ctx = context_for(spec, store)
+    result = evaluate(spec.evaluate, spec.promote.model_name, ctx, from_dict(TrainOutcome, outcome), val_ids, run_id)
+    _keep(ctx, lifecycle_id, "evaluate", result)
+
+
+@flow(name="register-and-promote")
+def promote_flow(spec: PipelineSpec, lifecycle_id: str, store: str, run_id: str, outcome: dict, evaluation: dict,
+                 tags: dict[str, str]) -> None:
+    """Register the candidate and apply the gates (placed: ``promote.work_pool``)."""
+    ctx = context_for(spec, store)
+    result = register_and_promote(spec.promote, ctx, run_id, from_dict(TrainOutcome, outcome),
+                                  from_dict(Evaluation, evaluation), tags)
+    _keep(ctx, lifecycle_id, "register-and-promote", result)
+
+
+@flow(name="deploy")
+def deploy_flow(spec: PipelineSpec, lifecycle_id: str, store: str, case_id: str) -> None:
+    """Serve the champion and smoke-test it (placed: ``deploy.work_pool``)."""
+    ctx = context_for(spec, store)
+    _keep(ctx, lifecycle_id, "deploy", deploy(spec.deploy, spec.promote.model_name, ctx, case_id))
+
+
+def current_lifecycle_id() -> str:
+    """The lifecycle's flow run id (or a fresh id outside a flow run): names its stage outputs in the store."""
+    import uuid
+
+    return str(flow_run.get_id() or uuid.uuid4())

@@ -1,0 +1,383 @@
+"""deployments/prefect.yaml and the Kubernetes work pools' job templates, checked offline.
+
+Every deployment names a real flow; every stage the lifecycle can place has its per-pool deployments;
+the lifecycles queue rather than overlap. For each Kubernetes deployment the Job the worker would
+submit is rendered with prefect-kubernetes' own job configuration (and with voxelflow.k8s_jobs, which
+must agree) and validated against the Kubernetes API schema with kubernetes-validate, like
+tests/infra/test_manifests.py does for infra/kubernetes/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import re
+import types
+import uuid
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+pytest.importorskip("prefect_kubernetes")
+
+from voxelflow import k8s_jobs  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+TEMPLATES = REPO / "infra" / "prefect"
+K8S_VERSION = "1.33.0"  # as in test_manifests.py
+NAMESPACE = "voxelflow"
+
+PROCESS_POOLS = ("cpu", "gpu")
+KUBERNETES_POOLS = {"k8s-cpu": TEMPLATES / "k8s-cpu-job-template.json",
+                    "k8s-gpu": TEMPLATES / "k8s-gpu-job-template.json"}
+# The lifecycle's stages (flow names, as flows/lifecycle.py calls them) and the spec section that places each.
+SPEC_SECTION = {"ingest": "data", "preprocess": "preprocess", "train": "train", "evaluate": "evaluate",
+                "register-and-promote": "promote", "deploy": "deploy"}
+GPU_STAGES = {"preprocess", "train", "evaluate"}
+RUNTIME_ENV = ("VOXELFLOW_STORE", "VOXELFLOW_DATABASE_URL", "VOXELFLOW_MLFLOW_TRACKING_URI")
+SPOT_SELECTORS = {("karpenter.sh/capacity-type", "spot"), ("cloud.google.com/gke-spot", "true")}
+
+PREFECT_FILE = yaml.safe_load(PREFECT_YAML.read_text())
+DEPLOYMENTS = PREFECT_FILE["deployments"]
+
+
+@cache
+def flow_of(entrypoint: str):
+    path, _, func = entrypoint.partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, func)
+
+
+def full_name(d: dict) -> str:
+    return f"{flow_of(d['entrypoint']).name}/{d['name']}"
+
+
+@cache
+def by_name() -> dict[str, dict]:
+    return {full_name(d): d for d in DEPLOYMENTS}
+
+
+def k8s_deployments() -> list[dict]:
+    return [d for d in DEPLOYMENTS if d["work_pool"]["name"] in KUBERNETES_POOLS]
+
+
+def dep_id(d: dict) -> str:
+    return f"{d['entrypoint'].split(':')[1]}/{d['name']}"
+
+
+# --------------------------------------------------------------------------- the prefect.yaml
+
+
+def test_prefect_accepts_the_file():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(PREFECT_FILE)
+    assert len(model.deployments) == len(DEPLOYMENTS)
+    assert PREFECT_FILE["build"] is None and PREFECT_FILE["push"] is None
+
+
+@pytest.mark.parametrize("d", DEPLOYMENTS, ids=lambda d: dep_id(d))
+def test_entrypoint_is_a_flow_of_the_lifecycle(d):
+    from prefect import Flow
+
+    path = d["entrypoint"].partition(":")[0]
+    assert (REPO / path).is_file(), path
+    flow = flow_of(d["entrypoint"])
+    assert isinstance(flow, Flow), f"{d['entrypoint']} is not a @flow"
+    assert flow.name in {"lifecycle", *SPEC_SECTION}, flow.name
+    assert d.get("work_pool", {}).get("name"), f"{full_name(d)} has no work pool"
+
+
+def test_stage_flow_names_are_the_ones_the_lifecycle_calls():
+    from flows.stages import RESULTS
+
+    assert set(RESULTS) == set(SPEC_SECTION)
+    stage_flows = {flow_of(d["entrypoint"]).name for d in DEPLOYMENTS} - {"lifecycle"}
+    assert stage_flows == set(SPEC_SECTION)
+
+
+def test_deployment_names_are_unique():
+    names = [full_name(d) for d in DEPLOYMENTS]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_stage_deployments_are_named_after_their_pool():
+    """The lifecycle runs `work_pool: X` as STAGE/X: the deployment name must be the pool it runs on."""
+    for d in DEPLOYMENTS:
+        if flow_of(d["entrypoint"]).name != "lifecycle":
+            assert d["name"] == d["work_pool"]["name"], full_name(d)
+
+
+@pytest.mark.parametrize("stage", list(SPEC_SECTION))
+def test_every_stage_has_process_and_kubernetes_deployments(stage):
+    names = by_name()
+    assert f"{stage}/cpu" in names and f"{stage}/k8s-cpu" in names
+    if stage in GPU_STAGES:
+        assert f"{stage}/gpu" in names and f"{stage}/k8s-gpu" in names
+    # the two families mirror each other: a process-pool placement has a Kubernetes twin
+    for pool in PROCESS_POOLS:
+        assert (f"{stage}/{pool}" in names) == (f"{stage}/k8s-{pool}" in names), (stage, pool)
+
+
+def test_process_pool_deployments_use_the_worker_environment():
+    for d in DEPLOYMENTS:
+        if d["work_pool"]["name"] not in KUBERNETES_POOLS:
+            assert not d["work_pool"].get("job_variables"), full_name(d)
+            assert not d.get("pull"), f"{full_name(d)}: process pools run in the directory `prefect deploy` ran in"
+
+
+# --------------------------------------------------------------------------- lifecycles
+
+
+def lifecycles() -> list[dict]:
+    return [d for d in DEPLOYMENTS if flow_of(d["entrypoint"]).name == "lifecycle"]
+
+
+def test_lifecycle_deployments():
+    names = {d["name"]: d for d in lifecycles()}
+    assert set(names) == {"demo", "cpu", "k8s-cpu"}
+    demo = names["demo"]
+    assert demo["work_pool"]["name"] == "voxelflow-process"
+    assert demo["parameters"] == {"spec": "deployments/specs/demo.yaml", "overlays": []}
+    assert [s.get("active") for s in demo["schedules"]] == [False]
+    assert names["cpu"]["work_pool"]["name"] == "cpu"
+    assert names["k8s-cpu"]["work_pool"]["name"] == "k8s-cpu"
+
+
+@pytest.mark.parametrize("d", lifecycles(), ids=lambda d: d["name"])
+def test_lifecycles_queue_instead_of_overlapping(d):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    limit = d["concurrency_limit"]
+    assert limit["limit"] == 1
+    assert ConcurrencyLimitStrategy(limit["collision_strategy"]) is ConcurrencyLimitStrategy.ENQUEUE
+
+
+@pytest.mark.parametrize("d", lifecycles(), ids=lambda d: d["name"])
+def test_lifecycle_places_stages_on_deployed_pools(d):
+    """Load the spec with the deployment's overlays: every `work_pool` it names must have STAGE/POOL."""
+    from voxelflow.config import load_spec
+
+    params = d["parameters"]
+    for path in [params["spec"], *params.get("overlays", [])]:
+        assert (REPO / path).is_file(), path
+    spec = load_spec(REPO / params["spec"], [REPO / p for p in params.get("overlays", [])])
+    placed = {stage: getattr(spec, section).work_pool for stage, section in SPEC_SECTION.items()}
+    for stage, pool in placed.items():
+        if pool is not None:
+            assert f"{stage}/{pool}" in by_name(), f"{full_name(d)} places {stage} on {pool!r}: no {stage}/{pool}"
+    expected_train = {"demo": None, "cpu": "gpu", "k8s-cpu": "k8s-gpu"}[d["name"]]
+    assert placed["train"] == expected_train
+
+
+# --------------------------------------------------------------------------- Kubernetes job templates
+
+
+@cache
+def template(pool: str) -> dict:
+    return json.loads(KUBERNETES_POOLS[pool].read_text())
+
+
+@cache
+def default_template() -> dict:
+    from prefect_kubernetes.worker import KubernetesWorker
+
+    return KubernetesWorker.get_default_base_job_template()
+
+
+@pytest.mark.parametrize("pool", list(KUBERNETES_POOLS))
+def test_shipped_template_is_derived_from_the_installed_default(pool):
+    """Regenerate with `python -m voxelflow.k8s_jobs` (see its docstring) after upgrading prefect-kubernetes."""
+    assert template(pool) == k8s_jobs.job_template(default_template(), gpu=pool == "k8s-gpu")
+
+
+@pytest.mark.parametrize("pool", list(KUBERNETES_POOLS))
+def test_template_variables_are_a_valid_schema_with_every_placeholder_declared(pool):
+    from prefect.utilities.schema_tools import is_valid_schema
+    from prefect.utilities.templating import find_placeholders
+
+    t = template(pool)
+    is_valid_schema(t["variables"], preprocess=False)
+    declared = set(t["variables"]["properties"])
+    used = {p.name for p in find_placeholders(t["job_configuration"])}
+    assert used <= declared, used - declared
+
+
+def test_the_stock_template_cannot_take_env_from_a_secret():
+    """Why the k8s-cpu pool has a template of its own too: the stock `env` is a mapping of strings."""
+    from prefect.utilities.schema_tools import validate
+
+    env = [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]
+    assert validate({"env": env}, default_template()["variables"], raise_on_error=False, preprocess=True,
+                    ignore_required=True, allow_none_with_default=True)
+
+
+@pytest.mark.parametrize("d", k8s_deployments(), ids=dep_id)
+def test_job_variables_pass_the_servers_validation(d):
+    """What the API checks on `prefect deploy` (prefect.server.api.validation)."""
+    from prefect.utilities.schema_tools import validate
+
+    t = template(d["work_pool"]["name"])
+    errors = validate(d["work_pool"]["job_variables"], t["variables"], raise_on_error=False, preprocess=True,
+                      ignore_required=True, allow_none_with_default=True)
+    assert not errors, [e.message for e in errors]
+    unknown = set(d["work_pool"]["job_variables"]) - set(t["variables"]["properties"])
+    assert not unknown, f"job variables the template ignores: {unknown}"
+
+
+def worker_job(d: dict, pool: str | None = None) -> tuple[dict, dict]:
+    """(voxelflow.k8s_jobs' rendering, the Job prefect-kubernetes' worker submits for a flow run)."""
+    from prefect.client.schemas.objects import Flow, FlowRun
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    t = template(pool or d["work_pool"]["name"])
+    job_variables = d["work_pool"]["job_variables"]
+    ours = k8s_jobs.render_job(t, job_variables)
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+        t, job_variables, client=types.SimpleNamespace()))  # no block/variable placeholders: never called
+    # The same templating: both configurations are equal once through prefect's model.
+    assert KubernetesWorkerJobConfiguration(**k8s_jobs.render_configuration(t, job_variables)) == config
+    flow = flow_of(d["entrypoint"])
+    config.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), flow_id=uuid.uuid4(), name="brave-otter"),
+                                flow=Flow(id=uuid.uuid4(), name=flow.name), worker_name="k8s-worker")
+    return ours, config.job_manifest
+
+
+def pod_spec(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+def container(job: dict) -> dict:
+    (c,) = pod_spec(job)["containers"]
+    return c
+
+
+@pytest.mark.parametrize("d", k8s_deployments(), ids=dep_id)
+def test_rendered_job_is_valid_for_kubernetes(d):
+    ours, job = worker_job(d)
+    assert ours["kind"] == job["kind"] == "Job" and container(ours)["image"] == container(job)["image"]
+    job = json.loads(json.dumps(job))
+    # prefect-kubernetes puts two Job fields in the pod template (and requires them there); the API
+    # server drops unknown fields with a warning. Anything else unknown fails strict validation.
+    spec = pod_spec(job)
+    assert (spec.pop("parallelism"), spec.pop("completions")) == (1, 1)
+    try:
+        validated = kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = ".".join(str(p) for p in exc.path) or "(top level)"
+        pytest.fail(f"{dep_id(d)}: not a valid Job for Kubernetes {K8S_VERSION}: {where}: {exc.message}")
+    assert validated == ".".join(K8S_VERSION.split(".")[:2])
+
+
+def parse_quantity(value) -> float:
+    suffixes = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    number, unit = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value)).groups()
+    return float(number) * suffixes.get(unit, 1)
+
+
+@pytest.mark.parametrize("d", k8s_deployments(), ids=dep_id)
+def test_job_runs_the_voxelflow_image_in_its_namespace_as_non_root(d):
+    _, job = worker_job(d)
+    c = container(job)
+    project_version = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    repo, _, tag = c["image"].rpartition(":")
+    assert repo.rsplit("/", 1)[-1] == "voxelflow" and tag.startswith(project_version), c["image"]
+    assert job["metadata"]["namespace"] == NAMESPACE  # the worker's Role is namespaced (infra/kubernetes)
+    assert c["args"][:3] == ["prefect", "flow-run", "execute"]
+    resources = c["resources"]
+    for res in ("cpu", "memory"):
+        assert parse_quantity(resources["requests"][res]) <= parse_quantity(resources["limits"][res]), res
+    assert pod_spec(job)["securityContext"]["runAsNonRoot"] is True
+    assert pod_spec(job)["securityContext"]["runAsUser"] == k8s_jobs.UID
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+@pytest.mark.parametrize("d", k8s_deployments(), ids=dep_id)
+def test_job_runs_in_the_images_workdir(d):
+    """No pull step would make the worker chdir to wherever `prefect deploy` ran: not inside the image."""
+    workdir = re.search(r"^WORKDIR\s+(\S+)", (REPO / "infra" / "Dockerfile").read_text(), re.M).group(1)
+    assert d["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
+
+
+@pytest.mark.parametrize("d", k8s_deployments(), ids=dep_id)
+def test_addresses_come_from_a_secret_and_no_secret_is_inline(d):
+    _, job = worker_job(d)
+    env = {e["name"]: e for e in container(job)["env"]}
+    secrets = set()
+    for name in RUNTIME_ENV:
+        assert "value" not in env[name], f"{name} is written into the Job"
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == name and not ref.get("optional")
+        secrets.add(ref["name"])
+    assert secrets == {"voxelflow-runtime"}
+    # nothing that looks like a credential in the deployment's job variables
+    text = json.dumps(d["work_pool"]["job_variables"])
+    assert not re.search(r"://[^/\s\"]*:[^/\s\"]*@", text), "a URL with a password"
+    literal = [e["name"] for e in d["work_pool"]["job_variables"].get("env", []) if "value" in e]
+    assert not [n for n in literal if re.search(r"KEY|SECRET|TOKEN|PASSWORD|URL|URI|STORE", n)], literal
+
+
+def test_the_runtime_secret_is_documented():
+    readme = (REPO / "infra" / "README.md").read_text()
+    assert "voxelflow-runtime" in readme
+    for name in RUNTIME_ENV:
+        assert name in readme
+
+
+def test_training_job_gets_a_spot_gpu():
+    _, job = worker_job(by_name()["train/k8s-gpu"])
+    resources = container(job)["resources"]
+    assert str(resources["limits"]["nvidia.com/gpu"]) == str(resources["requests"]["nvidia.com/gpu"]) == "1"
+    spec = pod_spec(job)
+    assert set(spec["nodeSelector"].items()) & SPOT_SELECTORS, spec["nodeSelector"]
+    assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" and t.get("effect") == "NoSchedule"
+               for t in spec["tolerations"])
+    # a reclaimed spot node SIGTERMs the pod: with backoffLimit 0 the worker has the run rescheduled
+    assert job["spec"]["backoffLimit"] == 0
+    env = {e["name"]: e.get("value") for e in container(job)["env"]}
+    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"
+
+
+def test_cpu_jobs_get_no_gpu():
+    for d in k8s_deployments():
+        if d["work_pool"]["name"] == "k8s-cpu":
+            _, job = worker_job(d)
+            assert not any("nvidia.com/gpu" in r for r in container(job)["resources"].values()), dep_id(d)
+
+
+def test_gpu_pool_defaults_to_one_gpu_with_its_toleration():
+    """A deployment on k8s-gpu that sets no job variables still lands on a GPU node."""
+    bare = {"entrypoint": "flows/stages.py:train_flow", "name": "bare", "work_pool": {"job_variables": {}}}
+    _, job = worker_job(bare, pool="k8s-gpu")
+    assert str(container(job)["resources"]["limits"]["nvidia.com/gpu"]) == "1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(job)["tolerations"]
+    assert job["metadata"]["namespace"] == NAMESPACE
+
+
+# --------------------------------------------------------------------------- voxelflow.k8s_jobs
+
+
+def test_render_job_follows_prefects_templating():
+    from prefect.utilities.templating import apply_values
+
+    t = {"job_configuration": {"job_manifest": {
+        "whole": "{{ a }}", "text": "x-{{ a }}-{{ missing }}", "gone": "{{ missing }}", "list": ["{{ b }}", "{{ missing }}"],
+        "nested": "{{ c.d }}", "index": "{{ e[1] }}", "block": "{{ prefect.blocks.secret.x }}", "n": 3, "none": None}},
+        "variables": {"properties": {"a": {"default": 1}, "b": {"default": None}, "c": {"default": {"d": "D"}},
+                                     "e": {"default": [0, "one"]}}}}
+    values = k8s_jobs.template_values(t, {"b": [1, 2], "c.f": "F"})
+    assert values == {"a": 1, "b": [1, 2], "c": {"f": "F"}, "e": [0, "one"]}  # a plain key wins over defaults
+    assert k8s_jobs.render_job(t, {"b": [1, 2]}) == apply_values(t["job_configuration"], {**values, "c": {"d": "D"}})[
+        "job_manifest"]
+    assert k8s_jobs.render_job(t, {}) == {"whole": 1, "text": "x-1-", "list": [], "nested": "D", "index": "one",
+                                          "block": "{{ prefect.blocks.secret.x }}", "n": 3, "none": None}
+
+
+def test_k8s_jobs_does_not_import_prefect():
+    source = Path(k8s_jobs.__file__).read_text()
+    assert not re.search(r"^\s*(import|from)\s+prefect", source, re.M)
