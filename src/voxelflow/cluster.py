@@ -114,9 +114,13 @@ def dask_client(
 ) -> Iterator[Client]:
     """A connected client whose workers are warm (:class:`~voxelflow.dask_preload.WarmWorker`).
 
-    A cluster voxelflow starts listens on 127.0.0.1 only and is closed after the block; with
-    ``adaptive`` (``minimum``/``maximum``) it scales between those worker counts. An external
-    scheduler is used as it is.
+    ``cluster`` and ``device`` choose the cluster (:func:`resolve_kind`); ``scheduler`` is the
+    configured scheduler address (``VOXELFLOW_DASK_SCHEDULER``). A cluster voxelflow starts listens
+    on 127.0.0.1 only, gives its workers one thread each (CPU) and :data:`WORKER_ENV`, has
+    ``n_workers`` workers (default: the cores, at most 8; one per GPU for CUDA), each limited to
+    ``memory_limit`` (Dask's default: the machine's memory shared out), and is closed after the
+    block; with ``adaptive`` (``minimum``/``maximum``) it scales between those worker counts. An
+    external scheduler is used as it is.
     """
     from voxelflow.dask_preload import WarmWorker
 

@@ -150,7 +150,7 @@ class CaseStore:
         return self.store.url_of(self.key(case_id))
 
     def committed(self) -> list[str]:
-        return self.store.list(f"{self.prefix}/{COMMITTED}")
+        return [n for n in self.store.list(f"{self.prefix}/{COMMITTED}") if not n.startswith(".")]  # not temp files
 
     def is_committed(self, case_id: str) -> bool:
         return self.store.exists(self._marker(case_id))
@@ -166,7 +166,8 @@ class CaseStore:
     def open(self, case_id: str):
         import xarray as xr
 
-        return xr.open_zarr(self.url(case_id), zarr_format=3, consolidated=False)
+        # numpy-backed (chunks=None): read inside a Dask task, lazy arrays would become tasks of their own
+        return xr.open_zarr(self.url(case_id), zarr_format=3, consolidated=False, chunks=None)
 
     def remove(self, case_id: str) -> None:
         """Uncommit the case and delete every attempt of it."""

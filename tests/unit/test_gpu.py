@@ -38,9 +38,10 @@ def test_segmenter_on_the_gpu(tiny_model_config, tiny_weights):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("dask_cuda") is None, reason="needs the gpu extra (dask-cuda)")
-def test_auto_cluster_is_cuda():
+def test_auto_cluster_is_cuda_for_gpu_transforms():
     from voxelflow.cluster import dask_client, resolve_kind
 
-    assert resolve_kind("auto", None) == "cuda"
-    with dask_client("auto") as client:
+    assert resolve_kind("auto", None) == "local"  # CPU transforms keep a CPU cluster, GPU or not
+    assert resolve_kind("auto", None, device="cuda") == "cuda"
+    with dask_client("auto", device="cuda") as client:
         assert client.submit(lambda: torch.cuda.is_available()).result()
