@@ -35,6 +35,7 @@ def shared_database(tmp_path):
 
 def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_path):
     import fsspec
+    import s3fs
 
     from voxelflow.synthetic import make_decathlon
 
@@ -53,6 +54,7 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
         finally:
             for key in s3:
                 os.environ.pop(key, None)
+            s3fs.S3FileSystem.clear_instance_cache()
 
         with dask_cluster(tmp_path, {**base, "VOXELFLOW_HOME": str(tmp_path / "home-dask")}) as scheduler:
             cli = {**base, "VOXELFLOW_HOME": str(homes["cli"])}
@@ -106,6 +108,7 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
         finally:
             for key in addresses:
                 os.environ.pop(key, None)
+            s3fs.S3FileSystem.clear_instance_cache()  # its clients point at this test's (stopped) S3 server
 
     # no pipeline data on any machine's local disk
     for name, home in homes.items():

@@ -178,6 +178,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def forget_s3_clients() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture(scope="session")
 def s3_store_url(tmp_path_factory) -> str:
     """``s3://bucket/prefix`` on a moto S3 server on 127.0.0.1, for the whole session.
@@ -205,6 +211,7 @@ def s3_store_url(tmp_path_factory) -> str:
                     raise RuntimeError(f"moto did not start on {endpoint}: {log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
         os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
+        forget_s3_clients()  # s3fs caches clients per arguments: one made for another endpoint must not be reused
         bucket = "voxelflow-test"
         httpx.put(f"{endpoint}/{bucket}", timeout=10).raise_for_status()
         yield f"s3://{bucket}/unit"
@@ -214,6 +221,7 @@ def s3_store_url(tmp_path_factory) -> str:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        forget_s3_clients()
         proc.terminate()
         try:
             proc.wait(timeout=10)
