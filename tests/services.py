@@ -72,6 +72,10 @@ def fresh_postgres(admin_url: str) -> Iterator[str]:
     try:
         yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
+        from voxelflow import db as vdb
+
+        for url in [u for u in vdb._open if name in u]:  # engines that connect() pooled for this database
+            vdb._open.pop(url).dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
@@ -126,5 +130,21 @@ def prefect_worker(pool: str, env: dict[str, str], log: Path, cwd: Path) -> Iter
         stop(proc, timeout=30)
 
 
-def environ(**extra: str) -> dict[str, str]:
-    return {**os.environ, **extra}
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set variables in this process for the block, then restore them; S3 clients made meanwhile are
+    forgotten at both ends (s3fs caches them per arguments, and the endpoint comes from the environment)."""
+    import s3fs
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        s3fs.S3FileSystem.clear_instance_cache()

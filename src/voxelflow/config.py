@@ -187,21 +187,8 @@ class PromoteSpec(_Stage):
     approval: Literal["auto", "manual"] = "auto"
 
 
-class Autoscale(_Section):
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(8, ge=1)
-    target_cpu_percent: int = Field(70, gt=0, le=100)
-
-    @model_validator(mode="after")
-    def _order(self) -> Autoscale:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be at least min_replicas")
-        return self
-
-
 class DeploySpec(_Stage):
     target: Literal["local"] = Field("local", description="local: the service on 127.0.0.1")
-    autoscale: Autoscale = Field(default_factory=Autoscale)
 
 
 class PipelineSpec(_Section):

@@ -287,6 +287,7 @@ def ingest(
                 problem = exc
         with db.locked(f"ingest:{pipeline}") as conn:
             fresh = [obj for obj in case.objects if obj not in _seen(conn, pipeline, shas)]
+            committed = problem is None and layout.raw.is_committed(case_id)
             at = now()
             if problem is not None:
                 state, cid = "quarantined", None
@@ -294,11 +295,11 @@ def ingest(
                     if obj in blobs:
                         layout.store.write_bytes(layout.quarantine(shas[obj]), blobs[obj])
                 report.quarantined.append({"case": case.name, "reason": problem.reason, "detail": problem.detail})
-            elif layout.raw.is_committed(case_id) and _case_ingested(conn, pipeline, case_id):
+            elif committed and _case_ingested(conn, pipeline, case_id):
                 state, cid = "duplicate", case_id
                 report.duplicate.append(case_id)
             else:
-                if not layout.raw.is_committed(case_id):  # else a crash after the commit: record what is there
+                if not committed:  # else a crash after the commit: record what is there
                     write_case(layout.raw, case_id, image, label, {
                         "case_name": case.name, "source_sha256": content, "spacing": list(image.spacing),
                         "affine": image.affine.tolist(), "modality": "unknown", "dtype": str(image.array.dtype),

@@ -14,7 +14,7 @@ import os
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tests.services import dask_cluster, fresh_postgres, moto_s3, prefect_worker
+from tests.services import dask_cluster, fresh_postgres, moto_s3, prefect_worker, scoped_environ
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,6 @@ def shared_database(tmp_path):
 
 def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_path):
     import fsspec
-    import s3fs
 
     from voxelflow.synthetic import make_decathlon
 
@@ -48,13 +47,8 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
 
         # the data arrives in the object store
         local = make_decathlon(tmp_path / "arrived", n_cases=8)
-        os.environ.update(s3)
-        try:
-            fsspec.filesystem("s3", skip_instance_cache=True).put(str(local), "voxelflow/incoming", recursive=True)
-        finally:
-            for key in s3:
-                os.environ.pop(key, None)
-            s3fs.S3FileSystem.clear_instance_cache()
+        with scoped_environ(s3):
+            fsspec.filesystem("s3").put(str(local), "voxelflow/incoming", recursive=True)
 
         with dask_cluster(tmp_path, {**base, "VOXELFLOW_HOME": str(tmp_path / "home-dask")}) as scheduler:
             cli = {**base, "VOXELFLOW_HOME": str(homes["cli"])}
@@ -81,8 +75,7 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
         assert "HTTP prediction dice" in logs["cpu"], logs["cpu"][-3000:]
 
         # everything a later stage needs is in the store and the database
-        os.environ.update(addresses)
-        try:
+        with scoped_environ(addresses):
             from voxelflow import audit, registry
             from voxelflow.config import Settings
             from voxelflow.db import Database
@@ -105,10 +98,6 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
             settings = Settings(home=tmp_path / "nowhere", mlflow_tracking_uri=mlflow_url)
             assert registry.alias_version(settings.tracking_uri, "demo-spheres") == "1"
             db.dispose()
-        finally:
-            for key in addresses:
-                os.environ.pop(key, None)
-            s3fs.S3FileSystem.clear_instance_cache()  # its clients point at this test's (stopped) S3 server
 
     # no pipeline data on any machine's local disk
     for name, home in homes.items():

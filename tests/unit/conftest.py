@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -140,48 +136,17 @@ def pg_url() -> str:
     The variable names a database on that server to connect to (for example
     ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``); the test is skipped when it is unset.
     """
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from tests.services import fresh_postgres
 
     admin_url = os.environ.get(PG_ENV)
     if not admin_url:
         pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server to test against "
                     "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
-    name = f"voxelflow_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        from voxelflow import db as vdb
-
-        for url in [u for u in vdb._open if name in u]:  # engines that connect() pooled for this database
-            vdb._open.pop(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres(admin_url) as url:
+        yield url
 
 
 # ---------------------------------------------------------------- S3 (moto on loopback)
-
-S3_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def forget_s3_clients() -> None:
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="session")
@@ -191,43 +156,10 @@ def s3_store_url(tmp_path_factory) -> str:
     The AWS_* variables that point clients (s3fs, botocore) at it are set in ``os.environ`` and
     restored when the session ends; the server is stopped then too.
     """
-    import httpx
+    from tests.services import moto_s3, scoped_environ
 
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=log.parent)
-    saved = {k: os.environ.get(k) for k in (*S3_ENV, "AWS_ENDPOINT_URL")}
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1)
-                break
-            except httpx.HTTPError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto did not start on {endpoint}: {log.read_text()[-2000:]}") from None
-                time.sleep(0.1)
-        os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
-        forget_s3_clients()  # s3fs caches clients per arguments: one made for another endpoint must not be reused
-        bucket = "voxelflow-test"
-        httpx.put(f"{endpoint}/{bucket}", timeout=10).raise_for_status()
-        yield f"s3://{bucket}/unit"
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        forget_s3_clients()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with moto_s3(tmp_path_factory.mktemp("moto"), bucket="voxelflow-test") as env, scoped_environ(env):
+        yield "s3://voxelflow-test/unit"
 
 
 @pytest.fixture

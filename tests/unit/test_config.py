@@ -34,8 +34,7 @@ def test_demo_spec_loads(demo_spec_path, demo_data):
     assert spec.train.epochs == demo_data["train"]["epochs"]
     assert spec.train.precision == demo_data["train"]["precision"]
     assert spec.promote.gates.min_dice == pytest.approx(demo_data["promote"]["gates"]["min_dice"])
-    assert spec.deploy.autoscale.model_dump() == {**spec.deploy.autoscale.model_dump(),
-                                                  **demo_data["deploy"]["autoscale"]}
+    assert spec.deploy.target == demo_data["deploy"]["target"]
     # the digest is stable across loads and changes with the content
     assert load_spec(demo_spec_path).digest() == spec.digest()
     assert load_spec(demo_spec_path, sets=[f"train.epochs={spec.train.epochs + 1}"]).digest() != spec.digest()
@@ -44,18 +43,18 @@ def test_demo_spec_loads(demo_spec_path, demo_data):
 def test_overlay_merges_deeply(demo_spec_path, tmp_path):
     overlay = write_yaml(tmp_path / "overlay.yaml", {
         "train": {"epochs": 987},
-        "deploy": {"autoscale": {"max_replicas": 17}},
+        "promote": {"gates": {"beat_champion_by": 0.17}},
     })
     base = load_spec(demo_spec_path)
     spec = load_spec(demo_spec_path, overlays=[overlay])
-    assert base.train.epochs != 987 and base.deploy.autoscale.max_replicas != 17
+    assert base.train.epochs != 987 and base.promote.gates.beat_champion_by != 0.17
     assert spec.train.epochs == 987
     # siblings of the changed keys keep the base's values
     assert spec.train.model_dump(exclude={"epochs"}) == base.train.model_dump(exclude={"epochs"})
-    assert spec.deploy.autoscale.max_replicas == 17
-    assert spec.deploy.autoscale.min_replicas == base.deploy.autoscale.min_replicas
-    assert spec.deploy.autoscale.target_cpu_percent == base.deploy.autoscale.target_cpu_percent
-    assert spec.model_dump(exclude={"train", "deploy"}) == base.model_dump(exclude={"train", "deploy"})
+    assert spec.promote.gates.beat_champion_by == 0.17
+    assert spec.promote.gates.min_dice == base.promote.gates.min_dice
+    assert spec.promote.model_dump(exclude={"gates"}) == base.promote.model_dump(exclude={"gates"})
+    assert spec.model_dump(exclude={"train", "promote"}) == base.model_dump(exclude={"train", "promote"})
 
 
 def test_overlays_apply_in_order_and_sets_win(demo_spec_path, tmp_path):
@@ -119,8 +118,8 @@ BAD_SPECS = [
      ["train.precision", "fp32", "bf16-mixed", "fp16-mixed"]),
     ("bad-cluster", lambda d: _mutate(d, "preprocess.cluster", "kubernetes"),
      ["preprocess.cluster", "tcp://"]),
-    ("replicas-order", lambda d: _mutate(d, "deploy.autoscale", {"min_replicas": 3, "max_replicas": 2}),
-     ["deploy.autoscale", "max_replicas", "min_replicas"]),
+    ("adaptive-order", lambda d: _mutate(d, "preprocess.adaptive", {"minimum": 3, "maximum": 2}),
+     ["preprocess.adaptive", "maximum", "minimum"]),
     ("missing-section", lambda d: d.pop("train"), ["train", "required"]),
     ("bad-layout", lambda d: _mutate(d, "data.layout", "bids"), ["data.layout", "decathlon", "folder"]),
     ("bad-model-name", lambda d: _mutate(d, "promote.model_name", "has space"), ["promote.model_name"]),
