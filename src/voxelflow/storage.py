@@ -109,6 +109,17 @@ class Store:
         except FileNotFoundError:
             pass
 
+    def modified(self, key: str) -> float | None:
+        """When an object was last written (seconds since the epoch); ``None`` when it does not exist."""
+        path = self.path(key)
+        self.fs.invalidate_cache(path)
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        when = info.get("mtime", info.get("LastModified", info.get("created")))
+        return when.timestamp() if hasattr(when, "timestamp") else (float(when) if when is not None else None)
+
     def files(self, prefix: str = "") -> list[str]:
         """Every object key under ``prefix`` (recursive), relative to the store."""
         path = self.path(prefix)
@@ -168,6 +179,44 @@ class CaseStore:
 
         # numpy-backed (chunks=None): read inside a Dask task, lazy arrays would become tasks of their own
         return xr.open_zarr(self.url(case_id), zarr_format=3, consolidated=False, chunks=None)
+
+    def attempts(self) -> dict[str, list[str]]:
+        """Every attempt present under the prefix, by case id (committed or not)."""
+        found: dict[str, list[str]] = {}
+        for name in self.store.list(self.prefix):
+            parts = name.rsplit(".", 2)
+            if len(parts) == 3 and parts[2] == "zarr":
+                found.setdefault(parts[0], []).append(parts[1])
+        return found
+
+    def sweep(self, grace_s: float = 3600.0, now: float | None = None) -> list[str]:
+        """Delete attempts no marker names (left by a writer that crashed or lost a race).
+
+        Only attempts older than ``grace_s`` go: a younger one may belong to a writer that is about
+        to commit, and a reader that resolved an old marker a moment ago may still be reading it.
+        Returns the keys deleted.
+        """
+        import time
+
+        now = time.time() if now is None else now
+        removed = []
+        for case_id, attempts in self.attempts().items():
+            try:
+                live = self.key(case_id)
+            except KeyError:
+                live = None
+            for attempt in attempts:
+                key = f"{self.prefix}/{case_id}.{attempt}.zarr"
+                if key == live:
+                    continue
+                # zarr.json is written first and once: the attempt's age; an attempt without one is as old as its files
+                stamps = [self.store.modified(f"{key}/zarr.json")]
+                if stamps[0] is None:
+                    stamps = [self.store.modified(f) for f in self.store.files(key)] or [None]
+                if all(s is not None and now - s > grace_s for s in stamps):
+                    self.store.remove(key)
+                    removed.append(key)
+        return removed
 
     def remove(self, case_id: str) -> None:
         """Uncommit the case and delete every attempt of it."""

@@ -332,11 +332,18 @@ def test_referenced_configmaps_secrets_and_claims_exist(kind, name, key, optiona
         assert key in keys, f"{kind}/{name} has no key {key!r} (has {sorted(keys)})"
 
 
-def test_prefect_worker_polls_the_kubernetes_pool():
-    c = container("prefect-worker")
+def kubernetes_pools_of_deployments() -> set[str]:
+    doc = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    return {d["work_pool"]["name"] for d in doc["deployments"] if d["work_pool"]["name"].startswith("k8s-")}
+
+
+@pytest.mark.parametrize("worker,pool", [("prefect-worker-cpu", "k8s-cpu"), ("prefect-worker-gpu", "k8s-gpu")])
+def test_prefect_workers_poll_the_kubernetes_pools_of_the_deployments(worker, pool):
+    assert pool in kubernetes_pools_of_deployments()
+    c = container(worker)
     argv = " ".join([*c.get("command", []), *c.get("args", [])])
     assert argv.startswith("prefect worker start")
-    assert re.search(r"--pool[ =]voxelflow-kubernetes\b", argv)
+    assert re.search(rf"--pool[ =]{pool}(\s|$)", argv)
     assert re.search(r"--type[ =]kubernetes\b", argv)
     env = env_of(c)
     assert "configMapKeyRef" in env["PREFECT_API_URL"]["valueFrom"]
@@ -347,8 +354,21 @@ def test_prefect_worker_polls_the_kubernetes_pool():
     assert find("ConfigMap", observer["name"])["data"][observer["key"]] == NAMESPACE
 
 
-def test_prefect_worker_rbac_allows_jobs_pods_and_logs_only_in_its_namespace():
-    dep = find("Deployment", "prefect-worker")
+def test_every_kubernetes_pool_has_a_worker():
+    polled = set()
+    for _, doc in DOCS:
+        if doc["kind"] != "Deployment":
+            continue
+        for c in pod_spec(doc)["containers"]:
+            argv = [*c.get("command", []), *c.get("args", [])]
+            if argv[:3] == ["prefect", "worker", "start"]:
+                polled.add(argv[argv.index("--pool") + 1])
+    assert polled == kubernetes_pools_of_deployments()
+
+
+@pytest.mark.parametrize("worker", ["prefect-worker-cpu", "prefect-worker-gpu"])
+def test_prefect_worker_rbac_allows_jobs_pods_and_logs_only_in_its_namespace(worker):
+    dep = find("Deployment", worker)
     sa = pod_spec(dep)["serviceAccountName"]
     bindings = [d for _, d in DOCS if d["kind"] == "RoleBinding"
                 and any(s["kind"] == "ServiceAccount" and s["name"] == sa for s in d["subjects"])]

@@ -189,6 +189,40 @@ def test_two_writers_of_one_case_do_not_clobber_each_other(store):
     np.testing.assert_array_equal(cases.open("case-z")["image"].values, case(7)["image"].values)
 
 
+def test_sweep_deletes_only_old_attempts_no_marker_names(store, monkeypatch):
+    import time
+
+    cases = CaseStore(store, "raw")
+    cases.write("case-s", case(1))
+    live = cases.key("case-s")
+    real = store.write_bytes
+
+    def crash_on_marker(key: str, data: bytes) -> None:
+        if f"/{COMMITTED}/" in key:
+            raise OSError("lost before the commit marker")
+        real(key, data)
+
+    monkeypatch.setattr(store, "write_bytes", crash_on_marker)
+    for seed in (2, 3):  # a crashed rewrite, and a crashed first write of another case
+        with pytest.raises(OSError):
+            cases.write("case-s" if seed == 2 else "case-t", case(seed))
+    monkeypatch.undo()
+    assert sum(len(a) for a in cases.attempts().values()) == 3
+    assert cases.sweep(grace_s=3600) == []  # young orphans may still belong to a writer about to commit
+    removed = cases.sweep(grace_s=3600, now=time.time() + 7200)
+    assert len(removed) == 2 and live not in removed
+    assert cases.attempts() == {"case-s": [live.rsplit(".", 2)[1]]}
+    np.testing.assert_array_equal(cases.open("case-s")["image"].values, case(1)["image"].values)
+
+
+def test_modified_is_recent_for_a_new_object_and_none_for_a_missing_one(store):
+    import time
+
+    store.write_bytes("a/b", b"x")
+    assert abs(store.modified("a/b") - time.time()) < 120
+    assert store.modified("a/missing") is None
+
+
 def test_case_urls(store):
     cases = CaseStore(store, "raw")
     cases.write("c1", case(1))
