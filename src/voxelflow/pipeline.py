@@ -78,6 +78,11 @@ def preprocess_stage(
 
     layout = ctx.layout
     out = layout.preprocessed(preprocess.transform_digest(spec))
+    for cases in (layout.raw, out):  # attempts of crashed or outraced writers, once they are an hour old
+        swept = cases.sweep()
+        if swept:
+            audit.append(ctx.db, "store.swept", "voxelflow", pipeline=ctx.pipeline, prefix=cases.prefix,
+                         attempts=len(swept))
     if not set(case_ids) - set(out.committed()):  # nothing new: no cluster needed
         return preprocess.preprocess(spec, layout.raw, case_ids, out, progress=progress)
     with dask_client(spec.cluster, ctx.settings.dask_scheduler, ctx.settings.dask_workers, device=spec.device,

@@ -27,6 +27,23 @@ def test_demo_prints_http_dice(demo_run):
     assert float(line.split(":")[1]) > FLOOR
 
 
+def test_progress_artifacts_of_completed_steps_end_at_100(demo_run, prefect_api):
+    """Updates are sent in the background and thinned out, but the last one always lands."""
+    import httpx
+
+    with httpx.Client(base_url=prefect_api, timeout=30) as api:
+        artifacts = api.post("/artifacts/filter", json={"artifacts": {"type": {"any_": ["progress"]}}}).json()
+        done = 0
+        for a in artifacts:
+            if not a.get("task_run_id"):
+                continue
+            run = api.get(f"/task_runs/{a['task_run_id']}").json()
+            if run["state_type"] == "COMPLETED":
+                assert float(a["data"]) == 100.0, a
+                done += 1
+    assert done >= 3  # ingest, preprocess, train
+
+
 def test_stores_exist(demo_run):
     from voxelflow.config import Settings, load_spec
     from voxelflow.db import connect
