@@ -43,8 +43,8 @@ def lifecycle(
     ingested = placed("ingest", spec.data.work_pool, ctx, spec, lid, lambda: ingest(spec.data, ctx))
     prep = placed("preprocess", spec.preprocess.work_pool, ctx, spec, lid,
                   lambda: preprocess(spec.preprocess, ctx, ingested.case_ids), case_ids=ingested.case_ids)
-    parts = split_stage(spec.evaluate, usable_cases(ingested, prep), spec.train.seed)  # pure and instant: no task
-    run_id = mlflow_run(spec, ctx, ingested.dataset_digest)
+    parts = split_stage(spec.evaluate, usable_cases(ingested, prep))  # pure and instant: no task
+    run_id = mlflow_run(spec, ctx, ingested.dataset_digest, parts)
     outcome = placed("train", spec.train.work_pool, ctx, spec, lid,
                      lambda: train(spec.train, spec.preprocess, ctx, parts.train, run_id),
                      train_ids=parts.train, run_id=run_id)

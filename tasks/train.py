@@ -5,13 +5,13 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
 from voxelflow.config import PipelineSpec, PreprocessSpec, TrainSpec
-from voxelflow.pipeline import Context, TrainOutcome, start_run, train_stage
+from voxelflow.pipeline import Context, Split, TrainOutcome, start_run, train_stage
 
 
 @task(name="start-mlflow-run", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def mlflow_run(spec: PipelineSpec, ctx: Context, dataset_digest: str) -> str:
-    """Open the MLflow run that carries params, metrics, pictures and lineage tags."""
-    return start_run(spec, ctx, dataset_digest)
+def mlflow_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Split | None = None) -> str:
+    """Open the MLflow run that carries params, metrics, pictures, lineage tags and the split."""
+    return start_run(spec, ctx, dataset_digest, split)
 
 
 @task(name="train", retries=2, retry_delay_seconds=5, timeout_seconds=6 * 3600, cache_policy=NO_CACHE)

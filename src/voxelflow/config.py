@@ -202,6 +202,16 @@ class PipelineSpec(_Section):
     promote: PromoteSpec
     deploy: DeploySpec = Field(default_factory=DeploySpec)
 
+    @model_validator(mode="after")
+    def _gates_use_computed_metrics(self) -> PipelineSpec:
+        # the gates read `dice`: a spec that does not compute it could never promote anything
+        if "dice" not in self.evaluate.metrics:
+            raise ValueError(
+                f"promote.gates (min_dice, beat_champion_by) need the metric 'dice', but evaluate.metrics is "
+                f"{self.evaluate.metrics}: add dice to evaluate.metrics"
+            )
+        return self
+
     def digest(self) -> str:
         """A stable hash of the spec, for lineage."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from typing import Callable
 
@@ -13,34 +12,113 @@ from voxelflow.ingest import load_case
 from voxelflow.storage import CaseStore
 
 
-def split(case_ids: list[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split by hashed case id (at least one case each side)."""
-    if len(case_ids) < 2:
-        raise ValueError(f"need at least 2 cases to hold some out, have {len(case_ids)}")
-    ranked = sorted(case_ids, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
-    n_val = min(len(ranked) - 1, max(1, math.ceil(len(ranked) * val_fraction)))
-    return sorted(ranked[n_val:]), sorted(ranked[:n_val])
+SPLIT_SALT = b"voxelflow-split-v1:"
+
+#: metric name -> True when higher is better
+DIRECTIONS = {"dice": True, "hausdorff95": False}
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Foreground Dice; 1.0 when both are empty."""
-    p, t = pred > 0, truth > 0
-    denom = p.sum() + t.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
+def split_position(case_id: str) -> float:
+    """Where a case falls in [0, 1): a fixed function of its id, which is its content hash."""
+    digest = hashlib.sha256(SPLIT_SALT + case_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> float:
+def split(case_ids: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Train/validation split: a case is held out when its position is below ``val_fraction``.
+
+    Membership depends on the case alone, so adding cases never moves one from side to side, and
+    no seed changes it. Raises when either side would be empty.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
+    val = sorted(c for c in case_ids if split_position(c) < val_fraction)
+    train = sorted(c for c in case_ids if split_position(c) >= val_fraction)
+    if not val or not train:
+        side = "validation" if not val else "training"
+        raise ValueError(
+            f"no case falls on the {side} side of val_fraction {val_fraction} among {len(case_ids)} cases; "
+            "add cases or change evaluate.val_fraction"
+        )
+    return train, val
+
+
+def metric_names(metrics: list[str], n_classes: int) -> list[str]:
+    """Every score :func:`score` reports: each metric's mean over foreground classes and per class."""
+    names = []
+    for m in metrics:
+        names.append(m)
+        names.extend(f"{m}_{c}" for c in range(1, n_classes))
+    return names
+
+
+def direction(metric: str) -> bool:
+    """True when higher is better for a reported metric name (``dice``, ``dice_2``, ``hausdorff95_1``)."""
+    base = metric.rsplit("_", 1)[0] if metric.rsplit("_", 1)[-1].isdigit() else metric
+    if base not in DIRECTIONS:
+        raise KeyError(f"unknown metric {metric!r}; known: {sorted(DIRECTIONS)}")
+    return DIRECTIONS[base]
+
+
+def _one_hot(labels: np.ndarray, n_classes: int):
     import torch
+
+    t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    return torch.nn.functional.one_hot(t.clamp(0, n_classes - 1), n_classes).movedim(-1, 0)[None]
+
+
+def diagonal_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
+    """The length of the volume's diagonal: the distance given when a structure is missed entirely."""
+    return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int = 2) -> list[float]:
+    """Dice of each foreground class (1..n_classes-1), through MONAI.
+
+    A class absent from both gives 1.0; absent from one of them gives 0.0 (never dropped).
+    """
+    from monai.metrics import compute_dice
+
+    values = compute_dice(_one_hot(pred, n_classes), _one_hot(truth, n_classes), include_background=False,
+                          ignore_empty=False)
+    return [float(v) for v in values[0]]
+
+
+def hausdorff95_per_class(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...],
+                          n_classes: int = 2) -> list[float]:
+    """95th-percentile Hausdorff distance (mm) of each foreground class, through MONAI.
+
+    Both empty: 0. One empty and not the other: the volume's diagonal in mm, the worst distance the
+    volume allows (MONAI gives inf or NaN there, which a mean would drop).
+    """
     from monai.metrics import compute_hausdorff_distance
 
-    if not (pred > 0).any() or not (truth > 0).any():
-        return float("nan")
-    p = torch.as_tensor(pred > 0)[None, None]
-    t = torch.as_tensor(truth > 0)[None, None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # raised inside MONAI's own edge helper
-        hd = compute_hausdorff_distance(p, t, percentile=95, spacing=list(spacing))
-    return float(hd.item())
+    worst = diagonal_mm(pred.shape, spacing)
+    p1, t1 = _one_hot(pred, n_classes), _one_hot(truth, n_classes)
+    out = []
+    for c in range(1, n_classes):
+        has_p, has_t = bool(p1[0, c].any()), bool(t1[0, c].any())
+        if not has_p and not has_t:
+            out.append(0.0)
+        elif has_p != has_t:
+            out.append(worst)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # FutureWarning raised inside MONAI's own edge helper
+                hd = compute_hausdorff_distance(p1[:, [0, c]], t1[:, [0, c]], include_background=False,
+                                                percentile=95, spacing=list(spacing))
+            out.append(min(float(hd.item()), worst))
+    return out
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, n_classes: int = 2) -> float:
+    """Mean foreground Dice over classes."""
+    return float(np.mean(dice_per_class(pred, truth, n_classes)))
+
+
+def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], n_classes: int = 2) -> float:
+    """Mean 95th-percentile Hausdorff distance over foreground classes (mm)."""
+    return float(np.mean(hausdorff95_per_class(pred, truth, spacing, n_classes)))
 
 
 def score(
@@ -48,16 +126,27 @@ def score(
     raw: CaseStore,
     case_ids: list[str],
     metrics: list[str],
+    n_classes: int = 2,
 ) -> dict[str, float]:
-    """Mean of each metric over the cases, each predicted from its raw volume."""
-    per_case: dict[str, list[float]] = {m: [] for m in metrics}
+    """Mean of each metric over the cases (every case counts), per class and over classes.
+
+    Keys are :func:`metric_names`: ``dice`` is the mean over cases of the mean over foreground
+    classes, ``dice_2`` that of class 2 alone; likewise ``hausdorff95``.
+    """
+    per_case: dict[str, list[float]] = {m: [] for m in metric_names(metrics, n_classes)}
     for cid in case_ids:
         case = load_case(raw, cid)
         if "label" not in case:
             raise ValueError(f"{cid} has no label: it cannot be used for evaluation")
         pred = segment(case["image"], case["affine"])
-        if "dice" in per_case:
-            per_case["dice"].append(dice(pred, case["label"]))
-        if "hausdorff95" in per_case:
-            per_case["hausdorff95"].append(hausdorff95(pred, case["label"], tuple(case["attrs"]["spacing"])))
-    return {m: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for m, v in per_case.items()}
+        for m in metrics:
+            if m == "dice":
+                values = dice_per_class(pred, case["label"], n_classes)
+            elif m == "hausdorff95":
+                values = hausdorff95_per_class(pred, case["label"], tuple(case["attrs"]["spacing"]), n_classes)
+            else:
+                raise ValueError(f"unknown metric {m!r}")
+            per_case[m].append(float(np.mean(values)))
+            for c, v in enumerate(values, start=1):
+                per_case[f"{m}_{c}"].append(v)
+    return {name: float(np.mean(v)) for name, v in per_case.items()}

@@ -6,6 +6,7 @@ which is what the orchestration benchmark compares the flow against.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -105,9 +106,16 @@ class Split:
     val: list[str]
 
 
-def split_stage(spec: EvaluateSpec, case_ids: list[str], seed: int = 0) -> Split:
-    tr, va = evaluate.split(case_ids, spec.val_fraction, seed)
+def split_stage(spec: EvaluateSpec, case_ids: list[str]) -> Split:
+    """Held-out cases by content hash alone: new cases never move an old one across (no seed)."""
+    tr, va = evaluate.split(case_ids, spec.val_fraction)
     return Split(tr, va)
+
+
+def n_classes(network: dict[str, dict[str, Any]]) -> int:
+    """Classes the network predicts, background included (its ``out_channels``)."""
+    args = next(iter(network.values()))
+    return int(args.get("out_channels", 2))
 
 
 def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
@@ -115,9 +123,15 @@ def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
     return {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name}
 
 
-def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str) -> str:
+def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Split | None = None) -> str:
+    """Open the MLflow run; the split, when given, is kept in it as ``split.json``."""
     ensure_tracking(ctx)
-    return registry.start_run(ctx.tracking_uri, ctx.settings.artifact_root, spec, lineage(spec, dataset_digest))
+    run_id = registry.start_run(ctx.tracking_uri, ctx.settings.artifact_root, spec, lineage(spec, dataset_digest))
+    if split is not None:
+        registry.log_bytes(ctx.tracking_uri, run_id, "split.json", json.dumps(
+            {"rule": f"sha256(salt + case id) < {spec.evaluate.val_fraction}", "train": split.train,
+             "val": split.val}, indent=1).encode())
+    return run_id
 
 
 _tracking_ready: set[str] = set()
@@ -200,18 +214,19 @@ def evaluate_stage(
 
     candidate = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
     raw = ctx.layout.raw
-    scores = evaluate.score(candidate.segment, raw, val_ids, spec.metrics)
+    classes = n_classes(outcome.model_config["network"])
+    scores = evaluate.score(candidate.segment, raw, val_ids, spec.metrics, classes)
     registry.log_metrics(ctx.tracking_uri, run_id, {f"val_{k}": v for k, v in scores.items()})
     champion_scores, champion_version = None, registry.alias_version(ctx.tracking_uri, model_name)
     if champion_version is not None:
         with tempfile.TemporaryDirectory() as tmp:
             champ, _ = registry.load_segmenter(ctx.tracking_uri, model_name, Path(tmp))
-        champion_scores = evaluate.score(champ.segment, raw, val_ids, spec.metrics)
+        champion_scores = evaluate.score(champ.segment, raw, val_ids, spec.metrics, classes)
         registry.log_metrics(ctx.tracking_uri, run_id, {f"champion_val_{k}": v for k, v in champion_scores.items()})
     case = ingest.load_case(raw, val_ids[0])
     pred = candidate.segment(case["image"], case["affine"])
     png = report.overlay_png(case["image"], case.get("label"), pred,
-                             title=f"{val_ids[0]}  dice {evaluate.dice(pred, case['label']):.3f}")
+                             title=f"{val_ids[0]}  dice {evaluate.dice(pred, case['label'], classes):.3f}")
     key = ctx.layout.report(run_id, "overlay.png")
     ctx.store.write_bytes(key, png)
     registry.log_bytes(ctx.tracking_uri, run_id, "overlay.png", png)
@@ -291,7 +306,7 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
     if resp.status_code != 200:
         raise RuntimeError(f"smoke test failed: HTTP {resp.status_code}: {resp.text[:300]}")
     mask, _, _ = decode_volume(resp.content, resp.headers.get("content-type", ""))
-    score = evaluate.dice(mask, case["label"])
+    score = evaluate.dice(mask, case["label"], max(2, int(max(mask.max(), case["label"].max())) + 1))
     return Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency)
 
 
@@ -356,8 +371,8 @@ def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
     ctx = Context(settings, spec.name)
     ingested = ingest_stage(spec.data, ctx)
     prep = preprocess_stage(spec.preprocess, ctx, ingested.case_ids)
-    split = split_stage(spec.evaluate, usable_cases(ingested, prep), spec.train.seed)
-    run_id = start_run(spec, ctx, ingested.dataset_digest)
+    split = split_stage(spec.evaluate, usable_cases(ingested, prep))
+    run_id = start_run(spec, ctx, ingested.dataset_digest, split)
     outcome = train_stage(spec.train, spec.preprocess, ctx, split.train, run_id)
     evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.val, run_id)
     promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage(spec, ingested.dataset_digest))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +78,15 @@ def test_champion_registered_with_lineage(demo_run):
     run = registry.client(uri).get_run(mv.run_id)
     assert run.data.metrics["val_dice"] > FLOOR
     assert "train_loss" in run.data.metrics
+    assert {"val_dice_1", "val_hausdorff95", "val_hausdorff95_1"} <= set(run.data.metrics)
+    # the split is kept with the run, and it is the content-hash rule's
+    import json
+
+    from voxelflow import evaluate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        split = json.loads(Path(registry.client(uri).download_artifacts(mv.run_id, "split.json", tmp)).read_text())
+    assert (split["train"], split["val"]) == evaluate.split(split["train"] + split["val"], 0.25)
 
 
 def test_trained_beats_untrained_over_http(demo_run):

@@ -337,3 +337,12 @@ def test_settings_explicit_artifact_root_wins(tmp_path, clean_env):
     clean_env.setenv("VOXELFLOW_MLFLOW_ARTIFACT_ROOT", "s3://elsewhere/artifacts")
     assert Settings(home=tmp_path, store="s3://bucket/x").artifact_root == "s3://elsewhere/artifacts"
     assert Settings(home=tmp_path).artifact_root == "s3://elsewhere/artifacts"
+
+
+def test_gates_that_read_a_metric_the_spec_does_not_compute_are_refused(demo_data, tmp_path):
+    data = copy.deepcopy(demo_data)
+    data["evaluate"]["metrics"] = ["hausdorff95"]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match="need the metric 'dice'"):
+        load_spec(path)
