@@ -11,7 +11,6 @@ import numpy as np
 from voxelflow.ingest import load_case
 from voxelflow.storage import CaseStore
 
-
 SPLIT_SALT = b"voxelflow-split-v1:"
 
 #: metric name -> True when higher is better

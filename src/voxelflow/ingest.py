@@ -6,9 +6,7 @@ Every arrived object ends in exactly one ledger state: ``ingested``, ``duplicate
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -16,25 +14,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import fsspec
-import nibabel as nib
 import numpy as np
 import xarray as xr
 from sqlalchemy import insert, select
 
 from voxelflow.config import DataSpec
 from voxelflow.db import Database, ledger, now
+from voxelflow.formats import NIFTI_SUFFIXES, Volume, read_nifti
+from voxelflow.formats import VolumeError as QuarantineError
 from voxelflow.storage import CaseStore, Layout, sha256_bytes
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-class QuarantineError(ValueError):
-    """A file that must not be accepted; ``reason`` is a short machine-readable code."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -42,17 +30,11 @@ class SourceCase:
     name: str
     image: str
     label: str | None = None
+    outside: str | None = None  # why an entry points outside the source: never read
 
     @property
     def objects(self) -> list[str]:
         return [u for u in (self.image, self.label) if u]
-
-
-@dataclass
-class Volume:
-    array: np.ndarray
-    affine: np.ndarray
-    spacing: tuple[float, ...]
 
 
 @dataclass
@@ -82,6 +64,32 @@ def _join(base: str, rel: str) -> str:
     return posixpath.join(base.rstrip("/"), rel)
 
 
+def _escapes(rel: str) -> str | None:
+    """Why a manifest entry would leave the source (absolute, ``..``, encoded or not), or None."""
+    from urllib.parse import unquote
+
+    decoded = rel
+    for _ in range(3):  # %252e%252e is %2e%2e is ..
+        decoded = unquote(decoded)
+    for text in (rel, decoded):
+        text = text.replace("\\", "/")
+        if "://" in text or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+            return f"{rel!r} is an absolute path or URL"
+        if ".." in text.split("/"):
+            return f"{rel!r} climbs out of the source"
+    return None
+
+
+def _leaves_by_link(fs, root: str, path: str) -> bool:
+    """A local path whose real location (symlinks followed) is outside the real source folder."""
+    import os
+
+    if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        return False  # object stores have no links
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) != real_root
+
+
 def discover(source: str, layout: str) -> list[SourceCase]:
     """List the cases under an fsspec URL, in a stable order."""
     fs, root = fsspec.core.url_to_fs(source)
@@ -96,16 +104,24 @@ def discover(source: str, layout: str) -> list[SourceCase]:
             raise FileNotFoundError(f"{source}: decathlon layout needs a dataset.json")
         meta = json.loads(fs.cat_file(manifest))
         for i, item in enumerate(meta.get("training", [])):
-            image = item["image"] if isinstance(item, dict) else item
+            image = str(item["image"] if isinstance(item, dict) else item)
             label = item.get("label") if isinstance(item, dict) else None
-            name = Path(str(image)).name
+            label = str(label) if label else None
+            name = Path(image).name
             for suffix in NIFTI_SUFFIXES[::-1]:
                 name = name.removesuffix(suffix)
+            outside = next((why for why in map(_escapes, filter(None, (image, label))) if why), None)
+            if outside is None:
+                for rel in filter(None, (image, label)):
+                    if _leaves_by_link(fs, root, _join(root, rel)):
+                        outside = f"{rel!r} is a link to outside the source"
             cases.append(
                 SourceCase(
                     name=name or f"case{i}",
-                    image=url(_join(root, image)),
-                    label=url(_join(root, label)) if label else None,
+                    # an entry outside the source is named as written and never joined, opened or read
+                    image=image if outside else url(_join(root, image)),
+                    label=(label if outside else url(_join(root, label))) if label else None,
+                    outside=outside,
                 )
             )
     elif layout == "folder":
@@ -118,7 +134,10 @@ def discover(source: str, layout: str) -> list[SourceCase]:
             if image is None:
                 image = next((f for n, f in sorted(files.items()) if not n.startswith("label")), None)
             if image:
-                cases.append(SourceCase(posixpath.basename(entry), url(image), url(label) if label else None))
+                links = [f for f in (image, label) if f and _leaves_by_link(fs, root, f)]
+                outside = f"{posixpath.basename(links[0])!r} is a link to outside the source" if links else None
+                cases.append(SourceCase(posixpath.basename(entry), url(image), url(label) if label else None,
+                                        outside))
     else:
         raise ValueError(f"unknown layout {layout!r}")
     return cases
@@ -129,38 +148,37 @@ def read_bytes(url: str) -> bytes:
         return fh.read()
 
 
+def fetch(url: str, limit: int) -> tuple[bytes | None, str, int]:
+    """(bytes, sha256, size) of one object, read in blocks; bytes is None when it is over ``limit``.
+
+    The hash covers every byte either way, so an oversized object still gets its one ledger row.
+    """
+    h, size, kept = hashlib.sha256(), 0, bytearray()
+    with fsspec.open(url, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+            size += len(block)
+            if size <= limit:
+                kept += block
+            elif kept:
+                kept = bytearray()
+    return (bytes(kept) if size <= limit else None), h.hexdigest(), size
+
+
+def max_object_bytes(max_voxels: int) -> int:
+    """The largest file a case may arrive as: 8-byte voxels plus a header and extensions."""
+    return max_voxels * 8 + (1 << 20)
+
+
 def decode_nifti(data: bytes, name: str, max_voxels: int) -> Volume:
-    """Decode every voxel and check it; raise :class:`QuarantineError` on anything unusable."""
+    """Decode every voxel and check it; raise :class:`QuarantineError` on anything unusable.
+
+    NIfTI-1 and NIfTI-2, plain or gzip: the header is read first and nothing is inflated or
+    allocated beyond what it declares, within ``max_voxels`` (see :mod:`voxelflow.formats`).
+    """
     if not name.endswith(NIFTI_SUFFIXES):
         raise QuarantineError("unsupported-format", f"{name}: expected a NIfTI file (.nii or .nii.gz)")
-    try:
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-        img = nib.Nifti1Image.from_stream(io.BytesIO(data))
-    except Exception as exc:  # nibabel raises many kinds on corrupt headers
-        raise QuarantineError("unreadable", f"{name}: {exc}") from exc
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise QuarantineError("bad-shape", f"{name}: expected a 3-D volume, got shape {img.shape}")
-    if int(np.prod(shape)) > max_voxels:
-        raise QuarantineError("too-large", f"{name}: {int(np.prod(shape))} voxels exceed the limit {max_voxels}")
-    if min(shape) < 2:
-        raise QuarantineError("bad-shape", f"{name}: a dimension is smaller than 2 ({shape})")
-    try:
-        array = np.asanyarray(img.dataobj).reshape(shape)
-    except Exception as exc:  # truncated pixel data fails only here
-        raise QuarantineError("truncated", f"{name}: pixel data cannot be decoded ({exc})") from exc
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise QuarantineError("bad-dtype", f"{name}: voxel type {array.dtype} is not numeric")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise QuarantineError("non-finite", f"{name}: contains NaN or infinite values")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise QuarantineError("bad-affine", f"{name}: affine is singular or not finite")
-    spacing = tuple(float(s) for s in img.header.get_zooms()[:3])
-    return Volume(array=array, affine=affine, spacing=spacing)
+    return read_nifti(data, name, max_voxels)
 
 
 def check_label(image: Volume, label: Volume, name: str) -> np.ndarray:
@@ -252,18 +270,29 @@ def ingest(
     once store each case once and record each object once.
     """
     cases = discover(source, data.layout)
+    limit = max_object_bytes(data.max_voxels)
     report = IngestReport()
     pipeline = layout.pipeline
     for i, case in enumerate(cases):
         blobs: dict[str, bytes] = {}
+        shas: dict[str, str] = {}
+        sizes: dict[str, int] = {}
         missing: list[str] = []
+        oversized: list[str] = []
         for obj in case.objects:
+            if case.outside:
+                shas[obj] = "not-read"  # outside the source: never opened
+                continue
             try:
-                blobs[obj] = read_bytes(obj)
+                blob, shas[obj], sizes[obj] = fetch(obj, limit)
             except FileNotFoundError:
                 missing.append(obj)
-        shas = {obj: hashlib.sha256(b).hexdigest() for obj, b in blobs.items()}
-        shas.update({obj: "missing" for obj in missing})
+                shas[obj] = "missing"
+                continue
+            if blob is None:
+                oversized.append(obj)
+            else:
+                blobs[obj] = blob
         with db.transaction() as conn:
             already = _seen(conn, pipeline, shas)
         if len(already) == len(shas):  # every object already accounted for: nothing arrived
@@ -271,12 +300,18 @@ def ingest(
             if progress:
                 progress(i + 1, len(cases))
             continue
-        content = sha256_bytes(*blobs.values())
+        content = sha256_bytes(*(shas[o].encode() for o in case.objects)) if (case.outside or oversized) \
+            else sha256_bytes(*blobs.values())
         case_id = case_id_for(content)
         problem: QuarantineError | None = None
         image = label = None
-        if missing:
+        if case.outside:
+            problem = QuarantineError("outside-source", case.outside)
+        elif missing:
             problem = QuarantineError("missing-file", f"{len(missing)} object(s) of the case do not exist")
+        elif oversized:
+            problem = QuarantineError("too-large", f"{len(oversized)} object(s) over {limit} bytes, the most "
+                                                   f"data.max_voxels allows; kept where they arrived")
         elif not layout.raw.is_committed(case_id):
             try:
                 image = decode_nifti(blobs[case.image], posixpath.basename(case.image), data.max_voxels)
@@ -308,7 +343,7 @@ def ingest(
                 report.ingested.append(case_id)
             for obj in fresh:
                 conn.execute(insert(ledger).values(
-                    pipeline=pipeline, object=obj, sha256=shas[obj], size=len(blobs.get(obj, b"")), case_id=cid,
+                    pipeline=pipeline, object=obj, sha256=shas[obj], size=sizes.get(obj, 0), case_id=cid,
                     state=state, reason=problem.reason if problem else None,
                     detail=problem.detail if problem else None, at=at,
                 ))

@@ -26,6 +26,7 @@ from sqlalchemy import delete, insert, select
 
 from voxelflow import audit
 from voxelflow.db import Database, api_keys, now
+from voxelflow.formats import VolumeError
 
 ROLES = ("predict", "admin")
 NPY = "application/x-npy"
@@ -139,22 +140,24 @@ class ModelHolder:
 
 
 def decode_volume(
-    body: bytes, content_type: str, max_decoded: int = 2**31
+    body: bytes, content_type: str, max_voxels: int = 512**3
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The request body as (volume, affine or None, response format); gzip is inflated at most to ``max_decoded``."""
-    import nibabel as nib
+    """The request body as (volume, affine or None, response format).
+
+    The header (NIfTI-1/2 or .npy) is checked first: shape, voxel type and voxel count; nothing is
+    inflated or allocated beyond what it declares (:mod:`voxelflow.formats`). Raises
+    :class:`~voxelflow.formats.VolumeError`.
+    """
+    from voxelflow.formats import read_nifti, read_npy
 
     if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-        return array, None, "npy"
-    data = body
-    if body[:2] == b"\x1f\x8b":
-        with gzip.GzipFile(fileobj=io.BytesIO(body)) as fh:
-            data = fh.read(max_decoded + 1)
-        if len(data) > max_decoded:
-            raise ValueError(f"decompressed volume exceeds {max_decoded} bytes")
-    img = nib.Nifti1Image.from_stream(io.BytesIO(data))
-    return np.asanyarray(img.dataobj), np.asarray(img.affine), "nifti"
+        return read_npy(body, "body", max_voxels), None, "npy"
+    vol = read_nifti(body, "body", max_voxels)
+    return vol.array, vol.affine, "nifti"
+
+
+#: how each kind of bad volume is answered
+VOLUME_STATUS = {"too-large": 413, "bad-shape": 422, "bad-dtype": 422, "non-finite": 422, "bad-affine": 422}
 
 
 def encode_mask(mask: np.ndarray, affine: np.ndarray | None, fmt: str) -> tuple[bytes, str]:
@@ -249,16 +252,9 @@ def create_app(
         if len(body) > max_bytes:
             raise deny(413, f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "", endpoint)
         try:
-            volume, affine, fmt = decode_volume(body, content_type, max_decoded=max_voxels * 8 + 64 * 1024)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure is the client's input
-            raise deny(400, f"cannot decode the volume: {exc}", "", endpoint) from None
-        if volume.ndim == 4 and volume.shape[-1] == 1:
-            volume = volume[..., 0]
-        if volume.ndim != 3 or volume.size > max_voxels or not np.issubdtype(volume.dtype, np.number):
-            raise deny(422, f"expected a numeric 3-D volume of at most {max_voxels} voxels, got "
-                            f"{volume.dtype} {volume.shape}", "", endpoint)
-        if not np.isfinite(volume).all():
-            raise deny(422, "volume contains NaN or infinite values", "", endpoint)
+            volume, affine, fmt = decode_volume(body, content_type, max_voxels)
+        except VolumeError as exc:  # the client's input: the header is checked before anything is allocated
+            raise deny(VOLUME_STATUS.get(exc.reason, 400), f"cannot decode the volume: {exc}", "", endpoint) from None
         with holder.lock:
             segmenter, version = holder.segmenter, holder.version
         start = time.perf_counter()

@@ -260,7 +260,8 @@ def test_pickled_npy_is_refused(client, predict_key):
 def test_wrong_shape_or_type_is_422(client, predict_key, array):
     response = post(client, npy(array), predict_key)
     assert response.status_code == 422
-    assert "3-D" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert "3-D" in detail or "not a supported numeric type" in detail
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -272,9 +273,9 @@ def test_non_finite_volume_is_422(client, predict_key, bad):
     assert "NaN" in response.json()["detail"]
 
 
-def test_too_many_voxels_is_422(make_client, predict_key):
+def test_too_many_voxels_is_413(make_client, predict_key):
     client = make_client(max_voxels=999)
-    assert post(client, npy(volume((10, 10, 10))), predict_key).status_code == 422
+    assert post(client, npy(volume((10, 10, 10))), predict_key).status_code == 413
     assert post(client, npy(volume((9, 10, 11))), predict_key).status_code == 200
 
 
@@ -385,14 +386,30 @@ def test_decode_and_encode_round_trip():
 
 
 def test_gzip_bomb_is_refused_before_inflating_it(make_client, predict_key):
-    """A small gzip body that inflates past the voxel budget is a 400, not a memory spike."""
-    bomb = gzip.compress(b"\0" * (8 * 1024**2))
+    """A small gzip body whose header declares more voxels than allowed: 413 after inflating 540 bytes."""
+    import nibabel as nib
+
+    from voxelflow.formats import VolumeError
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((512, 512, 512))
+    hdr.set_data_offset(352)
+    bomb = gzip.compress(hdr.binaryblock + b"\0" * (4 + 8 * 1024**2))
     client = make_client(max_voxels=1000)
     response = post(client, bomb, predict_key, content_type="application/gzip")
-    assert response.status_code == 400
-    assert "exceeds" in response.json()["detail"]
-    with pytest.raises(ValueError, match="exceeds"):
-        decode_volume(bomb, "application/gzip", max_decoded=1024)
+    assert response.status_code == 413
+    assert "too-large" in response.json()["detail"]
+    with pytest.raises(VolumeError, match="declares 134217728 voxels"):
+        decode_volume(bomb, "application/gzip", max_voxels=1000)
+
+
+def test_zeros_behind_a_small_header_are_never_inflated(make_client, predict_key):
+    """Only what the header declares is inflated: the 8 MB of zeros after 8x8x8 voxels stay compressed."""
+    import nibabel as nib
+
+    body = gzip.compress(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)).to_bytes() + b"\0" * 8 * 1024**2)
+    array, _, fmt = decode_volume(body, "application/gzip", max_voxels=1000)
+    assert array.shape == (8, 8, 8) and fmt == "nifti"
 
 
 def test_declared_oversize_body_is_refused_unread(make_client, predict_key):
