@@ -204,6 +204,9 @@ class Evaluation:
     champion: dict[str, float] | None
     champion_version: str | None
     overlay_key: str
+    val_ids: list[str] = field(default_factory=list)  # what a later champion is scored on, if one appears
+    metrics: list[str] = field(default_factory=list)
+    n_classes: int = 2
 
 
 def evaluate_stage(
@@ -230,7 +233,7 @@ def evaluate_stage(
     key = ctx.layout.report(run_id, "overlay.png")
     ctx.store.write_bytes(key, png)
     registry.log_bytes(ctx.tracking_uri, run_id, "overlay.png", png)
-    return Evaluation(scores, champion_scores, champion_version, key)
+    return Evaluation(scores, champion_scores, champion_version, key, list(val_ids), list(spec.metrics), classes)
 
 
 @dataclass
@@ -243,30 +246,64 @@ class Promotion:
     model_uri: str = ""
 
 
+def score_version(ctx: Context, model_name: str, version: str, evaluation: Evaluation) -> dict[str, float]:
+    """Score a registered version on the candidate's held-out cases (a champion that appeared meanwhile)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = registry.load_version(ctx.tracking_uri, model_name, version, Path(tmp))
+    return evaluate.score(model.segment, ctx.layout.raw, evaluation.val_ids, evaluation.metrics, evaluation.n_classes)
+
+
 def register_stage(
     spec: PromoteSpec, ctx: Context, run_id: str, outcome: TrainOutcome, evaluation: Evaluation,
-    tags: dict[str, str],
+    tags: dict[str, str], rescore: Callable[[Context, str, str, Evaluation], dict[str, float]] | None = None,
 ) -> Promotion:
-    """Log and register the candidate, then move ``champion`` if the gates pass."""
-    weights = ctx.store.read_bytes(outcome.weights_key)
-    model_uri = registry.log_model(ctx.tracking_uri, run_id, outcome.model_config, weights)
+    """Log and register the candidate (once, even when retried), then move ``champion`` if the gates pass.
+
+    The move is a compare-and-set under the model's lock: if ``champion`` is no longer the version
+    the candidate was compared with (another lifecycle promoted meanwhile), the candidate is scored
+    against the new champion and the gates are applied again.
+    """
+    uri, name = ctx.tracking_uri, spec.model_name
+    version = registry.find_version(uri, name, run_id)
+    model_uri = f"models:/{name}/{version}" if version else ""
+    if version is None:
+        weights = ctx.store.read_bytes(outcome.weights_key)
+        model_uri = registry.log_model(uri, run_id, outcome.model_config, weights)
     tags = {**tags, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
-    with ctx.db.locked(f"register:{spec.model_name}"):  # concurrent registrations collide on version numbers
-        version = registry.register(ctx.tracking_uri, model_uri, spec.model_name, run_id, tags)
-    decision = registry.should_promote(evaluation.candidate, evaluation.champion, spec.gates)
-    if spec.approval == "manual":
-        decision.promote = False
-        decision.reasons.append("approval is manual: promote it from the Prefect UI or `voxelflow promote`")
+    compared, champion_scores = evaluation.champion_version, evaluation.champion
     previous = None
+    with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers; the alias move is a CAS
+        version = registry.register(uri, model_uri, name, run_id, tags)
+        for _ in range(5):
+            decision = registry.should_promote(evaluation.candidate, champion_scores, spec.gates)
+            if spec.approval == "manual":
+                decision.promote = False
+                decision.reasons.append("approval is manual: not promoted automatically; it keeps `challenger`")
+            if not decision.promote:
+                break
+            try:
+                previous = registry.promote(uri, name, version, expected=compared, check=True)
+                break
+            except registry.ChampionMoved as moved:
+                compared = moved.current
+                champion_scores = None if compared is None else (rescore or score_version)(ctx, name, compared,
+                                                                                             evaluation)
+        else:
+            raise RuntimeError(f"champion of {name} kept moving while {version} was being promoted")
+        registry.tag_version(uri, name, version, {
+            "voxelflow.decision": "promoted" if decision.promote else "rejected",
+            "voxelflow.reasons": "; ".join(decision.reasons)[:5000],
+            "voxelflow.compared_with": compared or "none",
+        })
     if decision.promote:
-        previous = registry.promote(ctx.tracking_uri, spec.model_name, version)
-        audit.append(ctx.db, "model.promoted", "voxelflow", model=spec.model_name, version=version,
-                     previous=previous, metrics=evaluation.candidate, reasons=decision.reasons)
+        audit.append(ctx.db, "model.promoted", "voxelflow", model=name, version=version, previous=previous,
+                     compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
     else:
-        audit.append(ctx.db, "model.rejected", "voxelflow", model=spec.model_name, version=version,
+        audit.append(ctx.db, "model.rejected", "voxelflow", model=name, version=version, compared_with=compared,
                      metrics=evaluation.candidate, reasons=decision.reasons)
-    champion = registry.alias_version(ctx.tracking_uri, spec.model_name)
-    return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri)
+    champion = registry.alias_version(uri, name)
+    return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri or
+                     f"models:/{name}/{version}")
 
 
 @dataclass

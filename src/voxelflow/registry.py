@@ -12,7 +12,7 @@ from typing import Any
 from voxelflow import __version__
 from voxelflow.config import Gates, PipelineSpec
 
-CHAMPION, PREVIOUS = "champion", "previous"
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 
 
 def client(tracking_uri: str):
@@ -118,21 +118,84 @@ def _write_model_files(path: Path, config: dict[str, Any], weights: bytes) -> di
     return {"model.json": str(path / "model.json"), "weights.safetensors": str(path / "weights.safetensors")}
 
 
+class RegistryError(RuntimeError):
+    """The registry failed (after retries): never read as "no champion"."""
+
+
+_ABSENT = ("RESOURCE_DOES_NOT_EXIST",)
+_TRANSIENT = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
+
+
+def _absent(exc: Exception) -> bool:
+    """A missing model or alias: the only errors that mean "nothing there"."""
+    code = getattr(exc, "error_code", "")
+    text = str(exc)
+    return code in _ABSENT or (code == "INVALID_PARAMETER_VALUE" and "alias" in text and "not found" in text)
+
+
+def _transient(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "")
+    text = str(exc).lower()
+    return code in _TRANSIENT or any(w in text for w in ("database is locked", "connection", "timed out"))
+
+
+def retrying(what: str, fn, attempts: int = 3, first_delay: float = 0.5):
+    """Call ``fn()``; transient registry errors are retried with backoff, others raise at once."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _absent(exc) or not _transient(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(first_delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def find_version(tracking_uri: str, name: str, run_id: str) -> str | None:
+    """The version registered from ``run_id`` (its tag), if a previous attempt made one."""
+    found = retrying("find version", lambda: client(tracking_uri).search_model_versions(
+        f"name = '{name}' and run_id = '{run_id}'"))
+    versions = sorted(int(mv.version) for mv in found)
+    return str(versions[0]) if versions else None
+
+
 def register(tracking_uri: str, model_uri: str, name: str, run_id: str, tags: dict[str, str]) -> str:
+    """Register the run's model once: a retry finds the version the first attempt made.
+
+    Call it under the model's registration lock (two registrations at once collide on numbers).
+    The new version gets the ``challenger`` alias.
+    """
     mc = client(tracking_uri)
+    existing = find_version(tracking_uri, name, run_id)
+    if existing is not None:
+        return existing
     try:
-        mc.get_registered_model(name)
-    except Exception:  # noqa: BLE001 - MLflow raises RestException when the model is absent
-        mc.create_registered_model(name)
-    mv = mc.create_model_version(name, model_uri, run_id=run_id, tags={f"voxelflow.{k}": v for k, v in tags.items()})
+        retrying("read model", lambda: mc.get_registered_model(name))
+    except Exception as exc:  # noqa: BLE001
+        if not _absent(exc):
+            raise
+        retrying("create model", lambda: mc.create_registered_model(name))
+    tags = {f"voxelflow.{k}": v for k, v in {**tags, "run_id": run_id}.items()}
+    mv = retrying("register", lambda: mc.create_model_version(name, model_uri, run_id=run_id, tags=tags))
+    retrying("alias", lambda: mc.set_registered_model_alias(name, CHALLENGER, str(mv.version)))
     return str(mv.version)
 
 
 def alias_version(tracking_uri: str, name: str, alias: str = CHAMPION) -> str | None:
+    """The version behind ``name@alias``; None only when the model or the alias does not exist.
+
+    Any other failure (registry down, a server error after retries) raises: reading "no champion"
+    from an outage would promote on the absolute gate alone and lose ``previous``.
+    """
     try:
-        return str(client(tracking_uri).get_model_version_by_alias(name, alias).version)
-    except Exception:  # noqa: BLE001 - no such model or alias
-        return None
+        mv = retrying("read alias", lambda: client(tracking_uri).get_model_version_by_alias(name, alias))
+    except Exception as exc:  # noqa: BLE001 - classified here
+        if _absent(exc):
+            return None
+        raise RegistryError(f"cannot read {name}@{alias} from the registry at {tracking_uri}: {exc}") from exc
+    return str(mv.version)
 
 
 @dataclass
@@ -155,14 +218,36 @@ def should_promote(candidate: dict[str, float], champion: dict[str, float] | Non
     return Decision(promote=not reasons, reasons=reasons or ["all gates passed"])
 
 
-def promote(tracking_uri: str, name: str, version: str) -> str | None:
-    """Point ``champion`` at ``version``; the old champion stays reachable as ``previous``."""
+class ChampionMoved(RuntimeError):
+    """``champion`` no longer points where the candidate was compared: score again, then retry."""
+
+    def __init__(self, expected: str | None, current: str | None) -> None:
+        super().__init__(f"champion moved from {expected} to {current} since the candidate was compared")
+        self.expected, self.current = expected, current
+
+
+def promote(tracking_uri: str, name: str, version: str, expected: str | None = None,
+            check: bool = False) -> str | None:
+    """Point ``champion`` at ``version``; the old champion stays reachable as ``previous``.
+
+    With ``check``, a compare-and-set: it moves only if ``champion`` is still ``expected`` (the
+    version the candidate was compared with; None for none), else raises :class:`ChampionMoved`.
+    Call it under the model's registration lock so nothing moves between the read and the write.
+    """
     mc = client(tracking_uri)
     old = alias_version(tracking_uri, name, CHAMPION)
+    if check and old != expected:
+        raise ChampionMoved(expected, old)
     if old is not None and old != version:
-        mc.set_registered_model_alias(name, PREVIOUS, old)
-    mc.set_registered_model_alias(name, CHAMPION, version)
+        retrying("alias", lambda: mc.set_registered_model_alias(name, PREVIOUS, old))
+    retrying("alias", lambda: mc.set_registered_model_alias(name, CHAMPION, version))
     return old
+
+
+def tag_version(tracking_uri: str, name: str, version: str, tags: dict[str, str]) -> None:
+    mc = client(tracking_uri)
+    for key, value in tags.items():
+        retrying("tag", lambda k=key, v=value: mc.set_model_version_tag(name, version, k, v))
 
 
 def download_model(tracking_uri: str, model_uri: str, dest: Path) -> Path:
@@ -177,10 +262,15 @@ def download_model(tracking_uri: str, model_uri: str, dest: Path) -> Path:
 
 def load_segmenter(tracking_uri: str, name: str, cache_dir: Path, alias: str = CHAMPION, device: str | None = None):
     """The model behind ``name@alias`` as a ready :class:`~voxelflow.model.Segmenter`, and its version."""
-    from voxelflow.model import Segmenter
-
     version = alias_version(tracking_uri, name, alias)
     if version is None:
         raise LookupError(f"model {name!r} has no {alias!r} alias yet: run the lifecycle first")
+    return load_version(tracking_uri, name, version, cache_dir, device), version
+
+
+def load_version(tracking_uri: str, name: str, version: str, cache_dir: Path, device: str | None = None):
+    """One registered version as a ready :class:`~voxelflow.model.Segmenter`."""
+    from voxelflow.model import Segmenter
+
     local = download_model(tracking_uri, f"models:/{name}/{version}", cache_dir / name / version)
-    return Segmenter.from_dir(local / "artifacts", device=device), version
+    return Segmenter.from_dir(local / "artifacts", device=device)

@@ -79,9 +79,9 @@ def mlflow_store(tmp_path_factory, tiny_spec, tiny_model_config, tiny_weights):
     settings = Settings(home=tmp_path_factory.mktemp("mlflow-home"), mlflow_tracking_uri=None)
     uri = settings.tracking_uri
     assert uri.startswith("sqlite:////")
-    run_id = registry.start_run(uri, settings.artifact_root, tiny_spec, {"dataset_digest": "0123456789abcdef"})
     versions = []
     for weights in tiny_weights:
+        run_id = registry.start_run(uri, settings.artifact_root, tiny_spec, {"dataset_digest": "0123456789abcdef"})
         model_uri = registry.log_model(uri, run_id, tiny_model_config, weights)
         versions.append(registry.register(uri, model_uri, tiny_spec.promote.model_name, run_id,
                                           {"dataset_digest": "0123456789abcdef"}))
