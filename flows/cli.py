@@ -171,19 +171,70 @@ def validate(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> 
 
 
 @app.command()
-def ledger(pipeline: Annotated[str, typer.Argument(help="pipeline name (the spec's `name`)")] = "demo-spheres") -> None:
+def ingest(
+    source: Annotated[str, typer.Argument(help="folder or fsspec URL (s3://...) holding the arrived data")],
+    spec: Annotated[Optional[Path], typer.Option(help="pipeline spec (default: the demo spec)")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="decathlon or folder (default: the spec's)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="end with one JSON line of object counts")] = False,
+) -> None:
+    """Ingest what is under SOURCE now; every object ends ingested, duplicate or quarantined."""
+    with reasons():
+        import json
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.table import Table
+
+        from voxelflow.config import Settings, load_spec
+        from voxelflow.pipeline import Context, ingest_stage
+
+        sets = [f"data.source={source}"] + ([f"data.layout={layout}"] if layout else [])
+        loaded = load_spec(spec or demo_spec(), sets=sets)
+        ctx = Context(Settings(), loaded.name)
+        with Progress(TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), console=err) as bar:
+            task = bar.add_task("ingest", total=None)
+            report = ingest_stage(loaded.data, ctx, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                             total=total),
+                                  require_cases=False)
+        counts = {state: report.objects.get(state, 0) for state in ("ingested", "duplicate", "quarantined")}
+        table = Table("objects", "count", title=f"{loaded.name}: {source}")
+        table.add_row("arrived", str(sum(counts.values())))
+        for state, n in counts.items():
+            table.add_row(state, str(n))
+        table.add_row("already in the ledger", str(report.seen))
+        console.print(table)
+        for q in report.quarantined:
+            console.print(f"quarantined {q['reason']}: {q['detail']}", highlight=False)
+        console.print(f"dataset {report.dataset_digest}: {len(report.case_ids)} cases", highlight=False)
+        if json_:
+            print(json.dumps({"arrived": sum(counts.values()), **counts, "already_seen": report.seen,
+                              "cases": len(report.case_ids), "dataset_digest": report.dataset_digest}))
+
+
+@app.command()
+def ledger(
+    pipeline: Annotated[str, typer.Argument(help="pipeline name (the spec's `name`)")] = "demo-spheres",
+    state: Annotated[Optional[str], typer.Option(help="only ingested, duplicate or quarantined")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print one JSON array instead of a table")] = False,
+) -> None:
     """Show where every arrived object ended: ingested, duplicate or quarantined."""
     with reasons():
+        import json
+
         from rich.table import Table
 
         from voxelflow.config import Settings
         from voxelflow.db import connect
         from voxelflow.ingest import read_ledger
 
-        rows = read_ledger(connect(Settings().database), pipeline)
-        table = Table("at", "state", "case", "object", "reason")
+        if state not in (None, "ingested", "duplicate", "quarantined"):
+            fail(f"--state must be ingested, duplicate or quarantined, not {state!r}", 2)
+        rows = read_ledger(connect(Settings().database), pipeline, state)
+        if json_:
+            print(json.dumps(rows))
+            return
+        table = Table("at", "state", "case", "object", "sha256", "reason")
         for r in rows:
-            table.add_row(r["at"], r["state"], r["case_id"] or "", r["object"], r["reason"] or "")
+            table.add_row(r["at"], r["state"], r["case_id"] or "", r["object"], r["sha256"][:12], r["reason"] or "")
         console.print(table)
         console.print(f"{len(rows)} objects")
 

@@ -74,9 +74,11 @@ def read_header(prefix: bytes, name: str) -> Header:
     """Parse a NIfTI-1 or NIfTI-2 header from the file's first bytes (uncompressed)."""
     import nibabel as nib
 
+    sizes = {struct.unpack("<i", prefix[:4])[0], struct.unpack(">i", prefix[:4])[0]} if len(prefix) >= 4 else set()
+    if not sizes & {NIFTI1_HEADER, NIFTI2_HEADER}:
+        raise VolumeError("unreadable", f"{name}: not a NIfTI-1 or NIfTI-2 file")
     if len(prefix) < NIFTI1_HEADER:
         raise VolumeError("truncated", f"{name}: {len(prefix)} bytes, shorter than a NIfTI header")
-    sizes = {struct.unpack("<i", prefix[:4])[0], struct.unpack(">i", prefix[:4])[0]}
     if NIFTI1_HEADER in sizes:
         cls = nib.Nifti1Header
     elif NIFTI2_HEADER in sizes:

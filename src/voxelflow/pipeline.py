@@ -60,10 +60,11 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def ingest_stage(data: DataSpec, ctx: Context, progress: Progress | None = None) -> ingest.IngestReport:
+def ingest_stage(data: DataSpec, ctx: Context, progress: Progress | None = None,
+                 require_cases: bool = True) -> ingest.IngestReport:
     source = ctx.settings.expand(data.source)
     result = ingest.ingest(data, ctx.layout, ctx.db, source, progress=progress)
-    if not result.case_ids:
+    if require_cases and not result.case_ids:
         raise ValueError(f"no usable cases under {source}: {len(result.quarantined)} quarantined")
     audit.append(ctx.db, "data.ingested", "voxelflow", pipeline=ctx.pipeline, **result.summary())
     for q in result.quarantined:
