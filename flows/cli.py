@@ -268,22 +268,75 @@ def serve(
         except LookupError as exc:  # not promoted yet: stay up, not ready, and keep looking
             console.print(f"waiting for a model: {exc}")
         holder.watch(lambda: registry.alias_version(settings.tracking_uri, model, alias), poll_seconds)
-        app_ = create_app(holder, KeyStore(db), db=db)
-        uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info")
+        def describe() -> dict:
+            mv = registry.client(settings.tracking_uri).get_model_version(model, holder.version)
+            return {"model": model, "alias": alias, "aliases": list(mv.aliases),
+                    "tags": {k: v for k, v in mv.tags.items() if k.startswith("voxelflow.")}}
+
+        app_ = create_app(holder, KeyStore(db), db=db, workers=settings.serve_workers, queue=settings.serve_queue,
+                          timeout_s=settings.serve_timeout_s, max_voxels=settings.serve_max_voxels,
+                          docs=settings.serve_docs, describe=describe)
+        tls = {}
+        if settings.serve_tls_cert or settings.serve_tls_key:
+            if not (settings.serve_tls_cert and settings.serve_tls_key):
+                fail("HTTPS needs both VOXELFLOW_SERVE_TLS_CERT and VOXELFLOW_SERVE_TLS_KEY")
+            tls = {"ssl_certfile": settings.serve_tls_cert, "ssl_keyfile": settings.serve_tls_key}
+        uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info", **tls)
 
 
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Argument(help="who the key is for")],
-    role: Annotated[list[str], typer.Option(help="predict or admin (repeatable)")] = ["predict"],  # noqa: B006
+    role: Annotated[list[str], typer.Option(help="viewer, predictor, operator or admin (repeatable)")] = [  # noqa: B006
+        "predictor"],
+    expires: Annotated[Optional[float], typer.Option(help="days until the key stops working")] = None,
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
     with reasons():
+        from voxelflow import audit
         from voxelflow.config import Settings
         from voxelflow.db import connect
         from voxelflow.serve import KeyStore
 
-        print(KeyStore(connect(Settings().database)).create(name, role))
+        db = connect(Settings().database)
+        key = KeyStore(db).create(name, role, expires)
+        audit.append(db, "keys.created", os.environ.get("USER", "cli"), name=name, roles=sorted(role),
+                     expires_days=expires)
+        print(key)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys: name, roles, created, expires (never the keys themselves)."""
+    with reasons():
+        from rich.table import Table
+
+        from voxelflow.config import Settings
+        from voxelflow.db import connect
+        from voxelflow.serve import KeyStore
+
+        table = Table("name", "roles", "created", "expires")
+        for k in KeyStore(connect(Settings().database)).list():
+            table.add_row(k["name"], ",".join(k["roles"]), k["created"][:19],
+                          (k["expires"] or "never")[:19] + (" (expired)" if k["expired"] else ""))
+        console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="whose keys to remove (all of them)")]) -> None:
+    """Revoke every key of NAME at once; exit 1 when there was none."""
+    with reasons():
+        from voxelflow import audit
+        from voxelflow.config import Settings
+        from voxelflow.db import connect
+        from voxelflow.serve import KeyStore
+
+        db = connect(Settings().database)
+        n = KeyStore(db).revoke_name(name)
+        if not n:
+            fail(f"no key named {name!r}")
+        audit.append(db, "keys.revoked", os.environ.get("USER", "cli"), name=name, keys=n)
+        console.print(f"revoked {n} key(s) of {name!r}")
 
 
 @audit_app.command("verify")

@@ -315,6 +315,17 @@ class Settings(BaseSettings):
     dask_workers: int | None = Field(None, ge=1, description="workers of the local cluster (default: cores)")
     serve_host: str = "127.0.0.1"
     serve_port: int = Field(8000, ge=0, le=65535)
+    deid_key: SecretStr | None = Field(
+        None, description="key of the consistent DICOM UID remapping; required to ingest DICOM, never stored"
+    )
+    serve_workers: int | None = Field(None, ge=1, description="inferences at once (default: one per core)")
+    serve_queue: int | None = Field(None, ge=0, description="requests that may wait for a worker (default: workers)")
+    serve_timeout_s: float = Field(120.0, gt=0, description="longest a request may take (then 504)")
+    serve_max_voxels: int = Field(512**3, gt=0, description="largest volume accepted (then 413)")
+    serve_docs: bool = Field(False, description="serve /docs and /openapi.json")
+    serve_tls_cert: str | None = Field(None, description="PEM certificate: HTTPS when set with serve_tls_key")
+    serve_tls_key: str | None = Field(None, description="PEM private key of serve_tls_cert")
+
 
     @property
     def root(self) -> Path:

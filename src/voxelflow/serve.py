@@ -1,8 +1,10 @@
 """The inference service: FastAPI on the champion model, API keys with roles, throttling, metrics.
 
 ``POST /v1/segment`` takes a volume (NIfTI, optionally gzipped, or ``.npy``) and returns the
-mask in the same format and grid. Health at ``/health/live`` and ``/health/ready``,
-Prometheus metrics at ``/metrics``.
+mask in the same format and grid. Every route but ``/health/live`` and ``/health/ready`` needs
+an API key (``X-API-Key``), ``/metrics`` included. Inference runs on a bounded pool of its own
+behind a bounded queue: a full queue is answered 503 at once, a request over the time limit 504,
+and the event loop (health, auth) never waits for a model.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from voxelflow import audit
 from voxelflow.db import Database, api_keys, now
 from voxelflow.formats import VolumeError
 
-ROLES = ("predict", "admin")
+#: what each role may do; admin may do everything
+ROLES = {
+    "viewer": {"model", "metrics"},
+    "predictor": {"model", "metrics", "segment"},
+    "operator": {"model", "metrics", "reload"},
+    "admin": {"model", "metrics", "segment", "reload", "keys"},
+}
+LEGACY_ROLES = {"predict": "predictor"}  # keys made before the four roles
 NPY = "application/x-npy"
 NIFTI = "application/gzip"
 
@@ -49,20 +58,46 @@ class KeyStore:
     def _digest(key: str) -> str:
         return hashlib.sha256(key.encode()).hexdigest()
 
-    def create(self, name: str, roles: list[str]) -> str:
+    @staticmethod
+    def normalise(roles: list[str]) -> list[str]:
+        roles = [LEGACY_ROLES.get(r, r) for r in roles]
         bad = sorted(set(roles) - set(ROLES))
         if bad or not roles:
             raise ValueError(f"unknown role(s) {bad or roles}: choose from {', '.join(ROLES)}")
+        return sorted(set(roles))
+
+    def create(self, name: str, roles: list[str], expires_days: float | None = None) -> str:
+        """A new random key for ``name``; only its digest is stored."""
+        from datetime import timedelta
+
+        roles = self.normalise(roles)
+        if expires_days is not None and expires_days <= 0:
+            raise ValueError("expires_days must be positive")
         key = "vf_" + secrets.token_urlsafe(32)
+        created = now()
+        expires = created + timedelta(days=expires_days) if expires_days is not None else None
         with self.db.transaction() as conn:
-            conn.execute(insert(api_keys).values(digest=self._digest(key), name=name, roles=json.dumps(sorted(roles)),
-                                                 created=now()))
+            conn.execute(insert(api_keys).values(digest=self._digest(key), name=name, roles=json.dumps(roles),
+                                                 created=created, expires=expires))
         return key
 
     def revoke(self, key: str) -> bool:
         """Remove a key; True if it existed."""
         with self.db.transaction() as conn:
             return conn.execute(delete(api_keys).where(api_keys.c.digest == self._digest(key))).rowcount > 0
+
+    def revoke_name(self, name: str) -> int:
+        """Remove every key of ``name``; how many there were."""
+        with self.db.transaction() as conn:
+            return conn.execute(delete(api_keys).where(api_keys.c.name == name)).rowcount
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every key's name, roles, creation and expiry (never the key or its digest)."""
+        with self.db.transaction() as conn:
+            rows = conn.execute(select(api_keys).order_by(api_keys.c.name, api_keys.c.created)).all()
+        return [{"name": r.name, "roles": json.loads(r.roles), "created": _aware(r.created).isoformat(),
+                 "expires": _aware(r.expires).isoformat() if r.expires else None,
+                 "expired": r.expires is not None and _aware(r.expires) <= now()} for r in rows]
 
     def lookup(self, key: str | None) -> Principal | None:
         if not key:
@@ -71,7 +106,7 @@ class KeyStore:
             row = conn.execute(select(api_keys).where(api_keys.c.digest == self._digest(key))).first()
         if row is None or (row.expires is not None and _aware(row.expires) <= now()):
             return None
-        return Principal(row.name, tuple(json.loads(row.roles)))
+        return Principal(row.name, tuple(sorted({LEGACY_ROLES.get(r, r) for r in json.loads(row.roles)})))
 
 
 def _aware(when):
@@ -88,6 +123,14 @@ class Throttle:
         self.rate, self.burst = rate, burst
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
+
+    def peek(self, who: str) -> float:
+        """The seconds ``who`` would have to wait now (0 when a request would pass), spending nothing."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(who, (float(self.burst), now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
     def allow(self, who: str) -> float:
         """0 when allowed, else the seconds to wait."""
@@ -110,6 +153,7 @@ class ModelHolder:
         self.segmenter: Any = None
         self.version: str | None = None
         self.error: str | None = None
+        self.swaps = 0  # models swapped in after the first
         self.lock = threading.Lock()
 
     def reload(self) -> str | None:
@@ -118,7 +162,9 @@ class ModelHolder:
         except Exception as exc:  # noqa: BLE001 - reported through /health/ready
             self.error = str(exc)
             raise
-        with self.lock:
+        with self.lock:  # loaded aside, swapped in one step: requests see the old model or the new one
+            if self.segmenter is not None and version != self.version:
+                self.swaps += 1
             self.segmenter, self.version, self.error = segmenter, version, None
         return version
 
@@ -175,6 +221,34 @@ def nifti_gz(array: np.ndarray, affine: np.ndarray | None) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1)
 
 
+class Denials:
+    """Denied requests per client address, audited at most once a minute per address with a count.
+
+    A flood of bad keys from one address costs one audit record a minute, not one per request;
+    at most ``max_addresses`` addresses are tracked (the oldest forgotten first).
+    """
+
+    def __init__(self, db: Database | None, window_s: float = 60.0, max_addresses: int = 10000) -> None:
+        self.db, self.window_s, self.max_addresses = db, window_s, max_addresses
+        self._seen: dict[str, list[float]] = {}  # address -> [window start, count not yet audited]
+        self._lock = threading.Lock()
+
+    def record(self, address: str, status: int, endpoint: str) -> None:
+        t = time.monotonic()
+        with self._lock:
+            window = self._seen.get(address)
+            if window is not None and t - window[0] < self.window_s:
+                window[1] += 1
+                return
+            pending = int(window[1]) if window else 0
+            if len(self._seen) >= self.max_addresses:
+                self._seen.pop(next(iter(self._seen)))
+            self._seen[address] = [t, 0]
+        if self.db is not None:
+            audit.append(self.db, "access.denied", address, endpoint=endpoint, status=status,
+                         denied_since_last_record=pending)
+
+
 def create_app(
     holder: ModelHolder,
     keys: KeyStore,
@@ -183,96 +257,230 @@ def create_app(
     max_voxels: int = 512**3,
     rate: float = 10.0,
     burst: int = 20,
+    workers: int | None = None,
+    queue: int | None = None,
+    timeout_s: float = 120.0,
+    docs: bool = False,
+    describe: Callable[[], dict[str, Any]] | None = None,
+    failed_rate: float = 1.0,
+    failed_burst: int = 10,
 ):
+    """The service's ASGI app.
+
+    ``workers`` inferences run at once on a pool of their own (default: one per core) and
+    ``queue`` more may wait (default: as many as workers); beyond that a request gets 503 with
+    Retry-After at once. ``timeout_s`` bounds one request (504). ``docs`` serves /docs and
+    /openapi.json (off by default). ``describe`` returns what ``GET /v1/model`` shows.
+    Requests without a valid key, or with one that lacks the role, are throttled per client
+    address (``failed_rate`` a second, bursts of ``failed_burst``) and audited in aggregate.
+    """
+    import asyncio
+    import logging
+    import os
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import Gauge
+
+    workers = workers or max(1, os.cpu_count() or 1)
+    queue = workers if queue is None else queue
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="voxelflow-infer")
+    slots = threading.BoundedSemaphore(workers + queue)
+    log = logging.getLogger("voxelflow.serve")
+
     registry = CollectorRegistry()
-    requests = Counter("voxelflow_requests", "Requests by endpoint and status", ["endpoint", "status"],
+    requests = Counter("voxelflow_requests", "Requests by route, status and role", ["route", "status", "role"],
                        registry=registry)
+    request_seconds = Histogram("voxelflow_request_seconds", "Whole request time by route", ["route"],
+                                registry=registry, buckets=(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
     latency = Histogram("voxelflow_inference_seconds", "Inference time per volume", registry=registry,
                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+    waiting = Gauge("voxelflow_queue_depth", "Requests admitted and waiting for an inference worker",
+                    registry=registry)
+    in_flight = Gauge("voxelflow_inference_in_flight", "Inferences running now", registry=registry)
+    served = Gauge("voxelflow_model_version", "Version of the model being served", registry=registry)
+    served.set_function(lambda: float(holder.version) if str(holder.version or "").isdigit() else -1.0)
+    swaps = Gauge("voxelflow_model_swaps", "Models hot-swapped in since start", registry=registry)
+    swaps.set_function(lambda: holder.swaps)
     throttle = Throttle(rate, burst)
-    app = FastAPI(title="voxelflow inference", version="1")
+    failures = Throttle(failed_rate, failed_burst)
+    denials = Denials(db)
+    app = FastAPI(title="voxelflow inference", version="1", docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.state.pool = pool
 
-    def deny(status: int, detail: str, who: str, endpoint: str) -> HTTPException:
-        requests.labels(endpoint, str(status)).inc()
-        if db is not None and status in (401, 403):
-            audit.append(db, "access.denied", who, endpoint=endpoint, status=status)
-        return HTTPException(status_code=status, detail=detail)
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        rid = request.headers.get("x-request-id", "")
+        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
+            rid = uuid.uuid4().hex
+        request.state.role = request.state.who = None
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - logged with the request id, answered 500
+            log.exception(json.dumps({"request_id": rid, "route": request.url.path, "error": "unhandled"}))
+            response = Response('{"detail": "internal error"}', status_code=500, media_type="application/json")
+        seconds = time.perf_counter() - start
+        route = request.url.path if request.url.path in ROUTES else "other"
+        requests.labels(route, str(response.status_code), request.state.role or "none").inc()
+        request_seconds.labels(route).observe(seconds)
+        response.headers["X-Request-ID"] = rid
+        log.info(json.dumps({"request_id": rid, "method": request.method, "route": route,
+                             "status": response.status_code, "ms": round(seconds * 1000, 1),
+                             "key": request.state.who}))
+        return response
 
-    def authorize(key: str | None, role: str, endpoint: str) -> Principal:
+    def client_address(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
+
+    def authorize(request: Request, key: str | None, permission: str) -> Principal:
+        address, endpoint = client_address(request), request.url.path
+        wait = failures.peek(address)
+        if wait:  # this address keeps failing: refuse before touching the database
+            denials.record(address, 429, endpoint)
+            raise HTTPException(429, "too many failed requests from this address",
+                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         who = keys.lookup(key)
-        if who is None:
-            raise deny(401, "missing or unknown API key (send it in the X-API-Key header)", "anonymous", endpoint)
-        if role not in who.roles and "admin" not in who.roles:
-            raise deny(403, f"key {who.name!r} lacks the {role!r} role", who.name, endpoint)
+        if who is None or not any(permission in ROLES[r] for r in who.roles):
+            failures.allow(address)
+            denials.record(address, 401 if who is None else 403, endpoint)
+            if who is None:
+                raise HTTPException(401, "missing, unknown or expired API key (send it in the X-API-Key header)")
+            raise HTTPException(403, f"key {who.name!r} ({', '.join(who.roles)}) may not {permission}")
+        request.state.role = ",".join(who.roles)
+        request.state.who = who.name
         wait = throttle.allow(who.name)
         if wait:
-            requests.labels(endpoint, "429").inc()
             raise HTTPException(429, f"too many requests for key {who.name!r}",
                                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
         return who
 
-    @app.get("/health/live")
+    async def authorized(request: Request, key: str | None, permission: str) -> Principal:
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(authorize, request, key, permission)  # a database lookup: off the loop
+
+    errors = {401: {"description": "missing, unknown or expired key"}, 403: {"description": "role not allowed"},
+              429: {"description": "throttled (Retry-After)"}}
+
+    @app.get("/health/live", summary="the process answers (no key)")
     def live() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", summary="a model is loaded (no key)", responses={503: {"description": "loading"}})
     def ready(response: Response) -> dict[str, Any]:
         if holder.segmenter is None:
             response.status_code = 503
             return {"status": "loading", "error": holder.error}
         return {"status": "ready", "model_version": holder.version}
 
-    @app.get("/metrics")
-    def metrics() -> Response:
+    @app.get("/metrics", summary="Prometheus metrics (role viewer)", responses=errors)
+    async def metrics(request: Request, x_api_key: str | None = Header(None)) -> Response:
+        await authorized(request, x_api_key, "metrics")
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/segment")
-    async def segment(request: Request, x_api_key: str | None = Header(None)) -> Response:
+    @app.get("/v1/model", summary="the served model: version, aliases, gates, lineage (role viewer)",
+             responses=errors)
+    async def model(request: Request, x_api_key: str | None = Header(None)) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
 
-        endpoint = "/v1/segment"
-        await run_in_threadpool(authorize, x_api_key, "predict", endpoint)  # a database lookup: off the loop
+        await authorized(request, x_api_key, "model")
+        about = {"version": holder.version, "ready": holder.segmenter is not None, "swaps": holder.swaps}
+        if describe is not None:
+            try:
+                about.update(await run_in_threadpool(describe))
+            except Exception as exc:  # noqa: BLE001 - the registry may be away; the model still serves
+                about["registry_error"] = str(exc)[:300]
+        return about
+
+    @app.post("/v1/segment", summary="segment a volume (role predictor)", responses={
+        **errors, 400: {"description": "not a volume"}, 413: {"description": "body or voxel count over the limit"},
+        422: {"description": "not a finite numeric 3-D volume"}, 503: {"description": "busy or loading (Retry-After)"},
+        504: {"description": "over the time limit"}})
+    async def segment(request: Request, summary: bool = False, x_api_key: str | None = Header(None)) -> Response:
+        await authorized(request, x_api_key, "segment")
+        if holder.segmenter is None:
+            raise HTTPException(503, "model not loaded yet", headers={"Retry-After": "5"})
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
-            raise deny(413, f"body of {declared} bytes exceeds the limit of {max_bytes}", "", endpoint)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_bytes:
-                raise deny(413, f"body exceeds the limit of {max_bytes} bytes", "", endpoint)
-            chunks.append(chunk)
-        return await run_in_threadpool(infer, b"".join(chunks), request.headers.get("content-type", ""))
+            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {max_bytes}")
+        if not slots.acquire(blocking=False):  # pool and queue full: say so now, do not queue more
+            raise HTTPException(503, "busy: every inference worker and queue place is taken",
+                                headers={"Retry-After": "1"})
+        released = False
+        try:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise HTTPException(413, f"body exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+            waiting.inc()
+            future = pool.submit(infer, b"".join(chunks), request.headers.get("content-type", ""), summary)
+            future.add_done_callback(lambda _: slots.release())  # the slot frees when the work really ends
+            released = True
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(504, f"inference took longer than {timeout_s:g} s") from None
+        finally:
+            if not released:
+                slots.release()
 
-    def infer(body: bytes, content_type: str) -> Response:
-        endpoint = "/v1/segment"
-        if holder.segmenter is None:
-            raise deny(503, "model not loaded yet", "", endpoint)
+    def infer(body: bytes, content_type: str, summary: bool) -> Response:
+        waiting.dec()
+        in_flight.inc()
+        try:
+            return _infer(body, content_type, summary)
+        except HTTPException as exc:
+            return Response(json.dumps({"detail": exc.detail}), status_code=exc.status_code,
+                            media_type="application/json")
+        finally:
+            in_flight.dec()
+
+    def _infer(body: bytes, content_type: str, summary: bool) -> Response:
         if not body:
-            raise deny(400, "empty body: send a NIfTI (.nii/.nii.gz) or .npy volume", "", endpoint)
-        if len(body) > max_bytes:
-            raise deny(413, f"body of {len(body)} bytes exceeds the limit of {max_bytes}", "", endpoint)
+            raise HTTPException(400, "empty body: send a NIfTI (.nii/.nii.gz) or .npy volume")
         try:
             volume, affine, fmt = decode_volume(body, content_type, max_voxels)
         except VolumeError as exc:  # the client's input: the header is checked before anything is allocated
-            raise deny(VOLUME_STATUS.get(exc.reason, 400), f"cannot decode the volume: {exc}", "", endpoint) from None
+            raise HTTPException(VOLUME_STATUS.get(exc.reason, 400), f"cannot decode the volume: {exc}") from None
         with holder.lock:
             segmenter, version = holder.segmenter, holder.version
         start = time.perf_counter()
         mask = segmenter.segment(volume, affine)
         latency.observe(time.perf_counter() - start)
+        headers = {"X-Model-Version": str(version)}
+        if summary:
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) if affine is not None else np.ones(3)
+            ml = float(np.prod(spacing)) / 1000.0
+            labels, counts = np.unique(mask, return_counts=True)
+            volumes = {str(int(v)): round(float(c) * ml, 3) for v, c in zip(labels, counts) if v != 0}
+            return Response(json.dumps({"model_version": version, "voxel_ml": ml, "volumes_ml": volumes,
+                                        "shape": list(mask.shape)}), media_type="application/json", headers=headers)
         payload, media = encode_mask(mask, affine, fmt)
-        requests.labels(endpoint, "200").inc()
-        return Response(payload, media_type=media, headers={"X-Model-Version": str(version)})
+        return Response(payload, media_type=media, headers=headers)
 
-    @app.post("/v1/reload")
-    def reload(x_api_key: str | None = Header(None)) -> dict[str, Any]:
-        who = authorize(x_api_key, "admin", "/v1/reload")
-        version = holder.reload()
+    @app.post("/v1/reload", summary="load the alias's model again (role operator)", responses=errors)
+    async def reload(request: Request, x_api_key: str | None = Header(None)) -> dict[str, Any]:
+        from starlette.concurrency import run_in_threadpool
+
+        who = await authorized(request, x_api_key, "reload")
+        version = await run_in_threadpool(holder.reload)
         if db is not None:
-            audit.append(db, "service.reloaded", who.name, model_version=version)
+            await run_in_threadpool(audit.append, db, "service.reloaded", who.name, model_version=version)
         return {"model_version": version}
 
+    @app.on_event("shutdown")
+    def _stop_pool() -> None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
     return app
+
+
+ROUTES = ("/health/live", "/health/ready", "/metrics", "/v1/model", "/v1/segment", "/v1/reload", "/docs",
+          "/openapi.json")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,76 @@
+"""`voxelflow serve` as users start it: HTTPS with a configured certificate, keys managed from the CLI."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from flows.server import free_port
+from tests.conftest import BIN, run_cli
+
+
+def self_signed(tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_with_a_self_signed_certificate_and_keys_from_the_cli(tmp_path):
+    cert, key = self_signed(tmp_path)
+    env = {**os.environ, "VOXELFLOW_HOME": str(tmp_path / "home"), "VOXELFLOW_SERVE_TLS_CERT": str(cert),
+           "VOXELFLOW_SERVE_TLS_KEY": str(key)}
+    viewer = run_cli(["voxelflow", "keys", "create", "grafana", "--role", "viewer", "--expires", "30"], env)
+    assert viewer.returncode == 0, viewer.stderr
+    viewer_key = viewer.stdout.strip()
+    listed = run_cli(["voxelflow", "keys", "list"], env)
+    assert "grafana" in listed.stdout and "viewer" in listed.stdout and viewer_key not in listed.stdout
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "voxelflow"), "serve", "--port", str(port), "--model", "nothing-yet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                live = httpx.get(f"{url}/health/live", verify=str(cert), timeout=2)
+                break
+            except httpx.HTTPError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"serve did not come up: {proc.stdout.read() if proc.poll() is not None else ''}")
+                time.sleep(0.3)
+        assert live.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
+            httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2)
+        assert httpx.get(f"{url}/health/ready", verify=str(cert)).status_code == 503  # no model yet: not ready
+        assert httpx.get(f"{url}/metrics", verify=str(cert)).status_code == 401
+        assert httpx.get(f"{url}/metrics", verify=str(cert), headers={"X-API-Key": viewer_key}).status_code == 200
+        revoked = run_cli(["voxelflow", "keys", "revoke", "grafana"], env)
+        assert revoked.returncode == 0
+        assert httpx.get(f"{url}/metrics", verify=str(cert), headers={"X-API-Key": viewer_key}).status_code == 401
+        assert run_cli(["voxelflow", "keys", "revoke", "grafana"], env).returncode == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
