@@ -341,6 +341,8 @@ def create_app(
             denials.record(address, 429, endpoint)
             raise HTTPException(429, "too many failed requests from this address",
                                 headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        if not key and request.headers.get("authorization", "").lower().startswith("bearer "):
+            key = request.headers["authorization"][7:].strip()  # what Prometheus' scrape config can send
         who = keys.lookup(key)
         if who is None or not any(permission in ROLES[r] for r in who.roles):
             failures.allow(address)

@@ -311,7 +311,7 @@ def test_metrics(client, predict_key, keys):
     post(client, npy(np.zeros((4, 4), np.float32)), predict_key)
     assert client.get("/metrics").status_code == 401  # metrics need a key too
     viewer = keys.create("prometheus", ["viewer"])
-    response = client.get("/metrics", headers={"X-API-Key": viewer})
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {viewer}"})  # as Prometheus sends it
     assert response.status_code == 200
     text = response.text
     assert 'voxelflow_requests_total{role="predictor",route="/v1/segment",status="200"} 1.0' in text
