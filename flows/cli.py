@@ -21,6 +21,8 @@ keys_app = typer.Typer(help="Manage API keys of the inference service.", no_args
 audit_app = typer.Typer(help="Inspect the tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+deploy_app = typer.Typer(help="Deployment targets of the inference service.", no_args_is_help=True)
+app.add_typer(deploy_app, name="deploy")
 console = Console(soft_wrap=True)
 err = Console(stderr=True)
 
@@ -282,6 +284,15 @@ def serve(
                 fail("HTTPS needs both VOXELFLOW_SERVE_TLS_CERT and VOXELFLOW_SERVE_TLS_KEY")
             tls = {"ssl_certfile": settings.serve_tls_cert, "ssl_keyfile": settings.serve_tls_key}
         uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info", **tls)
+
+
+@deploy_app.command("render")
+def deploy_render(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
+    """Print the Kubernetes manifests of a spec with deploy.target: kubernetes (apply them with kubectl)."""
+    with reasons():
+        from voxelflow import k8s_deploy
+
+        print(k8s_deploy.to_yaml(k8s_deploy.render(load(spec, overlay, set_))), end="")
 
 
 @keys_app.command("create")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -187,8 +187,53 @@ class PromoteSpec(_Stage):
     approval: Literal["auto", "manual"] = "auto"
 
 
+class Autoscale(_Section):
+    min_replicas: int = Field(2, ge=1)
+    max_replicas: int = Field(6, ge=1)
+    metric: Literal["cpu", "queue_depth"] = Field(
+        "cpu", description="cpu: average utilisation in percent of the request; queue_depth: requests waiting per "
+        "pod (needs a metrics adapter serving voxelflow_queue_depth)")
+    target: float = Field(70, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscale:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class KubernetesDeploy(_Section):
+    image: str = "voxelflow:0.1.0"
+    namespace: str = Field("voxelflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    alias: str = "champion"
+    secret: str = Field("voxelflow-runtime", description="Secret with VOXELFLOW_STORE, VOXELFLOW_DATABASE_URL, "
+                        "VOXELFLOW_MLFLOW_TRACKING_URI")
+    gpu: int = Field(0, ge=0, description="nvidia.com/gpu per pod")
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    cpu_request: str = "1"
+    memory_request: str = "2Gi"
+    cpu_limit: str = "4"
+    memory_limit: str = "8Gi"
+    autoscale: Autoscale = Field(default_factory=Autoscale)
+    allowed_namespaces: list[str] = Field(default_factory=lambda: ["gateway"], min_length=1,
+                                          description="namespaces whose pods may call the service")
+    egress_ports: list[int] = Field(default_factory=lambda: [443, 5432],
+                                    description="ports the pods may reach outside: object store, database")
+
+
 class DeploySpec(_Stage):
-    target: Literal["local"] = Field("local", description="local: the service on 127.0.0.1")
+    target: Literal["local", "kubernetes"] = Field(
+        "local", description="local: the service on 127.0.0.1 and an HTTP smoke test; kubernetes: manifests "
+        "rendered from deploy.kubernetes and applied to the configured cluster")
+    kubernetes: KubernetesDeploy | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> DeploySpec:
+        if self.target == "kubernetes" and self.kubernetes is None:
+            self.kubernetes = KubernetesDeploy()
+        if self.target == "local" and self.kubernetes is not None:
+            raise ValueError("deploy.kubernetes applies only to deploy.target: kubernetes")
+        return self
 
 
 class PipelineSpec(_Section):

@@ -317,8 +317,22 @@ class Deployment:
 
 
 def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) -> Deployment:
-    """Serve the champion on loopback and segment one held-out case over HTTP (the smoke test)."""
+    """Serve the champion on loopback and segment one held-out case over HTTP (the smoke test).
+
+    ``target: kubernetes`` applies the rendered manifests to the configured cluster instead, and
+    fails plainly when no cluster is configured.
+    """
     import time
+
+    if spec.target == "kubernetes":
+        from voxelflow import k8s_deploy
+
+        applied = k8s_deploy.apply(k8s_deploy.render_for(ctx.pipeline, model_name, spec))
+        version = registry.alias_version(ctx.tracking_uri, model_name) or ""
+        audit.append(ctx.db, "service.deployed", "voxelflow", model=model_name, version=version,
+                     target="kubernetes", objects=applied)
+        return Deployment(f"kubernetes:{spec.kubernetes.namespace}/{ctx.pipeline}-inference", version, case_id,
+                          float("nan"), 0.0)
 
     import httpx
 
