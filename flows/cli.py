@@ -213,6 +213,44 @@ def ingest(
 
 
 @app.command()
+def watch(
+    source: Annotated[str, typer.Argument(help="folder or fsspec URL (s3://...) to watch")],
+    spec: Annotated[Path, typer.Option(help="pipeline spec the arriving data belongs to")],
+    settle: Annotated[float, typer.Option(help="seconds without change before a batch is announced")] = 2.0,
+    poll: Annotated[float, typer.Option(help="seconds between listings (object stores; folders wake at once)")] = 2.0,
+) -> None:
+    """Run until stopped: announce each settled batch under SOURCE as the Prefect event voxelflow.data.arrived."""
+    with reasons():
+        import signal
+        import threading
+
+        from prefect.events import emit_event
+
+        from voxelflow.config import Settings, load_spec
+        from voxelflow.db import connect
+        from voxelflow.watch import Watcher
+
+        loaded = load_spec(spec, sets=[f"data.source={source}"])
+        spec_path = str(spec.resolve())
+
+        def emit(arrival) -> None:
+            event = emit_event(event="voxelflow.data.arrived",
+                               resource={"prefect.resource.id": f"voxelflow.dataset.{loaded.name}"},
+                               payload={**arrival.payload(), "spec": spec_path})
+            if event is None:
+                raise RuntimeError("the event was not sent: is PREFECT_API_URL set?")
+            console.print(f"announced {len(arrival.objects)} objects ({arrival.payload()['bytes']} bytes)",
+                          highlight=False)
+
+        watcher = Watcher(source, connect(Settings().database), loaded.name, emit, settle_s=settle, poll_s=poll)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        console.print(f"watching {source} for {loaded.name} (settle {settle:g} s); Ctrl-C stops", highlight=False)
+        watcher.run(stop)
+
+
+@app.command()
 def ledger(
     pipeline: Annotated[str, typer.Argument(help="pipeline name (the spec's `name`)")] = "demo-spheres",
     state: Annotated[Optional[str], typer.Option(help="only ingested, duplicate or quarantined")] = None,
@@ -277,7 +315,8 @@ def serve(
 
         app_ = create_app(holder, KeyStore(db), db=db, workers=settings.serve_workers, queue=settings.serve_queue,
                           timeout_s=settings.serve_timeout_s, max_voxels=settings.serve_max_voxels,
-                          docs=settings.serve_docs, describe=describe)
+                          docs=settings.serve_docs, describe=describe,
+                          memory_budget=settings.serve_memory_budget_mb * 2**20)
         tls = {}
         if settings.serve_tls_cert or settings.serve_tls_key:
             if not (settings.serve_tls_cert and settings.serve_tls_key):
@@ -351,18 +390,69 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="whose keys to remove (
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Check the audit log's hash chain; exit 1 and name the first broken entry if it was altered."""
+def audit_verify(
+    anchors: Annotated[bool, typer.Option(help="also check the newest head copy kept in MLflow model version tags "
+                                               "(catches deleted newest records); --no-anchors: chain only")] = True,
+) -> None:
+    """Check the audit log's hash chain and its newest anchor; exit 1 and name the first problem."""
     with reasons():
         from voxelflow import audit
         from voxelflow.config import Settings
         from voxelflow.db import connect
 
-        db = connect(Settings().database)
-        verdict = audit.verify(db)
+        settings = Settings()
+        db = connect(settings.database)
+        kept = audit.mlflow_anchors(settings.tracking_uri) if anchors else []
+        verdict = audit.verify(db, kept)
         if not verdict.ok:
             fail(f"audit log in {db} is not intact: {verdict.problem}")
-        console.print(f"[green]ok[/] {verdict.entries} entries, chain intact ({db})", highlight=False)
+        against = (f"matches the anchor at record {verdict.anchor.seq} in {verdict.anchor.where}" if verdict.anchor
+                   else "no anchor to check against yet" if anchors else "anchors not checked")
+        console.print(f"[green]ok[/] {verdict.entries} entries, chain intact, {against} ({db})", highlight=False)
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="registered model name")],
+    reason: Annotated[str, typer.Option(help="why; kept in the audit log and on the version")] = "",
+) -> None:
+    """Move `champion` back to `previous`; exit 1 with the reason when there is no previous version."""
+    with reasons():
+        import getpass
+
+        from voxelflow import registry
+        from voxelflow.config import Settings
+        from voxelflow.db import connect
+
+        settings = Settings()
+        try:
+            restored, replaced = registry.rollback(settings.tracking_uri, connect(settings.database), model,
+                                                   getpass.getuser(), reason)
+        except registry.NoPrevious as exc:
+            fail(str(exc.args[0]))
+        console.print(f"[green]ok[/] {model}: champion is version {restored} again (was {replaced or 'none'})",
+                      highlight=False)
+
+
+@app.command()
+def lineage(
+    ref: Annotated[str, typer.Argument(help="NAME (its champion), NAME@ALIAS or NAME/VERSION")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the trace as JSON")] = False,
+) -> None:
+    """Trace a model version back to its source files; exit 1 when a link is missing or does not check."""
+    with reasons():
+        import json
+
+        from voxelflow import lineage as lineage_
+        from voxelflow.config import Settings
+        from voxelflow.db import connect
+
+        settings = Settings()
+        trace = lineage_.trace(settings.tracking_uri, connect(settings.database), settings.store_url, ref)
+        print(json.dumps(trace, indent=1, default=str) if as_json else lineage_.render(trace))
+        if trace["problems"]:
+            fail(f"lineage of {ref} is incomplete: {trace['problems'][0]}"
+                 + (f" (and {len(trace['problems']) - 1} more)" if len(trace["problems"]) > 1 else ""))
 
 
 @app.command()

@@ -118,6 +118,14 @@ def deploy_flow(spec: PipelineSpec, lifecycle_id: str, store: str, case_id: str)
     _keep(ctx, lifecycle_id, "deploy", deploy(spec.deploy, spec.promote.model_name, ctx, case_id))
 
 
+@flow(name="rollback")
+def rollback_flow(model_name: str, reason: str = "", actor: str = "prefect") -> dict[str, str]:
+    """Move a model's ``champion`` back to ``previous``; a service watching the alias swaps back."""
+    from tasks.registry import rollback_champion
+
+    return rollback_champion(Context(Settings(), model_name), model_name, actor, reason)
+
+
 def current_lifecycle_id() -> str:
     """The lifecycle's flow run id (or a fresh id outside a flow run): names its stage outputs in the store."""
     import uuid

@@ -58,6 +58,62 @@ def _check_kwargs(cls: type, name: str, kwargs: dict[str, Any], what: str) -> No
         raise ValueError(f"{what} {name!r} has no argument {', '.join(unknown)}; it takes: {allowed}")
 
 
+def _loosen(annotation: Any) -> Any:
+    """An annotation a YAML value can be checked against: tensors as numbers or lists, other classes as Any."""
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.Union[tuple(_loosen(a) for a in typing.get_args(annotation))]  # noqa: UP007
+    if inspect.isclass(annotation) and typing.get_origin(annotation) is None:
+        if annotation.__name__ == "Tensor" and annotation.__module__.startswith("torch"):
+            return typing.Union[list, float, int]  # noqa: UP007
+        if annotation.__module__ != "builtins":
+            return Any
+    return annotation
+
+
+def _check_types(fn: Any, name: str, kwargs: dict[str, Any], what: str) -> None:
+    """Refuse an argument whose value cannot be what ``fn``'s signature annotates (``channels: "abc"``)."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - annotations that do not resolve cannot be checked
+        return
+    for key, value in kwargs.items():
+        if key not in hints:
+            continue
+        try:
+            adapter = TypeAdapter(_loosen(hints[key]), config=ConfigDict(arbitrary_types_allowed=True))
+        except Exception:  # noqa: BLE001 - an annotation pydantic cannot model is left to the class itself
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"{what} {name!r}: argument {key!r} = {value!r} does not fit {hints[key]} "
+                             f"({exc.errors()[0]['msg']})") from None
+
+
+def _torch_component(value: Any, module: str, what: str, supplied: set[str]) -> dict[str, dict[str, Any]]:
+    """A torch optimizer / LR scheduler by name: arguments known, typed, required ones given."""
+    name, kwargs = _single_key(value, what)
+    cls = resolve_monai(module, name, what)
+    params = inspect.signature(cls.__init__).parameters
+    given = sorted(set(kwargs) & supplied)
+    if given:
+        raise ValueError(f"{what} {name!r}: {', '.join(given)} is supplied by training, not by the spec")
+    _check_kwargs(cls, name, kwargs, what)
+    missing = [p for p, v in params.items() if p not in ("self", *supplied) and v.default is inspect.Parameter.empty
+               and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD) and p not in kwargs]
+    if missing:
+        raise ValueError(f"{what} {name!r} needs the argument(s) {', '.join(missing)}")
+    _check_types(cls.__init__, name, kwargs, what)
+    return {name: kwargs}
+
+
 def resolve_monai(module: str, name: str, what: str) -> type:
     """Look a class up by name in a MONAI module, with a helpful error."""
     import importlib
@@ -71,8 +127,13 @@ def resolve_monai(module: str, name: str, what: str) -> type:
 
 class DataSpec(_Stage):
     source: str = Field(description="fsspec URL of the incoming data; '{home}' expands to VOXELFLOW_HOME")
-    layout: Literal["decathlon", "folder"] = "decathlon"
+    layout: Literal["decathlon", "folder", "dicom"] = Field(
+        "decathlon", description="decathlon (dataset.json), folder (one folder per case) or dicom (any tree, by series)"
+    )
     max_voxels: int = Field(512**3, gt=0, description="cases larger than this are quarantined")
+    retrain_after: int = Field(1, ge=1, description="an ingest that brings the dataset this many new cases since "
+                               "the last announcement emits voxelflow.dataset.updated (which the lifecycle's "
+                               "on-update deployment is triggered by)")
 
 
 class Adaptive(_Section):
@@ -148,7 +209,14 @@ class TrainSpec(_Stage):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(2, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = "bf16-mixed"
+    optimizer: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"Adam": {}}, validate_default=True,
+        description="a torch.optim optimizer by name with its arguments; lr defaults to learning_rate")
+    scheduler: dict[str, dict[str, Any]] | None = Field(
+        None, description="a torch.optim.lr_scheduler by name with its arguments, stepped once per epoch; "
+        "null: a constant learning rate")
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
+        "bf16-mixed", description="fp16-mixed needs a CUDA device (with a GradScaler); the CPU refuses it")
     checkpoint_every_steps: int = Field(50, ge=1)
     seed: int = 0
 
@@ -156,8 +224,26 @@ class TrainSpec(_Stage):
     @classmethod
     def _network(cls, value: Any) -> dict[str, dict[str, Any]]:
         name, kwargs = _single_key(value, "network")
-        _check_kwargs(resolve_monai("monai.networks.nets", name, "network"), name, kwargs, "network")
+        net = resolve_monai("monai.networks.nets", name, "network")
+        _check_kwargs(net, name, kwargs, "network")
+        _check_types(net.__init__, name, kwargs, "network")
         return {name: kwargs}
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer(cls, value: Any) -> dict[str, dict[str, Any]]:
+        return _torch_component(value, "torch.optim", "optimizer", {"params"})
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler(cls, value: Any) -> dict[str, dict[str, Any]] | None:
+        if value is None:
+            return None
+        name, _ = _single_key(value, "scheduler")
+        if name == "ReduceLROnPlateau":
+            raise ValueError("scheduler 'ReduceLROnPlateau' needs a validation metric each epoch, which training "
+                             "does not compute; choose an epoch-driven scheduler (StepLR, CosineAnnealingLR, ...)")
+        return _torch_component(value, "torch.optim.lr_scheduler", "scheduler", {"optimizer"})
 
     @field_validator("loss", mode="before")
     @classmethod
@@ -165,10 +251,20 @@ class TrainSpec(_Stage):
         name, kwargs = _single_key(value, "loss")
         cls = resolve_monai("monai.losses", name, "loss")
         _check_kwargs(cls, name, kwargs, "loss")
+        _check_types(cls.__init__, name, kwargs, "loss")
         params = inspect.signature(cls.__init__).parameters
         if "to_onehot_y" in params and "softmax" in params:  # labels are class indices, outputs logits
             kwargs = {"to_onehot_y": True, "softmax": True, **kwargs}
         return {name: kwargs}
+
+
+def metric_names(metrics: list[str], n_classes: int) -> list[str]:
+    """Every score evaluation reports: each metric's mean over foreground classes, then one per class."""
+    names = []
+    for m in metrics:
+        names.append(m)
+        names.extend(f"{m}_{c}" for c in range(1, n_classes))
+    return names
 
 
 class EvaluateSpec(_Stage):
@@ -177,8 +273,33 @@ class EvaluateSpec(_Stage):
 
 
 class Gates(_Section):
-    min_dice: float = Field(0.8, ge=0, le=1)
-    beat_champion_by: float = Field(0.0, ge=-1, le=1)
+    """The promotion policy (voxelflow.policy): every gate must pass."""
+
+    min_dice: float | None = Field(0.8, ge=0, le=1, description="dice at least this; null: no dice gate")
+    beat_champion_by: float = Field(
+        0.0, ge=-1, le=1, description="relative gate on relative_metric: beat the champion by this much in the "
+        "metric's better direction; negative: non-inferiority, no worse than the champion by more than |value|")
+    relative_metric: str = Field("dice", description="the metric the relative gate compares (dice, hausdorff95, "
+                                 "dice_1, ...)")
+    absolute: dict[str, float] = Field(
+        default_factory=dict, description="metric -> bound: at least for higher-is-better metrics (dice, dice_2), "
+        "at most for lower-is-better ones (hausdorff95 in mm)")
+    flip_tolerance: float | None = Field(
+        None, ge=0, le=1, description="run the behavioural checks on a held-out case: at most this fraction of "
+        "voxels may change when the volume is mirrored left-right, an empty volume must give an empty mask, the "
+        "output must be finite; null: checks not run")
+    require_lineage: list[str] = Field(
+        default_factory=lambda: ["dataset_digest", "spec_digest", "run_id"],
+        description="lineage tags the version must carry to be promoted")
+
+    def metrics(self) -> dict[str, str]:
+        """Metric base name (dice, hausdorff95) -> the gate that reads it."""
+        out = {"dice": "min_dice"} if self.min_dice is not None else {}
+        for metric, gate in [*((m, f"absolute.{m}") for m in self.absolute), (self.relative_metric,
+                                                                              "beat_champion_by")]:
+            base = metric.rsplit("_", 1)[0] if metric.rsplit("_", 1)[-1].isdigit() else metric
+            out.setdefault(base, gate)
+        return out
 
 
 class PromoteSpec(_Stage):
@@ -249,13 +370,26 @@ class PipelineSpec(_Section):
 
     @model_validator(mode="after")
     def _gates_use_computed_metrics(self) -> PipelineSpec:
-        # the gates read `dice`: a spec that does not compute it could never promote anything
-        if "dice" not in self.evaluate.metrics:
-            raise ValueError(
-                f"promote.gates (min_dice, beat_champion_by) need the metric 'dice', but evaluate.metrics is "
-                f"{self.evaluate.metrics}: add dice to evaluate.metrics"
-            )
+        # a gate on a metric the spec does not compute could never pass: nothing would ever be promoted
+        for metric, gate in self.promote.gates.metrics().items():
+            if metric not in self.evaluate.metrics:
+                raise ValueError(
+                    f"promote.gates ({gate}) need the metric '{metric}', but evaluate.metrics is "
+                    f"{self.evaluate.metrics}: add {metric} to evaluate.metrics"
+                )
+        computed = self.computed_metrics()
+        gates = self.promote.gates
+        for metric, gate in [*((m, f"absolute.{m}") for m in gates.absolute), (gates.relative_metric,
+                                                                               "relative_metric")]:
+            if metric not in computed:
+                raise ValueError(f"promote.gates.{gate} names the metric '{metric}', which evaluation does not "
+                                 f"compute for this network's classes; computed: {computed}")
         return self
+
+    def computed_metrics(self) -> list[str]:
+        """The metric names evaluation reports for this spec (``dice``, ``dice_1``, ``hausdorff95``, ...)."""
+        out_channels = next(iter(self.train.network.values())).get("out_channels", 2)
+        return metric_names(self.evaluate.metrics, int(out_channels))
 
     def digest(self) -> str:
         """A stable hash of the spec, for lineage."""
@@ -367,10 +501,12 @@ class Settings(BaseSettings):
     serve_queue: int | None = Field(None, ge=0, description="requests that may wait for a worker (default: workers)")
     serve_timeout_s: float = Field(120.0, gt=0, description="longest a request may take (then 504)")
     serve_max_voxels: int = Field(512**3, gt=0, description="largest volume accepted (then 413)")
+    serve_memory_budget_mb: int = Field(
+        2048, gt=0, description="memory one inference may need, estimated from the header with the model's working "
+        "set (then 413)")
     serve_docs: bool = Field(False, description="serve /docs and /openapi.json")
     serve_tls_cert: str | None = Field(None, description="PEM certificate: HTTPS when set with serve_tls_key")
     serve_tls_key: str | None = Field(None, description="PEM private key of serve_tls_cert")
-
 
     @property
     def root(self) -> Path:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from voxelflow import audit, evaluate, ingest, preprocess, registry, report, train
+from voxelflow import audit, evaluate, ingest, policy, preprocess, registry, report, train
 from voxelflow.config import (
     DataSpec,
     DeploySpec,
@@ -63,12 +63,14 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 def ingest_stage(data: DataSpec, ctx: Context, progress: Progress | None = None,
                  require_cases: bool = True) -> ingest.IngestReport:
     source = ctx.settings.expand(data.source)
-    result = ingest.ingest(data, ctx.layout, ctx.db, source, progress=progress)
+    key = ctx.settings.deid_key.get_secret_value() if ctx.settings.deid_key else None
+    result = ingest.ingest(data, ctx.layout, ctx.db, source, progress=progress, deid_key=key)
     if require_cases and not result.case_ids:
         raise ValueError(f"no usable cases under {source}: {len(result.quarantined)} quarantined")
     audit.append(ctx.db, "data.ingested", "voxelflow", pipeline=ctx.pipeline, **result.summary())
     for q in result.quarantined:
-        audit.append(ctx.db, "data.quarantined", "voxelflow", pipeline=ctx.pipeline, **q)
+        # case id and reason only: details name source objects, which only the ledger maps to hashes
+        audit.append(ctx.db, "data.quarantined", "voxelflow", pipeline=ctx.pipeline, case=q["case"], reason=q["reason"])
     return result
 
 
@@ -121,7 +123,8 @@ def n_classes(network: dict[str, dict[str, Any]]) -> int:
 
 def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
     """What ties a model version back to its data and its spec."""
-    return {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name}
+    return {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name,
+            "preprocess_digest": preprocess.transform_digest(spec.preprocess)}
 
 
 def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Split | None = None) -> str:
@@ -245,6 +248,19 @@ class Promotion:
     champion: str | None
     previous: str | None = None
     model_uri: str = ""
+    gates: list[dict[str, Any]] = field(default_factory=list)  # each gate of the policy: gate, passed, detail
+
+
+def candidate_behaviour(spec: PromoteSpec, ctx: Context, outcome: TrainOutcome,
+                        evaluation: Evaluation) -> dict[str, float] | None:
+    """Behaviour of the candidate on its first held-out case, when the gates ask for the checks."""
+    if spec.gates.flip_tolerance is None or not evaluation.val_ids:
+        return None
+    from voxelflow.model import Segmenter
+
+    model = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
+    case = ingest.load_case(ctx.layout.raw, evaluation.val_ids[0])
+    return policy.measure_behaviour(model.segment, case["image"], case["affine"])
 
 
 def score_version(ctx: Context, model_name: str, version: str, evaluation: Evaluation) -> dict[str, float]:
@@ -272,11 +288,11 @@ def register_stage(
         model_uri = registry.log_model(uri, run_id, outcome.model_config, weights)
     tags = {**tags, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
     compared, champion_scores = evaluation.champion_version, evaluation.champion
-    previous = None
+    previous, behaviour = None, candidate_behaviour(spec, ctx, outcome, evaluation)
     with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers; the alias move is a CAS
         version = registry.register(uri, model_uri, name, run_id, tags)
         for _ in range(5):
-            decision = registry.should_promote(evaluation.candidate, champion_scores, spec.gates)
+            decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags)
             if spec.approval == "manual":
                 decision.promote = False
                 decision.reasons.append("approval is manual: not promoted automatically; it keeps `challenger`")
@@ -294,17 +310,18 @@ def register_stage(
         registry.tag_version(uri, name, version, {
             "voxelflow.decision": "promoted" if decision.promote else "rejected",
             "voxelflow.reasons": "; ".join(decision.reasons)[:5000],
-            "voxelflow.compared_with": compared or "none",
+            "voxelflow.compared_with": compared or "none", **decision.tags(),
         })
     if decision.promote:
-        audit.append(ctx.db, "model.promoted", "voxelflow", model=name, version=version, previous=previous,
-                     compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
+        entry = audit.append(ctx.db, "model.promoted", "voxelflow", model=name, version=version, previous=previous,
+                             compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
     else:
-        audit.append(ctx.db, "model.rejected", "voxelflow", model=name, version=version, compared_with=compared,
-                     metrics=evaluation.candidate, reasons=decision.reasons)
+        entry = audit.append(ctx.db, "model.rejected", "voxelflow", model=name, version=version,
+                             compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
+    audit.anchor_in_mlflow(uri, name, version, entry)  # the chain's head, kept where the log's writer cannot reach
     champion = registry.alias_version(uri, name)
     return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri or
-                     f"models:/{name}/{version}")
+                     f"models:/{name}/{version}", decision.rows())
 
 
 @dataclass

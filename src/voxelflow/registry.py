@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxelflow import __version__
+from voxelflow import __version__, policy
 from voxelflow.config import Gates, PipelineSpec
+from voxelflow.policy import Decision
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 
@@ -198,24 +198,10 @@ def alias_version(tracking_uri: str, name: str, alias: str = CHAMPION) -> str | 
     return str(mv.version)
 
 
-@dataclass
-class Decision:
-    promote: bool
-    reasons: list[str] = field(default_factory=list)
-
-
 def should_promote(candidate: dict[str, float], champion: dict[str, float] | None, gates: Gates) -> Decision:
-    """The promotion gates, as a pure function of the scores."""
-    reasons = []
-    dice = candidate.get("dice", float("nan"))
-    if not dice >= gates.min_dice:
-        reasons.append(f"dice {dice:.4f} is below the gate {gates.min_dice:.4f}")
-    if champion is not None:
-        bar = champion.get("dice", float("nan")) + gates.beat_champion_by
-        if not dice >= bar:
-            reasons.append(f"dice {dice:.4f} does not beat the champion's {champion.get('dice', float('nan')):.4f} "
-                           f"by {gates.beat_champion_by:.4f}")
-    return Decision(promote=not reasons, reasons=reasons or ["all gates passed"])
+    """The metric gates alone (absolute and relative), as a pure function of the scores; the full
+    policy, with behaviour and lineage, is :func:`voxelflow.policy.decide`."""
+    return policy.decide(candidate, champion, gates.model_copy(update={"require_lineage": [], "flip_tolerance": None}))
 
 
 class ChampionMoved(RuntimeError):
@@ -274,3 +260,32 @@ def load_version(tracking_uri: str, name: str, version: str, cache_dir: Path, de
 
     local = download_model(tracking_uri, f"models:/{name}/{version}", cache_dir / name / version)
     return Segmenter.from_dir(local / "artifacts", device=device)
+
+
+class NoPrevious(LookupError):
+    """Nothing to roll back to."""
+
+
+def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "") -> tuple[str, str]:
+    """Move ``champion`` back to ``previous``, under the model's lock; returns (restored, replaced).
+
+    ``previous`` is then removed and the replaced version tagged ``voxelflow.rolled_back``, so a second
+    rollback has nothing to go back to until the next promotion. The move is recorded in the audit
+    log and the record anchored on the restored version. A running service follows ``champion``.
+    """
+    from voxelflow import audit
+
+    mc = client(tracking_uri)
+    with db.locked(f"register:{name}"):
+        current = alias_version(tracking_uri, name, CHAMPION)
+        previous = alias_version(tracking_uri, name, PREVIOUS)
+        if previous is None:
+            raise NoPrevious(f"model {name!r} has no 'previous' version to roll back to"
+                             + (f" (champion is version {current})" if current else " (and no champion)"))
+        retrying("alias", lambda: mc.set_registered_model_alias(name, CHAMPION, previous))
+        retrying("alias", lambda: mc.delete_registered_model_alias(name, PREVIOUS))
+        if current is not None:
+            tag_version(tracking_uri, name, current, {"voxelflow.rolled_back": f"replaced by {previous}: {reason}"[:5000]})
+    entry = audit.append(db, "model.rolled_back", actor, model=name, version=previous, replaced=current, reason=reason)
+    audit.anchor_in_mlflow(tracking_uri, name, previous, entry)
+    return previous, current or ""

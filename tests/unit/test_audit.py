@@ -293,3 +293,134 @@ def test_concurrent_appends_from_two_processes_keep_one_chain(request, kind):
     for who in ("p0", "p1"):
         assert [e["details"]["j"] for e in entries if e["actor"] == who] == list(range(15))
     db.dispose()
+
+
+# ---------------------------------------------------------------- anchors: the head kept elsewhere
+
+
+def anchor_of(db: Database, seq: int, where: str = "a safe place") -> audit.Anchor:
+    entry = next(e for e in audit.entries(db) if e["seq"] == seq)
+    return audit.Anchor(seq, entry["hash"], where)
+
+
+def test_a_log_that_matches_its_newest_anchor_verifies(log):
+    verdict = audit.verify(log, [anchor_of(log, 1), anchor_of(log, 3)])
+    assert verdict.ok, verdict.problem
+    assert verdict.anchor == anchor_of(log, 3)
+    audit.append(log, "service.reloaded", "bob")  # records after the newest anchor are fine
+    assert audit.verify(log, [anchor_of(log, 3)]).ok
+
+
+def test_deleted_newest_records_are_caught_by_the_anchor(log):
+    anchors = [anchor_of(log, 2, "tags of demo v2"), anchor_of(log, 3, "tags of demo v3")]
+    with log.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq >= 2))
+    assert audit.verify(log).ok  # the chain alone cannot tell
+    verdict = audit.verify(log, anchors)
+    assert not verdict.ok and verdict.entries == 2
+    assert "ends at record 1" in verdict.problem and "tags of demo v3 anchors record 3" in verdict.problem
+    assert "deleted" in verdict.problem
+
+
+def test_a_rewritten_chain_is_caught_by_the_anchor(log):
+    anchor = anchor_of(log, 3)
+    entries = list(audit.entries(log))
+    with log.transaction() as conn:  # drop record 3, write a different record 3 that links correctly
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 3))
+    forged = {**entries[3], "actor": "mallory"}
+    forged["hash"] = audit.entry_hash(forged)
+    with log.transaction() as conn:
+        conn.execute(audit_log.insert().values(**{**forged, "details": json.dumps(forged["details"])}))
+    assert audit.verify(log).ok
+    verdict = audit.verify(log, [anchor])
+    assert not verdict.ok and "record 3 differs" in verdict.problem and "rewritten" in verdict.problem
+
+
+def test_an_empty_log_with_an_anchor_is_caught(db):
+    verdict = audit.verify(db, [audit.Anchor(0, "a" * 64, "x")])
+    assert not verdict.ok and "anchors record 0" in verdict.problem
+
+
+@pytest.fixture
+def registry_uri(tmp_path) -> str:
+    """A real MLflow registry (SQLite) holding model ``m`` with two versions."""
+    from voxelflow.registry import client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mc = client(uri)
+    mc.create_registered_model("m")
+    for _ in range(2):
+        mc.create_model_version("m", str(tmp_path))
+    return uri
+
+
+def test_anchors_written_to_mlflow_tags_catch_a_truncated_log(log, registry_uri):
+    entries = list(audit.entries(log))
+    assert audit.mlflow_anchors(registry_uri) == []
+    audit.anchor_in_mlflow(registry_uri, "m", "1", entries[1])
+    written = audit.anchor_in_mlflow(registry_uri, "m", "2", entries[3])
+    found = audit.mlflow_anchors(registry_uri)
+    assert sorted(a.seq for a in found) == [1, 3]
+    assert written in found and written.where == "MLflow tags of m version 2"
+    assert audit.verify(log, found).ok
+    with log.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 3))
+    verdict = audit.verify(log, audit.mlflow_anchors(registry_uri))
+    assert not verdict.ok and "m version 2 anchors record 3" in verdict.problem
+
+
+def test_a_malformed_anchor_is_an_error_not_ignored(registry_uri):
+    from voxelflow.registry import client
+
+    client(registry_uri).set_model_version_tag("m", "1", audit.ANCHOR_SEQ, "three")
+    with pytest.raises(ValueError, match="m version 1 carries a malformed audit anchor"):
+        audit.mlflow_anchors(registry_uri)
+
+
+def test_anchors_cannot_be_read_from_a_registry_that_is_down(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(Exception, match="127.0.0.1"):
+        audit.mlflow_anchors(f"http://127.0.0.1:{port}")
+
+
+def test_cli_verify_checks_the_newest_anchor(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from voxelflow.config import Settings
+    from voxelflow.db import connect
+    from voxelflow.registry import client
+
+    settings = Settings(home=tmp_path)
+    db = connect(settings.database)
+    audit.append(db, "model.promoted", "tester", model="m", version="1")
+    audit.append(db, "model.promoted", "tester", model="m", version="1")
+    mc = client(settings.tracking_uri)
+    mc.create_registered_model("m")
+    mc.create_model_version("m", str(tmp_path))
+    env = {"VOXELFLOW_HOME": str(tmp_path)}
+    runner = CliRunner()
+
+    def verify(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["audit", "verify", *args], env=env)
+        return result.exit_code, " ".join(result.output.split())  # rich wraps long lines
+
+    code, out = verify()
+    assert code == 0 and "no anchor to check against yet" in out
+    newest = list(audit.entries(db))[-1]
+    audit.anchor_in_mlflow(settings.tracking_uri, "m", "1", newest)
+    code, out = verify()
+    assert code == 0 and "matches the anchor at record 1" in out
+    with db.transaction() as conn:
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 1))
+    code, out = verify()
+    assert code == 1 and "the newest records were deleted" in out
+    code, out = verify("--no-anchors")
+    assert code == 0 and "anchors not checked" in out
+    db.dispose()

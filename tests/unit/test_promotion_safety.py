@@ -131,7 +131,8 @@ def rescore(ctx, name, version, ev):  # the champion that appeared meanwhile, sc
 
 while time.time() < start_at:
     time.sleep(0.005)
-p = register_stage(spec.promote, ctx, run_id, outcome, evaluation, {"pipeline": spec.name}, rescore=rescore)
+tags = {"pipeline": spec.name, "dataset_digest": "d" * 16, "spec_digest": spec.digest()}
+p = register_stage(spec.promote, ctx, run_id, outcome, evaluation, tags, rescore=rescore)
 print(json.dumps({"dice": dice, "version": p.version, "promoted": p.promoted, "reasons": p.reasons}))
 """
 

@@ -203,3 +203,159 @@ def test_logged_model_is_a_pyfunc_without_pickles(mlflow_store, tiny_spec, tmp_p
     files = {p.name for p in local.rglob("*") if p.is_file()}
     assert {"MLmodel", "model.json", "weights.safetensors"} <= files
     assert not any(f.endswith((".pkl", ".pickle")) for f in files)
+
+
+# ---------------------------------------------------------------- register_stage leaves an audit anchor
+
+
+def test_each_decision_anchors_the_audit_chain_in_the_version_tags(tmp_path, tiny_spec, tiny_model_config,
+                                                                   tiny_weights):
+    from sqlalchemy import delete
+
+    from voxelflow import audit
+    from voxelflow.db import audit_log
+    from voxelflow.pipeline import Context, Evaluation, TrainOutcome, register_stage
+
+    ctx = Context(Settings(home=tmp_path / "home"), tiny_spec.name)
+    uri, name = ctx.tracking_uri, tiny_spec.promote.model_name
+    ctx.store.write_bytes("models/w.safetensors", tiny_weights[0])
+    outcome = TrainOutcome("models/w.safetensors", tiny_model_config, [], 0, 0.0, None, "")
+    promote = tiny_spec.promote.model_copy(update={"approval": "auto"})
+    results = []
+    for dice in (0.95, 0.10):  # the first is promoted, the second rejected: both decisions are anchored
+        run_id = registry.start_run(uri, ctx.settings.artifact_root, tiny_spec, {"dataset_digest": "d" * 16})
+        evaluation = Evaluation({"dice": dice}, None, registry.alias_version(uri, name), "", [], ["dice"], 2)
+        tags = {"pipeline": tiny_spec.name, "dataset_digest": "d" * 16, "spec_digest": tiny_spec.digest()}
+        results.append(register_stage(promote, ctx, run_id, outcome, evaluation, tags))
+    assert [r.promoted for r in results] == [True, False]
+    gates = {g["gate"]: g["passed"] for g in results[1].gates}
+    assert gates == {"min_dice": False, "lineage": True}  # compared with no scores: the absolute gate decides
+    tagged = registry.client(uri).get_model_version(name, results[1].version).tags
+    assert tagged["voxelflow.gate.min_dice"].startswith("fail: dice 0.1000 is below the gate")
+    assert tagged["voxelflow.gate.lineage"] == "pass: lineage complete: dataset_digest, spec_digest, run_id"
+    entries = list(audit.entries(ctx.db))
+    assert [e["event"] for e in entries] == ["model.promoted", "model.rejected"]
+    anchors = audit.mlflow_anchors(uri)
+    assert sorted((a.seq, a.hash) for a in anchors) == [(e["seq"], e["hash"]) for e in entries]
+    verdict = audit.verify(ctx.db, anchors)
+    assert verdict.ok and verdict.anchor.where == f"MLflow tags of {name} version {results[1].version}"
+    with ctx.db.transaction() as conn:  # someone with database access drops the newest record
+        conn.execute(delete(audit_log).where(audit_log.c.seq == 1))
+    assert audit.verify(ctx.db).ok
+    assert not audit.verify(ctx.db, audit.mlflow_anchors(uri)).ok
+
+
+# ---------------------------------------------------------------- rollback
+
+
+def test_rollback_restores_previous_records_it_and_refuses_a_second_time(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from voxelflow import audit
+    from voxelflow.db import connect
+
+    settings = Settings(home=tmp_path)
+    uri, mc = settings.tracking_uri, registry.client(settings.tracking_uri)
+    mc.create_registered_model("m")
+    for _ in range(2):
+        mc.create_model_version("m", str(tmp_path))
+    runner, env = CliRunner(), {"VOXELFLOW_HOME": str(tmp_path)}
+
+    def rollback(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["rollback", "m", *args], env=env)
+        return result.exit_code, " ".join(result.output.split())
+
+    code, out = rollback()
+    assert code == 1 and "model 'm' has no 'previous' version to roll back to (and no champion)" in out
+    registry.promote(uri, "m", "1")
+    registry.promote(uri, "m", "2")
+    assert (registry.alias_version(uri, "m"), registry.alias_version(uri, "m", registry.PREVIOUS)) == ("2", "1")
+    code, out = rollback("--reason", "dice fell on new scanners")
+    assert code == 0 and "champion is version 1 again (was 2)" in out
+    assert registry.alias_version(uri, "m") == "1"
+    assert registry.alias_version(uri, "m", registry.PREVIOUS) is None
+    assert mc.get_model_version("m", "2").tags["voxelflow.rolled_back"] == "replaced by 1: dice fell on new scanners"
+    db = connect(settings.database)
+    (entry,) = [e for e in audit.entries(db) if e["event"] == "model.rolled_back"]
+    assert entry["details"] == {"model": "m", "version": "1", "replaced": "2", "reason": "dice fell on new scanners"}
+    verdict = audit.verify(db, audit.mlflow_anchors(uri))
+    assert verdict.ok and verdict.anchor.seq == entry["seq"] and verdict.anchor.where.endswith("m version 1")
+    code, out = rollback()
+    assert code == 1 and "no 'previous' version to roll back to (champion is version 1)" in out
+    assert registry.alias_version(uri, "m") == "1"
+    db.dispose()
+
+
+# ---------------------------------------------------------------- lineage
+
+
+def test_lineage_follows_every_link_back_to_the_ledger_and_notices_a_broken_one(tmp_path, tiny_spec,
+                                                                                  tiny_model_config, tiny_weights):
+    import json
+
+    from sqlalchemy import delete
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from voxelflow import ingest, lineage, preprocess, synthetic
+    from voxelflow.db import ledger
+    from voxelflow.pipeline import Context, Evaluation, TrainOutcome, ingest_stage, register_stage, split_stage
+    from voxelflow.pipeline import lineage as lineage_tags
+    from voxelflow.pipeline import start_run as open_run
+
+    home = tmp_path / "home"
+    synthetic.make_decathlon(home / "incoming", n_cases=5, size=16)
+    ctx = Context(Settings(home=home), tiny_spec.name)
+    ingested = ingest_stage(tiny_spec.data, ctx)
+    split = split_stage(tiny_spec.evaluate.model_copy(update={"val_fraction": 0.4}), ingested.case_ids)
+    out = ctx.layout.preprocessed(preprocess.transform_digest(tiny_spec.preprocess))
+    preprocess.preprocess_shard(ctx.layout.raw, out, ingested.case_ids, tiny_spec.preprocess.transforms)
+    run_id = open_run(tiny_spec, ctx, ingested.dataset_digest, split)
+    ctx.store.write_bytes("models/w.safetensors", tiny_weights[0])
+    outcome = TrainOutcome("models/w.safetensors", tiny_model_config, [], 0, 0.0, None, "")
+    promote = tiny_spec.promote.model_copy(update={"gates": tiny_spec.promote.gates.model_copy(
+        update={"min_dice": 0.1})})
+    evaluation = Evaluation({"dice": 0.9}, None, None, "", split.val, ["dice"], 2)
+    promotion = register_stage(promote, ctx, run_id, outcome, evaluation,
+                               lineage_tags(tiny_spec, ingested.dataset_digest))
+    assert promotion.promoted
+
+    name = tiny_spec.promote.model_name
+    trace = lineage.trace(ctx.tracking_uri, ctx.db, ctx.settings.store_url, name)
+    assert trace["problems"] == [] and trace["version"] == promotion.version and "champion" in trace["aliases"]
+    assert trace["run"]["id"] == run_id and trace["dataset_digest"] == ingested.dataset_digest
+    assert trace["preprocess_digest"] == preprocess.transform_digest(tiny_spec.preprocess)
+    assert trace["gates"]["min_dice"].startswith("pass:")
+    rows = ingest.read_ledger(ctx.db, tiny_spec.name, state="ingested")
+    assert {c["case"] for c in trace["cases"]} == set(ingested.case_ids)
+    for case in trace["cases"]:
+        assert case["preprocessed"] is True and case["held_out"] == (case["case"] in split.val)
+        assert sorted((s["object"], s["sha256"]) for s in case["sources"]) == sorted(
+            (r["object"], r["sha256"]) for r in rows if r["case_id"] == case["case"])
+        assert len(case["sources"]) == 2  # image and label
+    by_version = lineage.trace(ctx.tracking_uri, ctx.db, ctx.settings.store_url, f"{name}/{promotion.version}")
+    assert by_version == {**trace, "alias": None}
+
+    from voxelflow import audit
+
+    audit.append(ctx.db, "service.deployed", "voxelflow", model=name, version=promotion.version,
+                 endpoint="http://127.0.0.1:8123")
+    audit.append(ctx.db, "service.deployed", "voxelflow", model=name, version="99", endpoint="http://127.0.0.1:1")
+    assert lineage.trace(ctx.tracking_uri, ctx.db, ctx.settings.store_url, name)["endpoints"] == [
+        "http://127.0.0.1:8123"]
+    runner, env = CliRunner(), {"VOXELFLOW_HOME": str(home)}
+    result = runner.invoke(app, ["lineage", f"{name}@champion", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["cases"] == trace["cases"]
+    text = runner.invoke(app, ["lineage", name], env=env)
+    assert text.exit_code == 0 and rows[0]["sha256"] in text.output and run_id in text.output
+
+    gone = trace["cases"][0]["case"]
+    with ctx.db.transaction() as conn:  # a case whose ledger rows vanished is a broken link, not a shorter list
+        conn.execute(delete(ledger).where(ledger.c.case_id == gone))
+    broken = runner.invoke(app, ["lineage", name], env=env)
+    assert broken.exit_code == 1
+    assert f"case {gone} has no ingested source object in the ledger" in " ".join(broken.output.split())
+    with pytest.raises(ValueError, match="not a model reference"):
+        lineage.parse_ref("a b")

@@ -1,0 +1,142 @@
+"""The promotion policy as a pure function: every gate is evaluated and its result kept.
+
+Gates: absolute bounds on any computed metric (at least / at most by the metric's direction), a
+relative gate against the champion (beat it by a delta; a negative delta is non-inferiority within
+that margin), behavioural checks measured on a real volume (left-right flip consistency, an empty
+volume gives an empty mask, finite output) and lineage completeness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from voxelflow.evaluate import direction
+
+#: lineage tags a version must carry to be promoted (``promote.gates.require_lineage`` overrides)
+LINEAGE = ("dataset_digest", "spec_digest", "run_id")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    passed: bool
+    detail: str
+    value: float | None = None
+    threshold: float | None = None
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    gates: list[GateResult] = field(default_factory=list)
+
+    def tags(self) -> dict[str, str]:
+        """One model version tag per gate: ``voxelflow.gate.NAME`` = ``pass: …`` / ``fail: …``."""
+        return {f"voxelflow.gate.{g.gate}": f"{'pass' if g.passed else 'fail'}: {g.detail}"[:5000] for g in self.gates}
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [asdict(g) for g in self.gates]
+
+
+def _value(scores: Mapping[str, float] | None, metric: str) -> float:
+    value = (scores or {}).get(metric)
+    return float(value) if value is not None else float("nan")
+
+
+def absolute_gate(candidate: Mapping[str, float], metric: str, bound: float) -> GateResult:
+    """``metric`` at least ``bound`` when higher is better, at most when lower is better; NaN/missing fails."""
+    higher = direction(metric)
+    value = _value(candidate, metric)
+    passed = value >= bound if higher else value <= bound
+    word = "below" if higher else "above"
+    detail = (f"{metric} {value:.4f} meets the gate {bound:.4f}" if passed
+              else f"{metric} {value:.4f} is {word} the gate {bound:.4f}" if math.isfinite(value)
+              else f"{metric} was not computed (or is not finite): the gate {bound:.4f} cannot pass")
+    return GateResult(f"min_{metric}" if higher else f"max_{metric}", passed, detail, value, bound)
+
+
+def relative_gate(candidate: Mapping[str, float], champion: Mapping[str, float], metric: str,
+                  delta: float) -> GateResult:
+    """Beat the champion on ``metric`` by ``delta`` in its better direction (``delta`` < 0: no worse
+    than the champion by more than ``-delta``, a non-inferiority margin)."""
+    higher = direction(metric)
+    cand, champ = _value(candidate, metric), _value(champion, metric)
+    bar = champ + delta if higher else champ - delta
+    passed = cand >= bar if higher else cand <= bar
+    kind = "beat the champion's" if delta >= 0 else "stay within the margin of the champion's"
+    verb = "does" if passed else "does not"
+    detail = f"{metric} {cand:.4f} {verb} {kind} {champ:.4f} by {abs(delta):.4f} (bar {bar:.4f})"
+    return GateResult(f"vs_champion_{metric}", passed, detail, cand, bar)
+
+
+def behaviour_gates(behaviour: Mapping[str, float], flip_tolerance: float) -> list[GateResult]:
+    """Checks on measured behaviour (:func:`measure_behaviour`)."""
+    flip = float(behaviour["flip_disagreement"])
+    empty = float(behaviour["empty_volume_foreground"])
+    finite = float(behaviour["nonfinite_outputs"])
+    return [
+        GateResult("flip_consistency", flip <= flip_tolerance,
+                   f"{flip:.4f} of the voxels change when the volume is flipped left-right "
+                   f"(tolerance {flip_tolerance:.4f})", flip, flip_tolerance),
+        GateResult("empty_volume", empty == 0, f"an empty volume gives {int(empty)} foreground voxels", empty, 0.0),
+        GateResult("finite_output", finite == 0, f"{int(finite)} non-finite output values", finite, 0.0),
+    ]
+
+
+def lineage_gate(tags: Mapping[str, str], required: tuple[str, ...] | list[str] = LINEAGE) -> GateResult:
+    missing = [k for k in required if not str(tags.get(k) or "").strip()]
+    detail = "lineage complete: " + ", ".join(required) if not missing else "lineage lacks " + ", ".join(missing)
+    return GateResult("lineage", not missing, detail)
+
+
+def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None, gates: Any,
+           behaviour: Mapping[str, float] | None = None, lineage: Mapping[str, str] | None = None) -> Decision:
+    """Apply every gate of ``gates`` (a :class:`~voxelflow.config.Gates`); promote only when all pass.
+
+    ``champion`` None means there is no champion (the relative gate does not apply). Behaviour is
+    required when ``gates.flip_tolerance`` is set; lineage when ``gates.require_lineage`` is not empty.
+    """
+    results = []
+    if gates.min_dice is not None:
+        results.append(absolute_gate(candidate, "dice", gates.min_dice))
+    results += [absolute_gate(candidate, metric, bound) for metric, bound in sorted(gates.absolute.items())]
+    if champion is not None:
+        results.append(relative_gate(candidate, champion, gates.relative_metric, gates.beat_champion_by))
+    if gates.flip_tolerance is not None:
+        if behaviour is None:
+            results.append(GateResult("behaviour", False, "behavioural checks were asked for but not measured"))
+        else:
+            results += behaviour_gates(behaviour, gates.flip_tolerance)
+    if gates.require_lineage:
+        results.append(lineage_gate(lineage or {}, gates.require_lineage))
+    failed = [g.detail for g in results if not g.passed]
+    return Decision(not failed, failed or ["all gates passed"], results)
+
+
+def measure_behaviour(segment: Callable[..., np.ndarray], volume: np.ndarray,
+                      affine: np.ndarray | None = None) -> dict[str, float]:
+    """Run ``segment(volume, affine)`` on the volume, its left-right mirror and an empty volume.
+
+    The left-right axis is the voxel axis that the affine maps most onto x (axis 0 without an affine).
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    axis = int(np.argmax(np.abs(affine[0, :3])))
+    mask = np.asarray(segment(volume, affine))
+    mirrored = np.flip(np.asarray(segment(np.ascontiguousarray(np.flip(volume, axis)), affine)), axis)
+    empty = np.asarray(segment(np.zeros_like(volume), affine))
+    outputs = (mask, mirrored, empty)
+    nonfinite = sum(int((~np.isfinite(o.astype(np.float64))).sum()) for o in outputs)
+    if mask.shape != volume.shape or mirrored.shape != volume.shape:
+        raise ValueError(f"the segmenter returned shape {mask.shape} for a volume of shape {volume.shape}")
+    return {
+        "flip_disagreement": float(np.mean(mask != mirrored)),
+        "empty_volume_foreground": float(np.count_nonzero(empty)),
+        "nonfinite_outputs": float(nonfinite),
+    }
