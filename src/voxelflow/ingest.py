@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import xarray as xr
 from sqlalchemy import insert, select
 
+from voxelflow import dicom
 from voxelflow.config import DataSpec
 from voxelflow.db import Database, ledger, now
 from voxelflow.formats import NIFTI_SUFFIXES, Volume, read_nifti
@@ -31,9 +33,12 @@ class SourceCase:
     image: str
     label: str | None = None
     outside: str | None = None  # why an entry points outside the source: never read
+    series: tuple[str, ...] = ()  # dicom layout: every object of one series (or one object that is not DICOM)
 
     @property
     def objects(self) -> list[str]:
+        if self.series:
+            return [*self.series, *([self.label] if self.label else [])]
         return [u for u in (self.image, self.label) if u]
 
 
@@ -42,19 +47,24 @@ class IngestReport:
     ingested: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
     quarantined: list[dict[str, str]] = field(default_factory=list)
-    dataset_digest: str = ""
-    case_ids: list[str] = field(default_factory=list)
+    dataset_digest: str = ""  # of the labelled cases: what training uses and lineage checks
+    case_ids: list[str] = field(default_factory=list)  # labelled cases: what preprocessing and training use
+    unlabelled: list[str] = field(default_factory=list)  # stored, never used for training or evaluation
     objects: dict[str, int] = field(default_factory=dict)  # new ledger rows by state, in objects
     seen: int = 0  # objects the ledger had already accounted for (same key, same bytes)
+    arrived: int = 0  # objects found under the source: sum(objects.values()) + seen
+
 
     def summary(self) -> dict[str, Any]:
         return {
             "ingested": len(self.ingested),
             "duplicate": len(self.duplicate),
             "quarantined": len(self.quarantined),
+            "arrived": self.arrived,
             "objects": dict(self.objects),
             "already_seen": self.seen,
             "cases": len(self.case_ids),
+            "unlabelled": len(self.unlabelled),
             "dataset_digest": self.dataset_digest,
         }
 
@@ -138,9 +148,37 @@ def discover(source: str, layout: str) -> list[SourceCase]:
                 outside = f"{posixpath.basename(links[0])!r} is a link to outside the source" if links else None
                 cases.append(SourceCase(posixpath.basename(entry), url(image), url(label) if label else None,
                                         outside))
+    elif layout == "dicom":
+        groups: dict[str, list[str]] = {}
+        manifest = _join(root, LABELS_MANIFEST)
+        labels: dict[str, str] = {}  # SeriesInstanceUID -> label NIfTI, relative to the source
+        if fs.exists(manifest):
+            labels = {str(i["series"]): str(i["label"]) for i in json.loads(fs.cat_file(manifest)).get("labels", [])}
+        skip = {posixpath.normpath(_join(root, rel)) for rel in labels.values() if not _escapes(rel)} | {manifest}
+        for path in sorted(fs.find(root)):
+            if posixpath.normpath(path) in skip:
+                continue
+            key = url(path)
+            if _leaves_by_link(fs, root, path):
+                cases.append(SourceCase(f"object{len(cases)}", key, None, "a link to outside the source", (key,)))
+                continue
+            with fs.open(path, "rb") as fh:
+                head = fh.read(1 << 20)  # the header of any sane DICOM object; the pixels come later
+            uid = dicom.series_uid(head)
+            groups.setdefault(uid or f"\0{key}", []).append(key)  # a non-DICOM object is its own case
+        for i, (uid, keys) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0])):
+            rel = labels.get(uid)
+            outside = _escapes(rel) if rel else None
+            if rel and outside is None and _leaves_by_link(fs, root, _join(root, rel)):
+                outside = f"{rel!r} is a link to outside the source"
+            label = (rel if outside else url(_join(root, rel))) if rel else None
+            cases.append(SourceCase(f"series{i}", keys[0], label, outside, tuple(keys)))
     else:
         raise ValueError(f"unknown layout {layout!r}")
     return cases
+
+
+LABELS_MANIFEST = "labels.json"  # dicom layout: {"labels": [{"series": SeriesInstanceUID, "label": "x.nii.gz"}]}
 
 
 def read_bytes(url: str) -> bytes:
@@ -196,6 +234,13 @@ def check_label(image: Volume, label: Volume, name: str) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+def modality(case: SourceCase, clean: dict[str, dicom.Slice]) -> str:
+    """The DICOM Modality of a series (from its de-identified first object); NIfTI does not say."""
+    if not case.series or not clean:
+        return "unknown"
+    return str(next(iter(clean.values())).dataset.get("Modality", "unknown") or "unknown")
+
+
 def case_id_for(content_hash: str) -> str:
     return f"case-{content_hash[:16]}"
 
@@ -224,6 +269,11 @@ def load_case(raw: CaseStore, case_id: str) -> dict[str, Any]:
     if "label" in ds:
         out["label"] = np.asarray(ds["label"].values)
     return out
+
+
+def has_label(raw: CaseStore, case_id: str) -> bool:
+    """Whether a stored case has a label array (one metadata lookup, no voxel read)."""
+    return raw.store.exists(f"{raw.key(case_id)}/label/zarr.json")
 
 
 def dataset_digest(case_ids: list[str]) -> str:
@@ -256,103 +306,191 @@ def _case_ingested(conn, pipeline: str, case_id: str) -> bool:
     ).first() is not None
 
 
+@dataclass
+class _Prepared:
+    """One case read, hashed, decoded, de-identified and (when accepted) written: everything but the decision."""
+
+    case: SourceCase
+    shas: dict[str, str]
+    sizes: dict[str, int]
+    blobs: dict[str, bytes] = field(default_factory=dict)  # only what a quarantine may keep
+    clean: dict[str, dicom.Slice] = field(default_factory=dict)  # de-identified: the only DICOM ever kept
+    dups: set[str] = field(default_factory=set)  # dicom: the same bytes under another name, before grouping
+    first: dict[str, str] = field(default_factory=dict)  # sha -> first object with those bytes
+    case_id: str = ""
+    problem: QuarantineError | None = None
+    done: bool = False  # every object already in the ledger: nothing arrived
+
+
+def _prepare(case: SourceCase, data: DataSpec, layout: Layout, db: Database, limit: int,
+             deid_key: str | None) -> _Prepared:
+    """Everything outside the lock; safe to run for several cases at once."""
+    blobs: dict[str, bytes] = {}
+    prep = _Prepared(case, {}, {})
+    shas, sizes = prep.shas, prep.sizes
+    missing: list[str] = []
+    oversized: list[str] = []
+    for obj in case.objects:
+        if case.outside:
+            shas[obj] = "not-read"  # outside the source: never opened
+            continue
+        try:
+            blob, shas[obj], sizes[obj] = fetch(obj, limit)
+        except FileNotFoundError:
+            missing.append(obj)
+            shas[obj] = "missing"
+            continue
+        if blob is None:
+            oversized.append(obj)
+        else:
+            blobs[obj] = blob
+    with db.transaction() as conn:
+        if len(_seen(conn, layout.pipeline, shas)) == len(shas):
+            prep.done = True
+            return prep
+    for obj in case.series:
+        if shas[obj] in prep.first and obj in blobs:
+            prep.dups.add(obj)
+        prep.first.setdefault(shas[obj], obj)
+    if case.series:
+        content = sha256_bytes(*(h.encode() for h in sorted(prep.first)),
+                               *([shas[case.label].encode()] if case.label else []))
+    else:
+        content = sha256_bytes(*(shas[o].encode() for o in case.objects)) if (case.outside or oversized) \
+            else sha256_bytes(*blobs.values())
+    case_id = prep.case_id = case_id_for(content)
+    image = label = None
+    problem: QuarantineError | None = None
+    if case.outside:
+        problem = QuarantineError("outside-source", case.outside)
+    elif missing:
+        problem = QuarantineError("missing-file", f"{len(missing)} object(s) of the case do not exist")
+    elif oversized:
+        problem = QuarantineError("too-large", f"{len(oversized)} object(s) over {limit} bytes, the most "
+                                               f"data.max_voxels allows; kept where they arrived")
+    elif case.series:
+        slices = []
+        for obj in case.series:  # every object, so each one that can be is quarantined de-identified
+            if obj not in prep.dups:
+                try:
+                    sl = dicom.deidentify(blobs[obj], deid_key or "", f"object {shas[obj][:16]}")
+                except QuarantineError as exc:
+                    problem = problem or exc
+                    continue
+                prep.clean[obj] = sl
+                slices.append(sl)
+        if problem is None and not layout.raw.is_committed(case_id):
+            try:
+                image = dicom.stack(slices, data.max_voxels)
+                if case.label:
+                    lab = decode_nifti(blobs[case.label], posixpath.basename(case.label), data.max_voxels)
+                    label = check_label(image, lab, case.name)
+            except QuarantineError as exc:
+                problem = exc
+    elif not layout.raw.is_committed(case_id):
+        try:
+            image = decode_nifti(blobs[case.image], posixpath.basename(case.image), data.max_voxels)
+            if case.label:
+                lab = decode_nifti(blobs[case.label], posixpath.basename(case.label), data.max_voxels)
+                label = check_label(image, lab, case.name)
+        except QuarantineError as exc:
+            problem = exc
+    prep.problem = problem
+    if problem is not None:
+        if not case.series:
+            prep.blobs = blobs
+    elif image is not None:
+        # written before the decision: a case is committed by its marker, and an attempt that loses
+        # a race with another ingest of the same bytes holds the same content (swept later)
+        write_case(layout.raw, case_id, image, label, {  # hashes only: names may identify
+            "source_sha256": content, "spacing": list(image.spacing), "affine": image.affine.tolist(),
+            "modality": modality(case, prep.clean), "dtype": str(image.array.dtype),
+        })
+    return prep
+
+
+def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport) -> None:
+    """Under the pipeline's ingest lock: each object not yet in the ledger gets its one state."""
+    case, shas, problem, case_id = prep.case, prep.shas, prep.problem, prep.case_id
+    pipeline = layout.pipeline
+    with db.locked(f"ingest:{pipeline}") as conn:
+        fresh = [obj for obj in case.objects if obj not in _seen(conn, pipeline, shas)]
+        at = now()
+        if problem is not None:
+            state, cid = "quarantined", None
+            for obj in fresh:  # dicom: de-identified bytes only; what could not be stays where it arrived
+                if case.series:
+                    blob = prep.clean[obj].deidentified_bytes() if obj in prep.clean else None
+                else:
+                    blob = prep.blobs.get(obj)
+                if blob is not None:
+                    layout.store.write_bytes(layout.quarantine(shas[obj]), blob)
+            if fresh:
+                report.quarantined.append({"case": case_id, "reason": problem.reason, "detail": problem.detail})
+        elif not layout.raw.is_committed(case_id):
+            raise RuntimeError(f"case {case_id} was accepted but is not committed in the store")
+        elif _case_ingested(conn, pipeline, case_id):
+            state, cid = "duplicate", case_id
+            if fresh:
+                report.duplicate.append(case_id)
+        else:
+            state, cid = "ingested", case_id
+            report.ingested.append(case_id)
+        for obj in fresh:
+            st = "duplicate" if obj in prep.dups else state
+            conn.execute(insert(ledger).values(
+                pipeline=pipeline, object=obj, sha256=shas[obj], size=prep.sizes.get(obj, 0),
+                case_id=cid if st != "quarantined" else None, state=st,
+                reason=problem.reason if problem and st == "quarantined" else None,
+                detail=(problem.detail if problem and st == "quarantined" else
+                        f"same bytes as {prep.first[shas[obj]]}" if obj in prep.dups else None), at=at,
+            ))
+            report.objects[st] = report.objects.get(st, 0) + 1
+        report.seen += len(case.objects) - len(fresh)
+
+
 def ingest(
     data: DataSpec,
     layout: Layout,
     db: Database,
     source: str,
     progress: Callable[[int, int], None] | None = None,
+    deid_key: str | None = None,
+    workers: int | None = None,
 ) -> IngestReport:
     """Ingest every case under ``source``; each object the ledger has not seen gets exactly one state.
 
-    Decoding runs outside any lock; the decision (ingest, duplicate or quarantine), the Zarr write
-    and the ledger rows happen under the pipeline's ingest lock, so two ingests of one source at
-    once store each case once and record each object once.
+    Reading, decoding, de-identification and the Zarr write run for ``workers`` cases at once
+    (threads; default: the CPU count, at most 4), outside any lock; the decision (ingest, duplicate
+    or quarantine) and the ledger rows happen one case at a time under the pipeline's ingest lock,
+    so two ingests of one source at once record each object once and count each case once.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if data.layout == "dicom" and not deid_key:
+        raise ValueError("a DICOM ingest needs a de-identification key: set VOXELFLOW_DEID_KEY")
     cases = discover(source, data.layout)
     limit = max_object_bytes(data.max_voxels)
-    report = IngestReport()
-    pipeline = layout.pipeline
-    for i, case in enumerate(cases):
-        blobs: dict[str, bytes] = {}
-        shas: dict[str, str] = {}
-        sizes: dict[str, int] = {}
-        missing: list[str] = []
-        oversized: list[str] = []
-        for obj in case.objects:
-            if case.outside:
-                shas[obj] = "not-read"  # outside the source: never opened
-                continue
-            try:
-                blob, shas[obj], sizes[obj] = fetch(obj, limit)
-            except FileNotFoundError:
-                missing.append(obj)
-                shas[obj] = "missing"
-                continue
-            if blob is None:
-                oversized.append(obj)
+    report = IngestReport(arrived=sum(len(c.objects) for c in cases))
+    workers = max(1, workers or min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="voxelflow-ingest") as pool:
+        pending = []
+        nxt = 0
+        for i in range(len(cases)):
+            while nxt < len(cases) and len(pending) < 2 * workers:  # a bounded window: memory stays flat
+                pending.append(pool.submit(_prepare, cases[nxt], data, layout, db, limit, deid_key))
+                nxt += 1
+            prep = pending.pop(0).result()
+            if prep.done:
+                report.seen += len(prep.shas)
             else:
-                blobs[obj] = blob
-        with db.transaction() as conn:
-            already = _seen(conn, pipeline, shas)
-        if len(already) == len(shas):  # every object already accounted for: nothing arrived
-            report.seen += len(shas)
+                _decide(prep, layout, db, report)
             if progress:
                 progress(i + 1, len(cases))
-            continue
-        content = sha256_bytes(*(shas[o].encode() for o in case.objects)) if (case.outside or oversized) \
-            else sha256_bytes(*blobs.values())
-        case_id = case_id_for(content)
-        problem: QuarantineError | None = None
-        image = label = None
-        if case.outside:
-            problem = QuarantineError("outside-source", case.outside)
-        elif missing:
-            problem = QuarantineError("missing-file", f"{len(missing)} object(s) of the case do not exist")
-        elif oversized:
-            problem = QuarantineError("too-large", f"{len(oversized)} object(s) over {limit} bytes, the most "
-                                                   f"data.max_voxels allows; kept where they arrived")
-        elif not layout.raw.is_committed(case_id):
-            try:
-                image = decode_nifti(blobs[case.image], posixpath.basename(case.image), data.max_voxels)
-                if case.label:
-                    lab = decode_nifti(blobs[case.label], posixpath.basename(case.label), data.max_voxels)
-                    label = check_label(image, lab, case.name)
-            except QuarantineError as exc:
-                problem = exc
-        with db.locked(f"ingest:{pipeline}") as conn:
-            fresh = [obj for obj in case.objects if obj not in _seen(conn, pipeline, shas)]
-            committed = problem is None and layout.raw.is_committed(case_id)
-            at = now()
-            if problem is not None:
-                state, cid = "quarantined", None
-                for obj in fresh:
-                    if obj in blobs:
-                        layout.store.write_bytes(layout.quarantine(shas[obj]), blobs[obj])
-                report.quarantined.append({"case": case.name, "reason": problem.reason, "detail": problem.detail})
-            elif committed and _case_ingested(conn, pipeline, case_id):
-                state, cid = "duplicate", case_id
-                report.duplicate.append(case_id)
-            else:
-                if not committed:  # else a crash after the commit: record what is there
-                    write_case(layout.raw, case_id, image, label, {
-                        "case_name": case.name, "source_sha256": content, "spacing": list(image.spacing),
-                        "affine": image.affine.tolist(), "modality": "unknown", "dtype": str(image.array.dtype),
-                    })
-                state, cid = "ingested", case_id
-                report.ingested.append(case_id)
-            for obj in fresh:
-                conn.execute(insert(ledger).values(
-                    pipeline=pipeline, object=obj, sha256=shas[obj], size=sizes.get(obj, 0), case_id=cid,
-                    state=state, reason=problem.reason if problem else None,
-                    detail=problem.detail if problem else None, at=at,
-                ))
-            report.objects[state] = report.objects.get(state, 0) + len(fresh)
-            report.seen += len(case.objects) - len(fresh)
-        if progress:
-            progress(i + 1, len(cases))
-    report.case_ids = ingested_cases(db, pipeline)
-    report.dataset_digest = dataset_digest(report.case_ids)
+    every = ingested_cases(db, layout.pipeline)
+    report.unlabelled = [c for c in every if not has_label(layout.raw, c)]
+    report.case_ids = [c for c in every if c not in set(report.unlabelled)]
+    report.dataset_digest = dataset_digest(report.case_ids)  # what training and lineage see
     return report
 
 

@@ -82,6 +82,12 @@ def home(tmp_path: Path) -> tuple[Layout, Database]:
     return Layout(Store(root), "p"), Database(f"sqlite:///{root / 'voxelflow.db'}")
 
 
+def case_of(db: Database, tail: str) -> str:
+    """The case id the ledger gives the object whose key ends in ``tail`` (the ledger alone maps names to hashes)."""
+    (record,) = [r for r in read_ledger(db, "p") if r["object"].endswith("/" + tail)]
+    return record["case_id"]
+
+
 def states_by_object(db: Database) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for record in read_ledger(db, "p"):
@@ -119,12 +125,13 @@ def test_ingest_writes_one_committed_zarr_v3_store_per_case(ingested):
 
 
 def test_load_case_round_trips_exactly(ingested, synth_source):
-    layout, _, report = ingested
+    layout, db, report = ingested
     seen = set()
-    for case_id in report.case_ids:
+    for name in ("synth_000", "synth_001", "synth_002"):
+        case_id = case_of(db, f"imagesTr/{name}.nii.gz")
         case = load_case(layout.raw, case_id)
-        name = case["attrs"]["case_name"]
-        seen.add(name)
+        assert "case_name" not in case["attrs"]  # source names never reach the store
+        seen.add(case_id)
         img = nib.load(synth_source / "imagesTr" / f"{name}.nii.gz")
         lab = nib.load(synth_source / "labelsTr" / f"{name}.nii.gz")
         expected_image = np.asanyarray(img.dataobj)
@@ -137,7 +144,7 @@ def test_load_case_round_trips_exactly(ingested, synth_source):
         assert case["attrs"]["spacing"] == [1.0, 1.0, 1.0]
         assert len(case["attrs"]["source_sha256"]) == 64
         assert case_id == f"case-{case['attrs']['source_sha256'][:16]}"
-    assert seen == {"synth_000", "synth_001", "synth_002"}
+    assert seen == set(report.case_ids)
 
 
 def test_ledger_after_first_ingest(ingested):
@@ -250,9 +257,10 @@ def test_quarantine_reason_codes(bad_source, tmp_path):
     report = ingest(DataSpec(source=str(root), layout="decathlon"), layout, db, str(root))
 
     assert len(report.ingested) == 1  # the good case is not held back by its neighbours
-    assert load_case(layout.raw, report.ingested[0])["attrs"]["case_name"] == "good"
-    reasons = {q["case"]: q["reason"] for q in report.quarantined}
-    assert set(reasons) == set(EXPECTED_REASONS)
+    ledger = states_by_object(db)
+    assert ledger["good.nii.gz"][0]["case_id"] == report.ingested[0]
+    assert len(report.quarantined) == len(EXPECTED_REASONS)
+    reasons = {name: ledger[Path(cases[name][0]).name][0]["reason"] for name in EXPECTED_REASONS}
     for name, allowed in EXPECTED_REASONS.items():
         assert reasons[name] in allowed, (name, reasons[name])
 
@@ -403,8 +411,8 @@ def test_folder_layout_is_discovered_and_ingested(tmp_path):
     layout, db = home(tmp_path)
     report = ingest(DataSpec(source=str(root), layout="folder"), layout, db, str(root))
     assert len(report.ingested) == 2 and not report.quarantined
-    by_name = {load_case(layout.raw, c)["attrs"]["case_name"]: load_case(layout.raw, c)
-               for c in report.case_ids}
+    by_name = {name: load_case(layout.raw, case_of(db, f"{name}/image.nii{'' if name == 'patient_b' else '.gz'}"))
+               for name in ("patient_a", "patient_b")}
     np.testing.assert_array_equal(by_name["patient_a"]["image"], a_img)
     np.testing.assert_array_equal(by_name["patient_a"]["label"], a_lab)
     np.testing.assert_array_equal(by_name["patient_b"]["image"], b_img)
@@ -468,3 +476,54 @@ def test_a_commit_without_ledger_rows_is_recorded_not_rewritten(tmp_path):
     assert again.ingested == [victim] and again.objects == {"ingested": 2}
     assert zarr_json.stat().st_mtime_ns == before
     assert len(read_ledger(db, "p")) == 4
+
+
+# ---------------------------------------------------------------- exactly once, after kill -9
+
+KILL_SCRIPT = r"""
+import sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/src"]
+from voxelflow.config import DataSpec
+from voxelflow.db import Database
+from voxelflow.ingest import ingest
+from voxelflow.storage import Layout, Store
+root = sys.argv[3]
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
+ingest(DataSpec(source=sys.argv[2]), layout, db, sys.argv[2], progress=lambda i, n: time.sleep(0.3))
+"""
+
+
+def test_kill_9_mid_ingest_then_rerun_accounts_for_every_object_once(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    image, label = sphere()
+    cases = {f"c{i}": (f"imagesTr/c{i}.nii.gz", nifti_bytes(image + i), f"labelsTr/c{i}.nii.gz", nifti_bytes(label))
+             for i in range(8)}
+    cases["bad"] = ("imagesTr/bad.nii.gz", b"not a volume", None, None)
+    cases["again"] = ("imagesTr/again.nii.gz", nifti_bytes(image + 3), "labelsTr/again.nii.gz", nifti_bytes(label))
+    src = write_decathlon(tmp_path / "src", cases)
+    layout, db = home(tmp_path)
+    read_ledger(db, "p")  # the schema exists before the child starts
+    repo = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(repo), str(src), str(tmp_path / "home")])
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_ledger(db, "p")) < 4 and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    partial = len(read_ledger(db, "p"))
+    assert 4 <= partial < 20, partial  # killed in the middle
+    report = ingest(DataSpec(source=str(src)), layout, db, str(src))
+    rows = read_ledger(db, "p")
+    arrived = 8 * 2 + 1 + 2
+    assert report.arrived == arrived == sum(report.objects.values()) + report.seen
+    assert len(rows) == arrived and len({r["object"] for r in rows}) == arrived  # each object exactly once
+    by_state = {s: sum(r["state"] == s for r in rows) for s in ("ingested", "duplicate", "quarantined")}
+    assert sum(by_state.values()) == arrived and by_state["quarantined"] == 1
+    assert by_state["duplicate"] == 2  # c3 under another name
+    assert len(report.case_ids) == 8 and layout.raw.committed() == sorted(report.case_ids)

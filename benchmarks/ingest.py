@@ -1,0 +1,134 @@
+"""Ingestion throughput: voxelflow's ingest against a plain sequential nibabel/pydicom + zarr loop.
+
+Same files, one run: NIfTI cases (Decathlon layout) and DICOM series. voxelflow reads, hashes,
+checks, de-identifies (DICOM) and writes committed Zarr v3 cases, several cases at once; the baseline
+loads each file with nibabel/pydicom and writes it with zarr, one after the other, with no checks
+and no de-identification. Prints ``ingest_throughput_ratio`` = voxelflow MB/s ÷ baseline MB/s.
+
+    python benchmarks/ingest.py [--cases 12] [--size 128] [--series 4] [--slices 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "src")]
+
+
+def make_nifti(root: Path, cases: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    training = []
+    for i in range(cases):
+        image = rng.normal(0, 1, (size, size, size)).astype(np.float32)
+        label = (image > 1.5).astype(np.uint8)
+        for kind, arr in (("imagesTr", image), ("labelsTr", label)):
+            (root / kind).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), root / kind / f"c{i:03d}.nii.gz")
+        training.append({"image": f"./imagesTr/c{i:03d}.nii.gz", "label": f"./labelsTr/c{i:03d}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"training": training}))
+
+
+def make_dicom(root: Path, series: int, slices: int, size: int) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(1)
+    for s in range(series):
+        uid, study = generate_uid(), generate_uid()
+        (root / f"s{s}").mkdir(parents=True)
+        for k in range(slices):
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", generate_uid()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, uid, "CT"
+            ds.PatientName, ds.PatientID = f"Patient^{s}", f"ID{s}"
+            ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 2.0 * k], [1, 0, 0, 0, 1, 0]
+            ds.PixelSpacing, ds.RescaleSlope, ds.RescaleIntercept = [0.7, 0.7], 1, -1024
+            ds.Rows = ds.Columns = size
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+            ds.PixelData = rng.integers(0, 3000, (size, size), dtype=np.uint16).tobytes()
+            ds.save_as(root / f"s{s}" / f"{k:04d}.dcm", enforce_file_format=True)
+
+
+def baseline(nifti: Path, dicom_root: Path, out: Path) -> None:
+    """The plain loop: load with nibabel / pydicom, write with zarr, one file after the other."""
+    import pydicom
+    import zarr
+
+    def write(name: str, arr: np.ndarray) -> None:
+        z = zarr.create_array(store=str(out / name), shape=arr.shape, dtype=arr.dtype,
+                              chunks=tuple(min(s, 128) for s in arr.shape), zarr_format=3)
+        z[...] = arr
+
+    for item in json.loads((nifti / "dataset.json").read_text())["training"]:
+        for kind in ("image", "label"):
+            img = nib.load(nifti / item[kind])
+            write(f"{Path(item[kind]).name}.{kind}.zarr", np.asanyarray(img.dataobj))
+    for series in sorted(dicom_root.iterdir()):
+        planes = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+        planes.sort(key=lambda ds: float(ds.ImagePositionPatient[2]))
+        vol = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in planes], -1)
+        write(f"{series.name}.zarr", vol.astype(np.float32))
+
+
+def voxelflow_ingest(nifti: Path, dicom_root: Path, home: Path) -> int:
+    from voxelflow.config import DataSpec
+    from voxelflow.db import Database
+    from voxelflow.ingest import ingest
+    from voxelflow.storage import Layout, Store
+
+    layout, db = Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.db")
+    a = ingest(DataSpec(source=str(nifti), max_voxels=1024**3), layout, db, str(nifti))
+    b = ingest(DataSpec(source=str(dicom_root), layout="dicom", max_voxels=1024**3), layout, db, str(dicom_root),
+               deid_key="benchmark-key")
+    return len(a.ingested) + len(b.ingested)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", type=int, default=12)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--series", type=int, default=4)
+    parser.add_argument("--slices", type=int, default=48)
+    parser.add_argument("--dicom-size", type=int, default=256)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vf-bench-ingest-"))
+    try:
+        nifti, dicom_root = work / "nifti", work / "dicom"
+        make_nifti(nifti, args.cases, args.size)
+        make_dicom(dicom_root, args.series, args.slices, args.dicom_size)
+        mb = sum(p.stat().st_size for p in work.rglob("*") if p.is_file()) / 1e6
+        # warm imports and caches on both sides
+        voxelflow_ingest(nifti, dicom_root, work / "warm")
+        baseline(nifti, dicom_root, work / "warm-base")
+        t0 = time.perf_counter()
+        baseline(nifti, dicom_root, work / "base")
+        t_base = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = voxelflow_ingest(nifti, dicom_root, work / "home")
+        t_vf = time.perf_counter() - t0
+        assert n == args.cases + args.series, n
+        print(f"{mb:.1f} MB of source ({args.cases} NIfTI cases {args.size}^3 + {args.series} DICOM series "
+              f"{args.slices}x{args.dicom_size}^2): baseline {mb / t_base:.1f} MB/s ({t_base:.2f} s), "
+              f"voxelflow {mb / t_vf:.1f} MB/s ({t_vf:.2f} s)")
+        print(json.dumps({"metric": "ingest_throughput_ratio", "value": round(t_base / t_vf, 3), "goal": 1.5,
+                          "higher_is_better": True}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
