@@ -502,7 +502,7 @@ class Settings(BaseSettings):
     serve_timeout_s: float = Field(120.0, gt=0, description="longest a request may take (then 504)")
     serve_max_voxels: int = Field(512**3, gt=0, description="largest volume accepted (then 413)")
     serve_memory_budget_mb: int = Field(
-        2048, gt=0, description="memory one inference may need, estimated from the header with the model's working "
+        8192, gt=0, description="memory one inference may need, estimated from the header with the model's working "
         "set (then 413)")
     serve_docs: bool = Field(False, description="serve /docs and /openapi.json")
     serve_tls_cert: str | None = Field(None, description="PEM certificate: HTTPS when set with serve_tls_key")

@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from voxelflow.config import metric_names
 from voxelflow.ingest import load_case
 from voxelflow.storage import CaseStore
 
@@ -40,15 +41,6 @@ def split(case_ids: list[str], val_fraction: float) -> tuple[list[str], list[str
             "add cases or change evaluate.val_fraction"
         )
     return train, val
-
-
-def metric_names(metrics: list[str], n_classes: int) -> list[str]:
-    """Every score :func:`score` reports: each metric's mean over foreground classes and per class."""
-    names = []
-    for m in metrics:
-        names.append(m)
-        names.extend(f"{m}_{c}" for c in range(1, n_classes))
-    return names
 
 
 def direction(metric: str) -> bool:

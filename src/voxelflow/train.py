@@ -28,6 +28,24 @@ def build_loss(loss: dict[str, dict[str, Any]]):
     return resolve_monai("monai.losses", name, "loss")(**kwargs)
 
 
+def build_optimizer(optimizer: dict[str, dict[str, Any]], params, learning_rate: float):
+    """The spec's ``torch.optim`` optimizer; ``lr`` defaults to ``train.learning_rate``."""
+    import torch
+
+    (name, kwargs), = optimizer.items()
+    return getattr(torch.optim, name)(params, **{"lr": learning_rate, **kwargs})
+
+
+def build_scheduler(scheduler: dict[str, dict[str, Any]] | None, opt):
+    """The spec's LR scheduler (stepped once per epoch), or None."""
+    import torch
+
+    if scheduler is None:
+        return None
+    (name, kwargs), = scheduler.items()
+    return getattr(torch.optim.lr_scheduler, name)(opt, **kwargs)
+
+
 def device_for(prefer: str | None = None):
     import torch
 
@@ -111,10 +129,14 @@ def train(
     if len(images) == 0:
         raise ValueError("no training cases: ingest data first")
     dev = device_for(device)
+    if spec.precision == "fp16-mixed" and dev.type != "cuda":
+        raise ValueError(f"precision fp16-mixed needs a CUDA device, and training runs on {dev.type}: "
+                         "use bf16-mixed or fp32 there")
     torch.manual_seed(spec.seed)
     net = build_network(spec.network).to(dev)
     loss_fn = build_loss(spec.loss)
-    opt = torch.optim.Adam(net.parameters(), lr=spec.learning_rate)
+    opt = build_optimizer(spec.optimizer, net.parameters(), spec.learning_rate)
+    sched = build_scheduler(spec.scheduler, opt)
     use_scaler = spec.precision == "fp16-mixed" and dev.type == "cuda"
     scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
     x_all = torch.as_tensor(images, dtype=torch.float32, device=dev)
@@ -128,6 +150,8 @@ def train(
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if sched is not None:
+            sched.load_state_dict(state["scheduler"])
         step, resumed = int(state["step"]), int(state["step"])
         history = [dict(h) for h in state["history"]]
         running = [float(v) for v in state.get("running", [])]
@@ -148,7 +172,9 @@ def train(
         running.append(float(loss.detach()))
         step += 1
         if step % steps_per_epoch == 0:
-            metrics = {"train_loss": float(np.mean(running))}
+            metrics = {"train_loss": float(np.mean(running)), "lr": float(opt.param_groups[0]["lr"])}
+            if sched is not None:
+                sched.step()
             history.append({"epoch": epoch, **metrics})
             running = []
             if on_epoch:
@@ -157,6 +183,7 @@ def train(
             checkpoints.save(
                 step,
                 {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                 "scheduler": sched.state_dict() if sched is not None else None,
                  "step": step, "history": history, "running": running},
             )
     return TrainResult(

@@ -125,6 +125,44 @@ def test_metric_names_and_directions():
         evaluate.direction("accuracy")
 
 
+def test_a_spec_states_the_metric_names_it_computes(demo_data):
+    from voxelflow.config import PipelineSpec
+
+    demo_data["train"]["network"]["UNet"]["out_channels"] = 3
+    demo_data["evaluate"]["metrics"] = ["dice", "hausdorff95"]
+    spec = PipelineSpec.model_validate(demo_data)
+    assert spec.computed_metrics() == ["dice", "dice_1", "dice_2", "hausdorff95", "hausdorff95_1", "hausdorff95_2"]
+    assert spec.computed_metrics() == evaluate.metric_names(spec.evaluate.metrics, 3)
+
+
+@pytest.mark.parametrize("gates, named", [
+    ({"absolute": {"dice_2": 0.5}}, "absolute.dice_2"),  # two classes: background and class 1 only
+    ({"relative_metric": "dice_7"}, "relative_metric"),
+    ({"absolute": {"hausdorff95_0": 10.0}}, "absolute.hausdorff95_0"),  # background is not scored
+])
+def test_gates_naming_a_metric_the_spec_does_not_compute_are_refused_at_load(demo_data, tmp_path, gates, named):
+    import yaml
+
+    from voxelflow.config import SpecError, load_spec
+
+    demo_data["evaluate"]["metrics"] = ["dice", "hausdorff95"]
+    demo_data["promote"]["gates"].update(gates)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(demo_data))
+    with pytest.raises(SpecError, match=rf"promote.gates.{named} names the metric .*computed: \['dice', 'dice_1'"):
+        load_spec(path)
+
+
+def test_gates_on_a_computed_class_metric_load(demo_data):
+    from voxelflow.config import PipelineSpec
+
+    demo_data["evaluate"]["metrics"] = ["dice", "hausdorff95"]
+    demo_data["promote"]["gates"].update({"absolute": {"dice_1": 0.5, "hausdorff95_1": 20.0},
+                                          "relative_metric": "hausdorff95_1"})
+    spec = PipelineSpec.model_validate(demo_data)
+    assert spec.promote.gates.absolute == {"dice_1": 0.5, "hausdorff95_1": 20.0}
+
+
 # ---------------------------------------------------------------- score over cases
 
 

@@ -68,7 +68,7 @@ def test_tiny_training(data, tmp_path):
     assert checkpoints.steps()[-1] == "step-00000004.pt"
     state = checkpoints.load_latest("cpu")
     assert state["step"] == 4 and len(state["history"]) == 2
-    assert set(state) == {"model", "optimizer", "scaler", "step", "history", "running"}
+    assert set(state) == {"model", "optimizer", "scaler", "scheduler", "step", "history", "running"}
     # the returned weights are safetensors that rebuild the network
     net = load_network(NETWORK, result.weights, "cpu")
     assert not net.training
@@ -166,8 +166,14 @@ def test_different_seeds_differ(data, tmp_path):
     assert not same_weights(a.weights, b.weights)
 
 
-@pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
-def test_mixed_precision_on_cpu(data, tmp_path, precision):
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(data, tmp_path):
+    images, labels = data
+    with pytest.raises(ValueError, match="fp16-mixed needs a CUDA device.*bf16-mixed or fp32"):
+        train(spec(precision="fp16-mixed"), images, labels, ckpts(tmp_path), device="cpu")
+    assert ckpts(tmp_path).steps() == []
+
+
+def test_mixed_precision_on_cpu(data, tmp_path, precision="bf16-mixed"):
     images, labels = data
     result = train(spec(precision=precision), images, labels, ckpts(tmp_path), device="cpu")
     assert len(result.history) == 2
@@ -194,6 +200,64 @@ def test_default_loss_trains_on_one_channel_labels(data, tmp_path):
     default = TrainSpec(network=copy.deepcopy(NETWORK), epochs=1, batch_size=2, precision="fp32")
     result = train(default, images, labels, ckpts(tmp_path))
     assert math.isfinite(result.history[0]["train_loss"])
+
+
+# ---------------------------------------------------------------- optimizer and scheduler from the spec
+
+
+def test_optimizer_and_scheduler_by_name(data, tmp_path):
+    images, labels = data
+    s = spec(epochs=3, optimizer={"SGD": {"lr": 0.1, "momentum": 0.9}}, scheduler={"StepLR": {"step_size": 1,
+                                                                                             "gamma": 0.5}})
+    result = train(s, images, labels, ckpts(tmp_path))
+    assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.05, 0.025])  # lr of each epoch's steps
+    adam = train(spec(epochs=1), images, labels, ckpts(tmp_path, "adam"))
+    assert adam.history[0]["lr"] == pytest.approx(0.01)  # default: Adam at train.learning_rate
+
+
+def test_resume_mid_epoch_restores_the_scheduler(data, tmp_path):
+    images, labels = data
+    over = dict(optimizer={"AdamW": {"weight_decay": 0.01}}, scheduler={"CosineAnnealingLR": {"T_max": 2}})
+    straight = train(spec(epochs=2, batch_size=1, **over), images, labels, ckpts(tmp_path, "straight"))
+    first = spec(epochs=1, batch_size=1, checkpoint_every_steps=3, **over)
+    train(first, images, labels, ckpts(tmp_path, "resumed"))
+    ckpts(tmp_path, "resumed").store.remove("checkpoints/p/resumed/step-00000004.pt")  # stopped after step 3
+    resumed = train(spec(epochs=2, batch_size=1, **over), images, labels, ckpts(tmp_path, "resumed"))
+    assert resumed.resumed_from == 3
+    assert resumed.history == straight.history
+    assert resumed.weights == straight.weights
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"network": {"UNet": {**NETWORK["UNet"], "channels": "abc"}}}, r"network 'UNet': argument 'channels' = 'abc'"),
+    ({"network": {"UNet": {**NETWORK["UNet"], "spatial_dims": "three"}}}, r"argument 'spatial_dims' = 'three'"),
+    ({"optimizer": {"AdamW": {"lr": "fast"}}}, r"optimizer 'AdamW': argument 'lr' = 'fast'"),
+    ({"optimizer": {"AdamW": {"betas": 0.9}}}, r"optimizer 'AdamW': argument 'betas' = 0.9"),
+    ({"optimizer": {"Adamm": {}}}, r"unknown optimizer 'Adamm': expected a class in torch.optim"),
+    ({"optimizer": {"SGD": {"momentum": 0.9, "nesterov": True, "lr_decay": 1}}}, r"has no argument lr_decay"),
+    ({"optimizer": {"SGD": {"params": []}}}, r"params is supplied by training"),
+    ({"scheduler": {"StepLR": {"gamma": 0.5}}}, r"scheduler 'StepLR' needs the argument\(s\) step_size"),
+    ({"scheduler": {"StepLR": {"step_size": "often"}}}, r"argument 'step_size' = 'often'"),
+    ({"scheduler": "ReduceLROnPlateau"}, r"ReduceLROnPlateau' needs a validation metric"),
+    ({"loss": {"DiceCELoss": {"lambda_dice": "x"}}}, r"loss 'DiceCELoss': argument 'lambda_dice' = 'x'"),
+])
+def test_bad_component_arguments_are_refused_at_spec_load_naming_the_key(demo_data, tmp_path, over, message):
+    import yaml
+
+    from voxelflow.config import SpecError, load_spec
+
+    demo_data["train"].update(over)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(demo_data))
+    with pytest.raises(SpecError, match=message):
+        load_spec(path)
+
+
+def test_tensor_and_tuple_arguments_take_yaml_lists():
+    s = TrainSpec(network={"UNet": {**NETWORK["UNet"], "act": ["prelu", {"init": 0.2}], "kernel_size": [3, 3, 3]}},
+                  loss={"DiceCELoss": {"weight": [1.0, 2.0]}}, optimizer={"AdamW": {"betas": [0.9, 0.99]}},
+                  scheduler={"PolynomialLR": {"total_iters": 10, "power": 0.9}})
+    assert s.optimizer == {"AdamW": {"betas": [0.9, 0.99]}}
 
 
 # ---------------------------------------------------------------- Checkpoints, on a folder and on S3
