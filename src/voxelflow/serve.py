@@ -18,6 +18,7 @@ import secrets
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,6 +41,8 @@ ROLES = {
 LEGACY_ROLES = {"predict": "predictor"}  # keys made before the four roles
 NPY = "application/x-npy"
 NIFTI = "application/gzip"
+#: what /v1/segment accepts (or no Content-Type at all: the format is known from the body's first bytes)
+BODY_TYPES = (NPY, NIFTI, "application/x-gzip", "application/octet-stream", "application/x-nifti")
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,60 @@ def decode_volume(
     return vol.array, vol.affine, "nifti"
 
 
+def declared_volume(body: bytes, content_type: str) -> tuple[tuple[int, ...], np.dtype, tuple[float, ...]]:
+    """Shape, voxel type and spacing (mm) a body declares, from its header alone.
+
+    At most a NIfTI-2 header's worth of gzip is inflated; no voxel is read. Raises
+    :class:`~voxelflow.formats.VolumeError` when there is no readable header.
+    """
+    import nibabel as nib
+    from numpy.lib import format as npformat
+
+    from voxelflow.formats import NIFTI2_HEADER, _inflate, read_header, volume_shape
+
+    if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
+        fh = io.BytesIO(body)
+        try:
+            version = npformat.read_magic(fh)
+            reader = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+            shape, _, dtype = reader(fh, max_header_size=10000)
+        except Exception as exc:  # noqa: BLE001 - not a .npy file
+            raise VolumeError("unreadable", f"body: {exc}") from None
+        return tuple(int(s) for s in shape), np.dtype(dtype), (1.0, 1.0, 1.0)
+    try:
+        prefix = _inflate(body, NIFTI2_HEADER) if body[:2] == b"\x1f\x8b" else body[:NIFTI2_HEADER]
+    except zlib.error as exc:
+        raise VolumeError("unreadable", f"body: corrupt gzip stream ({exc})") from None
+    header = read_header(prefix, "body")
+    cls = nib.Nifti2Header if header.version == 2 else nib.Nifti1Header
+    zooms = cls.from_fileobj(io.BytesIO(prefix[: cls.sizeof_hdr])).get_zooms()
+    spacing = tuple(abs(float(z)) or 1.0 for z in zooms[:3]) + (1.0,) * max(0, 3 - len(zooms))
+    return volume_shape(header), header.dtype, spacing
+
+
+def working_set_bytes(shape: tuple[int, ...], dtype: np.dtype, spacing: tuple[float, ...],
+                      config: dict[str, Any] | None) -> int:
+    """Memory one inference of this volume needs, from its header: per input voxel, the body (read, joined,
+    decoded) and about 80 bytes of float intermediates (its float copy, resampling grids there and back, the
+    prediction inverted onto the input grid, the masks; measured on CPU at 96^3); per voxel of the model's grid
+    (resampled to its spacing, padded to its window), the preprocessed copies and the sliding-window logits,
+    accumulator and count map of every output channel."""
+    config = config or {}
+    voxels = math.prod(int(s) for s in shape)
+    pixdim = next((list(t["Spacingd"]["pixdim"]) for t in config.get("transforms", [])
+                   if isinstance(t, dict) and "Spacingd" in t), None)
+    zoom = 1.0
+    if pixdim:
+        pixdim = (pixdim * 3)[:3] if len(pixdim) == 1 else pixdim
+        zoom = math.prod(max(float(s), 1e-6) / max(float(p), 1e-6) for s, p in zip(spacing[:3], pixdim[:3]))
+    grid = max(voxels * zoom, math.prod(config.get("spatial_size", [1])))
+    network = next(iter(config.get("network", {}).values()), {}) if isinstance(config.get("network"), dict) else {}
+    channels = int(network.get("out_channels", 2)) if isinstance(network, dict) else 2
+    per_input = 3 * np.dtype(dtype).itemsize + 80
+    per_grid = 4 * 2 + 4 * (2 * channels + 1) + 1  # preprocessed (two copies), logits + accumulator + count, argmax
+    return int(voxels * per_input + grid * per_grid)
+
+
 #: how each kind of bad volume is answered
 VOLUME_STATUS = {"too-large": 413, "bad-shape": 422, "bad-dtype": 422, "non-finite": 422, "bad-affine": 422}
 
@@ -264,6 +321,7 @@ def create_app(
     describe: Callable[[], dict[str, Any]] | None = None,
     failed_rate: float = 1.0,
     failed_burst: int = 10,
+    memory_budget: int | None = 8 * 1024**3,
 ):
     """The service's ASGI app.
 
@@ -273,6 +331,8 @@ def create_app(
     /openapi.json (off by default). ``describe`` returns what ``GET /v1/model`` shows.
     Requests without a valid key, or with one that lacks the role, are throttled per client
     address (``failed_rate`` a second, bursts of ``failed_burst``) and audited in aggregate.
+    ``memory_budget`` bounds one inference's memory (bytes), estimated from the body's header before
+    any voxel is read or inflated (:func:`working_set_bytes`); a volume over it is refused 413.
     """
     import asyncio
     import logging
@@ -397,11 +457,16 @@ def create_app(
         return about
 
     @app.post("/v1/segment", summary="segment a volume (role predictor)", responses={
-        **errors, 400: {"description": "not a volume"}, 413: {"description": "body or voxel count over the limit"},
+        **errors, 400: {"description": "not a volume"},
+        413: {"description": "body, voxel count or memory budget over the limit"},
+        415: {"description": "Content-Type is not a volume's"},
         422: {"description": "not a finite numeric 3-D volume"}, 503: {"description": "busy or loading (Retry-After)"},
         504: {"description": "over the time limit"}})
     async def segment(request: Request, summary: bool = False, x_api_key: str | None = Header(None)) -> Response:
         await authorized(request, x_api_key, "segment")
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and media not in BODY_TYPES:
+            raise HTTPException(415, f"Content-Type {media!r} is not a volume: send one of {', '.join(BODY_TYPES)}")
         if holder.segmenter is None:
             raise HTTPException(503, "model not loaded yet", headers={"Retry-After": "5"})
         declared = request.headers.get("content-length", "")
@@ -418,8 +483,11 @@ def create_app(
                 if size > max_bytes:
                     raise HTTPException(413, f"body exceeds the limit of {max_bytes} bytes")
                 chunks.append(chunk)
+            body, content_type = b"".join(chunks), request.headers.get("content-type", "")
+            if body and memory_budget is not None:
+                check_budget(body, content_type)
             waiting.inc()
-            future = pool.submit(infer, b"".join(chunks), request.headers.get("content-type", ""), summary)
+            future = pool.submit(infer, body, content_type, summary)
             future.add_done_callback(lambda _: slots.release())  # the slot frees when the work really ends
             released = True
             try:
@@ -429,6 +497,18 @@ def create_app(
         finally:
             if not released:
                 slots.release()
+
+    def check_budget(body: bytes, content_type: str) -> None:
+        try:
+            shape, dtype, spacing = declared_volume(body, content_type)
+        except VolumeError:
+            return  # no readable header: decoding says what is wrong with it
+        if math.prod(shape) > max_voxels:
+            return  # decoding refuses it from the header (413, too-large)
+        need = working_set_bytes(shape, dtype, spacing, getattr(holder.segmenter, "config", None))
+        if need > memory_budget:
+            raise HTTPException(413, f"a volume of shape {list(shape)} ({dtype}) needs about {need / 2**20:.0f} MiB "
+                                     f"to segment, over the per-request budget of {memory_budget / 2**20:.0f} MiB")
 
     def infer(body: bytes, content_type: str, summary: bool) -> Response:
         waiting.dec()
