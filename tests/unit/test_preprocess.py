@@ -332,11 +332,11 @@ def test_cases_keep_their_own_shapes(tmp_path):
     layout = Layout(Store(tmp_path / "home"), "p")
     db = Database(f"sqlite:///{tmp_path / 'home' / 'voxelflow.db'}")
     report = ingest(DataSpec(source=str(tmp_path / "src"), layout="folder"), layout, db, str(tmp_path / "src"))
-    assert len(report.case_ids) == 2
+    assert len(report.ingested) == 2 and report.case_ids == []  # unlabelled: stored, never trained on
     spec = PreprocessSpec(transforms=[{"Spacingd": {"keys": "image", "pixdim": [2.0, 2.0, 2.0]}}])
     out = CaseStore(Store(tmp_path / "out"), "pre")
-    result = preprocess(spec, layout.raw, report.case_ids, out)
+    result = preprocess(spec, layout.raw, report.ingested, out)
     assert sorted(tuple(s) for s in result.shapes.values()) == [(1, 6, 6, 6), (1, 8, 8, 8)]
-    assert "label" not in load_case_arrays(out, report.case_ids[0])
+    assert "label" not in load_case_arrays(out, report.ingested[0])
     with pytest.raises(ValueError, match="differ in shape"):  # whole-volume training needs one shape
-        load_arrays(out, report.case_ids)
+        load_arrays(out, report.ingested)
