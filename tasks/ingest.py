@@ -13,3 +13,21 @@ from voxelflow.pipeline import Context, ingest_stage
 def ingest(data: DataSpec, ctx: Context) -> IngestReport:
     """Decode, check and store new cases as Zarr; every object gets a ledger state."""
     return ingest_stage(data, ctx, progress=reporter("ingest", f"ingesting {data.source}"))
+
+
+@task(name="ingest-arrived", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=lambda task, run, state: _transient(state))
+def ingest_arrived(data: DataSpec, ctx: Context) -> IngestReport:
+    """Ingest what arrived; an ingest that found nothing new is fine. Retried for storage errors only."""
+    return ingest_stage(data, ctx, progress=reporter("ingest", "ingesting arrived data"), require_cases=False)
+
+
+def _transient(state) -> bool:
+    """Storage and network errors are worth a retry; bad data never is (it is quarantined, not raised)."""
+    try:
+        state.result()
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception:  # noqa: BLE001 - anything else is a bug or bad input: retrying would repeat it
+        return False
+    return False

@@ -46,6 +46,9 @@ PREFECT_FILE = yaml.safe_load(PREFECT_YAML.read_text())
 DEPLOYMENTS = PREFECT_FILE["deployments"]
 
 
+ARRIVAL_FLOWS = {"ingest-arrived"}
+
+
 @cache
 def flow_of(entrypoint: str):
     path, _, func = entrypoint.partition(":")
@@ -89,7 +92,7 @@ def test_entrypoint_is_a_flow_of_the_lifecycle(d):
     assert (REPO / path).is_file(), path
     flow = flow_of(d["entrypoint"])
     assert isinstance(flow, Flow), f"{d['entrypoint']} is not a @flow"
-    assert flow.name in {"lifecycle", *SPEC_SECTION}, flow.name
+    assert flow.name in {"lifecycle", *ARRIVAL_FLOWS, *SPEC_SECTION}, flow.name
     assert d.get("work_pool", {}).get("name"), f"{full_name(d)} has no work pool"
 
 
@@ -97,7 +100,7 @@ def test_stage_flow_names_are_the_ones_the_lifecycle_calls():
     from flows.stages import RESULTS
 
     assert set(RESULTS) == set(SPEC_SECTION)
-    stage_flows = {flow_of(d["entrypoint"]).name for d in DEPLOYMENTS} - {"lifecycle"}
+    stage_flows = {flow_of(d["entrypoint"]).name for d in DEPLOYMENTS} - {"lifecycle", *ARRIVAL_FLOWS}
     assert stage_flows == set(SPEC_SECTION)
 
 
@@ -109,7 +112,7 @@ def test_deployment_names_are_unique():
 def test_stage_deployments_are_named_after_their_pool():
     """The lifecycle runs `work_pool: X` as STAGE/X: the deployment name must be the pool it runs on."""
     for d in DEPLOYMENTS:
-        if flow_of(d["entrypoint"]).name != "lifecycle":
+        if flow_of(d["entrypoint"]).name in SPEC_SECTION:
             assert d["name"] == d["work_pool"]["name"], full_name(d)
 
 
@@ -140,7 +143,7 @@ def lifecycles() -> list[dict]:
 
 def test_lifecycle_deployments():
     names = {d["name"]: d for d in lifecycles()}
-    assert set(names) == {"demo", "cpu", "k8s-cpu"}
+    assert set(names) == {"demo", "cpu", "k8s-cpu", "on-update"}
     demo = names["demo"]
     assert demo["work_pool"]["name"] == "voxelflow-process"
     assert demo["parameters"] == {"spec": "deployments/specs/demo.yaml", "overlays": []}
@@ -158,7 +161,7 @@ def test_lifecycles_queue_instead_of_overlapping(d):
     assert ConcurrencyLimitStrategy(limit["collision_strategy"]) is ConcurrencyLimitStrategy.ENQUEUE
 
 
-@pytest.mark.parametrize("d", lifecycles(), ids=lambda d: d["name"])
+@pytest.mark.parametrize("d", [d for d in lifecycles() if "spec" in d["parameters"]], ids=lambda d: d["name"])
 def test_lifecycle_places_stages_on_deployed_pools(d):
     """Load the spec with the deployment's overlays: every `work_pool` it names must have STAGE/POOL."""
     from voxelflow.config import load_spec
@@ -173,6 +176,18 @@ def test_lifecycle_places_stages_on_deployed_pools(d):
             assert f"{stage}/{pool}" in by_name(), f"{full_name(d)} places {stage} on {pool!r}: no {stage}/{pool}"
     expected_train = {"demo": None, "cpu": "gpu", "k8s-cpu": "k8s-gpu"}[d["name"]]
     assert placed["train"] == expected_train
+
+
+def test_arrival_triggers_chain_ingest_and_lifecycle():
+    """watch -> voxelflow.data.arrived -> ingest-arrived/on-arrival -> voxelflow.dataset.updated -> lifecycle/on-update."""
+    names = by_name()
+    arrival, update = names["ingest-arrived/on-arrival"], names["lifecycle/on-update"]
+    (a,) = arrival["triggers"]
+    assert a["expect"] == ["voxelflow.data.arrived"] and a["match"] == {"prefect.resource.id": "voxelflow.dataset.*"}
+    assert a["parameters"] == {"spec": "{{ event.payload.spec }}", "source": "{{ event.payload.source }}"}
+    (u,) = update["triggers"]
+    assert u["expect"] == ["voxelflow.dataset.updated"] and u["parameters"] == {"spec": "{{ event.payload.spec }}"}
+    assert update["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # repeated updates queue, never overlap
 
 
 # --------------------------------------------------------------------------- Kubernetes job templates

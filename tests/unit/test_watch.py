@@ -1,0 +1,118 @@
+"""The watcher: settles before announcing, announces each object once, survives restarts, lists S3."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from voxelflow.watch import Arrival, Watcher
+
+
+@pytest.fixture
+def heard():
+    return []
+
+
+def watcher(source, db, heard, settle_s=1.0) -> Watcher:
+    return Watcher(str(source), db, "demo", heard.append, settle_s=settle_s, poll_s=0.2)
+
+
+def test_a_batch_is_announced_once_after_it_settles(tmp_path, db, heard):
+    src = tmp_path / "incoming"
+    src.mkdir()
+    w = watcher(src, db, heard)
+    (src / "a.nii.gz").write_bytes(b"x" * 10)
+    assert w.step(at=0.0) is None  # just seen: not settled
+    (src / "b.nii.gz").write_bytes(b"y" * 5)  # still arriving
+    assert w.step(at=0.9) is None
+    assert w.step(at=1.5) is None  # b changed the batch at 0.9: the clock restarted
+    arrival = w.step(at=2.0)
+    assert isinstance(arrival, Arrival) and [o["key"] for o in arrival.objects] == [str(src / "a.nii.gz"),
+                                                                                   str(src / "b.nii.gz")]
+    assert arrival.payload()["bytes"] == 15 and arrival.payload()["count"] == 2
+    assert w.step(at=10.0) is None and w.step(at=20.0) is None  # nothing new: nothing announced
+    assert len(heard) == 1
+
+
+def test_hidden_temporary_files_are_not_announced(tmp_path, db, heard):
+    src = tmp_path / "incoming"
+    (src / ".partial").mkdir(parents=True)
+    (src / ".partial" / "c.nii.gz").write_bytes(b"z")
+    (src / ".c.nii.gz.tmp").write_bytes(b"z")
+    w = watcher(src, db, heard)
+    assert w.step(at=0.0) is None and w.step(at=5.0) is None and heard == []
+
+
+def test_a_restart_neither_repeats_nor_misses(tmp_path, db, heard):
+    src = tmp_path / "incoming"
+    src.mkdir()
+    (src / "a").write_bytes(b"1")
+    w = watcher(src, db, heard)
+    w.step(at=0.0)
+    w.step(at=2.0)
+    assert len(heard) == 1
+    # down: one file lands, one is rewritten
+    (src / "b").write_bytes(b"2")
+    time.sleep(0.01)
+    (src / "a").write_bytes(b"11")
+    again = watcher(src, db, heard)  # a new process, the same database
+    again.step(at=100.0)
+    arrival = again.step(at=102.0)
+    assert sorted(o["key"].rsplit("/", 1)[1] for o in arrival.objects) == ["a", "b"]
+    third = watcher(src, db, heard)
+    assert third.step(at=0.0) is None and third.step(at=5.0) is None
+    assert len(heard) == 2
+
+
+def test_an_emit_that_fails_is_retried_next_time(tmp_path, db):
+    src = tmp_path / "incoming"
+    src.mkdir()
+    (src / "a").write_bytes(b"1")
+    calls = []
+
+    def flaky(arrival):
+        calls.append(arrival)
+        if len(calls) == 1:
+            raise ConnectionError("the Prefect API is away")
+
+    w = Watcher(str(src), db, "demo", flaky, settle_s=1.0)
+    w.step(at=0.0)
+    with pytest.raises(ConnectionError):
+        w.step(at=2.0)
+    w.step(at=3.0)
+    w.step(at=5.0)
+    assert len(calls) == 2 and calls[0].objects == calls[1].objects
+
+
+def test_s3_is_listed(s3_store, db, heard):
+    s3_store.write_bytes("incoming/case1/image.nii.gz", b"abc")
+    s3_store.write_bytes("incoming/case1/label.nii.gz", b"de")
+    w = Watcher(s3_store.url_of("incoming"), db, "demo", heard.append, settle_s=0.5)
+    w.step(at=0.0)
+    arrival = w.step(at=1.0)
+    assert [o["key"].rsplit("/", 1)[1] for o in arrival.objects] == ["image.nii.gz", "label.nii.gz"]
+    assert all(o["key"].startswith("s3://") and o["version"] for o in arrival.objects)
+    s3_store.write_bytes("incoming/case2/image.nii.gz", b"f")
+    w.step(at=2.0)
+    assert [o["key"].rsplit("/", 2)[1] for o in w.step(at=3.0).objects] == ["case2"]
+
+
+def test_run_wakes_on_local_changes(tmp_path, db, heard):
+    src = tmp_path / "incoming"
+    src.mkdir()
+    w = Watcher(str(src), db, "demo", heard.append, settle_s=0.5, poll_s=30)  # polling alone would be too slow
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        (src / "a.nii.gz").write_bytes(b"x")
+        deadline = time.monotonic() + 15
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert heard and heard[0].objects[0]["key"].endswith("a.nii.gz")
+    finally:
+        stop.set()
+        thread.join(timeout=10)
