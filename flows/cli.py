@@ -435,6 +435,27 @@ def rollback(
 
 
 @app.command()
+def approve(
+    model: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="the version to make champion (a challenger)")],
+    reason: Annotated[str, typer.Option(help="why; kept on the version and in the audit log")],
+) -> None:
+    """A person promotes VERSION (for specs with promote.approval: manual); the old champion stays previous."""
+    with reasons():
+        import getpass
+
+        from voxelflow import registry
+        from voxelflow.config import Settings
+        from voxelflow.db import connect
+
+        settings = Settings()
+        old = registry.approve(settings.tracking_uri, connect(settings.database), model, version, getpass.getuser(),
+                               reason)
+        console.print(f"[green]ok[/] {model}: champion is version {version} (previous: {old or 'none'})",
+                      highlight=False)
+
+
+@app.command()
 def lineage(
     ref: Annotated[str, typer.Argument(help="NAME (its champion), NAME@ALIAS or NAME/VERSION")],
     as_json: Annotated[bool, typer.Option("--json", help="print the trace as JSON")] = False,

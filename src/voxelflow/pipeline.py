@@ -295,7 +295,8 @@ def register_stage(
             decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags)
             if spec.approval == "manual":
                 decision.promote = False
-                decision.reasons.append("approval is manual: not promoted automatically; it keeps `challenger`")
+                decision.reasons.append("approval is manual: not promoted automatically; it keeps `challenger` "
+                                        "until a person runs `voxelflow approve MODEL VERSION --reason ...`")
             if not decision.promote:
                 break
             try:

@@ -266,6 +266,31 @@ class NoPrevious(LookupError):
     """Nothing to roll back to."""
 
 
+def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: str) -> str | None:
+    """A person's decision to make ``version`` the champion (``promote.approval: manual``).
+
+    Under the model's lock: the old champion keeps ``previous``; the version is tagged with who
+    approved it and why; ``model.approved`` goes to the audit log and is anchored on the version.
+    Refused for a version that does not exist, one already rolled back, or without a reason.
+    Returns the replaced champion.
+    """
+    from voxelflow import audit
+
+    if not reason.strip():
+        raise ValueError("an approval needs a reason (--reason)")
+    mc = client(tracking_uri)
+    with db.locked(f"register:{name}"):
+        mv = retrying("read version", lambda: mc.get_model_version(name, version))
+        if "voxelflow.rolled_back" in (mv.tags or {}):
+            raise ValueError(f"version {version} of {name} was rolled back: {mv.tags['voxelflow.rolled_back']}")
+        old = promote(tracking_uri, name, str(version))
+        tag_version(tracking_uri, name, str(version), {"voxelflow.approval": "approved", "voxelflow.approved_by": actor,
+                                                     "voxelflow.approval_reason": reason[:5000]})
+    entry = audit.append(db, "model.approved", actor, model=name, version=str(version), previous=old, reason=reason)
+    audit.anchor_in_mlflow(tracking_uri, name, str(version), entry)
+    return old
+
+
 def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "") -> tuple[str, str]:
     """Move ``champion`` back to ``previous``, under the model's lock; returns (restored, replaced).
 

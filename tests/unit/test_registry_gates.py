@@ -287,6 +287,45 @@ def test_rollback_restores_previous_records_it_and_refuses_a_second_time(tmp_pat
     db.dispose()
 
 
+def test_a_person_approves_a_challenger_with_a_reason(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from voxelflow import audit
+    from voxelflow.db import connect
+
+    settings = Settings(home=tmp_path)
+    uri, mc = settings.tracking_uri, registry.client(settings.tracking_uri)
+    mc.create_registered_model("m")
+    for _ in range(3):
+        mc.create_model_version("m", str(tmp_path))
+    registry.promote(uri, "m", "1")
+    runner, env = CliRunner(), {"VOXELFLOW_HOME": str(tmp_path), "USER": "dr-reviewer"}
+
+    def approve(*args: str) -> tuple[int, str]:
+        result = runner.invoke(app, ["approve", "m", *args], env=env)
+        return result.exit_code, " ".join(result.output.split())
+
+    code, out = approve("2", "--reason", " ")
+    assert code == 1 and "needs a reason" in out and registry.alias_version(uri, "m") == "1"
+    code, out = approve("2", "--reason", "reviewed the overlays of 20 cases")
+    assert code == 0 and "champion is version 2 (previous: 1)" in out
+    assert (registry.alias_version(uri, "m"), registry.alias_version(uri, "m", registry.PREVIOUS)) == ("2", "1")
+    tags = mc.get_model_version("m", "2").tags
+    assert tags["voxelflow.approval"] == "approved" and tags["voxelflow.approval_reason"].startswith("reviewed")
+    assert tags["voxelflow.approved_by"]
+    db = connect(settings.database)
+    (entry,) = [e for e in audit.entries(db) if e["event"] == "model.approved"]
+    assert entry["details"]["version"] == "2" and entry["details"]["previous"] == "1"
+    assert audit.verify(db, audit.mlflow_anchors(uri)).anchor.seq == entry["seq"]
+    registry.rollback(uri, db, "m", "ops", "bad on scanner B")  # 2 is rolled back: it cannot be approved again
+    code, out = approve("2", "--reason", "again")
+    assert code == 1 and "was rolled back" in out and registry.alias_version(uri, "m") == "1"
+    code, out = approve("9", "--reason", "no such version")
+    assert code == 1 and registry.alias_version(uri, "m") == "1"
+    db.dispose()
+
+
 # ---------------------------------------------------------------- lineage
 
 
