@@ -46,7 +46,7 @@ PREFECT_FILE = yaml.safe_load(PREFECT_YAML.read_text())
 DEPLOYMENTS = PREFECT_FILE["deployments"]
 
 
-ARRIVAL_FLOWS = {"ingest-arrived"}
+ARRIVAL_FLOWS = {"ingest-arrived", "rollback"}  # flows that are neither the lifecycle nor its stages
 
 
 @cache
@@ -176,6 +176,12 @@ def test_lifecycle_places_stages_on_deployed_pools(d):
             assert f"{stage}/{pool}" in by_name(), f"{full_name(d)} places {stage} on {pool!r}: no {stage}/{pool}"
     expected_train = {"demo": None, "cpu": "gpu", "k8s-cpu": "k8s-gpu"}[d["name"]]
     assert placed["train"] == expected_train
+
+
+def test_rollback_has_a_deployment():
+    d = by_name()["rollback/demo"]
+    assert d["parameters"] == {"model_name": "demo-spheres"}
+    assert d["work_pool"]["name"] == "voxelflow-process"
 
 
 def test_arrival_triggers_chain_ingest_and_lifecycle():
