@@ -126,16 +126,20 @@ def check_header(header: Header, name: str, max_voxels: int) -> None:
         raise VolumeError("bad-dtype", f"{name}: voxel type {header.dtype} is not a supported numeric type")
 
 
+def nifti_prefix(data: bytes, name: str) -> bytes:
+    """The file's first bytes, uncompressed: enough for a NIfTI-1 or NIfTI-2 header, no more inflated."""
+    try:
+        return _inflate(data, NIFTI2_HEADER) if data[:2] == GZIP_MAGIC else data[:NIFTI2_HEADER]
+    except zlib.error as exc:
+        raise VolumeError("unreadable", f"{name}: corrupt gzip stream ({exc})") from None
+
+
 def read_nifti(data: bytes, name: str, max_voxels: int) -> Volume:
     """Decode a NIfTI-1/NIfTI-2 file (plain or gzip) within ``max_voxels``; raise :class:`VolumeError`."""
     import nibabel as nib
 
     gz = data[:2] == GZIP_MAGIC
-    try:
-        prefix = _inflate(data, NIFTI2_HEADER) if gz else data[:NIFTI2_HEADER]
-    except zlib.error as exc:
-        raise VolumeError("unreadable", f"{name}: corrupt gzip stream ({exc})") from None
-    header = read_header(prefix, name)
+    header = read_header(nifti_prefix(data, name), name)
     check_header(header, name, max_voxels)
     try:
         raw = _inflate(data, header.nbytes) if gz else data[: header.nbytes]
@@ -159,8 +163,8 @@ def read_nifti(data: bytes, name: str, max_voxels: int) -> Volume:
     return Volume(array=_writable(array), affine=affine, spacing=spacing)
 
 
-def read_npy(data: bytes, name: str, max_voxels: int) -> np.ndarray:
-    """A ``.npy`` array, its header checked (3-D, numeric, within ``max_voxels``) before any voxel is read."""
+def npy_header(data: bytes, name: str) -> tuple[Header, bool]:
+    """What a ``.npy`` header declares (trailing single axes dropped) and whether it is Fortran-ordered."""
     from numpy.lib import format as npformat
 
     fh = io.BytesIO(data)
@@ -175,7 +179,13 @@ def read_npy(data: bytes, name: str, max_voxels: int) -> np.ndarray:
         shape = shape[:-1]
     if np.dtype(dtype).hasobject:  # pickled objects: never unpickled
         raise VolumeError("unreadable", f"{name}: holds Python objects, not voxels")
-    header = Header(0, shape, np.dtype(dtype), fh.tell())
+    return Header(0, shape, np.dtype(dtype), fh.tell()), bool(fortran)
+
+
+def read_npy(data: bytes, name: str, max_voxels: int) -> np.ndarray:
+    """A ``.npy`` array, its header checked (3-D, numeric, within ``max_voxels``) before any voxel is read."""
+    header, fortran = npy_header(data, name)
+    shape, dtype = header.shape, header.dtype
     check_header(header, name, max_voxels)
     if len(data) < header.nbytes:
         raise VolumeError("truncated", f"{name}: {len(data)} bytes, the header needs {header.nbytes}")

@@ -18,7 +18,6 @@ import secrets
 import socket
 import threading
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -212,23 +211,13 @@ def declared_volume(body: bytes, content_type: str) -> tuple[tuple[int, ...], np
     :class:`~voxelflow.formats.VolumeError` when there is no readable header.
     """
     import nibabel as nib
-    from numpy.lib import format as npformat
 
-    from voxelflow.formats import NIFTI2_HEADER, _inflate, read_header, volume_shape
+    from voxelflow.formats import nifti_prefix, npy_header, read_header, volume_shape
 
     if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
-        fh = io.BytesIO(body)
-        try:
-            version = npformat.read_magic(fh)
-            reader = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
-            shape, _, dtype = reader(fh, max_header_size=10000)
-        except Exception as exc:  # noqa: BLE001 - not a .npy file
-            raise VolumeError("unreadable", f"body: {exc}") from None
-        return tuple(int(s) for s in shape), np.dtype(dtype), (1.0, 1.0, 1.0)
-    try:
-        prefix = _inflate(body, NIFTI2_HEADER) if body[:2] == b"\x1f\x8b" else body[:NIFTI2_HEADER]
-    except zlib.error as exc:
-        raise VolumeError("unreadable", f"body: corrupt gzip stream ({exc})") from None
+        header, _ = npy_header(body, "body")
+        return header.shape, header.dtype, (1.0, 1.0, 1.0)
+    prefix = nifti_prefix(body, "body")
     header = read_header(prefix, "body")
     cls = nib.Nifti2Header if header.version == 2 else nib.Nifti1Header
     zooms = cls.from_fileobj(io.BytesIO(prefix[: cls.sizeof_hdr])).get_zooms()
