@@ -68,7 +68,7 @@ def main() -> None:
     from voxelflow.train import build_network, state_dict_bytes
 
     spec = load_spec(REPO / "deployments/specs/demo.yaml")
-    config = model_config(spec.train, spec.preprocess)
+    config = model_config(spec)
     torch.manual_seed(0)
     weights = state_dict_bytes(build_network(spec.train.network))
     work = Path(tempfile.mkdtemp(prefix="voxelflow-bench-serve-"))

@@ -46,8 +46,8 @@ def lifecycle(
     parts = split_stage(spec.evaluate, usable_cases(ingested, prep))  # pure and instant: no task
     run_id = mlflow_run(spec, ctx, ingested.dataset_digest, parts)
     outcome = placed("train", spec.train.work_pool, ctx, spec, lid,
-                     lambda: train(spec.train, spec.preprocess, ctx, parts.train, run_id),
-                     train_ids=parts.train, run_id=run_id)
+                     lambda: train(spec, ctx, parts.train, run_id, parts.val),
+                     train_ids=parts.train, run_id=run_id, val_ids=parts.val)
     evaluation = placed("evaluate", spec.evaluate.work_pool, ctx, spec, lid,
                         lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.val, run_id),
                         outcome=asdict(outcome), val_ids=parts.val, run_id=run_id)

@@ -86,10 +86,11 @@ def preprocess_flow(spec: PipelineSpec, lifecycle_id: str, store: str, case_ids:
 
 
 @flow(name="train")
-def train_flow(spec: PipelineSpec, lifecycle_id: str, store: str, train_ids: list[str], run_id: str) -> None:
+def train_flow(spec: PipelineSpec, lifecycle_id: str, store: str, train_ids: list[str], run_id: str,
+               val_ids: list[str] | None = None) -> None:
     """Train the candidate (placed: ``train.work_pool``, e.g. a GPU pool)."""
     ctx = context_for(spec, store)
-    _keep(ctx, lifecycle_id, "train", train(spec.train, spec.preprocess, ctx, train_ids, run_id))
+    _keep(ctx, lifecycle_id, "train", train(spec, ctx, train_ids, run_id, val_ids))
 
 
 @flow(name="evaluate")

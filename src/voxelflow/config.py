@@ -115,14 +115,55 @@ def _torch_component(value: Any, module: str, what: str, supplied: set[str]) -> 
 
 
 def resolve_monai(module: str, name: str, what: str) -> type:
-    """Look a class up by name in a MONAI module, with a helpful error."""
+    """Look a class up by name in a MONAI (or torch) module, or by import path ``package.module:Class``
+    for a user's own component, with a helpful error."""
     import importlib
 
+    if ":" in name:
+        path, _, attr = name.partition(":")
+        try:
+            mod = importlib.import_module(path)
+        except ImportError as exc:
+            raise ValueError(f"{what} {name!r}: cannot import {path!r} ({exc})") from None
+        cls = getattr(mod, attr, None)
+        if not inspect.isclass(cls):
+            raise ValueError(f"{what} {name!r}: {path!r} has no class {attr!r}")
+        return cls
     mod = importlib.import_module(module)
     cls = getattr(mod, name, None)
     if not inspect.isclass(cls):
-        raise ValueError(f"unknown {what} {name!r}: expected a class in {module}")
+        raise ValueError(f"unknown {what} {name!r}: expected a class in {module} or an import path "
+                         "package.module:Class")
     return cls
+
+
+def _dict_transforms(value: Any, what: str, random: bool) -> list[dict[str, dict[str, Any]]]:
+    """A list of MONAI dictionary transforms by name, checked: known, dictionary form, arguments known
+    and typed, ``keys`` given; deterministic ones only (``random=False``) or random ones only."""
+    from monai.transforms import MapTransform, Randomizable
+
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of MONAI dictionary transforms ({what})")
+    out = []
+    for item in value:
+        name, kwargs = _single_key(item, "transform")
+        cls = resolve_monai("monai.transforms", name, "transform")
+        if not issubclass(cls, MapTransform):
+            raise ValueError(
+                f"transform {name!r} is not a MONAI dictionary transform: use its dictionary form (e.g. {name}d)"
+            )
+        if random and not issubclass(cls, Randomizable):
+            raise ValueError(f"train.augment takes random transforms; {name!r} is deterministic: put it in "
+                             "preprocess.transforms, which run once per case and are stored")
+        if not random and issubclass(cls, Randomizable):
+            raise ValueError(f"transform {name!r} is random: preprocessing runs once and is stored, so random "
+                             "transforms (augmentation, patch sampling) belong in train.augment")
+        _check_kwargs(cls, name, kwargs, "transform")
+        _check_types(cls.__init__, name, kwargs, "transform")
+        if "keys" not in kwargs:
+            raise ValueError(f"transform {name!r} needs 'keys' (image, label or both)")
+        out.append({name: kwargs})
+    return out
 
 
 class DataSpec(_Stage):
@@ -165,21 +206,7 @@ class PreprocessSpec(_Stage):
     def _normalise(cls, value: Any) -> list[dict[str, dict[str, Any]]]:
         if not isinstance(value, list) or not value:
             raise ValueError("expected a non-empty list of MONAI dictionary transforms")
-        out = []
-        for item in value:
-            name, kwargs = _single_key(item, "transform")
-            cls = resolve_monai("monai.transforms", name, "transform")
-            from monai.transforms import MapTransform
-
-            if not issubclass(cls, MapTransform):
-                raise ValueError(
-                    f"transform {name!r} is not a MONAI dictionary transform: use its dictionary form (e.g. {name}d)"
-                )
-            _check_kwargs(cls, name, kwargs, "transform")
-            if "keys" not in kwargs:
-                raise ValueError(f"transform {name!r} needs 'keys' (image, label or both)")
-            out.append({name: kwargs})
-        return out
+        return _dict_transforms(value, "preprocess.transforms", random=False)
 
     @field_validator("cluster")
     @classmethod
@@ -218,7 +245,38 @@ class TrainSpec(_Stage):
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
         "bf16-mixed", description="fp16-mixed needs a CUDA device (with a GradScaler); the CPU refuses it")
     checkpoint_every_steps: int = Field(50, ge=1)
-    seed: int = 0
+    seed: int = Field(0, description="initial weights, data order and augmentation; never the split")
+    augment: list[dict[str, dict[str, Any]]] = Field(
+        default_factory=list, description="MONAI random dictionary transforms by name, applied to each training "
+        "case as it is drawn: augmentation and patch sampling (RandCropByPosNegLabeld, RandSpatialCropSamplesd; "
+        "num_samples patches per case, so a step sees batch_size x num_samples patches)")
+    cache_mb: int = Field(2048, ge=0, description="memory for preprocessed training and validation cases held "
+                          "between epochs (on the GPU when training runs there); cases beyond it are read from "
+                          "the store each time they are drawn")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes that read and augment cases ahead of "
+                         "the step; 0: in the training process (a thread-buffered loader)")
+    val_every: int = Field(1, ge=1, description="validate (sliding window, on the validation cases) every this "
+                           "many epochs; the best validation keeps its weights, which are what gets registered")
+    patience: int | None = Field(None, ge=1, description="stop after this many validations without improvement; "
+                                 "null: train every epoch")
+    devices: Literal["auto", "cpu"] | int = Field(
+        "auto", description="auto: every GPU (DistributedDataParallel when there are several), else the CPU; "
+        "cpu: one CPU process; N: N processes, one per GPU, or gloo processes on the CPU. Each step's batch "
+        "is split between the processes (batch_size must be a multiple of N) and an epoch takes full batches")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("devices must be auto, cpu or a number of processes (at least 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainSpec:
+        if isinstance(self.devices, int) and self.batch_size % self.devices:
+            raise ValueError(f"batch_size {self.batch_size} does not split between {self.devices} devices: use a "
+                             "multiple of devices")
+        return self
 
     @field_validator("network", mode="before")
     @classmethod
@@ -245,6 +303,22 @@ class TrainSpec(_Stage):
                              "does not compute; choose an epoch-driven scheduler (StepLR, CosineAnnealingLR, ...)")
         return _torch_component(value, "torch.optim.lr_scheduler", "scheduler", {"optimizer"})
 
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment(cls, value: Any) -> list[dict[str, dict[str, Any]]]:
+        return _dict_transforms(value or [], "train.augment", random=True)
+
+    @property
+    def patch_size(self) -> tuple[int, ...] | None:
+        """The size of the patches ``augment`` samples, from the last transform that sets one."""
+        size = None
+        for item in self.augment:
+            for kwargs in item.values():
+                for key in ("spatial_size", "roi_size"):
+                    if key in kwargs and isinstance(kwargs[key], (list, tuple)):
+                        size = tuple(int(s) for s in kwargs[key])
+        return size
+
     @field_validator("loss", mode="before")
     @classmethod
     def _loss(cls, value: Any) -> dict[str, dict[str, Any]]:
@@ -267,9 +341,20 @@ def metric_names(metrics: list[str], n_classes: int) -> list[str]:
     return names
 
 
+class SlidingWindow(_Section):
+    """MONAI ``SlidingWindowInferer`` settings: validation during training, evaluation and the served model."""
+
+    roi_size: list[int] | None = Field(None, min_length=1, description="window size in voxels; default: the "
+                                       "training patch size, else the size preprocessing fixes")
+    overlap: float = Field(0.25, ge=0, lt=1)
+    sw_batch_size: int = Field(4, ge=1)
+    mode: Literal["constant", "gaussian"] = "constant"
+
+
 class EvaluateSpec(_Stage):
     metrics: list[Literal["dice", "hausdorff95"]] = Field(default_factory=lambda: ["dice"])
     val_fraction: float = Field(0.2, gt=0, lt=1)
+    sliding_window: SlidingWindow = Field(default_factory=SlidingWindow)
 
 
 class Gates(_Section):
@@ -386,6 +471,22 @@ class PipelineSpec(_Section):
                                  f"compute for this network's classes; computed: {computed}")
         return self
 
+    @model_validator(mode="after")
+    def _window_and_batches(self) -> PipelineSpec:
+        if self.roi_size() is None:
+            raise ValueError("evaluate.sliding_window.roi_size is needed: neither train.augment samples patches "
+                             "nor preprocess.transforms fix a size")
+        if self.preprocess.spatial_size is None and self.train.patch_size is None and self.train.batch_size > 1:
+            raise ValueError("preprocessed cases keep their own shapes, so a batch of several needs patches: add "
+                             "a patch sampler (RandCropByPosNegLabeld, RandSpatialCropSamplesd) to train.augment, "
+                             "or set train.batch_size: 1")
+        return self
+
+    def roi_size(self) -> tuple[int, ...] | None:
+        """The sliding window: as set, else the training patch, else the preprocessed size."""
+        window = self.evaluate.sliding_window.roi_size
+        return tuple(window) if window else (self.train.patch_size or self.preprocess.spatial_size)
+
     def computed_metrics(self) -> list[str]:
         """The metric names evaluation reports for this spec (``dice``, ``dice_1``, ``hausdorff95``, ...)."""
         out_channels = next(iter(self.train.network.values())).get("out_channels", 2)
@@ -398,14 +499,43 @@ class PipelineSpec(_Section):
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``over`` into a copy of ``base``: mappings merge, anything else replaces."""
+    """Merge ``over`` into a copy of ``base``: mappings merge, anything else replaces.
+
+    A mapping over a list changes elements of the list instead of replacing it: keyed by index
+    (``1:`` or ``"-1":``) or by the name of a one-key element (``Spacingd:``, a transform's name).
+    """
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), list):
+            out[key] = _merge_into_list(out[key], value, key)
         else:
             out[key] = value
     return out
+
+
+def _merge_into_list(items: list[Any], over: dict[Any, Any], where: str) -> list[Any]:
+    items = list(items)
+    names = [next(iter(i)) if isinstance(i, dict) and len(i) == 1 else None for i in items]
+    for key, value in over.items():
+        if isinstance(key, int) or (isinstance(key, str) and key.lstrip("-").isdigit()):
+            index = int(key)
+            if not -len(items) <= index < len(items):
+                raise SpecError(f"{where}[{index}]: the list has {len(items)} elements")
+        elif names.count(key) == 1:
+            index = names.index(key)
+        else:
+            raise SpecError(f"{where}: no single element named {key!r} to change (elements: "
+                            f"{[n for n in names if n]}); give an index instead")
+        current = items[index]
+        if isinstance(value, dict) and isinstance(current, dict):
+            if isinstance(key, str) and not key.lstrip("-").isdigit():  # by name: merge into its arguments
+                value = {key: value}
+            items[index] = deep_merge(current, value)
+        else:
+            items[index] = value
+    return items
 
 
 def parse_set(expr: str) -> dict[str, Any]:

@@ -33,7 +33,10 @@ class Segmenter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.pre = build_transforms(config["transforms"], keys=("image",))
-        self.roi_size = tuple(config["spatial_size"])
+        window = config.get("sliding_window") or {"roi_size": config["spatial_size"]}  # older models: no window
+        self.roi_size = tuple(window["roi_size"])
+        self.window = {"overlap": window.get("overlap", 0.25), "sw_batch_size": window.get("sw_batch_size", 4),
+                       "mode": window.get("mode", "constant")}
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | None = None) -> Segmenter:
@@ -47,7 +50,7 @@ class Segmenter:
         from monai.inferers import sliding_window_inference
 
         with torch.no_grad(), autocast_for(self.config.get("precision", "fp32"), self.device):
-            out = sliding_window_inference(batch.to(self.device), self.roi_size, sw_batch_size=4, predictor=self.net)
+            out = sliding_window_inference(batch.to(self.device), self.roi_size, predictor=self.net, **self.window)
         return out.float()
 
     def segment(self, volume: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:

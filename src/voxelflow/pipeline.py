@@ -21,7 +21,6 @@ from voxelflow.config import (
     PreprocessSpec,
     PromoteSpec,
     Settings,
-    TrainSpec,
 )
 from voxelflow.db import Database, connect
 from voxelflow.storage import Layout, Store
@@ -174,32 +173,60 @@ def model_config(spec: TrainSpec, pre: PreprocessSpec) -> dict[str, Any]:
 
 
 def train_stage(
-    spec: TrainSpec, pre: PreprocessSpec, ctx: Context, train_ids: list[str], run_id: str,
+    spec: PipelineSpec, ctx: Context, train_ids: list[str], run_id: str, val_ids: list[str] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainOutcome:
-    """Train on the preprocessed store; checkpoints and the weights go to the store, so any machine can go on."""
-    layout = ctx.layout
-    arrays = preprocess.load_arrays(layout.preprocessed(preprocess.transform_digest(pre)), train_ids)
-    if "label" not in arrays:
-        raise ValueError("training needs labelled cases")
+    """Train on the preprocessed store, validating on ``val_ids`` with the sliding window every
+    ``train.val_every`` epochs; checkpoints and the best weights go to the store, so any machine can go on."""
+    layout, tspec = ctx.layout, spec.train
+    out = layout.preprocessed(preprocess.transform_digest(spec.preprocess))
+    device = str(train.device_for())
+    budget = tspec.cache_mb * 2**20
+    cases = train.StoreCases(out, train_ids, budget, device)
+    validation = None
+    if val_ids:
+        window = spec.evaluate.sliding_window
+        validation = train.Validation(
+            train.StoreCases(out, val_ids, max(0, budget - cases.cached_bytes), device), spec.roi_size(),
+            n_classes(tspec.network), window.overlap, window.sw_batch_size, window.mode, tspec.val_every,
+            tspec.patience)
     checkpoints = train.Checkpoints(ctx.store, layout.checkpoints(run_id))
+    pending: list[tuple[int, dict[str, float]]] = []
 
     def log(epoch: int, metrics: dict[str, float]) -> None:
-        registry.log_metrics(ctx.tracking_uri, run_id, metrics, step=epoch)
+        pending.append((epoch, metrics))
+        if len(pending) >= 5 or epoch + 1 == tspec.epochs:  # batched: one request per few epochs
+            flush()
         if on_epoch:
             on_epoch(epoch, metrics)
 
-    result = train.train(spec, arrays["image"], arrays["label"], checkpoints, on_epoch=log)
+    def flush() -> None:
+        for epoch, metrics in pending:
+            registry.log_metrics(ctx.tracking_uri, run_id, metrics, step=epoch)
+        pending.clear()
+
+    def overlay(epoch: int, scores: dict[str, float], sample: dict[str, Any]) -> None:
+        png = report.overlay_png(sample["image"], sample["label"], sample["pred"],
+                                 title=f"epoch {epoch + 1}  validation dice {scores['val_epoch_dice']:.3f}")
+        registry.log_bytes(ctx.tracking_uri, run_id, f"validation-epoch-{epoch + 1:04d}.png", png)
+
+    with registry.system_metrics(ctx.tracking_uri, run_id):
+        result = train.train(tspec, cases, checkpoints, validation, on_epoch=log, on_validation=overlay)
+    flush()
     weights = f"{layout.model_files(run_id)}/weights.safetensors"
     ctx.store.write_bytes(weights, result.weights)
     curve = layout.report(run_id, "training-curve.png")
     png = report.curve_png(result.history)
     ctx.store.write_bytes(curve, png)
     registry.log_bytes(ctx.tracking_uri, run_id, "training-curve.png", png)
-    registry.log_metrics(ctx.tracking_uri, run_id, {"train_seconds": result.seconds, "train_steps": result.steps})
+    summary = {"train_seconds": result.seconds, "train_steps": result.steps}
+    if result.best_epoch is not None:
+        summary.update(best_epoch=result.best_epoch, best_val_epoch_dice=result.best_metric,
+                       stopped_early=float(result.stopped_early))
+    registry.log_metrics(ctx.tracking_uri, run_id, summary)
     checkpoints.clear()  # the weights are kept; the run finished, its checkpoints are no longer needed
-    return TrainOutcome(weights, model_config(spec, pre), result.history, result.steps, result.seconds,
-                        result.resumed_from, curve)
+    return TrainOutcome(weights, model_config(spec), result.history, result.steps, result.seconds,
+                        result.resumed_from, curve, result.best_epoch, result.best_metric, result.stopped_early)
 
 
 @dataclass
@@ -443,7 +470,7 @@ def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
     prep = preprocess_stage(spec.preprocess, ctx, ingested.case_ids)
     split = split_stage(spec.evaluate, usable_cases(ingested, prep))
     run_id = start_run(spec, ctx, ingested.dataset_digest, split)
-    outcome = train_stage(spec.train, spec.preprocess, ctx, split.train, run_id)
+    outcome = train_stage(spec, ctx, split.train, run_id, split.val)
     evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.val, run_id)
     promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage(spec, ingested.dataset_digest))
     deployment = None

@@ -60,8 +60,10 @@ def build_transforms(transforms: list[dict[str, dict[str, Any]]], keys: tuple[st
 
 
 def _monai_transform(name: str) -> type:
-    """``voxelflow.config.resolve_monai`` for transforms, without importing the spec machinery."""
-    cls = getattr(importlib.import_module("monai.transforms"), name, None)
+    """``voxelflow.config.resolve_monai`` for transforms (a MONAI name or ``package.module:Class``), without
+    importing the spec machinery."""
+    module, _, attr = name.rpartition(":") if ":" in name else ("monai.transforms", "", name)
+    cls = getattr(importlib.import_module(module), attr, None)
     if not inspect.isclass(cls):
         raise ValueError(f"unknown transform {name!r}: expected a class in monai.transforms")
     return cls

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,27 @@ def start_run(tracking_uri: str, artifact_root: str, spec: PipelineSpec, lineage
     items = [Param(k, v) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         mc.log_batch(run.info.run_id, params=items[i : i + 100])
+    if lineage.get("dataset_digest"):  # the data set as the run's input: MLflow's UI lists it by digest
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=spec.name, digest=lineage["dataset_digest"][:36], source_type="voxelflow",
+                          source=json.dumps({"dataset_digest": lineage["dataset_digest"], "layout": spec.data.layout}))
+        mc.log_inputs(run.info.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
+                                                                                        "training")])])
     return run.info.run_id
+
+
+@contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0):
+    """CPU, memory, disk, network (and GPU, where pynvml sees one) logged to the run while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:

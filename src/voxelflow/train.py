@@ -1,12 +1,22 @@
 """Training: the spec's MONAI network on the preprocessed store, mixed precision, atomic checkpoints.
 
-A retry resumes from the newest checkpoint; the data order is a pure function of the seed
-and the epoch, so a resumed run sees the same batches as an uninterrupted one.
+Cases keep their own shapes. :class:`StoreCases` holds as many as fit a memory budget (on the
+GPU when training runs there, as MONAI's fast-training guide does) and reads the rest from the
+store each time they are drawn; ``train.augment`` (random MONAI transforms, patch samplers among
+them) runs as each case is drawn, in DataLoader workers or a thread-buffered loader. Every
+``val_every`` epochs a sliding-window validation scores the network; the best one's weights
+are what training returns, and ``patience`` stops a run that no longer improves.
+
+A retry resumes from the newest checkpoint: the data order is a pure function of the seed and
+the epoch, each case's augmentation one of the seed, the epoch and the case, and the torch RNG
+is checkpointed, so a resumed run sees the same batches and ends with the same weights as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -71,6 +81,9 @@ class TrainResult:
     resumed_from: int | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    best_epoch: int | None = None  # the validation whose weights these are (None: no validation ran)
+    best_metric: float | None = None
+    stopped_early: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,13 @@ class Checkpoints:
     store: Store
     prefix: str
     keep: int = 2
+
+    def save_best(self, weights: bytes) -> None:
+        self.store.write_bytes(f"{self.prefix}/best.safetensors", weights)
+
+    def load_best(self) -> bytes | None:
+        key = f"{self.prefix}/best.safetensors"
+        return self.store.read_bytes(key) if self.store.exists(key) else None
 
     def steps(self) -> list[str]:
         return [n for n in self.store.list(self.prefix) if n.startswith("step-") and n.endswith(".pt")]
@@ -115,39 +135,374 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train(
-    spec: TrainSpec,
-    images: np.ndarray,
-    labels: np.ndarray,
-    checkpoints: Checkpoints,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    device: str | None = None,
-) -> TrainResult:
-    """Train ``spec.network`` on in-memory arrays (N, C, *spatial); returns the final weights."""
+class ArrayCases:
+    """Cases already in memory: ``images`` (N, C, *spatial) and ``labels`` (N, 1, *spatial)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(self.images.shape[1:])] * len(self)
+
+
+class StoreCases:
+    """Preprocessed cases read from a :class:`~voxelflow.storage.CaseStore`, each in its own shape.
+
+    The first cases whose arrays fit ``cache_bytes`` are read once (in parallel) and held, as
+    torch tensors on ``device``; the others are read from the store on every access, so a data
+    set larger than memory streams instead of failing.
+    """
+
+    def __init__(self, store, case_ids: list[str], cache_bytes: int = 0, device: str = "cpu") -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from voxelflow.preprocess import open_case
+
+        self.store, self.ids = store, list(case_ids)
+        self._shapes, sizes = [], []
+        for cid in self.ids:
+            ds = open_case(store, cid)
+            if "label" not in ds:
+                raise ValueError(f"case {cid} has no label: training and validation need labelled cases")
+            self._shapes.append(tuple(ds["image"].shape))
+            sizes.append(ds["image"].nbytes + ds["label"].nbytes)
+        chosen, used = [], 0
+        for i, size in enumerate(sizes):
+            if used + size <= cache_bytes:
+                chosen.append(i)
+                used += size
+        self.cached_bytes, self.budget = used, cache_bytes
+        self.device = device
+        with ThreadPoolExecutor(4) as pool:  # Zarr reads release the GIL
+            loaded = pool.map(self._read, chosen)
+            self._cache = {i: self._tensors(item) for i, item in zip(chosen, loaded)}
+
+    def __reduce__(self):  # another training process reads its own copy from the store
+        return (StoreCases, (self.store, self.ids, self.budget, "cpu"))
+
+    def to(self, device) -> None:
+        """Move the cached cases to ``device`` (a rank's own GPU)."""
+        self.device = str(device)
+        self._cache = {i: {k: v.to(device) for k, v in item.items()} for i, item in self._cache.items()}
+
+    def _read(self, i: int) -> dict[str, Any]:
+        from voxelflow.preprocess import load_case_arrays
+
+        case = load_case_arrays(self.store, self.ids[i])
+        return {"image": case["image"], "label": case["label"]}
+
+    def _tensors(self, item: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        return {k: torch.as_tensor(v).to(self.device) for k, v in item.items()}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._cache[i] if i in self._cache else self._read(i)
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return list(self._shapes)
+
+
+def build_augment(augment: list[dict[str, dict[str, Any]]]):
+    """The spec's random transforms as one MONAI ``Compose`` (None when there are none)."""
+    from voxelflow.preprocess import build_transforms
+
+    return build_transforms(augment) if augment else None
+
+
+class TrainingSet:
+    """Draws ``(epoch, index)``: the case, augmented with a random state that is a pure function of
+    the seed, the epoch and the case, so any worker, and any rerun, draws the same patches."""
+
+    def __init__(self, cases, augment: list[dict[str, dict[str, Any]]], seed: int) -> None:
+        self.cases, self.seed = cases, seed
+        self.transform = build_augment(augment)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[dict[str, Any]]:
+        import torch
+
+        epoch, i = key
+        item = self.cases[i]
+        device = getattr(self.cases, "device", None)  # streamed cases join the cached ones on their device
+        item = {k: torch.as_tensor(v, device=device) for k, v in item.items()}
+        if self.transform is None:
+            return [item]
+        self.transform.set_random_state(seed=int(np.random.default_rng([self.seed, epoch, i]).integers(2**31)))
+        out = self.transform(item)
+        return out if isinstance(out, list) else [out]
+
+
+class StepBatches:
+    """The batch sampler: from ``start`` to ``total`` steps, each step's ``(epoch, index)`` keys.
+
+    With ``world`` processes, as a ``DistributedSampler`` would, each rank takes every world-th key of
+    the step's batch; an epoch is then its full batches only, so that no rank ever has nothing to do
+    (the order changes every epoch, so the cases left over are different ones each time).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0,
+                 world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.rank, self.world = rank, world
+        self.per_epoch = -(-n // batch_size) if world == 1 else n // batch_size
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        order, order_epoch = None, -1
+        for step in range(self.start, self.total):
+            epoch, offset = divmod(step, self.per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(self.n, self.seed, epoch), epoch
+            keys = order[offset * self.batch_size: (offset + 1) * self.batch_size]
+            yield [(epoch, int(i)) for i in keys[self.rank::self.world]]
+
+
+def _plain(x):
     import torch
 
-    if len(images) == 0:
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+def collate(batch: list[list[dict[str, Any]]]):
+    """Flatten each case's samples (patch samplers give several) and stack images and labels."""
+    import torch
+
+    samples = [s for item in batch for s in item]
+    shapes = {tuple(s["image"].shape[1:]) for s in samples} | {tuple(s["label"].shape[1:]) for s in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"a batch holds samples of different shapes {sorted(shapes)[:3]}: sample patches of one "
+                         "size in train.augment (RandCropByPosNegLabeld, RandSpatialCropSamplesd), fix the size in "
+                         "preprocessing, or use batch_size 1")
+    images = torch.stack([_plain(s["image"]).float() for s in samples])
+    labels = torch.stack([_plain(s["label"]).float() for s in samples])
+    return images, labels
+
+
+def make_loader(dataset: TrainingSet, batches: StepBatches, workers: int, device):
+    """MONAI's DataLoader with worker processes, or its ThreadDataLoader (a background thread that
+    buffers batches, no processes: what MONAI's fast-training guide uses with data on the GPU)."""
+    import torch
+    from monai.data import DataLoader, ThreadDataLoader
+
+    # a loader of its own generator: torch's global RNG (initial weights, dropout) is left to the network
+    generator = torch.Generator().manual_seed(dataset.seed)
+    if workers > 0 and device.type != "cuda":
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                          persistent_workers=False, multiprocessing_context="fork", generator=generator)
+    return ThreadDataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate, buffer_size=2,
+                            generator=generator)
+
+
+@dataclass
+class Validation:
+    """Sliding-window validation during training on labelled, preprocessed cases."""
+
+    cases: Any
+    roi_size: tuple[int, ...]
+    n_classes: int = 2
+    overlap: float = 0.25
+    sw_batch_size: int = 4
+    mode: str = "constant"
+    every: int = 1
+    patience: int | None = None
+
+    def run(self, net, device, precision: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Mean and per-class Dice over the cases, and the first case's image, label and prediction."""
+        import torch
+        from monai.inferers import SlidingWindowInferer
+
+        from voxelflow.evaluate import dice_per_class
+
+        inferer = SlidingWindowInferer(roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
+                                       overlap=self.overlap, mode=self.mode)
+        per_class, sample = [], {}
+        was_training = net.training
+        net.eval()
+        try:
+            for i in range(len(self.cases)):
+                item = self.cases[i]
+                image = torch.as_tensor(item["image"]).float()[None].to(device)
+                with torch.no_grad(), autocast_for(precision, device):
+                    logits = inferer(image, net)
+                pred = torch.argmax(logits.float(), dim=1)[0].to(torch.uint8).cpu().numpy()
+                label = np.asarray(torch.as_tensor(item["label"]).cpu())[0]
+                per_class.append(dice_per_class(pred, label, self.n_classes))
+                if i == 0:
+                    sample = {"image": np.asarray(torch.as_tensor(item["image"]).cpu())[0], "label": label,
+                              "pred": pred}
+        finally:
+            net.train(was_training)
+        classes = np.mean(np.asarray(per_class, dtype=np.float64), axis=0)
+        metrics = {"val_epoch_dice": float(np.mean(classes))}
+        metrics.update({f"val_epoch_dice_{c}": float(v) for c, v in enumerate(classes, start=1)})
+        return metrics, sample
+
+
+def _rng_state(device) -> dict[str, Any]:
+    import torch
+
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device) -> None:
+    import torch
+
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def world_size(devices: str | int, device: str | None = None) -> int:
+    """How many training processes ``train.devices`` asks for: ``auto`` is every GPU (one process on a
+    CPU), ``cpu`` one CPU process, N that many processes (one per GPU where there are GPUs, else gloo
+    processes on the CPU). An explicit ``device`` (``cpu``, ``cuda:1``) means one process there."""
+    import torch
+
+    if devices == "cpu" or (device is not None and devices == "auto"):
+        return 1
+    if devices == "auto":
+        return max(1, torch.cuda.device_count())
+    n = int(devices)
+    on_gpu = device is None and torch.cuda.is_available() or (device or "").startswith("cuda")
+    if on_gpu and n > torch.cuda.device_count():
+        raise ValueError(f"train.devices: {n} needs {n} GPUs and this machine has {torch.cuda.device_count()}")
+    return n
+
+
+def train(
+    spec: TrainSpec,
+    cases,
+    checkpoints: Checkpoints,
+    validation: Validation | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_validation: Callable[[int, dict[str, float], dict[str, np.ndarray]], None] | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Train ``spec.network`` on ``cases`` (:class:`StoreCases`, :class:`ArrayCases`); returns the weights
+    of the best validation (the last epoch's without ``validation``).
+
+    With ``train.devices`` above one, this process is rank 0 of a DistributedDataParallel group
+    (NCCL on GPUs, gloo on CPUs) and starts the other ranks itself; each step's batch is split
+    between the ranks and their gradients averaged, so the steps are those of one process with the
+    whole batch. Rank 0 alone validates, checkpoints and calls back.
+    """
+    world = world_size(spec.devices, device)
+    if world == 1:
+        return _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device)
+    if spec.batch_size % world:
+        raise ValueError(f"train.batch_size ({spec.batch_size}) must be a multiple of the {world} training "
+                         "processes (train.devices): each step's batch is split between them")
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free loopback port for the group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")  # never fork a process that holds threads or a CUDA context
+    ranks = [ctx.Process(target=_rank, args=(rank, world, port, spec, cases, checkpoints, device), daemon=True)
+             for rank in range(1, world)]
+    for proc in ranks:
+        proc.start()
+    try:
+        return _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, (0, world, port))
+    finally:
+        for proc in ranks:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _rank(rank: int, world: int, port: int, spec: TrainSpec, cases, checkpoints: Checkpoints,
+          device: str | None) -> None:
+    """A training process other than rank 0."""
+    _train(spec, cases, checkpoints, None, None, None, device, (rank, world, port))
+
+
+def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, group=None) -> TrainResult:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    rank, world, port = group or (0, 1, 0)
+    if len(cases) == 0:
         raise ValueError("no training cases: ingest data first")
     dev = device_for(device)
+    if world > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", rank)
+            torch.cuda.set_device(dev)
+        else:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+    try:
+        return _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank: int, world: int) -> TrainResult:
+    import torch
+    import torch.distributed as dist
+
     if spec.precision == "fp16-mixed" and dev.type != "cuda":
         raise ValueError(f"precision fp16-mixed needs a CUDA device, and training runs on {dev.type}: "
                          "use bf16-mixed or fp32 there")
+    if not spec.augment and spec.batch_size > 1 and len(set(cases.shapes())) > 1:
+        raise ValueError(f"the training cases differ in shape ({len(set(cases.shapes()))} shapes) and "
+                         "train.augment samples no patches: add RandCropByPosNegLabeld or RandSpatialCropSamplesd, "
+                         "fix the size in preprocessing, or use batch_size 1")
+    if hasattr(cases, "to"):
+        cases.to(dev)
     torch.manual_seed(spec.seed)
-    net = build_network(spec.network).to(dev)
+    model = build_network(spec.network).to(dev)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     loss_fn = build_loss(spec.loss)
     opt = build_optimizer(spec.optimizer, net.parameters(), spec.learning_rate)
     sched = build_scheduler(spec.scheduler, opt)
     use_scaler = spec.precision == "fp16-mixed" and dev.type == "cuda"
     scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
-    x_all = torch.as_tensor(images, dtype=torch.float32, device=dev)
-    y_all = torch.as_tensor(labels, dtype=torch.float32, device=dev)
-    n = len(x_all)
-    steps_per_epoch = -(-n // spec.batch_size)
+    n = len(cases)
+    batches_of = StepBatches(n, spec.batch_size, spec.seed, 0, 0, rank, world)
+    steps_per_epoch = batches_of.per_epoch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{n} training cases make no full batch of {spec.batch_size} for {world} processes")
 
     step, history, resumed, running = 0, [], None, []
+    best = {"metric": None, "epoch": None, "step": None, "stale": 0}
     state = checkpoints.load_latest(dev)
     if state is not None:
-        net.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if sched is not None:
@@ -155,44 +510,84 @@ def train(
         step, resumed = int(state["step"]), int(state["step"])
         history = [dict(h) for h in state["history"]]
         running = [float(v) for v in state.get("running", [])]
+        best = dict(state.get("best", best))
+
+    def save(at: int) -> None:
+        if rank != 0:
+            return
+        checkpoints.save(at, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                              "scaler": scaler.state_dict(),
+                              "scheduler": sched.state_dict() if sched is not None else None,
+                              "step": at, "history": history, "running": running, "best": dict(best),
+                              "rng": _rng_state(dev)})
 
     start = time.perf_counter()
     net.train()
     total = spec.epochs * steps_per_epoch
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        order = epoch_order(n, spec.seed, epoch)
-        idx = torch.as_tensor(order[offset * spec.batch_size : (offset + 1) * spec.batch_size], device=dev)
+    dataset = TrainingSet(cases, spec.augment, spec.seed)
+    loader = make_loader(dataset, StepBatches(n, spec.batch_size, spec.seed, step, total, rank, world), spec.workers,
+                         dev)
+    if state is not None and "rng" in state:
+        _set_rng_state(state["rng"], dev)
+    batches = iter(loader)
+    stopped = validation is not None and validation.patience is not None and best["stale"] >= validation.patience
+    samples, step_start = 0, time.perf_counter()
+    for x, y in ([] if stopped else batches):
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         with autocast_for(spec.precision, dev):
-            loss = loss_fn(net(x_all[idx]), y_all[idx])
+            loss = loss_fn(net(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        running.append(float(loss.detach()))
+        value = loss.detach().float()
+        if world > 1:  # the step's loss over the whole batch: the mean of the ranks' equal shares
+            dist.all_reduce(value)
+            value /= world
+        running.append(float(value))
+        samples += len(x) * world
         step += 1
         if step % steps_per_epoch == 0:
-            metrics = {"train_loss": float(np.mean(running)), "lr": float(opt.param_groups[0]["lr"])}
+            epoch = step // steps_per_epoch - 1
+            seconds = time.perf_counter() - step_start
+            metrics = {"train_loss": float(np.mean(running)), "lr": float(opt.param_groups[0]["lr"]),
+                       "samples_per_s": samples / seconds if seconds > 0 else 0.0}
             if sched is not None:
                 sched.step()
-            history.append({"epoch": epoch, **metrics})
-            running = []
+            if validation is not None and ((epoch + 1) % validation.every == 0 or step == total):
+                scores, sample = validation.run(model, dev, spec.precision)
+                metrics.update(scores)
+                if best["metric"] is None or scores["val_epoch_dice"] > best["metric"]:
+                    best.update(metric=scores["val_epoch_dice"], epoch=epoch, step=step, stale=0)
+                    checkpoints.save_best(state_dict_bytes(model))
+                else:
+                    best["stale"] += 1
+                if on_validation:
+                    on_validation(epoch, scores, sample)
+                stopped = validation.patience is not None and best["stale"] >= validation.patience
+            if world > 1:  # rank 0 alone validates: every rank learns whether to stop
+                flag = torch.tensor([float(stopped)], device=dev)
+                dist.broadcast(flag, src=0)
+                stopped = bool(flag.item())
+            history.append({"epoch": epoch, **{k: v for k, v in metrics.items() if k != "samples_per_s"}})
+            running, samples, step_start = [], 0, time.perf_counter()
             if on_epoch:
                 on_epoch(epoch, metrics)
-        if step % spec.checkpoint_every_steps == 0 or step == total:
-            checkpoints.save(
-                step,
-                {"model": net.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                 "scheduler": sched.state_dict() if sched is not None else None,
-                 "step": step, "history": history, "running": running},
-            )
+        if step % spec.checkpoint_every_steps == 0 or step == total or stopped:
+            save(step)
+        if stopped:
+            break
+    weights = checkpoints.load_best() if best["metric"] is not None else None
     return TrainResult(
-        weights=state_dict_bytes(net),
+        weights=weights if weights is not None else state_dict_bytes(model),
         history=history,
         steps=step,
         resumed_from=resumed,
         seconds=time.perf_counter() - start,
         device=str(dev),
+        best_epoch=best["epoch"],
+        best_metric=best["metric"],
+        stopped_early=bool(stopped) and step < total,
     )
 
 

@@ -87,6 +87,14 @@ def test_champion_registered_with_lineage(demo_run):
     with tempfile.TemporaryDirectory() as tmp:
         split = json.loads(Path(registry.client(uri).download_artifacts(mv.run_id, "split.json", tmp)).read_text())
     assert (split["train"], split["val"]) == evaluate.split(split["train"] + split["val"], 0.25)
+    # tracking: the data set as the run's input, validation during training with its pictures, the flow run
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [mv.tags["voxelflow.dataset_digest"]]
+    history = registry.client(uri).get_metric_history(mv.run_id, "val_epoch_dice")
+    assert [m.step for m in history] == [4, 9, 14, 19]  # every 5 epochs (demo.yaml: val_every)
+    assert run.data.metrics["best_val_epoch_dice"] == max(m.value for m in history)
+    names = {a.path for a in registry.client(uri).list_artifacts(mv.run_id)}
+    assert {f"validation-epoch-{e:04d}.png" for e in (5, 10, 15, 20)} <= names
+    assert len(run.data.tags["prefect.flow_run_id"]) == 36
 
 
 def test_trained_beats_untrained_over_http(demo_run):
@@ -123,7 +131,7 @@ def test_trained_beats_untrained_over_http(demo_run):
     import torch
 
     torch.manual_seed(123)
-    untrained = Segmenter(model_config(spec.train, spec.preprocess),
+    untrained = Segmenter(model_config(spec),
                          train.state_dict_bytes(train.build_network(spec.train.network)))
     untrained_dice = evaluate.dice(untrained.segment(case["image"]), case["label"])
     print(f"dice trained {trained:.3f} untrained {untrained_dice:.3f} floor {FLOOR}")

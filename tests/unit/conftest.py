@@ -65,6 +65,8 @@ def tiny_model_config(tiny_spec) -> dict:
         "network": copy.deepcopy(tiny_spec.train.network),
         "transforms": copy.deepcopy(pre.transforms),
         "spatial_size": list(pre.spatial_size),
+        "sliding_window": {"roi_size": list(pre.spatial_size), "overlap": 0.25, "sw_batch_size": 4,
+                           "mode": "constant"},
         "precision": tiny_spec.train.precision,
     }
 

@@ -13,6 +13,7 @@ import torch
 
 from voxelflow import train
 from voxelflow.model import Segmenter
+from voxelflow.storage import Store
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,7 +27,8 @@ def test_training_on_the_gpu(tiny_spec, tmp_path, precision):
     images = rng.random((4, 1, 16, 16, 16), dtype=np.float32)
     labels = (images > 0.5).astype(np.float32)
     spec = tiny_spec.train.model_copy(update={"epochs": 2, "precision": precision})
-    result = train.train(spec, images, labels, tmp_path, device="cuda")
+    result = train.train(spec, train.ArrayCases(images, labels), train.Checkpoints(Store(tmp_path), "ckpt"),
+                         device="cuda")
     assert result.device.startswith("cuda")
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
 
@@ -45,3 +47,23 @@ def test_auto_cluster_is_cuda_for_gpu_transforms():
     assert resolve_kind("auto", None, device="cuda") == "cuda"
     with dask_client("auto", device="cuda") as client:
         assert client.submit(lambda: torch.cuda.is_available()).result()
+
+
+def test_patch_training_with_the_cache_on_the_gpu(tmp_path):
+    """Cases cached on the device, patches sampled there, sliding-window validation, bf16."""
+    from tests.unit.test_train_patches import PATCHES, SHAPES, sphere_case
+    from voxelflow.config import TrainSpec
+    from voxelflow.preprocess import case_dataset
+    from voxelflow.storage import CaseStore
+
+    out = CaseStore(Store(tmp_path / "store"), "pre/gpu")
+    for i, shape in enumerate(SHAPES):
+        out.write(f"case-{i}", case_dataset(sphere_case(shape, i), {}, "gpu"))
+    cases = train.StoreCases(out, ["case-0", "case-1", "case-2"], 10**8, device="cuda")
+    assert cases[0]["image"].device.type == "cuda"
+    validation = train.Validation(train.StoreCases(out, ["case-3"], 10**8, device="cuda"), (16, 16, 16))
+    spec = TrainSpec(network={"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8],
+                                       "strides": [2]}}, epochs=2, batch_size=2, precision="bf16-mixed",
+                     augment=PATCHES)
+    result = train.train(spec, cases, train.Checkpoints(Store(tmp_path), "ck"), validation, device="cuda")
+    assert result.device.startswith("cuda") and result.best_metric is not None

@@ -1,4 +1,6 @@
-"""Exact resume after the training process is killed with SIGKILL in the middle of an epoch."""
+"""Exact resume after the training process is killed with SIGKILL in the middle of an epoch: with
+patch sampling, augmentation, a network with dropout and validation, the rerun ends with the
+same weights, history and best validation as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,14 +15,18 @@ import torch
 
 from voxelflow.config import TrainSpec
 from voxelflow.storage import Store
-from voxelflow.train import Checkpoints, train
+from voxelflow.train import ArrayCases, Checkpoints, Validation, train
 
 SPEC = dict(
     network={"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
                       "num_res_units": 0}},
     epochs=3, batch_size=1, learning_rate=0.01, precision="fp32", checkpoint_every_steps=2, seed=5,
     optimizer={"SGD": {"momentum": 0.9}}, scheduler={"MultiStepLR": {"milestones": [2], "gamma": 0.1}},
+    augment=[{"RandSpatialCropSamplesd": {"keys": ["image", "label"], "roi_size": [12, 12, 12], "num_samples": 2,
+                                          "random_size": False}},
+             {"RandFlipd": {"keys": ["image", "label"], "prob": 0.5, "spatial_axis": 1}}],
 )
+SPEC["network"]["UNet"]["dropout"] = 0.2  # torch's RNG matters: it is checkpointed
 KILL_AFTER_STEP = 8  # 5 cases, batch 1: step 8 is the middle of epoch 1 (its 3rd step)
 
 SCRIPT = textwrap.dedent("""
@@ -28,7 +34,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     from voxelflow.config import TrainSpec
     from voxelflow.storage import Store
-    from voxelflow.train import Checkpoints, train
+    from voxelflow.train import ArrayCases, Checkpoints, Validation, train
 
     torch.set_num_threads(1)
     spec, root, kill_after = TrainSpec(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
@@ -41,7 +47,8 @@ SCRIPT = textwrap.dedent("""
             return key
 
     data = np.load(os.path.join(root, "data.npz"))
-    train(spec, data["images"], data["labels"], Killed(Store(os.path.join(root, "store")), "ckpt"))
+    val = Validation(ArrayCases(data["images"][:2], data["labels"][:2]), (12, 12, 12))
+    train(spec, ArrayCases(data["images"], data["labels"]), Killed(Store(os.path.join(root, "store")), "ckpt"), val)
 """)
 
 
@@ -54,7 +61,8 @@ def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        straight = train(TrainSpec(**SPEC), images, labels, Checkpoints(Store(tmp_path / "straight"), "ckpt"))
+        straight = train(TrainSpec(**SPEC), ArrayCases(images, labels), Checkpoints(Store(tmp_path / "straight"), "ckpt"),
+                         Validation(ArrayCases(images[:2], labels[:2]), (12, 12, 12)))
     finally:
         torch.set_num_threads(before)
 
@@ -75,3 +83,5 @@ def test_sigkill_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
     reference = Checkpoints(Store(tmp_path / "straight"), "ckpt").load_latest("cpu")
     for name, tensor in reference["model"].items():
         assert torch.allclose(final["model"][name], tensor, rtol=0, atol=1e-6), name
+    assert final["best"] == reference["best"] and final["best"]["metric"] is not None
+    assert "val_epoch_dice" in final["history"][-1]

@@ -13,7 +13,7 @@ from safetensors.torch import load
 
 from voxelflow.config import TrainSpec
 from voxelflow.storage import Store
-from voxelflow.train import Checkpoints, epoch_order, load_network, train
+from voxelflow.train import ArrayCases, Checkpoints, epoch_order, load_network, train
 
 NETWORK = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                     "channels": [4, 8], "strides": [2], "num_res_units": 0}}
@@ -56,7 +56,7 @@ def test_tiny_training(data, tmp_path):
     images, labels = data
     epochs_seen = []
     checkpoints = ckpts(tmp_path)
-    result = train(spec(), images, labels, checkpoints, on_epoch=lambda e, m: epochs_seen.append((e, m)))
+    result = train(spec(), ArrayCases(images, labels), checkpoints, on_epoch=lambda e, m: epochs_seen.append((e, m)))
     assert [h["epoch"] for h in result.history] == [0, 1]
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
     assert [e for e, _ in epochs_seen] == [0, 1]
@@ -68,7 +68,7 @@ def test_tiny_training(data, tmp_path):
     assert checkpoints.steps()[-1] == "step-00000004.pt"
     state = checkpoints.load_latest("cpu")
     assert state["step"] == 4 and len(state["history"]) == 2
-    assert set(state) == {"model", "optimizer", "scaler", "scheduler", "step", "history", "running"}
+    assert set(state) == {"model", "optimizer", "scaler", "scheduler", "step", "history", "running", "best", "rng"}
     # the returned weights are safetensors that rebuild the network
     net = load_network(NETWORK, result.weights, "cpu")
     assert not net.training
@@ -85,7 +85,7 @@ def test_tiny_training(data, tmp_path):
 def test_checkpoints_every_n_steps_keep_the_last_two(data, tmp_path):
     images, labels = data
     checkpoints = ckpts(tmp_path)
-    train(spec(epochs=3, checkpoint_every_steps=1), images, labels, checkpoints)
+    train(spec(epochs=3, checkpoint_every_steps=1), ArrayCases(images, labels), checkpoints)
     assert checkpoints.steps() == ["step-00000005.pt", "step-00000006.pt"]
     # nothing else under the prefix: no temporary files of the atomic writes
     assert checkpoints.store.files(checkpoints.prefix) == [f"{checkpoints.prefix}/{n}" for n in checkpoints.steps()]
@@ -95,17 +95,17 @@ def test_checkpoints_every_n_steps_keep_the_last_two(data, tmp_path):
 
 def test_uneven_last_batch(data, tmp_path):
     images, labels = data
-    result = train(spec(batch_size=3, epochs=1), images[:4], labels[:4], ckpts(tmp_path))
+    result = train(spec(batch_size=3, epochs=1), ArrayCases(images[:4], labels[:4]), ckpts(tmp_path))
     assert result.steps == 2 and len(result.history) == 1
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path):
     images, labels = data
-    straight = train(spec(epochs=2), images, labels, ckpts(tmp_path, "straight"))
+    straight = train(spec(epochs=2), ArrayCases(images, labels), ckpts(tmp_path, "straight"))
 
-    first = train(spec(epochs=1), images, labels, ckpts(tmp_path, "resumed"))
+    first = train(spec(epochs=1), ArrayCases(images, labels), ckpts(tmp_path, "resumed"))
     assert first.steps == 2
-    resumed = train(spec(epochs=2), images, labels, ckpts(tmp_path, "resumed"))
+    resumed = train(spec(epochs=2), ArrayCases(images, labels), ckpts(tmp_path, "resumed"))
     assert resumed.resumed_from == 2
     assert resumed.steps == 4
     assert [h["epoch"] for h in resumed.history] == [0, 1]
@@ -119,7 +119,7 @@ def _interrupted_mid_epoch(images, labels, checkpoints: Checkpoints, torn: bool 
 
     ``torn``: step 4's checkpoint is there but truncated (killed mid-write where writes are not atomic).
     """
-    train(spec(epochs=1, batch_size=1, checkpoint_every_steps=3), images, labels, checkpoints)
+    train(spec(epochs=1, batch_size=1, checkpoint_every_steps=3), ArrayCases(images, labels), checkpoints)
     assert checkpoints.steps() == ["step-00000003.pt", "step-00000004.pt"]
     key = f"{checkpoints.prefix}/step-00000004.pt"
     if torn:
@@ -132,9 +132,9 @@ def _interrupted_mid_epoch(images, labels, checkpoints: Checkpoints, torn: bool 
 @pytest.mark.parametrize("torn", [False, True], ids=["lost", "torn"])
 def test_resume_mid_epoch_gives_the_same_weights(data, tmp_path, torn):
     images, labels = data
-    straight = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "straight"))
+    straight = train(spec(epochs=2, batch_size=1), ArrayCases(images, labels), ckpts(tmp_path, "straight"))
     _interrupted_mid_epoch(images, labels, ckpts(tmp_path, "resumed"), torn=torn)
-    resumed = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "resumed"))
+    resumed = train(spec(epochs=2, batch_size=1), ArrayCases(images, labels), ckpts(tmp_path, "resumed"))
     assert resumed.resumed_from == 3
     assert resumed.steps == 8
     assert [h["epoch"] for h in resumed.history] == [0, 1]
@@ -144,16 +144,16 @@ def test_resume_mid_epoch_gives_the_same_weights(data, tmp_path, torn):
 
 def test_resume_mid_epoch_gives_the_same_history(data, tmp_path):
     images, labels = data
-    straight = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "straight"))
+    straight = train(spec(epochs=2, batch_size=1), ArrayCases(images, labels), ckpts(tmp_path, "straight"))
     _interrupted_mid_epoch(images, labels, ckpts(tmp_path, "resumed"))
-    resumed = train(spec(epochs=2, batch_size=1), images, labels, ckpts(tmp_path, "resumed"))
+    resumed = train(spec(epochs=2, batch_size=1), ArrayCases(images, labels), ckpts(tmp_path, "resumed"))
     assert resumed.history == straight.history
 
 
 def test_finished_run_is_not_trained_again(data, tmp_path):
     images, labels = data
-    done = train(spec(epochs=1), images, labels, ckpts(tmp_path))
-    again = train(spec(epochs=1), images, labels, ckpts(tmp_path))
+    done = train(spec(epochs=1), ArrayCases(images, labels), ckpts(tmp_path))
+    again = train(spec(epochs=1), ArrayCases(images, labels), ckpts(tmp_path))
     assert again.resumed_from == 1 * 2
     assert again.weights == done.weights
     assert again.history == done.history
@@ -161,21 +161,21 @@ def test_finished_run_is_not_trained_again(data, tmp_path):
 
 def test_different_seeds_differ(data, tmp_path):
     images, labels = data
-    a = train(spec(epochs=1, seed=0), images, labels, ckpts(tmp_path, "a"))
-    b = train(spec(epochs=1, seed=1), images, labels, ckpts(tmp_path, "b"))
+    a = train(spec(epochs=1, seed=0), ArrayCases(images, labels), ckpts(tmp_path, "a"))
+    b = train(spec(epochs=1, seed=1), ArrayCases(images, labels), ckpts(tmp_path, "b"))
     assert not same_weights(a.weights, b.weights)
 
 
 def test_fp16_on_the_cpu_is_refused_before_anything_is_written(data, tmp_path):
     images, labels = data
     with pytest.raises(ValueError, match="fp16-mixed needs a CUDA device.*bf16-mixed or fp32"):
-        train(spec(precision="fp16-mixed"), images, labels, ckpts(tmp_path), device="cpu")
+        train(spec(precision="fp16-mixed"), ArrayCases(images, labels), ckpts(tmp_path), device="cpu")
     assert ckpts(tmp_path).steps() == []
 
 
 def test_mixed_precision_on_cpu(data, tmp_path, precision="bf16-mixed"):
     images, labels = data
-    result = train(spec(precision=precision), images, labels, ckpts(tmp_path), device="cpu")
+    result = train(spec(precision=precision), ArrayCases(images, labels), ckpts(tmp_path), device="cpu")
     assert len(result.history) == 2
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
     for name, tensor in load(result.weights).items():
@@ -185,7 +185,7 @@ def test_mixed_precision_on_cpu(data, tmp_path, precision="bf16-mixed"):
 
 def test_no_cases_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no training cases"):
-        train(spec(), np.zeros((0, 1, 16, 16, 16), np.float32), np.zeros((0, 1, 16, 16, 16), np.uint8),
+        train(spec(), ArrayCases(np.zeros((0, 1, 16, 16, 16), np.float32), np.zeros((0, 1, 16, 16, 16), np.uint8)),
               ckpts(tmp_path))
 
 
@@ -198,7 +198,7 @@ def test_epoch_order_is_a_pure_function():
 def test_default_loss_trains_on_one_channel_labels(data, tmp_path):
     images, labels = data
     default = TrainSpec(network=copy.deepcopy(NETWORK), epochs=1, batch_size=2, precision="fp32")
-    result = train(default, images, labels, ckpts(tmp_path))
+    result = train(default, ArrayCases(images, labels), ckpts(tmp_path))
     assert math.isfinite(result.history[0]["train_loss"])
 
 
@@ -209,20 +209,20 @@ def test_optimizer_and_scheduler_by_name(data, tmp_path):
     images, labels = data
     s = spec(epochs=3, optimizer={"SGD": {"lr": 0.1, "momentum": 0.9}}, scheduler={"StepLR": {"step_size": 1,
                                                                                              "gamma": 0.5}})
-    result = train(s, images, labels, ckpts(tmp_path))
+    result = train(s, ArrayCases(images, labels), ckpts(tmp_path))
     assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.05, 0.025])  # lr of each epoch's steps
-    adam = train(spec(epochs=1), images, labels, ckpts(tmp_path, "adam"))
+    adam = train(spec(epochs=1), ArrayCases(images, labels), ckpts(tmp_path, "adam"))
     assert adam.history[0]["lr"] == pytest.approx(0.01)  # default: Adam at train.learning_rate
 
 
 def test_resume_mid_epoch_restores_the_scheduler(data, tmp_path):
     images, labels = data
     over = dict(optimizer={"AdamW": {"weight_decay": 0.01}}, scheduler={"CosineAnnealingLR": {"T_max": 2}})
-    straight = train(spec(epochs=2, batch_size=1, **over), images, labels, ckpts(tmp_path, "straight"))
+    straight = train(spec(epochs=2, batch_size=1, **over), ArrayCases(images, labels), ckpts(tmp_path, "straight"))
     first = spec(epochs=1, batch_size=1, checkpoint_every_steps=3, **over)
-    train(first, images, labels, ckpts(tmp_path, "resumed"))
+    train(first, ArrayCases(images, labels), ckpts(tmp_path, "resumed"))
     ckpts(tmp_path, "resumed").store.remove("checkpoints/p/resumed/step-00000004.pt")  # stopped after step 3
-    resumed = train(spec(epochs=2, batch_size=1, **over), images, labels, ckpts(tmp_path, "resumed"))
+    resumed = train(spec(epochs=2, batch_size=1, **over), ArrayCases(images, labels), ckpts(tmp_path, "resumed"))
     assert resumed.resumed_from == 3
     assert resumed.history == straight.history
     assert resumed.weights == straight.weights
@@ -328,8 +328,8 @@ def test_checkpoints_refuse_pickled_code(store):
 def test_training_on_s3_checkpoints_resumes(data, s3_store):
     images, labels = data
     checkpoints = Checkpoints(s3_store, "checkpoints/p/run")
-    first = train(spec(epochs=1), images, labels, checkpoints)
+    first = train(spec(epochs=1), ArrayCases(images, labels), checkpoints)
     assert checkpoints.steps() == ["step-00000002.pt"]
-    resumed = train(spec(epochs=2), images, labels, Checkpoints(Store(s3_store.url), "checkpoints/p/run"))
+    resumed = train(spec(epochs=2), ArrayCases(images, labels), Checkpoints(Store(s3_store.url), "checkpoints/p/run"))
     assert first.steps == 2 and resumed.resumed_from == 2 and resumed.steps == 4
     assert checkpoints.steps() == ["step-00000002.pt", "step-00000004.pt"]
