@@ -76,7 +76,14 @@ class Segmenter:
 
 
 class SegmentationModel(PythonModel):
-    """MLflow pyfunc wrapper: ``predict`` takes a 3-D volume (voxel grid = identity affine)."""
+    """MLflow pyfunc wrapper around :meth:`Segmenter.segment`: a 3-D volume in, its uint8 mask (same shape) out.
+
+    Where the voxels lie comes from the params of the model's signature (``params`` of a
+    ``/invocations`` request, or ``predict(..., params=...)``): ``affine``, 16 floats, the 4x4
+    voxel-to-world matrix row by row (a NIfTI header's affine, what voxelflow's service reads from a
+    NIfTI body), or ``spacing``, 3 floats in mm (an axis-aligned grid, ``diag(spacing, 1)``).
+    Neither means the voxel grid itself (the identity, as for an ``.npy`` body to the service).
+    """
 
     _skip_type_hint_validation = True  # the tensor signature is given explicitly at log time
 
@@ -84,4 +91,29 @@ class SegmentationModel(PythonModel):
         self.segmenter = Segmenter.from_dir(Path(context.artifacts["model.json"]).parent)
 
     def predict(self, context, model_input, params=None):
-        return self.segmenter.segment(np.asarray(model_input))
+        return self.segmenter.segment(np.asarray(model_input), self.affine(params))
+
+    @staticmethod
+    def affine(params: dict[str, Any] | None) -> np.ndarray | None:
+        """The 4x4 affine that ``params`` give (``affine`` or ``spacing``), or None for the voxel grid."""
+        params = params or {}
+        affine = [] if params.get("affine") is None else list(params["affine"])
+        spacing = [] if params.get("spacing") is None else list(params["spacing"])
+        if affine and spacing:
+            raise ValueError("give 'affine' or 'spacing', not both")
+        if spacing:
+            values = np.asarray(spacing, dtype=np.float64)
+            if values.shape != (3,) or not np.isfinite(values).all() or (values <= 0).any():
+                raise ValueError(f"'spacing' must be 3 positive finite numbers (mm), got {spacing}")
+            return np.diag([*values, 1.0])
+        if not affine:
+            return None
+        values = np.asarray(affine, dtype=np.float64)
+        if values.shape != (16,):
+            raise ValueError(f"'affine' must be 16 numbers (a 4x4 matrix row by row), got {values.size}")
+        matrix = values.reshape(4, 4)
+        if not np.isfinite(matrix).all() or abs(np.linalg.det(matrix[:3, :3])) < 1e-9:
+            raise ValueError("'affine' is singular or not finite")
+        if not np.allclose(matrix[3], [0.0, 0.0, 0.0, 1.0]):
+            raise ValueError(f"'affine' must end with the row 0 0 0 1, got {matrix[3].tolist()}")
+        return matrix

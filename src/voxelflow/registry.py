@@ -106,16 +106,38 @@ def log_bytes(tracking_uri: str, run_id: str, name: str, data: bytes) -> None:
         client(tracking_uri).log_artifact(run_id, str(path))
 
 
+# What the logged model imports to load and predict, as distributions published on PyPI. voxelflow
+# itself is not published: its code travels inside the model (``code_paths``), so an environment
+# made from the model's requirements.txt (`mlflow models serve` without `--env-manager local`) can
+# load it. MLflow's own inference would name `voxelflow` and prune its dependencies (torch, monai).
+# nibabel is an optional dependency of MONAI that its Orientation(d) transform needs.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "monai", "nibabel", "numpy", "safetensors", "fsspec", "pyyaml",
+                      "pydantic", "pydantic-settings")
+
+
+def model_requirements() -> list[str]:
+    """:data:`MODEL_REQUIREMENTS` pinned to the installed versions (local tags such as ``+cpu`` dropped)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+
+
 def log_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: bytes) -> str:
-    """Log the segmenter as an MLflow pyfunc (weights in safetensors); returns the model URI."""
+    """Log the segmenter as an MLflow pyfunc (weights in safetensors, voxelflow's code with it); returns the model URI.
+
+    The signature takes one 3-D float32 volume and gives a uint8 mask of its shape; its params
+    ``affine`` (16 floats, row by row) or ``spacing`` (3 floats, mm) say where the voxels lie, as a
+    NIfTI header does for voxelflow's service (:class:`~voxelflow.model.SegmentationModel`).
+    """
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        params=ParamSchema([ParamSpec("affine", "double", [], (-1,)), ParamSpec("spacing", "double", [], (-1,))]),
     )
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,7 +149,8 @@ def log_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: b
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
                 artifacts=files,
                 signature=signature,
-                pip_requirements=[f"voxelflow=={__version__}"],
+                code_paths=[str(Path(__file__).parent)],
+                pip_requirements=model_requirements(),
             )
     return info.model_uri
 
