@@ -1,4 +1,4 @@
-"""The lifecycle flow: ingest → preprocess → train → evaluate → register and promote → deploy.
+"""The lifecycle flow: ingest → preprocess → train → evaluate → register and promote (→ a person's approval) → deploy.
 
 A stage whose spec section names a ``work_pool`` runs as that pool's deployment of the stage
 flow (``flows/stages.py``); the others run here as tasks.
@@ -11,12 +11,11 @@ from dataclasses import asdict
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.release import release
 from flows.stages import current_lifecycle_id, placed
-from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
-from tasks.registry import register_and_promote
 from tasks.train import mlflow_run, train
 from voxelflow.config import PipelineSpec, Settings, load_spec
 from voxelflow.pipeline import Context, lineage, markdown, split_stage, summarise, usable_cases
@@ -52,14 +51,9 @@ def lifecycle(
                         lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.val, run_id),
                         outcome=asdict(outcome), val_ids=parts.val, run_id=run_id)
     tags = lineage(spec, ingested.dataset_digest)
-    promotion = placed("register-and-promote", spec.promote.work_pool, ctx, spec, lid,
-                       lambda: register_and_promote(spec.promote, ctx, run_id, outcome, evaluation, tags),
-                       run_id=run_id, outcome=asdict(outcome), evaluation=asdict(evaluation), tags=tags)
-    deployment = None
-    if promotion.champion is not None:
-        deployment = placed("deploy", spec.deploy.work_pool, ctx, spec, lid,
-                            lambda: deploy(spec.deploy, spec.promote.model_name, ctx, parts.val[0]),
-                            case_id=parts.val[0])
+    # register and promote (pausing for a person when promote.approval is manual), then deploy: one
+    # transaction, so a failed deployment puts champion and previous back (flows/release.py)
+    promotion, deployment = release(spec, ctx, lid, run_id, outcome, evaluation, tags, parts.val[0])
 
     result = summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
     key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())

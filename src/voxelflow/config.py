@@ -390,7 +390,13 @@ class Gates(_Section):
 class PromoteSpec(_Stage):
     model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     gates: Gates = Field(default_factory=Gates)
-    approval: Literal["auto", "manual"] = "auto"
+    approval: Literal["auto", "manual"] = Field(
+        "auto", description="manual: a candidate that passes the gates waits, the lifecycle paused, for a person's "
+        "answer in the Prefect UI (approve or reject, with a reason) before `champion` moves")
+    approval_timeout_s: int = Field(86400, ge=1, description="manual approval: how long the paused lifecycle waits "
+                                    "for an answer; none by then counts as rejected")
+    approval_poll_s: float = Field(10.0, gt=0, le=600, description="manual approval: how often the paused "
+                                   "lifecycle looks for the answer")
 
 
 class Autoscale(_Section):

@@ -159,16 +159,24 @@ class TrainOutcome:
     seconds: float
     resumed_from: int | None
     curve_key: str
+    best_epoch: int | None = None  # the validation whose weights were kept (None: training did not validate)
+    best_metric: float | None = None
+    stopped_early: bool = False
 
 
-def model_config(spec: TrainSpec, pre: PreprocessSpec) -> dict[str, Any]:
-    if pre.spatial_size is None:
-        raise ValueError("preprocess.transforms must fix a spatial_size (e.g. ResizeWithPadOrCropd)")
+def model_config(spec: PipelineSpec) -> dict[str, Any]:
+    """What the registered model needs besides its weights: network, preprocessing, sliding window."""
+    roi = spec.roi_size()
+    if roi is None:  # the spec refuses this at load; a dict from elsewhere may not have been checked
+        raise ValueError("no sliding window: set evaluate.sliding_window.roi_size")
+    window = spec.evaluate.sliding_window
     return {
-        "network": spec.network,
-        "transforms": pre.transforms,
-        "spatial_size": list(pre.spatial_size),
-        "precision": spec.precision,
+        "network": spec.train.network,
+        "transforms": spec.preprocess.transforms,
+        "spatial_size": list(roi),
+        "sliding_window": {"roi_size": list(roi), "overlap": window.overlap, "sw_batch_size": window.sw_batch_size,
+                           "mode": window.mode},
+        "precision": spec.train.precision,
     }
 
 
@@ -320,10 +328,11 @@ def register_stage(
         version = registry.register(uri, model_uri, name, run_id, tags)
         for _ in range(5):
             decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags)
-            if spec.approval == "manual":
+            awaiting = decision.promote and spec.approval == "manual"
+            if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
                 decision.promote = False
-                decision.reasons.append("approval is manual: not promoted automatically; it keeps `challenger` "
-                                        "until a person runs `voxelflow approve MODEL VERSION --reason ...`")
+                decision.reasons.append("approval is manual: it keeps `challenger` until a person answers the paused "
+                                        "lifecycle in the Prefect UI (or runs `voxelflow approve MODEL VERSION`)")
             if not decision.promote:
                 break
             try:
@@ -336,7 +345,7 @@ def register_stage(
         else:
             raise RuntimeError(f"champion of {name} kept moving while {version} was being promoted")
         registry.tag_version(uri, name, version, {
-            "voxelflow.decision": "promoted" if decision.promote else "rejected",
+            "voxelflow.decision": "promoted" if decision.promote else "awaiting_approval" if awaiting else "rejected",
             "voxelflow.reasons": "; ".join(decision.reasons)[:5000],
             "voxelflow.compared_with": compared or "none", **decision.tags(),
         })
@@ -344,8 +353,9 @@ def register_stage(
         entry = audit.append(ctx.db, "model.promoted", "voxelflow", model=name, version=version, previous=previous,
                              compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
     else:
-        entry = audit.append(ctx.db, "model.rejected", "voxelflow", model=name, version=version,
-                             compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
+        entry = audit.append(ctx.db, "model.awaiting_approval" if awaiting else "model.rejected", "voxelflow",
+                             model=name, version=version, compared_with=compared, metrics=evaluation.candidate,
+                             reasons=decision.reasons)
     audit.anchor_in_mlflow(uri, name, version, entry)  # the chain's head, kept where the log's writer cannot reach
     champion = registry.alias_version(uri, name)
     return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri or

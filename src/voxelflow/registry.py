@@ -269,10 +269,17 @@ def promote(tracking_uri: str, name: str, version: str, expected: str | None = N
     old = alias_version(tracking_uri, name, CHAMPION)
     if check and old != expected:
         raise ChampionMoved(expected, old)
+    if old != version:  # what the move replaces, kept on the version so that it can be undone
+        tag_version(tracking_uri, name, version, {
+            REPLACED_CHAMPION: old or "none", REPLACED_PREVIOUS: alias_version(tracking_uri, name, PREVIOUS) or "none"})
     if old is not None and old != version:
         retrying("alias", lambda: mc.set_registered_model_alias(name, PREVIOUS, old))
     retrying("alias", lambda: mc.set_registered_model_alias(name, CHAMPION, version))
     return old
+
+
+#: tags :func:`promote` leaves on the version it makes champion: what ``champion`` and ``previous`` were
+REPLACED_CHAMPION, REPLACED_PREVIOUS = "voxelflow.replaced_champion", "voxelflow.replaced_previous"
 
 
 def tag_version(tracking_uri: str, name: str, version: str, tags: dict[str, str]) -> None:
@@ -311,12 +318,21 @@ class NoPrevious(LookupError):
     """Nothing to roll back to."""
 
 
-def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: str) -> str | None:
+def approval_tags(decision: str, actor: str, reason: str) -> dict[str, str]:
+    """A person's answer on the version: ``voxelflow.approval.{decision,by,reason}`` (what lineage shows)."""
+    return {"voxelflow.approval.decision": decision, "voxelflow.approval.by": actor[:250],
+            "voxelflow.approval.reason": reason[:5000]}
+
+
+def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: str, *,
+            expected: str | None = None, check: bool = False) -> str | None:
     """A person's decision to make ``version`` the champion (``promote.approval: manual``).
 
     Under the model's lock: the old champion keeps ``previous``; the version is tagged with who
     approved it and why; ``model.approved`` goes to the audit log and is anchored on the version.
     Refused for a version that does not exist, one already rolled back, or without a reason.
+    With ``check`` the move is the compare-and-set of :func:`promote`: :class:`ChampionMoved` when
+    ``champion`` is no longer ``expected`` (the lifecycle's approval scores the candidate again).
     Returns the replaced champion.
     """
     from voxelflow import audit
@@ -328,12 +344,70 @@ def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: 
         mv = retrying("read version", lambda: mc.get_model_version(name, version))
         if "voxelflow.rolled_back" in (mv.tags or {}):
             raise ValueError(f"version {version} of {name} was rolled back: {mv.tags['voxelflow.rolled_back']}")
-        old = promote(tracking_uri, name, str(version))
-        tag_version(tracking_uri, name, str(version), {"voxelflow.approval": "approved", "voxelflow.approved_by": actor,
-                                                     "voxelflow.approval_reason": reason[:5000]})
+        old = promote(tracking_uri, name, str(version), expected=expected, check=check)
+        tag_version(tracking_uri, name, str(version), {
+            "voxelflow.approval": "approved", "voxelflow.approved_by": actor, "voxelflow.approval_reason": reason[:5000],
+            "voxelflow.decision": "promoted", **approval_tags("approved", actor, reason)})
     entry = audit.append(db, "model.approved", actor, model=name, version=str(version), previous=old, reason=reason)
     audit.anchor_in_mlflow(tracking_uri, name, str(version), entry)
     return old
+
+
+def reject(tracking_uri: str, db, name: str, version: str, actor: str, reason: str, expired: bool = False) -> None:
+    """A person's refusal of ``version`` (or, ``expired``, nobody's answer in time): aliases stay as
+    they are; the version is tagged ``voxelflow.decision: rejected`` with who and why, and
+    ``model.approval_rejected`` (``model.approval_expired``) goes to the audit log, anchored on it."""
+    from voxelflow import audit
+
+    if not reason.strip():
+        raise ValueError("a rejection needs a reason")
+    decision = "expired" if expired else "rejected"
+    mc = client(tracking_uri)
+    with db.locked(f"register:{name}"):
+        retrying("read version", lambda: mc.get_model_version(name, version))  # it exists, or this raises
+        tag_version(tracking_uri, name, str(version), {"voxelflow.decision": "rejected", "voxelflow.approval": decision,
+                                                     **approval_tags(decision, actor, reason)})
+    entry = audit.append(db, f"model.approval_{decision}", actor, model=name, version=str(version), reason=reason)
+    audit.anchor_in_mlflow(tracking_uri, name, str(version), entry)
+
+
+def revert_promotion(tracking_uri: str, db, name: str, version: str, actor: str, reason: str) -> bool:
+    """Undo the promotion of ``version``: ``champion`` and ``previous`` go back to what they were
+    before it (kept on the version by :func:`promote`; an alias that did not exist is removed).
+
+    A compare-and-set under the model's lock: only while ``champion`` is still ``version``. If it has
+    moved since (another promotion, a rollback), nothing is changed and that is what gets recorded.
+    Either way the audit log says so (``model.promotion_reverted`` / ``model.promotion_not_reverted``),
+    anchored on the version. Returns whether the aliases were restored.
+    """
+    from voxelflow import audit
+
+    mc = client(tracking_uri)
+    with db.locked(f"register:{name}"):
+        current = alias_version(tracking_uri, name, CHAMPION)
+        restored = current == version
+        if restored:
+            tags = retrying("read version", lambda: mc.get_model_version(name, version)).tags or {}
+            if REPLACED_CHAMPION not in tags or REPLACED_PREVIOUS not in tags:
+                raise ValueError(f"version {version} of {name} does not say what it replaced: cannot revert it")
+            before = {CHAMPION: tags[REPLACED_CHAMPION], PREVIOUS: tags[REPLACED_PREVIOUS]}
+            for alias, was in before.items():
+                now = version if alias == CHAMPION else alias_version(tracking_uri, name, alias)
+                if was == "none" and now is not None:
+                    retrying("alias", lambda a=alias: mc.delete_registered_model_alias(name, a))
+                elif was not in ("none", now):
+                    retrying("alias", lambda a=alias, v=was: mc.set_registered_model_alias(name, a, v))
+            tag_version(tracking_uri, name, version, {"voxelflow.decision": "reverted",
+                                                      "voxelflow.reverted": reason[:5000]})
+    if restored:
+        entry = audit.append(db, "model.promotion_reverted", actor, model=name, version=version,
+                             champion=None if before[CHAMPION] == "none" else before[CHAMPION],
+                             previous=None if before[PREVIOUS] == "none" else before[PREVIOUS], reason=reason)
+    else:
+        entry = audit.append(db, "model.promotion_not_reverted", actor, model=name, version=version, champion=current,
+                             reason=f"{reason} (champion is now {current or 'unset'}: left as it is)")
+    audit.anchor_in_mlflow(tracking_uri, name, version, entry)
+    return restored
 
 
 def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "") -> tuple[str, str]:
