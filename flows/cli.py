@@ -213,6 +213,68 @@ def ingest(
 
 
 @app.command()
+def predict(
+    source: Annotated[str, typer.Argument(help="folder or fsspec URL (s3://...) holding the arrived data")],
+    out: Annotated[str, typer.Option("--out", help="folder or fsspec URL the masks and volumes.csv go to")],
+    model: Annotated[Optional[str], typer.Option(help="NAME@ALIAS or NAME/VERSION (default: the spec's "
+                                                      "promote.model_name@champion)")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="pipeline spec (default: the demo spec)")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="decathlon, folder or dicom (default: the spec's)")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="end with one JSON line of counts")] = False,
+) -> None:
+    """Ingest SOURCE, then segment each unlabelled case there with a registered model: NIfTI masks and volumes.csv."""
+    with reasons():
+        import json
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        from voxelflow import predict as batch
+        from voxelflow.config import Settings, load_spec
+        from voxelflow.pipeline import Context, ingest_stage
+
+        sets = [f"data.source={source}"] + ([f"data.layout={layout}"] if layout else [])
+        loaded = load_spec(spec or demo_spec(), sets=sets)
+        try:
+            ref = batch.ModelRef.parse(model or loaded.promote.model_name)
+        except ValueError as exc:
+            fail(str(exc), 2)
+        ctx = Context(Settings(), loaded.name)
+        src, dest = ctx.settings.expand(source), ctx.settings.expand(out)
+        batch.check_destination(dest, src)  # before anything is read or written
+        with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err) as bar:
+            ingesting = bar.add_task("ingest", total=None)
+            arrived = ingest_stage(loaded.data, ctx, require_cases=False,
+                                   progress=lambda done, total: bar.update(ingesting, completed=done, total=total))
+            segmenting = bar.add_task("predict", total=None)
+            report = batch.run(ctx.db, ctx.layout, ctx.tracking_uri, ref, dest, source=src,
+                               progress=lambda done, total: bar.update(segmenting, completed=done, total=total))
+        for q in arrived.quarantined:
+            console.print(f"quarantined {q['reason']}: {q['detail']}", highlight=False)
+        if report.version is None:
+            console.print(f"nothing to segment: no unlabelled case under {source} "
+                          f"({len(report.labelled)} labelled case(s) left alone)", highlight=False)
+        else:
+            table = Table("case", "mask", *(f"label {k} (mL)" for k in sorted(
+                {k for p in report.predicted for k in p["volumes_ml"]}, key=int)), title=f"{ref} (version {report.version})")
+            for p in report.predicted:
+                table.add_row(p["case"], p["mask"].rsplit("/", 1)[-1], *(f"{v:g}" for _, v in sorted(
+                    p["volumes_ml"].items(), key=lambda kv: int(kv[0]))))
+            if report.predicted:
+                console.print(table)
+            console.print(f"{len(report.predicted)} segmented, {len(report.skipped)} already segmented by version "
+                          f"{report.version}, {len(report.failed)} failed, {len(report.labelled)} labelled left alone;"
+                          f" masks in {report.folder}" + (f", volumes in {report.table}" if report.table else ""),
+                          highlight=False)
+        if json_:
+            print(json.dumps({**report.summary(), "quarantined": len(arrived.quarantined)}))
+        if report.failed:
+            fail(f"{len(report.failed)} case(s) could not be segmented (the others were written): "
+                 + "; ".join(f"{f['case']}: {f['reason']}" for f in report.failed[:3]))
+
+
+@app.command()
 def watch(
     source: Annotated[str, typer.Argument(help="folder or fsspec URL (s3://...) to watch")],
     spec: Annotated[Path, typer.Option(help="pipeline spec the arriving data belongs to")],

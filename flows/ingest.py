@@ -4,7 +4,8 @@
 runs this flow with the event's spec and source. It ingests, leaves a table artifact of every
 object's fate (hashes and case ids only, never file names), and, when the dataset grew by
 ``data.retrain_after`` cases since it was last announced, emits ``voxelflow.dataset.updated``, which
-triggers the ``lifecycle/on-update`` deployment.
+triggers the ``lifecycle/on-update`` deployment. When it stored new unlabelled cases it emits
+``voxelflow.cases.unlabelled`` (their case ids), which triggers ``predict/on-unlabelled`` (flows/predict.py).
 """
 
 from __future__ import annotations
@@ -44,4 +45,11 @@ def ingest(spec: str, source: str | None = None, objects: list[str] | None = Non
                    payload={"spec": spec, "new_cases": new, "cases": len(report.case_ids),
                             "dataset_digest": report.dataset_digest})
         logger.info("dataset %s: %d new cases, announced", report.dataset_digest, new)
-    return {**summary, "announced": new or 0}
+    unlabelled = set(report.unlabelled)
+    fresh = [cid for cid in report.ingested if cid in unlabelled]  # new unlabelled cases: predict/on-unlabelled
+    if fresh:
+        emit_event(event="voxelflow.cases.unlabelled",
+                   resource={"prefect.resource.id": f"voxelflow.dataset.{loaded.name}"},
+                   payload={"spec": spec, "cases": fresh, "count": len(fresh)})
+        logger.info("%d new unlabelled cases, announced for batch inference", len(fresh))
+    return {**summary, "announced": new or 0, "unlabelled_announced": len(fresh)}

@@ -90,6 +90,24 @@ locks = Table(
     Column("at", DateTime(timezone=True), nullable=True),
 )
 
+# Which registered model version produced each mask of batch inference (voxelflow.predict): one row per
+# mask written, its full URL and sha256, and each label's volume in mL (JSON) for the volumes table.
+predictions = Table(
+    "predictions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pipeline", String(200), nullable=False),
+    Column("case_id", String(64), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("output", String(1024), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("volumes", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("pipeline", "case_id", "model", "version", "output", name="uq_predictions_mask"),
+    Index("ix_predictions_model", "model", "version"),
+)
+
 
 def now() -> datetime:
     return datetime.now(timezone.utc)

@@ -46,7 +46,7 @@ PREFECT_FILE = yaml.safe_load(PREFECT_YAML.read_text())
 DEPLOYMENTS = PREFECT_FILE["deployments"]
 
 
-ARRIVAL_FLOWS = {"ingest-arrived", "rollback"}  # flows that are neither the lifecycle nor its stages
+ARRIVAL_FLOWS = {"ingest-arrived", "rollback", "predict"}  # flows that are neither the lifecycle nor its stages
 
 
 @cache

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, insert, inspect, select, text
 from voxelflow import db as vdb
 from voxelflow.db import Database, connect, cursors, locks, now
 
-TABLES = {"ledger", "audit_log", "api_keys", "cursors", "locks"}
+TABLES = {"ledger", "audit_log", "api_keys", "cursors", "locks", "predictions"}
 VERSION_TABLE = "voxelflow_alembic_version"
 
 
