@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy import delete, insert, select
 
@@ -220,8 +221,11 @@ def declared_volume(body: bytes, content_type: str) -> tuple[tuple[int, ...], np
     prefix = nifti_prefix(body, "body")
     header = read_header(prefix, "body")
     cls = nib.Nifti2Header if header.version == 2 else nib.Nifti1Header
-    zooms = cls.from_fileobj(io.BytesIO(prefix[: cls.sizeof_hdr])).get_zooms()
-    spacing = tuple(abs(float(z)) or 1.0 for z in zooms[:3]) + (1.0,) * max(0, 3 - len(zooms))
+    try:  # the spacing resampling will use: the affine's (sform, else qform), not pixdim, which it may contradict
+        affine = cls.from_fileobj(io.BytesIO(prefix[: cls.sizeof_hdr])).get_best_affine()
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds on corrupt headers
+        raise VolumeError("unreadable", f"body: {exc}") from None
+    spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0)))
     return volume_shape(header), header.dtype, spacing
 
 
@@ -245,7 +249,8 @@ def working_set_bytes(shape: tuple[int, ...], dtype: np.dtype, spacing: tuple[fl
     channels = int(network.get("out_channels", 2)) if isinstance(network, dict) else 2
     per_input = 3 * np.dtype(dtype).itemsize + 80
     per_grid = 4 * 2 + 4 * (2 * channels + 1) + 1  # preprocessed (two copies), logits + accumulator + count, argmax
-    return int(voxels * per_input + grid * per_grid)
+    total = voxels * per_input + grid * per_grid
+    return int(total) if math.isfinite(total) else 2**63  # an absurd spacing: more than any budget
 
 
 #: how each kind of bad volume is answered
@@ -412,21 +417,29 @@ def create_app(
 
         return await run_in_threadpool(authorize, request, key, permission)  # a database lookup: off the loop
 
-    errors = {401: {"description": "missing, unknown or expired key"}, 403: {"description": "role not allowed"},
-              429: {"description": "throttled (Retry-After)"}}
+    def refusal(description: str, detail: dict[str, Any] | None = None) -> dict[str, Any]:
+        """An error response as OpenAPI documents it: JSON with a ``detail``."""
+        schema = {"type": "object", "required": ["detail"], "properties": {"detail": detail or {"type": "string"}}}
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    errors = {401: refusal("missing, unknown or expired key"), 403: refusal("role not allowed"),
+              429: refusal("throttled (Retry-After)")}
+    binary = {"schema": {"type": "string", "format": "binary"}}
 
     @app.get("/health/live", summary="the process answers (no key)")
     def live() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/health/ready", summary="a model is loaded (no key)", responses={503: {"description": "loading"}})
+    @app.get("/health/ready", summary="a model is loaded (no key)", responses={503: {
+        "description": "loading", "content": {"application/json": {"schema": {"type": "object"}}}}})
     def ready(response: Response) -> dict[str, Any]:
         if holder.segmenter is None:
             response.status_code = 503
             return {"status": "loading", "error": holder.error}
         return {"status": "ready", "model_version": holder.version}
 
-    @app.get("/metrics", summary="Prometheus metrics (role viewer)", responses=errors)
+    @app.get("/metrics", summary="Prometheus metrics (role viewer)", responses=errors,
+             response_class=PlainTextResponse)
     async def metrics(request: Request, x_api_key: str | None = Header(None)) -> Response:
         await authorized(request, x_api_key, "metrics")
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -446,11 +459,16 @@ def create_app(
         return about
 
     @app.post("/v1/segment", summary="segment a volume (role predictor)", responses={
-        **errors, 400: {"description": "not a volume"},
-        413: {"description": "body, voxel count or memory budget over the limit"},
-        415: {"description": "Content-Type is not a volume's"},
-        422: {"description": "not a finite numeric 3-D volume"}, 503: {"description": "busy or loading (Retry-After)"},
-        504: {"description": "over the time limit"}})
+        200: {"description": "the mask in the input's format and grid; with summary=true, each label's volume in mL",
+              "content": {NPY: binary, NIFTI: binary, "application/json": {"schema": {"type": "object"}}}},
+        **errors, 400: refusal("not a volume"),
+        413: refusal("body, voxel count or memory budget over the limit"),
+        415: refusal("Content-Type is not a volume's"),
+        422: refusal("not a finite numeric 3-D volume, or a bad query parameter",
+                     {"anyOf": [{"type": "string"}, {"type": "array"}]}),
+        503: refusal("busy or loading (Retry-After)"), 504: refusal("over the time limit")},
+        openapi_extra={"requestBody": {"required": True, "description": "a NIfTI (.nii, .nii.gz) or .npy volume",
+                                       "content": {media: binary for media in BODY_TYPES}}})
     async def segment(request: Request, summary: bool = False, x_api_key: str | None = Header(None)) -> Response:
         await authorized(request, x_api_key, "segment")
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -494,6 +512,9 @@ def create_app(
             return  # no readable header: decoding says what is wrong with it
         if math.prod(shape) > max_voxels:
             return  # decoding refuses it from the header (413, too-large)
+        if not all(math.isfinite(s) and s > 0 for s in spacing):
+            raise HTTPException(422, "cannot decode the volume: bad-affine: the header's voxel spacing is not "
+                                     f"finite and positive ({', '.join(f'{s:g}' for s in spacing)})")
         need = working_set_bytes(shape, dtype, spacing, getattr(holder.segmenter, "config", None))
         if need > memory_budget:
             raise HTTPException(413, f"a volume of shape {list(shape)} ({dtype}) needs about {need / 2**20:.0f} MiB "
@@ -533,12 +554,17 @@ def create_app(
         payload, media = encode_mask(mask, affine, fmt)
         return Response(payload, media_type=media, headers=headers)
 
-    @app.post("/v1/reload", summary="load the alias's model again (role operator)", responses=errors)
+    @app.post("/v1/reload", summary="load the alias's model again (role operator)", responses={
+        **errors, 503: refusal("the model could not be loaded; the one loaded before keeps serving (Retry-After)")})
     async def reload(request: Request, x_api_key: str | None = Header(None)) -> dict[str, Any]:
         from starlette.concurrency import run_in_threadpool
 
         who = await authorized(request, x_api_key, "reload")
-        version = await run_in_threadpool(holder.reload)
+        try:
+            version = await run_in_threadpool(holder.reload)
+        except Exception as exc:  # noqa: BLE001 - the registry or the store is away: say so, keep serving
+            raise HTTPException(503, f"the model could not be loaded ({str(exc)[:300]}); still serving version "
+                                     f"{holder.version}", headers={"Retry-After": "30"}) from None
         if db is not None:
             await run_in_threadpool(audit.append, db, "service.reloaded", who.name, model_version=version)
         return {"model_version": version}
