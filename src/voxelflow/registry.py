@@ -223,7 +223,10 @@ def register(tracking_uri: str, model_uri: str, name: str, run_id: str, tags: di
             raise
         retrying("create model", lambda: mc.create_registered_model(name))
     tags = {f"voxelflow.{k}": v for k, v in {**tags, "run_id": run_id}.items()}
-    mv = retrying("register", lambda: mc.create_model_version(name, model_uri, run_id=run_id, tags=tags))
+    # a logged model's URI (models:/m-…) must name its model id too: an `mlflow server` refuses it otherwise
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+    mv = retrying("register", lambda: mc.create_model_version(name, model_uri, run_id=run_id, tags=tags,
+                                                              model_id=model_id))
     retrying("alias", lambda: mc.set_registered_model_alias(name, CHALLENGER, str(mv.version)))
     return str(mv.version)
 

@@ -137,31 +137,72 @@ print(json.dumps({"dice": dice, "version": p.version, "promoted": p.promoted, "r
 """
 
 
-def test_two_lifecycles_racing_leave_the_better_model_champion(tmp_path, tiny_model_config, tiny_weights):
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback, with its own SQLite store and artifact folder."""
+    import socket
+
+    from tests.services import stop, wait_until
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "mlflow-server.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 120, "mlflow server", proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("tracking", ["sqlite", "mlflow-server"])
+def test_two_lifecycles_racing_leave_the_better_model_champion(tmp_path, tiny_model_config, tiny_weights, tracking,
+                                                               request):
+    import os
     import time
 
     from voxelflow.pipeline import Context, ensure_tracking
 
     home = tmp_path / "home"
-    ctx = Context(Settings(home=home), "demo-spheres")
+    env = dict(os.environ)
+    if tracking == "mlflow-server":  # every racer talks to one tracking server over HTTP
+        env["VOXELFLOW_MLFLOW_TRACKING_URI"] = request.getfixturevalue("mlflow_server")
+    ctx = Context(Settings(home=home, mlflow_tracking_uri=env.get("VOXELFLOW_MLFLOW_TRACKING_URI")), "demo-spheres")
     ctx.store.write_bytes("models/w.safetensors", tiny_weights[0])
     (tmp_path / "config.json").write_text(json.dumps(tiny_model_config))
     ensure_tracking(ctx)
-    for attempt in range(2):  # who wins the race differs; the outcome must not
+    races = [(0.70, 0.90), (0.95, 0.80)] if tracking == "sqlite" else [(0.95, 0.80)]
+    for dices in races:  # who wins the race differs; the outcome must not
         start = time.time() + 5
         procs = [subprocess.Popen([sys.executable, "-c", RACER, str(REPO), str(home), str(d), str(start),
                                    "models/w.safetensors", str(tmp_path / "config.json")],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for d in ((0.70, 0.90) if attempt == 0 else (0.95, 0.80))]
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for d in dices]
         outs = [p.communicate(timeout=240) for p in procs]
         assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     uri, name = ctx.tracking_uri, "demo-spheres"
+    assert uri.startswith("http://") == (tracking == "mlflow-server")
     mc = registry.client(uri)
     versions = mc.search_model_versions(f"name = '{name}'")
-    assert len(versions) == 4  # one per candidate, none twice
+    assert len(versions) == 2 * len(races)  # one per candidate, none twice
     by_dice = {float(v.tags["voxelflow.val_dice"]): str(v.version) for v in versions}
-    assert registry.alias_version(uri, name) == by_dice[0.95]  # the best of all four
+    assert registry.alias_version(uri, name) == by_dice[0.95]  # the best of them all
     assert {r["dice"] for r in results} == {0.95, 0.80}
     for v in versions:  # every decision is recorded on its version
         assert v.tags["voxelflow.decision"] in ("promoted", "rejected")
