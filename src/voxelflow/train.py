@@ -236,6 +236,11 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.cases)
 
+    def set_random_state(self, seed: int | None = None, state: Any = None) -> TrainingSet:
+        """MONAI's loaders seed what they find by walking a data set's attributes (into the store's file
+        system, and round its cycles); here every draw is seeded by its key, so there is nothing to set."""
+        return self
+
     def __getitem__(self, key: tuple[int, int]) -> list[dict[str, Any]]:
         import torch
 
