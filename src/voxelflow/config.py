@@ -242,8 +242,9 @@ class TrainSpec(_Stage):
     scheduler: dict[str, dict[str, Any]] | None = Field(
         None, description="a torch.optim.lr_scheduler by name with its arguments, stepped once per epoch; "
         "null: a constant learning rate")
-    precision: Literal["fp32", "bf16-mixed", "fp16-mixed"] = Field(
-        "bf16-mixed", description="fp16-mixed needs a CUDA device (with a GradScaler); the CPU refuses it")
+    precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = Field(
+        "auto", description="auto: bf16-mixed on a GPU with bf16 (else fp16-mixed), fp32 on a CPU, whose bf16 "
+        "convolutions are emulated and slow; fp16-mixed needs a CUDA device (with a GradScaler), the CPU refuses it")
     checkpoint_every_steps: int = Field(50, ge=1)
     seed: int = Field(0, description="initial weights, data order and augmentation; never the split")
     augment: list[dict[str, dict[str, Any]]] = Field(

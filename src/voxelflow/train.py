@@ -64,9 +64,22 @@ def device_for(prefer: str | None = None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_precision(precision: str, device) -> str:
+    """``auto``: bf16-mixed on a GPU that has bf16 (fp16-mixed on one that has not), fp32 on a CPU, where
+    autocast's bf16 convolutions are emulated (measured here: a 3-D UNet step 10x slower than fp32)."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp16-mixed"
+    return "fp32"
+
+
 def autocast_for(precision: str, device):
     import torch
 
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
@@ -476,7 +489,8 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
     import torch
     import torch.distributed as dist
 
-    if spec.precision == "fp16-mixed" and dev.type != "cuda":
+    precision = resolve_precision(spec.precision, dev)
+    if precision == "fp16-mixed" and dev.type != "cuda":
         raise ValueError(f"precision fp16-mixed needs a CUDA device, and training runs on {dev.type}: "
                          "use bf16-mixed or fp32 there")
     if not spec.augment and spec.batch_size > 1 and len(set(cases.shapes())) > 1:
@@ -495,7 +509,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
     loss_fn = build_loss(spec.loss)
     opt = build_optimizer(spec.optimizer, net.parameters(), spec.learning_rate)
     sched = build_scheduler(spec.scheduler, opt)
-    use_scaler = spec.precision == "fp16-mixed" and dev.type == "cuda"
+    use_scaler = precision == "fp16-mixed" and dev.type == "cuda"
     scaler = torch.amp.GradScaler(dev.type, enabled=use_scaler)
     n = len(cases)
     batches_of = StepBatches(n, spec.batch_size, spec.seed, 0, 0, rank, world)
@@ -540,7 +554,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
     for x, y in ([] if stopped else batches):
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
-        with autocast_for(spec.precision, dev):
+        with autocast_for(precision, dev):
             loss = loss_fn(net(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -560,7 +574,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
             if sched is not None:
                 sched.step()
             if validation is not None and ((epoch + 1) % validation.every == 0 or step == total):
-                scores, sample = validation.run(model, dev, spec.precision)
+                scores, sample = validation.run(model, dev, precision)
                 metrics.update(scores)
                 if best["metric"] is None or scores["val_epoch_dice"] > best["metric"]:
                     best.update(metric=scores["val_epoch_dice"], epoch=epoch, step=step, stale=0)

@@ -115,7 +115,7 @@ BAD_SPECS = [
     ("unknown-loss", lambda d: _mutate(d, "train.loss", {"NoSuchLoss": {}}),
      ["train.loss", "NoSuchLoss", "unknown loss"]),
     ("bad-precision", lambda d: _mutate(d, "train.precision", "fp8"),
-     ["train.precision", "fp32", "bf16-mixed", "fp16-mixed"]),
+     ["train.precision", "auto", "fp32", "bf16-mixed", "fp16-mixed"]),
     ("bad-cluster", lambda d: _mutate(d, "preprocess.cluster", "kubernetes"),
      ["preprocess.cluster", "tcp://"]),
     ("adaptive-order", lambda d: _mutate(d, "preprocess.adaptive", {"minimum": 3, "maximum": 2}),

@@ -333,3 +333,11 @@ def test_training_on_s3_checkpoints_resumes(data, s3_store):
     resumed = train(spec(epochs=2), ArrayCases(images, labels), Checkpoints(Store(s3_store.url), "checkpoints/p/run"))
     assert first.steps == 2 and resumed.resumed_from == 2 and resumed.steps == 4
     assert checkpoints.steps() == ["step-00000002.pt", "step-00000004.pt"]
+
+
+def test_auto_precision_is_fp32_on_a_cpu():
+    from voxelflow.train import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # emulated bf16 is ~10x slower there
+    assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"  # asked for: done
+    assert TrainSpec(network=copy.deepcopy(NETWORK)).precision == "auto"
