@@ -209,8 +209,7 @@ def train_stage(
             on_epoch(epoch, metrics)
 
     def flush() -> None:
-        for epoch, metrics in pending:
-            registry.log_metrics(ctx.tracking_uri, run_id, metrics, step=epoch)
+        registry.log_metric_steps(ctx.tracking_uri, run_id, pending)
         pending.clear()
 
     def overlay(epoch: int, scores: dict[str, float], sample: dict[str, Any]) -> None:

@@ -170,3 +170,14 @@ def s3_store(s3_store_url):
     from voxelflow.storage import Store
 
     return Store(f"{s3_store_url}/{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: bit-exact comparisons between runs in and out of processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

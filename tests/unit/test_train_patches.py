@@ -44,12 +44,7 @@ class TinyNet(torch.nn.Module):
         return self.body(x)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sphere_case(shape: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
