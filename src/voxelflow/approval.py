@@ -58,7 +58,8 @@ def answer_stage(
             champion_scores = None if compared is None else (rescore or score_version)(ctx, name, compared,
                                                                                          evaluation)
             decision = policy.decide(evaluation.candidate, champion_scores, spec.gates,
-                                     candidate_behaviour(spec, ctx, outcome, evaluation), {**tags, "run_id": run_id})
+                                     candidate_behaviour(spec, ctx, outcome, evaluation), {**tags, "run_id": run_id},
+                                     evaluation.directions)
             gates = decision.rows()
             if not decision.promote:
                 return _refused_after_approval(spec, ctx, promotion, evaluation, answer, compared, decision)

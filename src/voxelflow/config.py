@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -352,10 +353,92 @@ class SlidingWindow(_Section):
     mode: Literal["constant", "gaussian"] = "constant"
 
 
+BUILTIN_METRICS = {"dice": True, "hausdorff95": False}  # name -> higher is better
+
+
+def resolve_callable(path: str, what: str) -> Any:
+    """A user's function or class by import path ``package.module:name``."""
+    import importlib
+
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"{what} {path!r}: expected an import path package.module:name")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"{what} {path!r}: cannot import {module!r} ({exc})") from None
+    obj = getattr(mod, attr, None)
+    if not callable(obj):
+        raise ValueError(f"{what} {path!r}: {module!r} has no function or class {attr!r}")
+    return obj
+
+
+class CustomMetric(_Section):
+    """A metric of the user's, by import path: a MONAI-style function ``fn(y_pred, y, **args)`` (like
+    ``monai.metrics:compute_iou``) or metric class (``monai.metrics:MeanIoU``, called as
+    ``metric(y_pred, y)``), given one-hot tensors of shape (1, classes, *spatial) and returning one
+    value per class. ``include_background=False``, ``ignore_empty=False`` and the case's ``spacing``
+    are passed where the signature takes them and ``args`` does not set them."""
+
+    function: str = Field(description="import path package.module:name of the function or class")
+    higher_is_better: bool = Field(description="the metric's direction, for gates and the champion comparison")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments: the function's, or the "
+                                 "class's constructor's")
+
+    @model_validator(mode="after")
+    def _resolves(self) -> CustomMetric:
+        fn = resolve_callable(self.function, "evaluate.custom_metrics function")
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        try:
+            params = inspect.signature(target).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: nothing to check before it runs
+            return self
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(self.args) - set(params) - {"self"})
+            if unknown:
+                raise ValueError(f"metric {self.function!r} has no argument {', '.join(unknown)}; it takes: "
+                                 + ", ".join(p for p in params if p != "self"))
+        if not inspect.isclass(fn):
+            positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+                raise ValueError(f"metric {self.function!r} must take (y_pred, y) as its first two arguments")
+        _check_types(target, self.function, self.args, "metric")
+        return self
+
+    def load(self) -> Any:
+        return resolve_callable(self.function, "metric")
+
+
 class EvaluateSpec(_Stage):
-    metrics: list[Literal["dice", "hausdorff95"]] = Field(default_factory=lambda: ["dice"])
+    metrics: list[str] = Field(default_factory=lambda: ["dice"], min_length=1, description="dice, hausdorff95, "
+                               "or a name defined in custom_metrics")
+    custom_metrics: dict[str, CustomMetric] = Field(default_factory=dict, description="name -> a user metric by "
+                                                    "import path, with its direction")
     val_fraction: float = Field(0.2, gt=0, lt=1)
     sliding_window: SlidingWindow = Field(default_factory=SlidingWindow)
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> EvaluateSpec:
+        for name in self.custom_metrics:
+            if name in BUILTIN_METRICS:
+                raise ValueError(f"evaluate.custom_metrics: {name!r} is a built-in metric; choose another name")
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or re.search(r"_\d+$", name):
+                raise ValueError(f"evaluate.custom_metrics: {name!r} is not a usable metric name (letters, digits "
+                                 "and _, not ending in _<digits>, which names one class)")
+            if name not in self.metrics:
+                raise ValueError(f"evaluate.custom_metrics defines {name!r}, which evaluate.metrics does not list")
+        for name in self.metrics:
+            if name not in BUILTIN_METRICS and name not in self.custom_metrics:
+                raise ValueError(f"evaluate.metrics: unknown metric {name!r}; built in: "
+                                 f"{', '.join(BUILTIN_METRICS)}; or define it under evaluate.custom_metrics")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"evaluate.metrics lists a metric twice: {self.metrics}")
+        return self
+
+    def directions(self) -> dict[str, bool]:
+        """Every listed metric -> True when higher is better."""
+        return {m: BUILTIN_METRICS[m] if m in BUILTIN_METRICS else self.custom_metrics[m].higher_is_better
+                for m in self.metrics}
 
 
 class Gates(_Section):

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import warnings
-from typing import Callable
+from collections.abc import Mapping
+from typing import Any, Callable
 
 import numpy as np
 
-from voxelflow.config import metric_names
+from voxelflow.config import BUILTIN_METRICS, CustomMetric, metric_names
 from voxelflow.ingest import load_case
 from voxelflow.storage import CaseStore
 
 SPLIT_SALT = b"voxelflow-split-v1:"
 
-#: metric name -> True when higher is better
-DIRECTIONS = {"dice": True, "hausdorff95": False}
+#: built-in metric name -> True when higher is better
+DIRECTIONS = BUILTIN_METRICS
 
 
 def split_position(case_id: str) -> float:
@@ -43,12 +45,14 @@ def split(case_ids: list[str], val_fraction: float) -> tuple[list[str], list[str
     return train, val
 
 
-def direction(metric: str) -> bool:
-    """True when higher is better for a reported metric name (``dice``, ``dice_2``, ``hausdorff95_1``)."""
+def direction(metric: str, directions: Mapping[str, bool] | None = None) -> bool:
+    """True when higher is better for a reported metric name (``dice``, ``dice_2``, ``hausdorff95_1``);
+    ``directions`` adds a spec's custom metrics (:meth:`~voxelflow.config.EvaluateSpec.directions`)."""
+    known = {**DIRECTIONS, **(directions or {})}
     base = metric.rsplit("_", 1)[0] if metric.rsplit("_", 1)[-1].isdigit() else metric
-    if base not in DIRECTIONS:
-        raise KeyError(f"unknown metric {metric!r}; known: {sorted(DIRECTIONS)}")
-    return DIRECTIONS[base]
+    if base not in known:
+        raise KeyError(f"unknown metric {metric!r}; known: {sorted(known)}")
+    return known[base]
 
 
 def _one_hot(labels: np.ndarray, n_classes: int):
@@ -102,6 +106,43 @@ def hausdorff95_per_class(pred: np.ndarray, truth: np.ndarray, spacing: tuple[fl
     return out
 
 
+def custom_per_class(metric: CustomMetric, pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...],
+                     n_classes: int = 2) -> list[float]:
+    """A user metric (:class:`~voxelflow.config.CustomMetric`) of each foreground class.
+
+    The function (or an instance of the class) gets one-hot float tensors (1, classes, *spatial);
+    ``include_background=False``, ``ignore_empty=False`` (an empty truth is scored, not dropped) and
+    ``spacing`` are passed where its signature takes them and the spec's ``args`` do not set them.
+    It must return one value per class, with or without the background. A NaN it returns stays NaN:
+    the mean over cases is then NaN, and a gate on it fails.
+    """
+    fn = metric.load()
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        params = {}
+    kwargs: dict[str, Any] = {}
+    for key, value in (("include_background", False), ("ignore_empty", False), ("spacing", list(spacing))):
+        if key in params and key not in metric.args:
+            kwargs[key] = value
+    kwargs.update(metric.args)
+    y_pred, y = _one_hot(pred, n_classes).float(), _one_hot(truth, n_classes).float()
+    if inspect.isclass(fn):
+        init = {k: v for k, v in kwargs.items() if k in params or k in metric.args}
+        values = fn(**init)(y_pred, y)
+    else:
+        values = fn(y_pred, y, **kwargs)
+    out = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values,
+                     dtype=np.float64).reshape(-1)
+    if out.size == n_classes:
+        out = out[1:]
+    if out.size != n_classes - 1:
+        raise ValueError(f"metric {metric.function!r} returned {out.size} values for {n_classes} classes; it must "
+                         f"return one per class ({n_classes}, or {n_classes - 1} without the background)")
+    return [float(v) for v in out]
+
+
 def dice(pred: np.ndarray, truth: np.ndarray, n_classes: int = 2) -> float:
     """Mean foreground Dice over classes."""
     return float(np.mean(dice_per_class(pred, truth, n_classes)))
@@ -118,12 +159,14 @@ def score(
     case_ids: list[str],
     metrics: list[str],
     n_classes: int = 2,
+    custom: Mapping[str, CustomMetric | dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Mean of each metric over the cases (every case counts), per class and over classes.
 
     Keys are :func:`metric_names`: ``dice`` is the mean over cases of the mean over foreground
-    classes, ``dice_2`` that of class 2 alone; likewise ``hausdorff95``.
+    classes, ``dice_2`` that of class 2 alone; likewise ``hausdorff95`` and ``custom`` metrics.
     """
+    custom = {k: v if isinstance(v, CustomMetric) else CustomMetric(**v) for k, v in (custom or {}).items()}
     per_case: dict[str, list[float]] = {m: [] for m in metric_names(metrics, n_classes)}
     for cid in case_ids:
         case = load_case(raw, cid)
@@ -135,6 +178,9 @@ def score(
                 values = dice_per_class(pred, case["label"], n_classes)
             elif m == "hausdorff95":
                 values = hausdorff95_per_class(pred, case["label"], tuple(case["attrs"]["spacing"]), n_classes)
+            elif m in custom:
+                values = custom_per_class(custom[m], pred, case["label"], tuple(case["attrs"]["spacing"]),
+                                          n_classes)
             else:
                 raise ValueError(f"unknown metric {m!r}")
             per_case[m].append(float(np.mean(values)))

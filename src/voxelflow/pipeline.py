@@ -245,6 +245,8 @@ class Evaluation:
     val_ids: list[str] = field(default_factory=list)  # what a later champion is scored on, if one appears
     metrics: list[str] = field(default_factory=list)
     n_classes: int = 2
+    custom: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate.custom_metrics, as plain data
+    directions: dict[str, bool] = field(default_factory=dict)  # metric -> higher is better
 
 
 def evaluate_stage(
@@ -256,13 +258,14 @@ def evaluate_stage(
     candidate = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
     raw = ctx.layout.raw
     classes = n_classes(outcome.model_config["network"])
-    scores = evaluate.score(candidate.segment, raw, val_ids, spec.metrics, classes)
+    custom = {k: v.model_dump() for k, v in spec.custom_metrics.items()}
+    scores = evaluate.score(candidate.segment, raw, val_ids, spec.metrics, classes, custom)
     registry.log_metrics(ctx.tracking_uri, run_id, {f"val_{k}": v for k, v in scores.items()})
     champion_scores, champion_version = None, registry.alias_version(ctx.tracking_uri, model_name)
     if champion_version is not None:
         with tempfile.TemporaryDirectory() as tmp:
             champ, _ = registry.load_segmenter(ctx.tracking_uri, model_name, Path(tmp))
-        champion_scores = evaluate.score(champ.segment, raw, val_ids, spec.metrics, classes)
+        champion_scores = evaluate.score(champ.segment, raw, val_ids, spec.metrics, classes, custom)
         registry.log_metrics(ctx.tracking_uri, run_id, {f"champion_val_{k}": v for k, v in champion_scores.items()})
     case = ingest.load_case(raw, val_ids[0])
     pred = candidate.segment(case["image"], case["affine"])
@@ -271,7 +274,8 @@ def evaluate_stage(
     key = ctx.layout.report(run_id, "overlay.png")
     ctx.store.write_bytes(key, png)
     registry.log_bytes(ctx.tracking_uri, run_id, "overlay.png", png)
-    return Evaluation(scores, champion_scores, champion_version, key, list(val_ids), list(spec.metrics), classes)
+    return Evaluation(scores, champion_scores, champion_version, key, list(val_ids), list(spec.metrics), classes,
+                      custom, spec.directions())
 
 
 @dataclass
@@ -301,7 +305,8 @@ def score_version(ctx: Context, model_name: str, version: str, evaluation: Evalu
     """Score a registered version on the candidate's held-out cases (a champion that appeared meanwhile)."""
     with tempfile.TemporaryDirectory() as tmp:
         model = registry.load_version(ctx.tracking_uri, model_name, version, Path(tmp))
-    return evaluate.score(model.segment, ctx.layout.raw, evaluation.val_ids, evaluation.metrics, evaluation.n_classes)
+    return evaluate.score(model.segment, ctx.layout.raw, evaluation.val_ids, evaluation.metrics, evaluation.n_classes,
+                          evaluation.custom)
 
 
 def register_stage(
@@ -326,7 +331,8 @@ def register_stage(
     with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers; the alias move is a CAS
         version = registry.register(uri, model_uri, name, run_id, tags)
         for _ in range(5):
-            decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags)
+            decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags,
+                                     evaluation.directions)
             awaiting = decision.promote and spec.approval == "manual"
             if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
                 decision.promote = False

@@ -49,9 +49,10 @@ def _value(scores: Mapping[str, float] | None, metric: str) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def absolute_gate(candidate: Mapping[str, float], metric: str, bound: float) -> GateResult:
+def absolute_gate(candidate: Mapping[str, float], metric: str, bound: float,
+                  directions: Mapping[str, bool] | None = None) -> GateResult:
     """``metric`` at least ``bound`` when higher is better, at most when lower is better; NaN/missing fails."""
-    higher = direction(metric)
+    higher = direction(metric, directions)
     value = _value(candidate, metric)
     passed = value >= bound if higher else value <= bound
     word = "below" if higher else "above"
@@ -62,10 +63,10 @@ def absolute_gate(candidate: Mapping[str, float], metric: str, bound: float) -> 
 
 
 def relative_gate(candidate: Mapping[str, float], champion: Mapping[str, float], metric: str,
-                  delta: float) -> GateResult:
+                  delta: float, directions: Mapping[str, bool] | None = None) -> GateResult:
     """Beat the champion on ``metric`` by ``delta`` in its better direction (``delta`` < 0: no worse
     than the champion by more than ``-delta``, a non-inferiority margin)."""
-    higher = direction(metric)
+    higher = direction(metric, directions)
     cand, champ = _value(candidate, metric), _value(champion, metric)
     bar = champ + delta if higher else champ - delta
     passed = cand >= bar if higher else cand <= bar
@@ -96,18 +97,20 @@ def lineage_gate(tags: Mapping[str, str], required: tuple[str, ...] | list[str] 
 
 
 def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None, gates: Any,
-           behaviour: Mapping[str, float] | None = None, lineage: Mapping[str, str] | None = None) -> Decision:
+           behaviour: Mapping[str, float] | None = None, lineage: Mapping[str, str] | None = None,
+           directions: Mapping[str, bool] | None = None) -> Decision:
     """Apply every gate of ``gates`` (a :class:`~voxelflow.config.Gates`); promote only when all pass.
 
     ``champion`` None means there is no champion (the relative gate does not apply). Behaviour is
     required when ``gates.flip_tolerance`` is set; lineage when ``gates.require_lineage`` is not empty.
+    ``directions`` gives custom metrics' directions (built-in ones are known).
     """
     results = []
     if gates.min_dice is not None:
         results.append(absolute_gate(candidate, "dice", gates.min_dice))
-    results += [absolute_gate(candidate, metric, bound) for metric, bound in sorted(gates.absolute.items())]
+    results += [absolute_gate(candidate, metric, bound, directions) for metric, bound in sorted(gates.absolute.items())]
     if champion is not None:
-        results.append(relative_gate(candidate, champion, gates.relative_metric, gates.beat_champion_by))
+        results.append(relative_gate(candidate, champion, gates.relative_metric, gates.beat_champion_by, directions))
     if gates.flip_tolerance is not None:
         if behaviour is None:
             results.append(GateResult("behaviour", False, "behavioural checks were asked for but not measured"))

@@ -189,3 +189,139 @@ def test_score_counts_every_case_and_reports_per_class(tmp_path):
     assert scores["hausdorff95_1"] == 0.0
     assert scores["hausdorff95_2"] == pytest.approx(math.sqrt(3 * 36))  # the 6x6x6 mm diagonal
     assert set(scores) == set(evaluate.metric_names(["dice", "hausdorff95"], 3))
+
+
+# ---------------------------------------------------------------- user metrics by import path
+
+USER_METRICS = '''
+import torch
+
+def volume_error(y_pred, y, include_background=True, spacing=None, scale=1.0):
+    """|predicted - true| volume per class, in ml: lower is better."""
+    voxel_ml = float(torch.tensor(spacing).prod()) / 1000.0
+    err = (y_pred.sum(dim=(2, 3, 4)) - y.sum(dim=(2, 3, 4))).abs() * voxel_ml * scale
+    return err if include_background else err[:, 1:]
+
+def no_pair(y_pred):
+    return y_pred
+
+def total(y_pred, y):
+    return y_pred.sum()
+'''
+
+
+@pytest.fixture
+def user_metrics(tmp_path, monkeypatch):
+    (tmp_path / "vf_user_metrics.py").write_text(USER_METRICS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "vf_user_metrics"
+
+
+def _scored_cases(tmp_path):
+    from voxelflow.ingest import Volume, write_case
+    from voxelflow.storage import CaseStore, Store
+
+    raw = CaseStore(Store(tmp_path / "store"), "raw")
+    truth = np.zeros((6, 6, 6), np.uint8)
+    truth[1:3, 1:3, 1:3] = 1  # 8 voxels
+    truth[3:6, 3:6, 3:6] = 2  # 27 voxels
+    image = Volume(np.zeros((6, 6, 6), np.float32), np.eye(4) * [2, 2, 2, 1], (2.0, 2.0, 2.0))
+    write_case(raw, "case-a", image, truth, {"spacing": [2.0, 2.0, 2.0], "affine": image.affine.tolist()})
+
+    def segment(image, affine):  # class 1 right; class 2 grown by one slab of 9 voxels
+        out = truth.copy()
+        out[2, 3:6, 3:6] = 2
+        return out
+    return raw, segment
+
+
+def test_custom_metrics_by_import_path_are_scored_per_class(tmp_path, user_metrics, demo_data):
+    from voxelflow.config import EvaluateSpec
+
+    spec = EvaluateSpec.model_validate({
+        "metrics": ["dice", "iou", "miou", "volume_error"],
+        "custom_metrics": {
+            "iou": {"function": "monai.metrics:compute_iou", "higher_is_better": True},
+            "miou": {"function": "monai.metrics:MeanIoU", "higher_is_better": True},
+            "volume_error": {"function": f"{user_metrics}:volume_error", "higher_is_better": False,
+                             "args": {"scale": 2.0}},
+        }})
+    raw, segment = _scored_cases(tmp_path)
+    custom = {k: v.model_dump() for k, v in spec.custom_metrics.items()}
+    scores = evaluate.score(segment, raw, ["case-a"], spec.metrics, 3, custom)
+    # class 2: 27 true voxels, 36 predicted, 27 shared
+    assert scores["dice_1"] == 1.0 and scores["dice_2"] == pytest.approx(2 * 27 / (27 + 36))
+    assert scores["iou_1"] == 1.0 and scores["iou_2"] == pytest.approx(27 / 36)
+    assert scores["miou_2"] == pytest.approx(scores["iou_2"]) and scores["miou"] == pytest.approx(scores["iou"])
+    # the spacing reached the user's function (8 ml voxels) and so did its argument (x2)
+    assert scores["volume_error_1"] == 0.0 and scores["volume_error_2"] == pytest.approx(9 * 8 / 1000 * 2)
+    assert spec.directions() == {"dice": True, "iou": True, "miou": True, "volume_error": False}
+
+
+def test_a_custom_metrics_direction_drives_its_gates(user_metrics):
+    from voxelflow import policy
+    from voxelflow.config import Gates
+
+    directions = {"volume_error": False}
+    gates = Gates(min_dice=None, absolute={"volume_error": 5.0}, relative_metric="volume_error",
+                  require_lineage=[])
+    good = policy.decide({"volume_error": 4.0}, {"volume_error": 4.5}, gates, directions=directions)
+    assert good.promote, good.reasons
+    assert [g.gate for g in good.gates] == ["max_volume_error", "vs_champion_volume_error"]
+    worse = policy.decide({"volume_error": 4.8}, {"volume_error": 4.5}, gates, directions=directions)
+    assert not worse.promote and "does not beat" in worse.reasons[0]
+    with pytest.raises(KeyError, match="unknown metric"):
+        policy.decide({"volume_error": 4.0}, None, gates)  # no direction known: never guessed
+
+
+def test_a_spec_gating_on_a_custom_metric_loads(demo_data, user_metrics):
+    from voxelflow.config import PipelineSpec
+
+    demo_data["evaluate"]["metrics"] = ["dice", "volume_error"]
+    demo_data["evaluate"]["custom_metrics"] = {
+        "volume_error": {"function": f"{user_metrics}:volume_error", "higher_is_better": False}}
+    demo_data["promote"]["gates"].update({"absolute": {"volume_error_1": 3.0}, "relative_metric": "volume_error"})
+    spec = PipelineSpec.model_validate(demo_data)
+    assert "volume_error_1" in spec.computed_metrics()
+
+
+@pytest.mark.parametrize("evaluate_spec, message", [
+    ({"metrics": ["dice", "accuracy"]}, "unknown metric 'accuracy'"),
+    ({"metrics": ["dice"], "custom_metrics": {"iou": {"function": "monai.metrics:compute_iou",
+                                                      "higher_is_better": True}}},
+     "defines 'iou', which evaluate.metrics does not list"),
+    ({"metrics": ["dice"], "custom_metrics": {"dice": {"function": "monai.metrics:compute_iou",
+                                                       "higher_is_better": True}}}, "built-in metric"),
+    ({"metrics": ["iou_2"], "custom_metrics": {"iou_2": {"function": "monai.metrics:compute_iou",
+                                                         "higher_is_better": True}}}, "not a usable metric name"),
+    ({"metrics": ["iou"], "custom_metrics": {"iou": {"function": "nosuchpackage.metrics:iou",
+                                                     "higher_is_better": True}}}, "cannot import 'nosuchpackage"),
+    ({"metrics": ["iou"], "custom_metrics": {"iou": {"function": "monai.metrics:no_such_metric",
+                                                     "higher_is_better": True}}}, "no function or class"),
+    ({"metrics": ["iou"], "custom_metrics": {"iou": {"function": "monai.metrics:compute_iou",
+                                                     "higher_is_better": True, "args": {"smooth": 1}}}},
+     "has no argument smooth"),
+    ({"metrics": ["iou"], "custom_metrics": {"iou": {"function": "monai.metrics:compute_iou",
+                                                     "higher_is_better": True,
+                                                     "args": {"include_background": "abc"}}}}, "does not fit"),
+    ({"metrics": ["iou"], "custom_metrics": {"iou": {"function": "monai.metrics:compute_iou"}}},
+     "higher_is_better"),
+    ({"metrics": ["p"], "custom_metrics": {"p": {"function": "vf_user_metrics:no_pair", "higher_is_better": True}}},
+     r"must take \(y_pred, y\)"),
+])
+def test_bad_custom_metrics_are_refused_at_load(evaluate_spec, message, user_metrics):
+    from pydantic import ValidationError
+
+    from voxelflow.config import EvaluateSpec
+
+    with pytest.raises(ValidationError, match=message):
+        EvaluateSpec.model_validate(evaluate_spec)
+
+
+def test_a_custom_metric_returning_the_wrong_shape_is_a_clear_error(tmp_path, user_metrics):
+    from voxelflow.config import CustomMetric
+
+    raw, segment = _scored_cases(tmp_path)
+    metric = CustomMetric(function=f"{user_metrics}:total", higher_is_better=True)  # one number, not one per class
+    with pytest.raises(ValueError, match="returned 1 values for 3 classes"):
+        evaluate.score(segment, raw, ["case-a"], ["s"], 3, {"s": metric})
