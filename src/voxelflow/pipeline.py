@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -200,6 +201,16 @@ def train_stage(
             tspec.patience)
     checkpoints = train.Checkpoints(ctx.store, layout.checkpoints(run_id))
     pending: list[tuple[int, dict[str, float]]] = []
+    # tracking runs beside training on one thread of its own: metrics go in batches, pictures are drawn
+    # and logged there, so a step never waits for MLflow; the first failure is raised at the next call
+    tracker = ThreadPoolExecutor(1, thread_name_prefix="voxelflow-tracking")
+    sent: list[Future] = []
+
+    def submit(fn: Callable[..., Any], *args: Any) -> None:
+        for done in [f for f in sent if f.done()]:
+            sent.remove(done)
+            done.result()
+        sent.append(tracker.submit(fn, *args))
 
     def log(epoch: int, metrics: dict[str, float]) -> None:
         pending.append((epoch, metrics))
@@ -209,23 +220,36 @@ def train_stage(
             on_epoch(epoch, metrics)
 
     def flush() -> None:
-        registry.log_metric_steps(ctx.tracking_uri, run_id, pending)
-        pending.clear()
+        if pending:
+            submit(registry.log_metric_steps, ctx.tracking_uri, run_id, list(pending))
+            pending.clear()
 
-    def overlay(epoch: int, scores: dict[str, float], sample: dict[str, Any]) -> None:
+    def draw_overlay(epoch: int, dice: float, sample: dict[str, Any]) -> None:
         png = report.overlay_png(sample["image"], sample["label"], sample["pred"],
-                                 title=f"epoch {epoch + 1}  validation dice {scores['val_epoch_dice']:.3f}")
+                                 title=f"epoch {epoch + 1}  validation dice {dice:.3f}")
         registry.log_bytes(ctx.tracking_uri, run_id, f"validation-epoch-{epoch + 1:04d}.png", png)
 
-    with registry.system_metrics(ctx.tracking_uri, run_id):
-        result = train.train(tspec, cases, checkpoints, validation, on_epoch=log, on_validation=overlay)
-    flush()
-    weights = f"{layout.model_files(run_id)}/weights.safetensors"
-    ctx.store.write_bytes(weights, result.weights)
+    def overlay(epoch: int, scores: dict[str, float], sample: dict[str, Any]) -> None:
+        submit(draw_overlay, epoch, scores["val_epoch_dice"], sample)
+
     curve = layout.report(run_id, "training-curve.png")
-    png = report.curve_png(result.history)
-    ctx.store.write_bytes(curve, png)
-    registry.log_bytes(ctx.tracking_uri, run_id, "training-curve.png", png)
+
+    def draw_curve(history: list[dict[str, float]]) -> None:
+        png = report.curve_png(history)
+        ctx.store.write_bytes(curve, png)
+        registry.log_bytes(ctx.tracking_uri, run_id, "training-curve.png", png)
+
+    try:
+        with registry.system_metrics(ctx.tracking_uri, run_id):
+            result = train.train(tspec, cases, checkpoints, validation, on_epoch=log, on_validation=overlay)
+        flush()
+        submit(draw_curve, result.history)
+        weights = f"{layout.model_files(run_id)}/weights.safetensors"
+        ctx.store.write_bytes(weights, result.weights)
+    finally:
+        tracker.shutdown(wait=True)
+    for f in sent:
+        f.result()
     summary = {"train_seconds": result.seconds, "train_steps": result.steps}
     if result.best_epoch is not None:
         summary.update(best_epoch=result.best_epoch, best_val_epoch_dice=result.best_metric,
