@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
@@ -12,14 +12,21 @@ from voxelflow.pipeline import Context, ingest_stage
 @task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def ingest(data: DataSpec, ctx: Context) -> IngestReport:
     """Decode, check and store new cases as Zarr; every object gets a ledger state."""
-    return ingest_stage(data, ctx, progress=reporter("ingest", f"ingesting {data.source}"))
+    return _said(ingest_stage(data, ctx, progress=reporter("ingest", f"ingesting {data.source}")))
 
 
 @task(name="ingest-arrived", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
       retry_condition_fn=lambda task, run, state: _transient(state))
 def ingest_arrived(data: DataSpec, ctx: Context) -> IngestReport:
     """Ingest what arrived; an ingest that found nothing new is fine. Retried for storage errors only."""
-    return ingest_stage(data, ctx, progress=reporter("ingest", "ingesting arrived data"), require_cases=False)
+    return _said(ingest_stage(data, ctx, progress=reporter("ingest", "ingesting arrived data"), require_cases=False))
+
+
+def _said(report: IngestReport) -> IngestReport:
+    """The run's warnings (de-identification off, ...) in the task's log, at every run."""
+    for message in report.warnings:
+        get_run_logger().warning(message)
+    return report
 
 
 def _transient(state) -> bool:

@@ -176,6 +176,22 @@ class DataSpec(_Stage):
     retrain_after: int = Field(1, ge=1, description="an ingest that brings the dataset this many new cases since "
                                "the last announcement emits voxelflow.dataset.updated (which the lifecycle's "
                                "on-update deployment is triggered by)")
+    deidentify: Literal["basic-profile", "none"] = Field(
+        "basic-profile", description="basic-profile: DICOM is de-identified (PS3.15 Annex E basic profile, keyed UIDs) "
+        "before anything is stored; none: DICOM is kept as it arrived (needs deidentify_acknowledged; warns every run)")
+    deidentify_acknowledged: str | None = Field(
+        None, description="with deidentify: none, a statement that the data is already de-identified or that "
+        "consent covers it (recorded in the audit log at every ingest)")
+
+    @model_validator(mode="after")
+    def _acknowledged(self) -> DataSpec:
+        ack = (self.deidentify_acknowledged or "").strip()
+        if self.deidentify == "none" and not ack:
+            raise ValueError("deidentify: none turns DICOM de-identification off and needs deidentify_acknowledged: "
+                             "a statement that the data is already de-identified or that consent covers it")
+        if self.deidentify != "none" and self.deidentify_acknowledged is not None:
+            raise ValueError("deidentify_acknowledged applies only with deidentify: none (de-identification is on)")
+        return self
 
 
 class Adaptive(_Section):

@@ -53,9 +53,9 @@ TextComments TextString VisitComments
 
 
 def _strip(ds) -> None:
-    """Remove :data:`REMOVE` attributes at every nesting level."""
+    """Remove private tags and :data:`REMOVE` attributes at every nesting level."""
     for elem in list(ds):
-        if elem.keyword in REMOVE:
+        if elem.tag.is_private or elem.keyword in REMOVE:
             del ds[elem.tag]
         elif elem.VR == "SQ":
             for item in elem.value:
@@ -78,27 +78,34 @@ def series_uid(data: bytes) -> str | None:
     return str(uid) if uid else None
 
 
-def deidentify(data: bytes, key: str, name: str) -> Slice:
-    """One DICOM object de-identified in memory; raise :class:`VolumeError` when that is not possible."""
+def parse(data: bytes, name: str) -> Slice:
+    """One DICOM object read in memory as it arrived (``deidentify: none``); raise :class:`VolumeError`."""
     import pydicom
-    from dicognito.anonymizer import Anonymizer
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001
         raise VolumeError("unreadable", f"{name}: not a DICOM file ({type(exc).__name__})") from None
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":  # identity in the pixels: no tag removal helps
         raise VolumeError("burned-in-annotation", f"{name}: the pixels carry burned-in annotation")
+    return Slice(name, ds)
+
+
+def deidentify(data: bytes, key: str, name: str) -> Slice:
+    """One DICOM object de-identified in memory; raise :class:`VolumeError` when that is not possible."""
+    from dicognito.anonymizer import Anonymizer
+
+    sl = parse(data, name)
+    ds = sl.dataset
     try:
         ds.remove_private_tags()
         Anonymizer(seed=_seed(key)).anonymize(ds)
-        ds.remove_private_tags()
-        _strip(ds)
+        _strip(ds)  # private tags again, and what the profile removes that dicognito keeps
     except Exception as exc:  # noqa: BLE001 - dicognito cannot handle this object
         raise VolumeError("deidentify-failed", f"{name}: {type(exc).__name__}") from None
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = METHOD
-    return Slice(name, ds)
+    return sl
 
 
 def _floats(ds, tag: str, n: int) -> np.ndarray | None:
@@ -149,21 +156,26 @@ def stack(slices: list[Slice], max_voxels: int) -> Volume:
     rows, cols = shape0
     if rows * cols * len(slices) > max_voxels:
         raise VolumeError("too-large", f"{rows}x{cols}x{len(slices)} voxels, over the limit {max_voxels}")
-    planes = []
-    for i in order:
+    planes = np.empty((len(slices), rows, cols), np.float32)  # filled plane by plane: one strided copy at the end
+    for k, i in enumerate(order):
         ds = slices[i].dataset
         try:
-            px = ds.pixel_array.astype(np.float32)
+            px = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - truncated or undecodable pixel data
             raise VolumeError("unreadable", f"pixel data does not decode ({type(exc).__name__})") from None
         if px.shape != (rows, cols):
             raise VolumeError("bad-shape", f"a slice decodes to {px.shape}, not one {rows}x{cols} plane")
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        planes.append(px * slope + intercept)
-    # voxel (i, j, k): i along the row direction (columns), j along the column direction (rows), k along the normal
-    array = np.ascontiguousarray(np.stack(planes, axis=-1).transpose(1, 0, 2))
-    if not np.isfinite(array).all():
+        plane = planes[k]
+        plane[...] = px
+        if slope != 1:
+            plane *= slope
+        if intercept:
+            plane += intercept
+    if not np.isfinite(planes).all():
         raise VolumeError("non-finite", "contains NaN or infinite values")
+    # voxel (i, j, k): i along the row direction (columns), j along the column direction (rows), k along the normal
+    array = np.ascontiguousarray(planes.transpose(2, 1, 0))
     ipp_first = geo[order[0]][0]
     lps = np.eye(4)
     lps[:3, 0] = row_dir * ps0[1]

@@ -16,6 +16,9 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from isal import isal_zlib as _gzip  # ISA-L: zlib's API and streams, gzip inflated about 1.5-2 times as fast
+
+_GZIP_ERRORS: tuple[type[Exception], ...] = (zlib.error, _gzip.error)
 
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_HEADER, NIFTI2_HEADER = 348, 540
@@ -29,6 +32,9 @@ class VolumeError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):  # pickles (process-based task runners) with its reason and detail
+        return (type(self), (self.reason, self.detail))
 
 
 @dataclass
@@ -59,15 +65,17 @@ class Header:
 
 def _inflate(data: bytes, limit: int) -> bytes:
     """The first ``limit`` bytes a gzip stream inflates to (fewer when it ends); never more in memory."""
-    out = bytearray()
-    rest = data
-    while rest and len(out) < limit:  # a file may hold several gzip members back to back
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        out += d.decompress(rest, limit - len(out))
+    parts: list[bytes] = []
+    got, rest = 0, data
+    while rest and got < limit:  # a file may hold several gzip members back to back
+        d = _gzip.decompressobj(16 + zlib.MAX_WBITS)
+        part = d.decompress(rest, limit - got)
+        parts.append(part)
+        got += len(part)
         if not d.eof:
             break  # the limit was reached, or the stream is truncated
         rest = d.unused_data
-    return bytes(out)
+    return parts[0] if len(parts) == 1 else b"".join(parts)  # one member, the usual case: no copy
 
 
 def read_header(prefix: bytes, name: str) -> Header:
@@ -130,7 +138,7 @@ def nifti_prefix(data: bytes, name: str) -> bytes:
     """The file's first bytes, uncompressed: enough for a NIfTI-1 or NIfTI-2 header, no more inflated."""
     try:
         return _inflate(data, NIFTI2_HEADER) if data[:2] == GZIP_MAGIC else data[:NIFTI2_HEADER]
-    except zlib.error as exc:
+    except _GZIP_ERRORS as exc:
         raise VolumeError("unreadable", f"{name}: corrupt gzip stream ({exc})") from None
 
 
@@ -143,7 +151,7 @@ def read_nifti(data: bytes, name: str, max_voxels: int) -> Volume:
     check_header(header, name, max_voxels)
     try:
         raw = _inflate(data, header.nbytes) if gz else data[: header.nbytes]
-    except zlib.error as exc:
+    except _GZIP_ERRORS as exc:
         raise VolumeError("truncated", f"{name}: corrupt gzip stream ({exc})") from None
     if len(raw) < header.nbytes:
         raise VolumeError("truncated", f"{name}: {len(raw)} bytes, the header needs {header.nbytes}")

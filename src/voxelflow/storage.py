@@ -167,9 +167,14 @@ class CaseStore:
         return self.store.exists(self._marker(case_id))
 
     def write(self, case_id: str, ds, chunks: tuple[int, ...] | None = None) -> None:
-        """Write an xarray Dataset as a new attempt of the case, then commit it by writing the marker."""
+        """Write an xarray Dataset as a new attempt of the case, then commit it by writing the marker.
+
+        A variable's own ``compressors`` encoding is kept (ingestion asks for Blosc); zarr's default otherwise.
+        """
         attempt = uuid.uuid4().hex[:12]
-        encoding = {v: {"chunks": chunks or ds[v].shape} for v in ds.data_vars}
+        encoding = {v: {"chunks": chunks or ds[v].shape,
+                        **({"compressors": ds[v].encoding["compressors"]} if "compressors" in ds[v].encoding else {})}
+                    for v in ds.data_vars}
         url = self.store.url_of(f"{self.prefix}/{case_id}.{attempt}.zarr")
         ds.to_zarr(url, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
         self.store.write_bytes(self._marker(case_id), attempt.encode())
