@@ -1,11 +1,28 @@
-"""Arrival latency: seconds from a file landing in a watched folder to its ingest flow run being Running.
+"""Arrival latency: a file landing in a watched folder -> its ingest flow Running, and -> the new model served.
 
-A real Prefect server, the ``ingest-arrived/on-arrival`` deployment of deployments/prefect.yaml, a
-process worker and ``voxelflow watch`` run as in production. Each round copies one new Decathlon case
-(image + label, then dataset.json) into the watched folder and times landing -> the run's start time
-(set by the server when the run enters Running). The shipped settings (watch ``--settle`` default,
-worker ``PREFECT_WORKER_QUERY_SECONDS=1``) are measured side by side with Prefect's default worker
-polling. Last line: one JSON object (metric, value, goal, higher_is_better).
+A real Prefect server, the deployments of deployments/prefect.yaml, a process worker and ``voxelflow
+watch`` run as in production (README, "Data arrival"), with the settings the project ships.
+
+``arrival_to_running_s``: each round copies one new Decathlon case (image + label, then dataset.json)
+into the watched folder and times landing -> the ``ingest-arrived/on-arrival`` run's start time (set
+by the server when the run enters Running). The shipped settings (watch ``--settle`` default, worker
+``PREFECT_WORKER_QUERY_SECONDS=0.5``) are measured side by side with Prefect's default worker polling.
+
+``arrival_to_serving_s``: on a second server with a fresh home, ``voxelflow demo --cases 4`` makes an
+older champion (v1, trained on 4 cases) and ``voxelflow serve`` (its defaults) serves it; then the
+demo's labelled data set (what ``voxelflow demo --data-only`` writes: 12 cases, 4 of them the bytes
+v1 was trained on) is copied into the watched folder, and nobody types anything: watch -> ingest
+run -> voxelflow.dataset.updated -> ``lifecycle/on-update`` (train, evaluate, promote against the
+champion on the same held-out cases with the demo spec's gates, smoke-test) -> the service's alias
+poll swaps the new version in. (The lifecycle's own ingest step reads the spec's ``data.source``,
+``{home}/incoming``, where the demo wrote v1's cases; the dataset is every case the ledger holds.)
+Timed from the copy's start to ``/v1/model`` answering a newer
+version; the breakdown comes from the Prefect API's flow- and task-run timestamps and events. The
+data land at a random moment of the service's alias-poll cycle (``serve --poll-seconds``), as real
+data do, so one run's figure is one sample: it varies by up to that period (``promoted_to_served``).
+
+Each metric is one JSON line (metric, value, goal, higher_is_better). ``--serving-only`` skips the
+arrival_to_running rounds, ``--no-serving`` the serving measurement.
 """
 
 from __future__ import annotations
@@ -14,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -69,11 +87,14 @@ def rounds(api_url: str, env: dict[str, str], work: Path, worker_env: dict[str, 
     incoming.mkdir()
     staged = make_decathlon(work / f"staged-{label}", n_cases=first_case + n, size=24)
     out = []
+    logs = [work / f"worker-{label}.log", work / f"watch-{label}.log"]
     with process(["prefect", "worker", "start", "--pool", "voxelflow-process", "--type", "process"],
-                 {**env, **worker_env}, work / f"worker-{label}.log"), \
-            process(["voxelflow", "watch", str(incoming), "--spec", "deployments/specs/demo.yaml"], env,
-                    work / f"watch-{label}.log"):
-        time.sleep(8)  # worker and watcher up
+                 {**env, **worker_env}, logs[0]), \
+            process(["voxelflow", "watch", str(incoming), "--spec", "deployments/specs/demo.yaml"], env, logs[1]):
+        # both up before anything lands (a loaded machine can take longer than a fixed wait to start them)
+        wait_for(lambda: "started" in logs[0].read_text() and "watching" in logs[1].read_text(), 120,
+                 f"{label}: worker and watcher", logs)
+        time.sleep(2)
         for i in range(first_case, first_case + n):
             before = set(started_runs(api_url))
             name = f"synth_{i:03d}.nii.gz"
@@ -98,31 +119,239 @@ def rounds(api_url: str, env: dict[str, str], work: Path, worker_env: dict[str, 
     return out
 
 
+def serve_poll_default() -> float:
+    """`voxelflow serve --poll-seconds` as shipped: how often the service looks for a moved alias."""
+    import inspect
+
+    from flows.cli import serve
+
+    return float(inspect.signature(serve).parameters["poll_seconds"].default)
+
+
+def flow_runs(api_url: str, deployment: str) -> list:
+    """Every flow run of the deployment named ``deployment`` (oldest first)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
+    return sorted(runs, key=lambda r: r.created)
+
+
+def task_runs(api_url: str, flow_run_id) -> dict[str, object]:
+    """Task name -> its last task run in the flow run (names without Prefect's run suffix)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r for r in sorted(runs, key=lambda r: r.created)}
+
+
+def voxelflow_events(api_url: str) -> list[dict]:
+    """The voxelflow.* events the server received, oldest first (event name, occurred as epoch seconds)."""
+    from datetime import datetime
+
+    import httpx
+
+    resp = httpx.post(f"{api_url}/events/filter", json={"filter": {"event": {"prefix": ["voxelflow."]}}, "limit": 50},
+                      timeout=30)
+    resp.raise_for_status()
+    out = [{"event": e["event"], "occurred": datetime.fromisoformat(e["occurred"]).timestamp()}
+           for e in resp.json()["events"]]
+    return sorted(out, key=lambda e: e["occurred"])
+
+
+def wait_for(check, timeout: float, what: str, logs: list[Path]):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            found = check()
+            if found:
+                return found
+        time.sleep(0.25)
+    tails = "\n".join(f"--- {log.name}\n{log.read_text()[-2000:]}" for log in logs if log.exists())
+    raise SystemExit(f"{what}: not within {timeout:.0f} s\n{tails}")
+
+
+def served_model(url: str, key: str) -> dict:
+    import httpx
+
+    resp = httpx.get(f"{url}/v1/model", headers={"X-API-Key": key}, timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def serving(work: Path, timeout: float) -> dict:
+    """One arrival of the demo's data set, timed to the service answering with the newly promoted version."""
+    from flows.server import free_port, local_prefect_server
+    from voxelflow.synthetic import make_decathlon
+
+    home, incoming = work / "serving-home", work / "serving-incoming"
+    incoming.mkdir()
+    logs = [work / f"serving-{name}.log" for name in ("serve", "worker", "watch")]
+    setup: dict[str, float] = {}
+    serve_poll = serve_poll_default()
+    t0 = time.monotonic()
+    with local_prefect_server(work / "prefect-server-serving") as api_url:
+        env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "prefect-client-serving"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "VOXELFLOW_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+        setup["prefect_server_s"] = time.monotonic() - t0
+        # the set-up of README "Data arrival": pool, the two deployments, a worker with the shipped polling
+        cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
+        cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+             "--name", "*/on-arrival", "--name", "lifecycle/on-update"], env)
+        staged = make_decathlon(work / "staged-demo")  # the demo's labelled data set (`voxelflow demo --data-only`)
+        with process(["prefect", "worker", "start", "--pool", "voxelflow-process", "--type", "process"],
+                     {**env, **SHIPPED_WORKER}, logs[1]), \
+                process(["voxelflow", "watch", str(incoming), "--spec", "deployments/specs/demo.yaml"], env, logs[2]):
+            t = time.monotonic()
+            cli(["voxelflow", "demo", "--cases", "4"], env)  # the older champion: v1, trained on 4 cases
+            setup["older_champion_demo_s"] = time.monotonic() - t
+            key = cli(["voxelflow", "keys", "create", "arrival-benchmark", "--role", "viewer"], env).stdout.split()[-1]
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            with process(["voxelflow", "serve", "--port", str(port)], env, logs[0]):  # its defaults otherwise
+                t = time.monotonic()
+                before = wait_for(lambda: served_model(url, key).get("version"), 120, "voxelflow serve on v1", logs)
+                wait_for(lambda: "watching" in logs[2].read_text() and "started" in logs[1].read_text(), 120,
+                         "worker and watcher", logs)
+                setup["serve_up_s"] = time.monotonic() - t
+                # The service looks for a moved alias every `serve_poll` s from its start; a fixed delay here
+                # would land the data at the same phase of that cycle in every run and bias the figure one
+                # way. Data arrive at any moment: land them at a uniformly random phase (after 3 s that let
+                # the service's start-up work end).
+                setup["landing_phase_s"] = random.uniform(0, serve_poll)
+                time.sleep(3 + setup["landing_phase_s"])
+
+                landed = time.time()
+                shutil.copytree(staged, incoming, dirs_exist_ok=True)
+                copied = time.time()
+
+                def stuck() -> None:
+                    """Stop early, saying why, when a run failed or a lifecycle ended without a swap."""
+                    for deployment in ("on-arrival", "on-update"):
+                        for run in flow_runs(api_url, deployment):
+                            if run.state.is_final() and not run.state.is_completed():
+                                raise SystemExit(f"{deployment} run {run.name} ended {run.state.name}: "
+                                                 f"{run.state.message}")
+                            if (deployment == "on-update" and run.state.is_completed()
+                                    and time.time() - run.end_time.timestamp() > serve_poll + 30):
+                                raise SystemExit(f"lifecycle run {run.name} completed at "
+                                                 f"+{run.end_time.timestamp() - landed:.0f} s but the service still "
+                                                 f"answers v{before}: not promoted?")
+
+                # /v1/model twice a second, the runs' states every 5 s: the probe itself costs the cores little
+                deadline, about, checked = time.monotonic() + timeout, None, time.monotonic()
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(Exception):  # the service busy for a moment: ask again
+                        answer = served_model(url, key)
+                        if answer.get("version") not in (None, before):
+                            about = answer
+                            break
+                    if time.monotonic() - checked > 5:
+                        with contextlib.suppress(Exception):
+                            stuck()
+                        checked = time.monotonic()
+                    time.sleep(0.5)
+                served = time.time()
+                if about is None:
+                    tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs)
+                    raise SystemExit(f"no newer version served within {timeout:.0f} s of the arrival\n{tails}")
+                # the breakdown needs the runs' final states (the service may swap before the lifecycle ends)
+                wait_for(lambda: all(r.state.is_final() for r in flow_runs(api_url, "on-update")), 180,
+                         "the lifecycle run's end", logs)
+        ingests, lifecycles = flow_runs(api_url, "on-arrival"), flow_runs(api_url, "on-update")
+        tasks = task_runs(api_url, lifecycles[0].id) if lifecycles else {}
+        events = voxelflow_events(api_url)
+
+    def rel(at) -> float | None:  # seconds after the landing; ``at`` a datetime, epoch seconds or None
+        if at is None:
+            return None
+        return round((at if isinstance(at, float) else at.timestamp()) - landed, 2)
+
+    marks = {"copied": round(copied - landed, 2)}
+    first = {}
+    for e in events:
+        first.setdefault(e["event"], e["occurred"])
+    marks["event_data_arrived"] = rel(first.get("voxelflow.data.arrived"))
+    if ingests:
+        marks.update(ingest_run_created=rel(ingests[0].created), ingest_run_running=rel(ingests[0].start_time))
+    marks["event_dataset_updated"] = rel(first.get("voxelflow.dataset.updated"))
+    if ingests:
+        marks["ingest_run_done"] = rel(ingests[-1].end_time)
+    if lifecycles:
+        life = lifecycles[0]
+        marks.update(lifecycle_run_created=rel(life.created), lifecycle_run_running=rel(life.start_time))
+        for name in ("ingest", "preprocess", "train", "evaluate", "register-and-promote", "deploy"):
+            if name in tasks:
+                marks[f"lifecycle_{name.split('-')[-1]}_done"] = rel(tasks[name].end_time)  # promote_done: alias moved
+        marks["lifecycle_run_done"] = rel(life.end_time)
+    marks["served"] = round(served - landed, 2)
+    split = {}
+    if lifecycles and "register-and-promote" in tasks:  # the lifecycle's own work, and the arrival machinery around it
+        split["lifecycle_running_to_promoted"] = round(
+            tasks["register-and-promote"].end_time.timestamp() - lifecycles[0].start_time.timestamp(), 2)
+        split["everything_else"] = round(served - landed - split["lifecycle_running_to_promoted"], 2)
+        split["promoted_to_served"] = round(served - tasks["register-and-promote"].end_time.timestamp(), 2)
+    return {"value": served - landed, "breakdown_s": marks, "split_s": split, "versions": [before, about["version"]],
+            "runs": {"ingest": len(ingests), "lifecycle": len(lifecycles)},
+            "new_version_gates": {k.removeprefix("voxelflow.gate."): v for k, v in about.get("tags", {}).items()
+                                  if k.startswith("voxelflow.gate.")},
+            "setup_s": {k: round(v, 1) for k, v in setup.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-baseline", action="store_true", help="skip Prefect's default worker polling")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--serving-only", action="store_true", help="measure arrival_to_serving_s alone")
+    what.add_argument("--no-serving", action="store_true", help="measure arrival_to_running_s alone")
+    parser.add_argument("--serving-timeout", type=float, default=480, help="seconds to wait for the new version")
+    parser.add_argument("--keep", action="store_true", help="keep the working folder (server, worker, watch logs)")
     args = parser.parse_args()
 
     from flows.server import local_prefect_server
 
     work = Path(tempfile.mkdtemp(prefix="voxelflow-arrival-"))
+    baseline: list[float] = []
+    shipped: list[float] = []
+    served = None
     try:
-        with local_prefect_server(work / "prefect-server") as api_url:
-            env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "prefect-client"),
-                   "VOXELFLOW_HOME": str(work / "home"), "PYTHONWARNINGS": "ignore"}
-            cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
-            cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
-                 "--name", "*/on-arrival"], env)
-            baseline = [] if args.no_baseline else rounds(api_url, env, work, {}, "prefect-defaults", 1, 0)
-            shipped = rounds(api_url, env, work, SHIPPED_WORKER, "shipped", args.rounds, 1)
-    finally:
+        if not args.serving_only:
+            with local_prefect_server(work / "prefect-server") as api_url:
+                env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "prefect-client"),
+                       "VOXELFLOW_HOME": str(work / "home"), "PYTHONWARNINGS": "ignore"}
+                cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
+                cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                     "--name", "*/on-arrival"], env)
+                baseline = [] if args.no_baseline else rounds(api_url, env, work, {}, "prefect-defaults", 1, 0)
+                shipped = rounds(api_url, env, work, SHIPPED_WORKER, "shipped", args.rounds, 1)
+        if not args.no_serving:
+            served = serving(work, args.serving_timeout)
+    except BaseException:
+        print(f"failed; logs kept in {work}", file=sys.stderr)
+        raise
+    if args.keep:
+        print(f"working folder kept: {work}", file=sys.stderr)
+    else:
         shutil.rmtree(work, ignore_errors=True)
-    if baseline:
-        print(json.dumps({"baseline_prefect_default_polling_s": round(statistics.median(baseline), 2)}))
-    print(json.dumps({"settings": {"watch --settle": "default", **SHIPPED_WORKER}, "rounds": [round(x, 2) for x in shipped]}))
-    print(json.dumps({"metric": "arrival_to_running_s", "value": round(statistics.median(shipped), 2), "goal": 5,
-                      "higher_is_better": False}))
+    if shipped:
+        if baseline:
+            print(json.dumps({"baseline_prefect_default_polling_s": round(statistics.median(baseline), 2)}))
+        print(json.dumps({"settings": {"watch --settle": "default", **SHIPPED_WORKER},
+                          "rounds": [round(x, 2) for x in shipped]}))
+        print(json.dumps({"metric": "arrival_to_running_s", "value": round(statistics.median(shipped), 2), "goal": 5,
+                          "higher_is_better": False}))
+    if served is not None:
+        print(json.dumps({"settings": {"watch --settle": "default", **SHIPPED_WORKER,
+                                       "serve --poll-seconds": serve_poll_default()},
+                          **{k: v for k, v in served.items() if k != "value"}}))
+        print(json.dumps({"metric": "arrival_to_serving_s", "value": round(served["value"], 2), "goal": 120,
+                          "higher_is_better": False}))
 
 
 if __name__ == "__main__":

@@ -347,7 +347,8 @@ def serve(
     alias: Annotated[str, typer.Option(help="model alias to serve")] = "champion",
     host: Annotated[Optional[str], typer.Option(help="bind address (default from settings: 127.0.0.1)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default from settings: 8000)")] = None,
-    poll_seconds: Annotated[float, typer.Option(help="how often to look for a moved alias")] = 30.0,
+    poll_seconds: Annotated[float, typer.Option(help="how often to look for a moved alias (one registry "
+                                                  "lookup)")] = 5.0,
 ) -> None:
     """Serve a registered model over HTTP (API keys, throttling, health, metrics)."""
     with reasons():

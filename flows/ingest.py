@@ -42,7 +42,8 @@ def ingest(spec: str, source: str | None = None, objects: list[str] | None = Non
     if new:
         emit_event(event="voxelflow.dataset.updated",
                    resource={"prefect.resource.id": f"voxelflow.dataset.{loaded.name}"},
-                   payload={"spec": spec, "new_cases": new, "cases": len(report.case_ids),
+                   payload={"spec": spec, "source": loaded.data.source, "new_cases": new,
+                            "cases": len(report.case_ids),
                             "dataset_digest": report.dataset_digest})
         logger.info("dataset %s: %d new cases, announced", report.dataset_digest, new)
     unlabelled = set(report.unlabelled)

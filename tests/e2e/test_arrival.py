@@ -1,8 +1,9 @@
-"""Data arrival for real: files copied into a watched folder end in a completed ingest flow run that stored them.
+"""Data arrival for real: files copied into a watched folder end in a completed ingest flow run that stored
+them, then a completed lifecycle run on what it stored.
 
 `voxelflow watch` emits voxelflow.data.arrived to a real Prefect server; the ``ingest-arrived/on-arrival``
-deployment's trigger (deployments/prefect.yaml) creates a run that a process worker executes. Nobody
-starts the ingest by hand.
+deployment's trigger (deployments/prefect.yaml) creates a run that a process worker executes; the ingest's
+voxelflow.dataset.updated triggers ``lifecycle/on-update``. Nobody starts anything by hand.
 """
 
 from __future__ import annotations
@@ -21,40 +22,47 @@ pytestmark = pytest.mark.slow
 FAST_WORKER = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
 
 
-def ingest_runs(api_url: str) -> list:
+def runs_of(api_url: str, deployment: str) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["on-arrival"])))
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])))
 
 
 def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(prefect_api, prefect_env, tmp_path):
+    import yaml
+
     from voxelflow.synthetic import make_decathlon
 
     env = {**prefect_env, **FAST_WORKER}
     pool = run_cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
     assert pool.returncode == 0 or "already exists" in pool.stdout, pool.stdout + pool.stderr
     deploy = run_cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
-                      "--name", "*/on-arrival"], env)
+                      "--name", "*/on-arrival", "--name", "lifecycle/on-update"], env)
     assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    staged = make_decathlon(tmp_path / "staged", n_cases=3, size=24)
+    staged = make_decathlon(tmp_path / "staged", n_cases=4, size=24)
+    spec = yaml.safe_load((REPO / "deployments/specs/demo.yaml").read_text())
+    spec["train"]["epochs"] = 2  # the spec's own data.source is not the watched folder, and does not exist
+    spec["promote"]["gates"] = {"min_dice": 0.0}
+    spec["evaluate"]["val_fraction"] = 0.5  # both sides hold a case among four
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     with prefect_worker("voxelflow-process", env, tmp_path / "worker.log", REPO), \
             open(tmp_path / "watch.log", "w") as watch_log:
         watcher = subprocess.Popen([str(BIN / "voxelflow"), "watch", str(incoming), "--spec",
-                                    "deployments/specs/demo.yaml", "--settle", "1", "--poll", "0.5"],
+                                    str(tmp_path / "spec.yaml"), "--settle", "1", "--poll", "0.5"],
                                    env=env, cwd=REPO, stdout=watch_log, stderr=subprocess.STDOUT)
         try:
             time.sleep(2)  # the watcher is up before anything lands
             shutil.copytree(staged, incoming, dirs_exist_ok=True)
-            deadline, runs = time.monotonic() + 150, []
+            deadline, runs, lifecycles = time.monotonic() + 300, [], []
             while time.monotonic() < deadline:
-                runs = ingest_runs(prefect_api)
-                if runs and all(r.state and r.state.is_final() for r in runs):
+                runs, lifecycles = runs_of(prefect_api, "on-arrival"), runs_of(prefect_api, "on-update")
+                if runs and lifecycles and all(r.state and r.state.is_final() for r in runs + lifecycles):
                     break
                 time.sleep(1)
         finally:
@@ -64,11 +72,17 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
     assert len(runs) == 1, f"{len(runs)} ingest runs\n{logs[-4000:]}"  # one settled batch, one event, one run
     assert runs[0].state.is_completed(), f"{runs[0].state}\n{logs[-4000:]}"
     assert runs[0].parameters["source"] == str(incoming)
+    assert len(lifecycles) == 1, f"{len(lifecycles)} lifecycle runs\n{logs[-4000:]}"
+    assert lifecycles[0].state.is_completed(), f"{lifecycles[0].state}\n{logs[-4000:]}"
+    assert lifecycles[0].parameters["sets"] == [f"data.source={incoming}"]  # what grew, not the spec's default
 
     from voxelflow.config import Settings
     from voxelflow.db import connect
     from voxelflow.ingest import read_ledger
 
     ledger = read_ledger(connect(Settings(home=tmp_path / "home").database), "demo-spheres")
-    assert len(ledger) == 6 and {r["state"] for r in ledger} == {"ingested"}, ledger
+    assert len(ledger) == 8 and {r["state"] for r in ledger} == {"ingested"}, ledger  # the lifecycle found all seen
+    from voxelflow import registry
+
+    assert registry.alias_version(Settings(home=tmp_path / "home").tracking_uri, "demo-spheres") == "1"
     assert "synth_000" not in (tmp_path / "worker.log").read_text()  # logs carry case ids and hashes only

@@ -192,7 +192,8 @@ def test_arrival_triggers_chain_ingest_and_lifecycle():
     assert a["expect"] == ["voxelflow.data.arrived"] and a["match"] == {"prefect.resource.id": "voxelflow.dataset.*"}
     assert a["parameters"] == {"spec": "{{ event.payload.spec }}", "source": "{{ event.payload.source }}"}
     (u,) = update["triggers"]
-    assert u["expect"] == ["voxelflow.dataset.updated"] and u["parameters"] == {"spec": "{{ event.payload.spec }}"}
+    assert u["expect"] == ["voxelflow.dataset.updated"]
+    assert u["parameters"] == {"spec": "{{ event.payload.spec }}", "sets": ["data.source={{ event.payload.source }}"]}
     assert update["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # repeated updates queue, never overlap
 
 
