@@ -63,16 +63,17 @@ class Segmenter:
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
         item = self.pre({"image": to_meta(np.asarray(volume, dtype=np.float32), affine)})
         image = item["image"]
-        pred = torch.argmax(self.logits(image[None].as_tensor()), dim=1).to(torch.uint8).cpu()
-        pred = MetaTensor(pred, meta=dict(image.meta))
-        pred.applied_operations = list(image.applied_operations)
+        # the logits go back onto the input grid (interpolated) and the argmax is taken there, as MONAI's
+        # tutorials do: a coarse mask brought back by nearest neighbour loses thin structures (grey matter
+        # at 1 mm: Dice 0.871 against 0.897 in benchmarks/train_quality.py)
+        logits = MetaTensor(self.logits(image[None].as_tensor())[0].float().cpu(), meta=dict(image.meta))
+        logits.applied_operations = list(image.applied_operations)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=True)(
-                {"pred": pred, "image": image}
+            out = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False)(
+                {"pred": logits, "image": image}
             )
-        mask = np.asarray(out["pred"].detach().cpu().numpy())[0]
-        return np.rint(mask).astype(np.uint8)
+        return torch.argmax(torch.as_tensor(out["pred"]), dim=0).to(torch.uint8).numpy()
 
 
 class SegmentationModel(PythonModel):

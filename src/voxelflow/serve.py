@@ -232,8 +232,8 @@ def declared_volume(body: bytes, content_type: str) -> tuple[tuple[int, ...], np
 def working_set_bytes(shape: tuple[int, ...], dtype: np.dtype, spacing: tuple[float, ...],
                       config: dict[str, Any] | None) -> int:
     """Memory one inference of this volume needs, from its header: per input voxel, the body (read, joined,
-    decoded) and about 80 bytes of float intermediates (its float copy, resampling grids there and back, the
-    prediction inverted onto the input grid, the masks; measured on CPU at 96^3); per voxel of the model's grid
+    decoded), about 80 bytes of float intermediates (its float copy, resampling grids there and back, the
+    masks; measured on CPU at 96^3) and the logits of every channel inverted onto it; per voxel of the model's grid
     (resampled to its spacing, padded to its window), the preprocessed copies and the sliding-window logits,
     accumulator and count map of every output channel."""
     config = config or {}
@@ -247,7 +247,7 @@ def working_set_bytes(shape: tuple[int, ...], dtype: np.dtype, spacing: tuple[fl
     grid = max(voxels * zoom, math.prod(config.get("spatial_size", [1])))
     network = next(iter(config.get("network", {}).values()), {}) if isinstance(config.get("network"), dict) else {}
     channels = int(network.get("out_channels", 2)) if isinstance(network, dict) else 2
-    per_input = 3 * np.dtype(dtype).itemsize + 80
+    per_input = 3 * np.dtype(dtype).itemsize + 80 + 8 * channels  # + the logits inverted onto the input grid
     per_grid = 4 * 2 + 4 * (2 * channels + 1) + 1  # preprocessed (two copies), logits + accumulator + count, argmax
     total = voxels * per_input + grid * per_grid
     return int(total) if math.isfinite(total) else 2**63  # an absurd spacing: more than any budget
