@@ -1,4 +1,4 @@
-"""Shared fixtures: one real Prefect server for the whole session, started on 127.0.0.1 on first use."""
+"""Shared fixtures: one real Prefect server per test process (make test runs two), started on 127.0.0.1 on first use."""
 
 from __future__ import annotations
 
