@@ -283,7 +283,15 @@ def evaluate_stage(
     raw = ctx.layout.raw
     classes = n_classes(outcome.model_config["network"])
     custom = {k: v.model_dump() for k, v in spec.custom_metrics.items()}
-    scores = evaluate.score(candidate.segment, raw, val_ids, spec.metrics, classes, custom)
+    first: list[Any] = []  # the first held-out case's mask, kept for the overlay instead of segmenting it again
+
+    def segment(image: Any, affine: Any) -> Any:
+        pred = candidate.segment(image, affine)
+        if not first:
+            first.append(pred)
+        return pred
+
+    scores = evaluate.score(segment, raw, val_ids, spec.metrics, classes, custom)
     registry.log_metrics(ctx.tracking_uri, run_id, {f"val_{k}": v for k, v in scores.items()})
     champion_scores, champion_version = None, registry.alias_version(ctx.tracking_uri, model_name)
     if champion_version is not None:
@@ -292,7 +300,7 @@ def evaluate_stage(
         champion_scores = evaluate.score(champ.segment, raw, val_ids, spec.metrics, classes, custom)
         registry.log_metrics(ctx.tracking_uri, run_id, {f"champion_val_{k}": v for k, v in champion_scores.items()})
     case = ingest.load_case(raw, val_ids[0])
-    pred = candidate.segment(case["image"], case["affine"])
+    pred = first[0]  # score() segments the cases in the order given
     png = report.overlay_png(case["image"], case.get("label"), pred,
                              title=f"{val_ids[0]}  dice {evaluate.dice(pred, case['label'], classes):.3f}")
     key = ctx.layout.report(run_id, "overlay.png")
