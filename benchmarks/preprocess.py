@@ -176,11 +176,12 @@ class ForeignCpu:
         return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
     def __enter__(self) -> ForeignCpu:
-        self.busy0, self.ours0 = self._busy(), self._ours()
+        self.busy0, self.ours0, self.t0 = self._busy(), self._ours(), time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = max(0.0, (self._busy() - self.busy0) - (self._ours() - self.ours0))
+        self.share = self.seconds / ((time.perf_counter() - self.t0) * (os.cpu_count() or 1))
 
 
 def _rss() -> int:

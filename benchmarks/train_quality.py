@@ -62,6 +62,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+from preprocess import ForeignCpu, wait_until_idle  # noqa: E402 - benchmarks/preprocess.py, next to this script
+
 SPEC = ROOT / "benchmarks" / "specs" / "quality.yaml"
 GENERATOR = "mni152-deformed-v1"  # bump when the data generator changes: kept folders are then rebuilt
 
@@ -99,50 +101,6 @@ class TreeRSS:
         with open("/proc/self/status") as fh:
             hwm = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
         return {"process_mib": round(hwm), "with_children_mib": round(self.peak / 2**20)}
-
-
-class ForeignCpu:
-    """CPU seconds that processes other than this one and its descendants used over a block: the figures
-    are worth most on an otherwise idle machine, and this says whether it was."""
-
-    @staticmethod
-    def _ours() -> float:
-        import psutil
-
-        total = 0.0
-        me = psutil.Process()
-        for proc in [me, *me.children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-            except psutil.Error:
-                pass
-        return total
-
-    @staticmethod
-    def _busy() -> float:
-        import psutil
-
-        t = psutil.cpu_times()
-        return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
-
-    def __enter__(self) -> ForeignCpu:
-        self.busy0, self.ours0, self.t0 = self._busy(), self._ours(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = max(0.0, (self._busy() - self.busy0) - (self._ours() - self.ours0))
-        self.share = self.seconds / ((time.perf_counter() - self.t0) * (os.cpu_count() or 1))
-
-
-def wait_until_idle(limit: float, busy: float = 25.0) -> float:
-    """Wait (at most ``limit`` s) until the CPUs are below ``busy`` % over a second; returns the wait."""
-    import psutil
-
-    start = time.perf_counter()
-    while time.perf_counter() - start < limit and psutil.cpu_percent(interval=1.0) > busy:
-        pass
-    return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------- data
