@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from tests.conftest import BIN, REPO, run_cli
+from tests.conftest import REPO, run_cli
+from tests.services import prefect_worker
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +29,10 @@ def test_deployment_run_completes(prefect_env, tmp_path):
     assert info["parameters"]["spec"] == "deployments/specs/demo.yaml"
     assert [s["active"] for s in info["schedules"]] == [False]
 
-    worker_log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "voxelflow-process"],
-                              env=env, cwd=REPO, stdout=worker_log, stderr=subprocess.STDOUT)
-    try:
+    with prefect_worker("voxelflow-process", env, tmp_path / "worker.log", REPO):  # killed if it will not stop
         run = run_cli(["prefect", "deployment", "run", "lifecycle/demo",
                        "--param", 'overlays=["deployments/params/quick.yaml"]',
                        "--watch", "--watch-timeout", "480"], env, timeout=540)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-        worker_log.close()
     log = (tmp_path / "worker.log").read_text()
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + log[-4000:]
     assert "Completed" in run.stdout + run.stderr, run.stdout[-2000:]
