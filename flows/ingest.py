@@ -15,7 +15,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 
 from tasks.ingest import ingest_arrived
-from voxelflow.config import Settings, load_spec
+from tasks.settings import run_settings
+from voxelflow.config import load_spec
 from voxelflow.ingest import read_ledger
 from voxelflow.pipeline import Context
 from voxelflow.watch import dataset_update
@@ -25,7 +26,7 @@ from voxelflow.watch import dataset_update
 def ingest(spec: str, source: str | None = None, objects: list[str] | None = None) -> dict:
     """Ingest ``source`` (default: the spec's ``data.source``) under the spec's pipeline."""
     loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
-    ctx = Context(Settings(), loaded.name)
+    ctx = Context(run_settings(loaded.data), loaded.name)
     logger = get_run_logger()
     report = ingest_arrived(loaded.data, ctx)
     wanted = set(objects or [])

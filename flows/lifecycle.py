@@ -16,8 +16,9 @@ from flows.stages import current_lifecycle_id, placed
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
+from tasks.settings import run_settings
 from tasks.train import mlflow_run, train
-from voxelflow.config import PipelineSpec, Settings, load_spec
+from voxelflow.config import PipelineSpec, load_spec
 from voxelflow.pipeline import Context, lineage, markdown, split_stage, summarise, usable_cases
 
 
@@ -36,7 +37,7 @@ def lifecycle(
         spec = load_spec(spec, overlays, sets)
     elif overlays or sets:
         raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
-    ctx = Context(Settings(), spec.name)
+    ctx = Context(run_settings(spec.data), spec.name)
     lid = current_lifecycle_id()
 
     ingested = placed("ingest", spec.data.work_pool, ctx, spec, lid, lambda: ingest(spec.data, ctx))

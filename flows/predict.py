@@ -17,7 +17,8 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.ingest import ingest_arrived
 from tasks.predict import predict_cases
-from voxelflow.config import Settings, load_spec
+from tasks.settings import run_settings
+from voxelflow.config import load_spec
 from voxelflow.pipeline import Context
 from voxelflow.predict import ModelRef, default_destination
 
@@ -27,7 +28,7 @@ def predict(spec: str, cases: list[str] | None = None, source: str | None = None
             model: str | None = None) -> dict:
     """Segment the unlabelled cases ``cases`` (default: every one not segmented yet) of the spec's pipeline."""
     loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
-    ctx = Context(Settings(), loaded.name)
+    ctx = Context(run_settings(loaded.data), loaded.name)
     logger = get_run_logger()
     ref = str(ModelRef.parse(model or loaded.promote.model_name))  # a bad reference fails before any work
     dest = ctx.settings.expand(out) if out else default_destination(ctx.settings.store_url, loaded.name)

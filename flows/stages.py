@@ -20,6 +20,7 @@ from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
 from tasks.registry import register_and_promote
+from tasks.settings import run_settings
 from tasks.train import train
 from voxelflow.config import PipelineSpec, Settings
 from voxelflow.ingest import IngestReport
@@ -40,7 +41,7 @@ RESULTS: dict[str, type] = {
 
 def context_for(spec: PipelineSpec, store: str) -> Context:
     """This worker's context; its store must be the one the lifecycle uses, or nothing adds up."""
-    ctx = Context(Settings(), spec.name)
+    ctx = Context(run_settings(spec.data), spec.name)
     if ctx.store.url != store:
         raise RuntimeError(
             f"this worker's store is {ctx.store.url!r} but the lifecycle's is {store!r}: give every work pool the "

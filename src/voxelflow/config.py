@@ -733,6 +733,8 @@ class Settings(BaseSettings):
     deid_key: SecretStr | None = Field(
         None, description="key of the consistent DICOM UID remapping; required to ingest DICOM, never stored"
     )
+    deid_key_block: str = Field(
+        "voxelflow-deid-key", description="Prefect Secret block flow runs read the key from when deid_key is unset")
     serve_workers: int | None = Field(None, ge=1, description="inferences at once (default: one per core)")
     serve_queue: int | None = Field(None, ge=0, description="requests that may wait for a worker (default: workers)")
     serve_timeout_s: float = Field(120.0, gt=0, description="longest a request may take (then 504)")

@@ -519,7 +519,9 @@ def begin(data: DataSpec, layout: Layout, db: Database, source: str, deid_key: s
     """
     off = data.deidentify == "none"
     if data.layout == "dicom" and not off and not deid_key:
-        raise ValueError("a DICOM ingest needs a de-identification key: set VOXELFLOW_DEID_KEY")
+        raise ValueError("a DICOM ingest needs a de-identification key: set VOXELFLOW_DEID_KEY (in a flow run, "
+                         "or save it in the Prefect Secret block named by VOXELFLOW_DEID_KEY_BLOCK, "
+                         "default voxelflow-deid-key)")
     report = IngestReport()
     if off:
         message = DEIDENTIFY_OFF.format(ack=data.deidentify_acknowledged)

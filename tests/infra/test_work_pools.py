@@ -128,9 +128,16 @@ def test_every_stage_has_process_and_kubernetes_deployments(stage):
 
 
 def test_process_pool_deployments_use_the_worker_environment():
+    """No environment of their own; one process per flow run (`command` set: no supervisor process first)."""
+    from prefect.utilities.schema_tools import validate
+    from prefect.workers.process import ProcessWorker
+
+    variables = ProcessWorker.get_default_base_job_template()["variables"]
     for d in DEPLOYMENTS:
         if d["work_pool"]["name"] not in KUBERNETES_POOLS:
-            assert not d["work_pool"].get("job_variables"), full_name(d)
+            assert d["work_pool"].get("job_variables") == {"command": "python -m prefect.engine"}, full_name(d)
+            assert not validate(d["work_pool"]["job_variables"], variables, raise_on_error=False, preprocess=True,
+                                ignore_required=True, allow_none_with_default=True), full_name(d)
             assert not d.get("pull"), f"{full_name(d)}: process pools run in the directory `prefect deploy` ran in"
 
 
