@@ -49,8 +49,12 @@ def _single_key(item: Any, what: str) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"each {what} must be a name or a one-key mapping {{Name: {{arg: value}}}}, got {item!r}")
 
 
-def _check_kwargs(cls: type, name: str, kwargs: dict[str, Any], what: str) -> None:
-    params = inspect.signature(cls.__init__).parameters
+def _check_kwargs(target: Any, name: str, kwargs: dict[str, Any], what: str) -> None:
+    """Refuse keyword arguments that ``target`` (a class's constructor, or a function) does not take."""
+    try:
+        params = inspect.signature(target.__init__ if inspect.isclass(target) else target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check before it runs
+        return
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     unknown = sorted(set(kwargs) - set(params) - {"self"})
@@ -409,11 +413,7 @@ class CustomMetric(_Section):
             params = inspect.signature(target).parameters
         except (TypeError, ValueError):  # a builtin without a signature: nothing to check before it runs
             return self
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            unknown = sorted(set(self.args) - set(params) - {"self"})
-            if unknown:
-                raise ValueError(f"metric {self.function!r} has no argument {', '.join(unknown)}; it takes: "
-                                 + ", ".join(p for p in params if p != "self"))
+        _check_kwargs(fn, self.function, self.args, "metric")
         if not inspect.isclass(fn):
             positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
             if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
