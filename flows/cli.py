@@ -206,9 +206,14 @@ def ingest(
         console.print(table)
         for q in report.quarantined:
             console.print(f"quarantined {q['reason']}: {q['detail']}", highlight=False)
+        for s in report.superseded:
+            console.print(f"{s['by']} replaces {s['case'] or 'quarantined objects'} ({s['regrouped']} objects "
+                          "regrouped: a series that grew, a label that came later, or a replaced file)",
+                          highlight=False)
         console.print(f"dataset {report.dataset_digest}: {len(report.case_ids)} cases", highlight=False)
         if json_:
             print(json.dumps({"arrived": sum(counts.values()), **counts, "already_seen": report.seen,
+                              "superseded": [s["case"] for s in report.superseded if s["case"]],
                               "cases": len(report.case_ids), "dataset_digest": report.dataset_digest}))
 
 
@@ -336,7 +341,10 @@ def ledger(
             return
         table = Table("at", "state", "case", "object", "sha256", "reason")
         for r in rows:
-            table.add_row(r["at"], r["state"], r["case_id"] or "", r["object"], r["sha256"][:12], r["reason"] or "")
+            case = r["case_id"] or ""
+            if r["superseded_by"]:  # out of the dataset: a later case holds all of its objects
+                case += f" (superseded by {r['superseded_by']})"
+            table.add_row(r["at"], r["state"], case, r["object"], r["sha256"][:12], r["reason"] or "")
         console.print(table)
         console.print(f"{len(rows)} objects")
 

@@ -48,6 +48,8 @@ ledger = Table(
     Column("reason", String(64), nullable=True),
     Column("detail", Text, nullable=True),
     Column("at", DateTime(timezone=True), nullable=False),
+    # the later case that holds every object of this row's case (migration 0003): out of the dataset
+    Column("superseded_by", String(64), nullable=True),
     UniqueConstraint("pipeline", "object", "sha256", name="uq_ledger_object"),
     Index("ix_ledger_pipeline_case", "pipeline", "case_id"),
 )

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import fsspec
 import numpy as np
 import xarray as xr
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 
 from voxelflow import audit, dicom
 from voxelflow.config import DataSpec
@@ -55,6 +55,7 @@ class IngestReport:
     unlabelled: list[str] = field(default_factory=list)  # stored, never used for training or evaluation
     objects: dict[str, int] = field(default_factory=dict)  # new ledger rows by state, in objects
     seen: int = 0  # objects the ledger had already accounted for (same key, same bytes)
+    superseded: list[dict[str, Any]] = field(default_factory=list)  # {case, by, regrouped}: see _supersede
     arrived: int = 0  # objects found under the source: sum(objects.values()) + seen
     warnings: list[str] = field(default_factory=list)  # said at every run (e.g. de-identification is off)
 
@@ -66,6 +67,7 @@ class IngestReport:
             "arrived": self.arrived,
             "objects": dict(self.objects),
             "already_seen": self.seen,
+            "superseded": len(self.superseded),
             "cases": len(self.case_ids),
             "unlabelled": len(self.unlabelled),
             "dataset_digest": self.dataset_digest,
@@ -312,7 +314,8 @@ def ingested_cases(db: Database, pipeline: str) -> list[str]:
     """Every case the ledger says was ingested for ``pipeline``: the dataset."""
     with db.transaction() as conn:
         rows = conn.execute(
-            select(ledger.c.case_id).where(ledger.c.pipeline == pipeline, ledger.c.state == "ingested").distinct()
+            select(ledger.c.case_id).where(ledger.c.pipeline == pipeline, ledger.c.state == "ingested",
+                                           ledger.c.superseded_by.is_(None)).distinct()
         ).all()
     return sorted(r.case_id for r in rows)
 
@@ -469,6 +472,54 @@ def _of_blobs(*hexdigests: str) -> str:
     return h.hexdigest()
 
 
+def _supersede(conn, db: Database, prep: _Prepared, pipeline: str, report: IngestReport) -> None:
+    """A new case that holds every object of earlier cases replaces them in the dataset.
+
+    That is a DICOM series whose slices arrived in two batches, a label that came after its image,
+    or a file replaced under its name: the earlier case would otherwise stay in the dataset beside
+    the new one (a half volume, an unlabelled copy, the old label). Rows of this case's objects
+    with the same bytes move to the new case (quarantined ones too: the grouping they were
+    quarantined in, a series with missing slices, is gone); the earlier cases' other rows (older
+    bytes under these names) stay as they were, marked ``superseded_by``. A case that shares only
+    some objects with the new one (two raters' labels of one image) is left alone.
+    """
+    case, shas, new = prep.case, prep.shas, prep.case_id
+    keys = set(case.objects)
+    rows = []
+    for i in range(0, len(case.objects), 500):
+        rows += conn.execute(select(ledger).where(ledger.c.pipeline == pipeline,
+                                                  ledger.c.object.in_(case.objects[i:i + 500]))).all()
+    earlier = {r.case_id for r in rows if r.case_id and r.case_id != new and r.superseded_by is None}
+    members = {c: {r.object for r in conn.execute(select(ledger.c.object).where(
+        ledger.c.pipeline == pipeline, ledger.c.case_id == c))} for c in sorted(earlier)}
+    replaced = {c for c, objects in members.items() if objects <= keys}
+    moved: dict[str, int] = {}
+    for r in rows:
+        if shas.get(r.object) != r.sha256 or r.case_id == new:
+            continue
+        if r.case_id is None and r.state == "quarantined":
+            was = f"quarantined ({r.reason}) in an earlier grouping"
+        elif r.case_id in replaced:
+            was = f"case {r.case_id}"
+        else:
+            continue
+        conn.execute(update(ledger).where(ledger.c.id == r.id).values(
+            case_id=new, state="duplicate" if r.object in prep.dups else "ingested", reason=None,
+            detail=f"regrouped into {new}, was {was}"))
+        moved[r.case_id or "quarantine"] = moved.get(r.case_id or "quarantine", 0) + 1
+    if replaced:
+        conn.execute(update(ledger).where(ledger.c.pipeline == pipeline, ledger.c.case_id.in_(sorted(replaced)))
+                     .values(superseded_by=new))
+    changes = [{"case": old, "by": new, "regrouped": moved.get(old, 0)} for old in sorted(replaced)]
+    if moved.get("quarantine"):
+        changes.append({"case": None, "by": new, "regrouped": moved["quarantine"]})
+    if changes:
+        audit.append(db, "data.cases_superseded", "voxelflow", conn=conn, pipeline=pipeline, case=new,
+                     superseded=[c["case"] for c in changes if c["case"]],
+                     regrouped_objects=sum(c["regrouped"] for c in changes))
+        report.superseded += changes
+
+
 def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport) -> None:
     """Under the pipeline's ingest lock: each object not yet in the ledger gets its one state."""
     case, shas, problem, case_id = prep.case, prep.shas, prep.problem, prep.case_id
@@ -490,6 +541,7 @@ def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport)
         else:
             state, cid = "ingested", case_id
             report.ingested.append(case_id)
+            _supersede(conn, db, prep, pipeline, report)
         rows = []
         for obj in fresh:
             st = "duplicate" if obj in prep.dups else state
@@ -556,6 +608,7 @@ def merge(report: IngestReport, part: IngestReport) -> None:
     for state, n in part.objects.items():
         report.objects[state] = report.objects.get(state, 0) + n
     report.seen += part.seen
+    report.superseded += part.superseded
 
 
 def finish(report: IngestReport, layout: Layout, db: Database) -> IngestReport:
