@@ -39,7 +39,7 @@ def ingest(spec: str, source: str | None = None, objects: list[str] | None = Non
         logger.info("ingested %s", cid)
     for q in report.quarantined:  # the case name may be a file name: the reason only
         logger.warning("quarantined a case: %s", q["reason"])
-    new = dataset_update(ctx.db, loaded.name, len(report.case_ids), loaded.data.retrain_after)
+    new = dataset_update(ctx.db, loaded.name, report.case_ids, loaded.data.retrain_after)
     if new:
         emit_event(event="voxelflow.dataset.updated",
                    resource={"prefect.resource.id": f"voxelflow.dataset.{loaded.name}"},

@@ -177,9 +177,10 @@ class DataSpec(_Stage):
         "decathlon", description="decathlon (dataset.json), folder (one folder per case) or dicom (any tree, by series)"
     )
     max_voxels: int = Field(512**3, gt=0, description="cases larger than this are quarantined")
-    retrain_after: int = Field(1, ge=1, description="an ingest that brings the dataset this many new cases since "
-                               "the last announcement emits voxelflow.dataset.updated (which the lifecycle's "
-                               "on-update deployment is triggered by)")
+    retrain_after: int = Field(1, ge=1, description="an ingest after which the labelled dataset holds this many "
+                               "cases not in the last announced one (new, or replacing others) emits "
+                               "voxelflow.dataset.updated (which the lifecycle's on-update deployment is "
+                               "triggered by)")
     deidentify: Literal["basic-profile", "none"] = Field(
         "basic-profile", description="basic-profile: DICOM is de-identified (PS3.15 Annex E basic profile, keyed UIDs) "
         "before anything is stored; none: DICOM is kept as it arrived (needs deidentify_acknowledged; warns every run)")

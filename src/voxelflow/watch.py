@@ -144,16 +144,22 @@ def set_cursor(db: Database, name: str, value: Any, conn=None) -> None:
             c.execute(stmt)
 
 
-def dataset_update(db: Database, pipeline: str, cases: int, threshold: int) -> int | None:
-    """New cases since the dataset was last announced, when they reach ``threshold`` (then recorded); else None.
+def dataset_update(db: Database, pipeline: str, case_ids: list[str], threshold: int) -> int | None:
+    """How many of ``case_ids`` (the labelled dataset) were not in the last announced dataset, when
+    they reach ``threshold`` (the dataset is then recorded as announced); else None.
 
-    Under the pipeline's lock, so two ingests finishing together announce the new cases once.
+    Counted by case id, not by size: a case that replaced another (a corrected label, a series that
+    grew) is new, although the dataset did not grow. Under the pipeline's lock, so two ingests
+    finishing together announce the new cases once.
     """
     name = f"dataset-announced:{pipeline}"
     with db.locked(name) as conn:
-        last = get_cursor(db, name, conn) or 0
-        new = cases - int(last)
+        last = get_cursor(db, name, conn)
+        if isinstance(last, int):  # recorded as a count before case ids were kept
+            new = len(case_ids) - last
+        else:
+            new = len(set(case_ids) - set(last or ()))
         if new < threshold:
             return None
-        set_cursor(db, name, cases, conn)
+        set_cursor(db, name, sorted(case_ids), conn)
     return new

@@ -116,3 +116,14 @@ def test_run_wakes_on_local_changes(tmp_path, db, heard):
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def test_the_dataset_is_announced_when_enough_cases_are_new_by_id(db):
+    from voxelflow.watch import dataset_update
+
+    assert dataset_update(db, "p", ["a", "b"], 2) == 2
+    assert dataset_update(db, "p", ["a", "b"], 1) is None  # nothing new
+    assert dataset_update(db, "p", ["a", "b", "c"], 2) is None  # one new case, the threshold is two
+    assert dataset_update(db, "p", ["a", "c", "d"], 2) == 2  # c and d; b was replaced: no growth, new cases
+    assert dataset_update(db, "p", ["a", "c", "e"], 1) == 1  # d corrected into e: same size, one new case
+    assert dataset_update(db, "other", ["a"], 1) == 1  # per pipeline
