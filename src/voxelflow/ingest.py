@@ -117,11 +117,23 @@ def discover(source: str, layout: str) -> list[SourceCase]:
         manifest = _join(root, "dataset.json")
         if not fs.exists(manifest):
             raise FileNotFoundError(f"{source}: decathlon layout needs a dataset.json")
-        meta = json.loads(fs.cat_file(manifest))
-        for i, item in enumerate(meta.get("training", [])):
-            image = str(item["image"] if isinstance(item, dict) else item)
+        try:
+            meta = json.loads(fs.cat_file(manifest))
+        except ValueError as exc:
+            raise ValueError(f"{source}: dataset.json is not valid JSON ({exc})") from None
+        # `training` entries are labelled cases; `test` entries (Decathlon's imagesTs) unlabelled ones
+        training, test = (meta.get("training") or [], meta.get("test") or []) if isinstance(meta, dict) else (0, 0)
+        if not isinstance(training, list) or not isinstance(test, list):
+            raise ValueError(f"{source}: dataset.json must be an object whose training and test are lists")
+        entries = [*((f"training[{i}]", t) for i, t in enumerate(training)),
+                   *((f"test[{i}]", t) for i, t in enumerate(test))]
+        for i, (where, item) in enumerate(entries):
+            image = item.get("image") if isinstance(item, dict) else item
             label = item.get("label") if isinstance(item, dict) else None
-            label = str(label) if label else None
+            if not isinstance(image, str) or not image or not isinstance(label, (str, type(None))):
+                raise ValueError(f"{source}: dataset.json {where} needs an image path (a string) and at most "
+                                 "one label path")
+            label = label or None
             name = Path(image).name
             for suffix in NIFTI_SUFFIXES[::-1]:
                 name = name.removesuffix(suffix)

@@ -527,3 +527,37 @@ def test_kill_9_mid_ingest_then_rerun_accounts_for_every_object_once(tmp_path):
     assert sum(by_state.values()) == arrived and by_state["quarantined"] == 1
     assert by_state["duplicate"] == 2  # c3 under another name
     assert len(report.case_ids) == 8 and layout.raw.committed() == sorted(report.case_ids)
+
+
+def test_decathlon_test_entries_are_unlabelled_cases(tmp_path):
+    image, label = sphere()
+    other, _ = sphere(seed=3)
+    src = write_decathlon(tmp_path / "src", {"c": ("imagesTr/c.nii.gz", nifti_bytes(image),
+                                                   "labelsTr/c.nii.gz", nifti_bytes(label))})
+    (src / "imagesTs").mkdir()
+    (src / "imagesTs" / "t.nii.gz").write_bytes(nifti_bytes(other))
+    meta = json.loads((src / "dataset.json").read_text())
+    meta["test"] = ["./imagesTs/t.nii.gz", "./imagesTr/c.nii.gz"]  # c is also a training case: one case
+    (src / "dataset.json").write_text(json.dumps(meta))
+    layout, db = home(tmp_path)
+    report = ingest(DataSpec(source=str(src), layout="decathlon"), layout, db, str(src))
+    assert len(report.case_ids) == 1 and len(report.unlabelled) == 1
+    assert {r["state"] for r in read_ledger(db, "p")} == {"ingested"} and len(read_ledger(db, "p")) == 3
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("{not json", "not valid JSON"),
+    ('["a.nii.gz"]', "must be an object"),
+    ('{"training": {"image": "a.nii.gz"}}', "must be an object whose training and test are lists"),
+    ('{"training": [{"label": "a.nii.gz"}]}', r"training\[0\] needs an image path"),
+    ('{"training": [], "test": [{"image": 3}]}', r"test\[0\] needs an image path"),
+    ('{"training": [{"image": "a.nii.gz", "label": ["x", "y"]}]}', "at most one label path"),
+])
+def test_a_malformed_dataset_json_is_a_clear_error_and_records_nothing(tmp_path, manifest, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "dataset.json").write_text(manifest)
+    layout, db = home(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        ingest(DataSpec(source=str(src), layout="decathlon"), layout, db, str(src))
+    assert read_ledger(db, "p") == []
