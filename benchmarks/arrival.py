@@ -55,8 +55,6 @@ def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @contextlib.contextmanager
 def process(args: list[str], env: dict[str, str], log: Path):
-    # this environment activated, as README says for workers: process deployments run `python -m prefect.engine`
-    env = {**env, "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")])}
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=REPO, stdout=fh,
                                 stderr=subprocess.STDOUT)

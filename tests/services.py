@@ -120,9 +120,7 @@ def dask_cluster(workdir: Path, env: dict[str, str], n_workers: int = 2) -> Iter
 
 @contextlib.contextmanager
 def prefect_worker(pool: str, env: dict[str, str], log: Path, cwd: Path) -> Iterator[subprocess.Popen]:
-    """`prefect worker start --pool POOL` (process type) for the life of the block, with this environment
-    activated: the process deployments start flow runs as `python -m prefect.engine` from the PATH."""
-    env = {**env, "PATH": os.pathsep.join([str(BIN), env.get("PATH", "")])}
+    """`prefect worker start --pool POOL` (process type) for the life of the block."""
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
                                 env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)

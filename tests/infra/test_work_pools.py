@@ -81,7 +81,7 @@ def test_prefect_accepts_the_file():
 
     model = PrefectYamlModel.model_validate(PREFECT_FILE)
     assert len(model.deployments) == len(DEPLOYMENTS)
-    assert PREFECT_FILE["build"] is None and PREFECT_FILE["push"] is None
+    assert len(model.build) == 1 and PREFECT_FILE["push"] is None  # the engine command (below); no image
 
 
 @pytest.mark.parametrize("d", DEPLOYMENTS, ids=lambda d: dep_id(d))
@@ -129,14 +129,23 @@ def test_every_stage_has_process_and_kubernetes_deployments(stage):
 
 def test_process_pool_deployments_use_the_worker_environment():
     """No environment of their own; one process per flow run (`command` set: no supervisor process first)."""
+    import shlex
+    import sys
+
     from prefect.utilities.schema_tools import validate
     from prefect.workers.process import ProcessWorker
 
+    from flows.deploy_steps import engine_command
+
+    (step,) = PREFECT_FILE["build"]
+    assert step == {"flows.deploy_steps.engine_command": {"id": "engine"}}
+    command = engine_command()["command"]
+    assert shlex.split(command) == [sys.executable, "-m", "prefect.engine"]  # this environment's, not PATH's
     variables = ProcessWorker.get_default_base_job_template()["variables"]
     for d in DEPLOYMENTS:
         if d["work_pool"]["name"] not in KUBERNETES_POOLS:
-            assert d["work_pool"].get("job_variables") == {"command": "python -m prefect.engine"}, full_name(d)
-            assert not validate(d["work_pool"]["job_variables"], variables, raise_on_error=False, preprocess=True,
+            assert d["work_pool"].get("job_variables") == {"command": "{{ engine.command }}"}, full_name(d)
+            assert not validate({"command": command}, variables, raise_on_error=False, preprocess=True,
                                 ignore_required=True, allow_none_with_default=True), full_name(d)
             assert not d.get("pull"), f"{full_name(d)}: process pools run in the directory `prefect deploy` ran in"
 

@@ -1,0 +1,18 @@
+"""`prefect deploy` steps of deployments/prefect.yaml (they run in the process of `prefect deploy`)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def engine_command() -> dict[str, str]:
+    """The command that starts a process-pool flow run as one process: this environment's Python running
+    Prefect's engine, which runs the pull step and the flow.
+
+    Without a ``command``, Prefect 3.9's process worker first starts a supervisor process for the pull
+    step and then the engine in a second Python process: about a second more per flow run. The path
+    is this interpreter's, as the working directory is the one `prefect deploy` ran in, so the worker
+    needs nothing on its PATH.
+    """
+    return {"command": f"{shlex.quote(sys.executable)} -m prefect.engine"}
