@@ -109,8 +109,17 @@ def rounds(api_url: str, env: dict[str, str], work: Path, worker_env: dict[str, 
                 if new:
                     created, started = min(new.values(), key=lambda v: v[1])
                     out.append(started - landed)
-                    print(f"{label}: arrival -> running {out[-1]:.2f} s (run created by the trigger after "
-                          f"{created - landed:.2f} s, running {started - created:.2f} s later)", flush=True)
+                    announced = float("nan")  # the server stores events in batches: wait for this one
+                    for _ in range(60):
+                        times = [e["occurred"] for e in voxelflow_events(api_url)
+                                 if e["event"] == "voxelflow.data.arrived" and e["occurred"] > landed]
+                        if times:
+                            announced = min(times)
+                            break
+                        time.sleep(0.25)
+                    print(f"{label}: arrival -> running {out[-1]:.2f} s (announced by the watcher after "
+                          f"{announced - landed:.2f} s, run created by the trigger after {created - landed:.2f} s, "
+                          f"running {started - created:.2f} s later)", flush=True)
                     break
                 time.sleep(0.2)
             else:
