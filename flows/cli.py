@@ -176,7 +176,7 @@ def validate(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> 
 def ingest(
     source: Annotated[str, typer.Argument(help="folder or fsspec URL (s3://...) holding the arrived data")],
     spec: Annotated[Optional[Path], typer.Option(help="pipeline spec (default: the demo spec)")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="decathlon or folder (default: the spec's)")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="decathlon, folder, dicom or mixed (default: the spec's)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="end with one JSON line of object counts")] = False,
 ) -> None:
     """Ingest what is under SOURCE now; every object ends ingested, duplicate or quarantined."""
@@ -224,7 +224,7 @@ def predict(
     model: Annotated[Optional[str], typer.Option(help="NAME@ALIAS or NAME/VERSION (default: the spec's "
                                                       "promote.model_name@champion)")] = None,
     spec: Annotated[Optional[Path], typer.Option(help="pipeline spec (default: the demo spec)")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="decathlon, folder or dicom (default: the spec's)")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="decathlon, folder, dicom or mixed (default: the spec's)")] = None,
     json_: Annotated[bool, typer.Option("--json", help="end with one JSON line of counts")] = False,
 ) -> None:
     """Ingest SOURCE, then segment each unlabelled case there with a registered model: NIfTI masks and volumes.csv."""

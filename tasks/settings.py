@@ -16,7 +16,7 @@ from voxelflow.config import DataSpec, Settings
 
 def run_settings(data: DataSpec | None = None) -> Settings:
     settings = Settings()
-    if settings.deid_key is not None or data is None or data.layout != "dicom" or data.deidentify == "none":
+    if settings.deid_key is not None or data is None or not data.needs_deid_key:
         return settings
     try:
         secret = Secret.load(settings.deid_key_block)

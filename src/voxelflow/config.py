@@ -173,8 +173,9 @@ def _dict_transforms(value: Any, what: str, random: bool) -> list[dict[str, dict
 
 class DataSpec(_Stage):
     source: str = Field(description="fsspec URL of the incoming data; '{home}' expands to VOXELFLOW_HOME")
-    layout: Literal["decathlon", "folder", "dicom"] = Field(
-        "decathlon", description="decathlon (dataset.json), folder (one folder per case) or dicom (any tree, by series)"
+    layout: Literal["decathlon", "folder", "dicom", "mixed"] = Field(
+        "decathlon", description="decathlon (dataset.json), folder (one folder per case), dicom (any tree, by series) "
+        "or mixed (what dataset.json names, if there is one, and every other file as DICOM)"
     )
     max_voxels: int = Field(512**3, gt=0, description="cases larger than this are quarantined")
     retrain_after: int = Field(1, ge=1, description="an ingest after which the labelled dataset holds this many "
@@ -187,6 +188,11 @@ class DataSpec(_Stage):
     deidentify_acknowledged: str | None = Field(
         None, description="with deidentify: none, a statement that the data is already de-identified or that "
         "consent covers it (recorded in the audit log at every ingest)")
+
+    @property
+    def needs_deid_key(self) -> bool:
+        """Whether an ingest may meet DICOM to de-identify (and so needs the UID remapping key)."""
+        return self.layout in ("dicom", "mixed") and self.deidentify != "none"
 
     @model_validator(mode="after")
     def _acknowledged(self) -> DataSpec:

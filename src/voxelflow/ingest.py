@@ -112,15 +112,22 @@ def discover(source: str, layout: str) -> list[SourceCase]:
         raise FileNotFoundError(f"data source {source!r} does not exist")
     proto = source.split("://", 1)[0] + "://" if "://" in source else ""
     url = lambda p: p if not proto or p.startswith(proto) else proto + p  # noqa: E731
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
     cases: list[SourceCase] = []
-    if layout == "decathlon":
+    named: set[str] = set()  # mixed: what dataset.json names (and itself) is not read as DICOM
+    if layout in ("decathlon", "mixed"):
         manifest = _join(root, "dataset.json")
-        if not fs.exists(manifest):
+        if fs.exists(manifest):
+            named.add(posixpath.normpath(manifest))
+            try:
+                meta = json.loads(fs.cat_file(manifest))
+            except ValueError as exc:
+                raise ValueError(f"{source}: dataset.json is not valid JSON ({exc})") from None
+        elif layout == "decathlon":
             raise FileNotFoundError(f"{source}: decathlon layout needs a dataset.json")
-        try:
-            meta = json.loads(fs.cat_file(manifest))
-        except ValueError as exc:
-            raise ValueError(f"{source}: dataset.json is not valid JSON ({exc})") from None
+        else:
+            meta = {}
         # `training` entries are labelled cases; `test` entries (Decathlon's imagesTs) unlabelled ones
         training, test = (meta.get("training") or [], meta.get("test") or []) if isinstance(meta, dict) else (0, 0)
         if not isinstance(training, list) or not isinstance(test, list):
@@ -140,6 +147,7 @@ def discover(source: str, layout: str) -> list[SourceCase]:
             outside = next((why for why in map(_escapes, filter(None, (image, label))) if why), None)
             if outside is None:
                 for rel in filter(None, (image, label)):
+                    named.add(posixpath.normpath(_join(root, rel)))
                     if _leaves_by_link(fs, root, _join(root, rel)):
                         outside = f"{rel!r} is a link to outside the source"
             cases.append(
@@ -151,7 +159,7 @@ def discover(source: str, layout: str) -> list[SourceCase]:
                     outside=outside,
                 )
             )
-    elif layout == "folder":
+    if layout == "folder":
         for entry in sorted(fs.ls(root, detail=False)):
             if not fs.isdir(entry):
                 continue
@@ -165,13 +173,12 @@ def discover(source: str, layout: str) -> list[SourceCase]:
                 outside = f"{posixpath.basename(links[0])!r} is a link to outside the source" if links else None
                 cases.append(SourceCase(posixpath.basename(entry), url(image), url(label) if label else None,
                                         outside))
-    elif layout == "dicom":
+    if layout in ("dicom", "mixed"):
         groups: dict[str, list[str]] = {}
         manifest = _join(root, LABELS_MANIFEST)
-        labels: dict[str, str] = {}  # SeriesInstanceUID -> label NIfTI, relative to the source
-        if fs.exists(manifest):
-            labels = {str(i["series"]): str(i["label"]) for i in json.loads(fs.cat_file(manifest)).get("labels", [])}
-        skip = {posixpath.normpath(_join(root, rel)) for rel in labels.values() if not _escapes(rel)} | {manifest}
+        labels = _series_labels(fs, manifest, source)  # SeriesInstanceUID -> label NIfTI, relative to the source
+        skip = {posixpath.normpath(_join(root, rel)) for rel in labels.values() if not _escapes(rel)}
+        skip |= {posixpath.normpath(manifest)} | named
         inside = []
         for path in sorted(fs.find(root)):
             if posixpath.normpath(path) in skip:
@@ -199,9 +206,32 @@ def discover(source: str, layout: str) -> list[SourceCase]:
                 outside = f"{rel!r} is a link to outside the source"
             label = (rel if outside else url(_join(root, rel))) if rel else None
             cases.append(SourceCase(f"series{i}", keys[0], label, outside, tuple(keys)))
-    else:
-        raise ValueError(f"unknown layout {layout!r}")
     return cases
+
+
+LAYOUTS = ("decathlon", "folder", "dicom", "mixed")
+
+
+def _series_labels(fs, manifest: str, source: str) -> dict[str, str]:
+    """``labels.json``: SeriesInstanceUID -> label path; a malformed manifest is a clear error."""
+    if not fs.exists(manifest):
+        return {}
+    try:
+        meta = json.loads(fs.cat_file(manifest))
+    except ValueError as exc:
+        raise ValueError(f"{source}: {LABELS_MANIFEST} is not valid JSON ({exc})") from None
+    items = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(items, list):
+        raise ValueError(f"{source}: {LABELS_MANIFEST} must be an object whose labels is a list")
+    out: dict[str, str] = {}
+    for i, item in enumerate(items):
+        series, label = (item.get("series"), item.get("label")) if isinstance(item, dict) else (None, None)
+        if not isinstance(series, str) or not series or not isinstance(label, str) or not label:
+            raise ValueError(f"{source}: {LABELS_MANIFEST} labels[{i}] needs a series (a SeriesInstanceUID) and a "
+                             "label path")
+        if out.setdefault(series, label) != label:
+            raise ValueError(f"{source}: {LABELS_MANIFEST} names two labels for one series (labels[{i}])")
+    return out
 
 
 LABELS_MANIFEST = "labels.json"  # dicom layout: {"labels": [{"series": SeriesInstanceUID, "label": "x.nii.gz"}]}
@@ -582,7 +612,7 @@ def begin(data: DataSpec, layout: Layout, db: Database, source: str, deid_key: s
     ``warnings`` and appends a ``data.deidentify_off`` audit record.
     """
     off = data.deidentify == "none"
-    if data.layout == "dicom" and not off and not deid_key:
+    if data.needs_deid_key and not deid_key:
         raise ValueError("a DICOM ingest needs a de-identification key: set VOXELFLOW_DEID_KEY (in a flow run, "
                          "or save it in the Prefect Secret block named by VOXELFLOW_DEID_KEY_BLOCK, "
                          "default voxelflow-deid-key)")

@@ -304,3 +304,50 @@ def test_labels_for_series_come_from_nifti_files_named_in_a_manifest(tmp_path):
     assert len(rows) == 11  # 9 slices + 2 label files; the manifest is not an object of a case
     assert {(r["state"], r["reason"]) for r in rows if "/b/" in r["object"] or r["object"].endswith("b.nii.gz")} \
         == {("quarantined", "label-mismatch")}
+
+
+def test_a_mixed_source_holds_a_decathlon_set_and_dicom_series_side_by_side(tmp_path):
+    """layout: mixed — what dataset.json names is a Decathlon case; every other file is read as DICOM."""
+    import gzip
+    import json
+
+    import nibabel as nib
+
+    src = tmp_path / "src"
+    write_series(src / "pacs" / "a", [0.0, 2.0, 4.0])
+    image = np.random.default_rng(0).random((6, 6, 6)).astype(np.float32)
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "labelsTr").mkdir()
+    (src / "imagesTr" / "c.nii.gz").write_bytes(gzip.compress(nib.Nifti1Image(image, np.eye(4)).to_bytes()))
+    label = (image > 0.5).astype(np.uint8)
+    (src / "labelsTr" / "c.nii.gz").write_bytes(gzip.compress(nib.Nifti1Image(label, np.eye(4)).to_bytes()))
+    (src / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/c.nii.gz",
+                                                                "label": "./labelsTr/c.nii.gz"}]}))
+    (src / "notes.txt").write_text("not an image")
+    layout, db = home(tmp_path)
+    report = ingest(DataSpec(source=str(src), layout="mixed"), layout, db, str(src), deid_key=KEY)
+    assert len(report.case_ids) == 1 and len(report.unlabelled) == 1  # the labelled NIfTI case; the series
+    rows = read_ledger(db, "p")
+    assert report.arrived == len(rows) == 3 + 2 + 1  # slices, image and label, the stray file
+    (stray,) = [r for r in rows if r["object"].endswith("notes.txt")]
+    assert stray["state"] == "quarantined"
+    assert not any(r["object"].endswith("dataset.json") for r in rows)  # the manifest is not an object
+    with pytest.raises(ValueError, match="VOXELFLOW_DEID_KEY"):  # it may hold DICOM: the key is needed
+        ingest(DataSpec(source=str(src), layout="mixed"), layout, db, str(src))
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ("{oops", "not valid JSON"),
+    ('{"labels": {"series": "1.2"}}', "labels is a list"),
+    ('{"labels": [{"series": "1.2"}]}', r"labels\[0\] needs a series"),
+    ('{"labels": [{"series": "1.2", "label": "a.nii.gz"}, {"series": "1.2", "label": "b.nii.gz"}]}',
+     "two labels for one series"),
+])
+def test_a_malformed_labels_manifest_is_a_clear_error_and_records_nothing(tmp_path, manifest, message):
+    src = tmp_path / "src"
+    write_series(src, [0.0, 2.0, 4.0])
+    (src / "labels.json").write_text(manifest)
+    layout, db = home(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)
+    assert read_ledger(db, "p") == []
