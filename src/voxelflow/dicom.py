@@ -67,7 +67,7 @@ def _seed(key: str) -> str:
 
 
 def series_uid(data: bytes) -> str | None:
-    """The SeriesInstanceUID of a DICOM object (header only), or None when it is not DICOM."""
+    """The SeriesInstanceUID of a DICOM object (header only): "" when it has none, None when it is not DICOM."""
     import pydicom
 
     try:
@@ -75,7 +75,7 @@ def series_uid(data: bytes) -> str | None:
     except Exception:  # noqa: BLE001 - not DICOM
         return None
     uid = ds.get("SeriesInstanceUID")
-    return str(uid) if uid else None
+    return str(uid) if uid else ""
 
 
 def parse(data: bytes, name: str) -> Slice:

@@ -37,6 +37,7 @@ class SourceCase:
     label: str | None = None
     outside: str | None = None  # why an entry points outside the source: never read
     series: tuple[str, ...] = ()  # dicom layout: every object of one series (or one object that is not DICOM)
+    not_dicom: bool = False  # dicom layout: a lone object whose first MiB is no DICOM header (hashed, never kept)
 
     @property
     def objects(self) -> list[str]:
@@ -195,9 +196,12 @@ def discover(source: str, layout: str) -> list[SourceCase]:
 
         from concurrent.futures import ThreadPoolExecutor
 
+        not_dicom: set[str] = set()
         with ThreadPoolExecutor(8, thread_name_prefix="voxelflow-discover") as pool:  # object stores: latency
             for path, uid in zip(inside, pool.map(series_of, inside)):
                 key = url(path)
+                if uid is None:
+                    not_dicom.add(f"\0{key}")
                 groups.setdefault(uid or f"\0{key}", []).append(key)  # a non-DICOM object is its own case
         for i, (uid, keys) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0])):
             rel = labels.get(uid)
@@ -205,7 +209,7 @@ def discover(source: str, layout: str) -> list[SourceCase]:
             if rel and outside is None and _leaves_by_link(fs, root, _join(root, rel)):
                 outside = f"{rel!r} is a link to outside the source"
             label = (rel if outside else url(_join(root, rel))) if rel else None
-            cases.append(SourceCase(f"series{i}", keys[0], label, outside, tuple(keys)))
+            cases.append(SourceCase(f"series{i}", keys[0], label, outside, tuple(keys), uid in not_dicom))
     return cases
 
 
@@ -419,11 +423,13 @@ def _prepare(case: SourceCase, data: DataSpec, layout: Layout, limit: int, deid_
         if case.outside:
             shas[obj] = "not-read"  # outside the source: never opened
             continue
-        try:
-            blob, shas[obj], sizes[obj] = fetch(obj, limit)
+        try:  # an object that is not DICOM is hashed as it streams by and never held
+            blob, shas[obj], sizes[obj] = fetch(obj, 0 if case.not_dicom else limit)
         except FileNotFoundError:
             missing.append(obj)
             shas[obj] = "missing"
+            continue
+        if case.not_dicom:
             continue
         if blob is None:
             oversized.append(obj)
@@ -451,6 +457,9 @@ def _prepare(case: SourceCase, data: DataSpec, layout: Layout, limit: int, deid_
     deidentified: dict[str, dicom.Slice] = {}
     if case.outside:
         problem = QuarantineError("outside-source", case.outside)
+    elif case.not_dicom and not missing:
+        problem = QuarantineError("unreadable", "not a DICOM object (no DICOM header in its first MiB); "
+                                                "left where it arrived")
     elif missing:
         problem = QuarantineError("missing-file", f"{len(missing)} object(s) of the case do not exist")
     elif oversized:

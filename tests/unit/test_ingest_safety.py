@@ -150,6 +150,41 @@ def test_bombs_are_quarantined_with_little_memory(kind, tmp_path):
     assert rows == str([("quarantined", "too-large"), ("quarantined", "too-large")])
 
 
+STRAY_SCRIPT = r"""
+import os, resource, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/src"]
+from tests.unit.test_dicom import KEY, write_series
+from voxelflow.config import DataSpec
+from voxelflow.db import Database
+from voxelflow.ingest import ingest, read_ledger
+from voxelflow.storage import Layout, Store
+src = Path(sys.argv[2])
+write_series(src / "a", [0.0, 2.0, 4.0])
+root = src.parent / "home"
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
+ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)  # warm
+idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for i in range(4):  # 4 x 160 MiB that are not DICOM: a video, an archive, someone's backup
+    with open(src / f"stray{i}.bin", "wb") as fh:
+        for _ in range(40):
+            fh.write(os.urandom(1 << 22))
+ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - idle) // 1024, sorted((r["state"], r["reason"]) for r in read_ledger(db, "p")))
+"""
+
+
+def test_large_files_that_are_not_dicom_are_hashed_as_they_stream_by_and_never_held(tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", STRAY_SCRIPT, str(repo), str(tmp_path / "src")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    grown_mib, rows = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(grown_mib) < 256, f"peak RSS grew by {grown_mib} MiB for 640 MiB of stray files"  # was 976
+    assert rows == str([("ingested", None)] * 3 + [("quarantined", "unreadable")] * 4)
+
+
 # ---------------------------------------------------------------- entries that leave the source
 
 
