@@ -336,6 +336,25 @@ def test_a_mixed_source_holds_a_decathlon_set_and_dicom_series_side_by_side(tmp_
         ingest(DataSpec(source=str(src), layout="mixed"), layout, db, str(src))
 
 
+def test_a_mixed_source_in_an_object_store_reads_as_the_same_folder_does(tmp_path, s3_store_url):
+    import fsspec
+
+    from voxelflow.synthetic import make_decathlon, make_dicom
+
+    local = tmp_path / "drop"
+    make_decathlon(local, n_cases=2, size=12)
+    make_dicom(local, n_cases=2, size=12, seed=7)
+    remote = f"{s3_store_url}/mixed-{tmp_path.name}"
+    fsspec.filesystem("s3").put(str(local), remote.removeprefix("s3://"), recursive=True)
+    reports = []
+    for i, src in enumerate((str(local), remote)):
+        layout, db = home(tmp_path / f"home{i}")
+        reports.append(ingest(DataSpec(source=src, layout="mixed"), layout, db, src, deid_key=KEY))
+        assert {r["state"] for r in read_ledger(db, "p")} == {"ingested"}
+    assert [r.dataset_digest for r in reports] == [reports[0].dataset_digest] * 2  # the same cases, by content
+    assert len(reports[0].case_ids) == 4 and reports[0].arrived == reports[1].arrived == 4 + 2 * 12 + 2
+
+
 @pytest.mark.parametrize("manifest, message", [
     ("{oops", "not valid JSON"),
     ('{"labels": {"series": "1.2"}}', "labels is a list"),
