@@ -123,3 +123,20 @@ def test_two_raters_labels_of_one_image_stay_two_cases(tmp_path):
     report = run(src, layout, db, "decathlon")
     assert len(report.case_ids) == 2 and report.superseded == []
     assert len(run(src, layout, db, "decathlon").case_ids) == 2
+
+
+def test_a_label_named_before_it_existed_is_ingested_when_it_comes(tmp_path):
+    image, label = sphere()
+    src = write_decathlon(tmp_path / "src", {"c": ("imagesTr/c.nii.gz", nifti_bytes(image),
+                                                   "labelsTr/c.nii.gz", None)})  # the label is not there yet
+    layout, db = home(tmp_path)
+    first = run(src, layout, db, "decathlon")
+    assert [q["reason"] for q in first.quarantined] == ["missing-file"]
+    (src / "labelsTr").mkdir()
+    (src / "labelsTr" / "c.nii.gz").write_bytes(nifti_bytes(label))
+    (case,) = run(src, layout, db, "decathlon").case_ids
+    rows = one_row_per_object(db)
+    image_row, *label_rows = sorted(rows, key=lambda r: "labelsTr" in r["object"])
+    assert (image_row["state"], image_row["case_id"]) == ("ingested", case)  # regrouped out of quarantine
+    assert sorted((r["state"], r["sha256"] == "missing", r["superseded_by"]) for r in label_rows) == [
+        ("ingested", False, None), ("quarantined", True, case)]  # the old "missing" row points at the case
