@@ -531,9 +531,10 @@ def _supersede(conn, db: Database, prep: _Prepared, pipeline: str, report: Inges
     the new one (a half volume, an unlabelled copy, the old label). Rows of this case's objects
     with the same bytes move to the new case (quarantined ones too: the grouping they were
     quarantined in, a series with missing slices, is gone); the earlier cases' other rows (older
-    bytes under these names) stay as they were, marked ``superseded_by``, as do this case's objects'
-    ``missing-file`` rows from before they arrived. A case that shares only some objects with the new
-    one (two raters' labels of one image) is left alone.
+    bytes under these names) stay as they were, marked ``superseded_by``, as do quarantined rows of
+    earlier bytes under these names (``missing-file`` before an object existed, ``truncated`` while it
+    was being copied). A case that shares only some objects with the new one (two raters' labels of
+    one image) is left alone.
     """
     case, shas, new = prep.case, prep.shas, prep.case_id
     keys = set(case.objects)
@@ -562,9 +563,12 @@ def _supersede(conn, db: Database, prep: _Prepared, pipeline: str, report: Inges
     if replaced:
         conn.execute(update(ledger).where(ledger.c.pipeline == pipeline, ledger.c.case_id.in_(sorted(replaced)))
                      .values(superseded_by=new))
-    absent = [r.id for r in rows if r.sha256 == "missing" and r.superseded_by is None]
-    if absent:  # named by a manifest before they existed (missing-file): they are here now, in this case
-        conn.execute(update(ledger).where(ledger.c.id.in_(absent)).values(superseded_by=new))
+    # quarantined rows of earlier bytes under these names: named before they existed (missing-file), or
+    # caught half-copied (truncated); the whole object is here now, in this case
+    earlier_bytes = [r.id for r in rows if r.case_id is None and r.sha256 != shas.get(r.object)
+                     and r.superseded_by is None]
+    if earlier_bytes:
+        conn.execute(update(ledger).where(ledger.c.id.in_(earlier_bytes)).values(superseded_by=new))
     changes = [{"case": old, "by": new, "regrouped": moved.get(old, 0)} for old in sorted(replaced)]
     if moved.get("quarantine"):
         changes.append({"case": None, "by": new, "regrouped": moved["quarantine"]})

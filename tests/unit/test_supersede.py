@@ -140,3 +140,18 @@ def test_a_label_named_before_it_existed_is_ingested_when_it_comes(tmp_path):
     assert (image_row["state"], image_row["case_id"]) == ("ingested", case)  # regrouped out of quarantine
     assert sorted((r["state"], r["sha256"] == "missing", r["superseded_by"]) for r in label_rows) == [
         ("ingested", False, None), ("quarantined", True, case)]  # the old "missing" row points at the case
+
+
+def test_a_file_caught_half_copied_is_ingested_when_the_copy_completes(tmp_path):
+    image, label = sphere()
+    whole = nifti_bytes(image)
+    src = write_decathlon(tmp_path / "src", {"c": ("imagesTr/c.nii.gz", whole[: len(whole) // 2],
+                                                   "labelsTr/c.nii.gz", nifti_bytes(label))})
+    layout, db = home(tmp_path)
+    assert [q["reason"] for q in run(src, layout, db, "decathlon").quarantined] == ["truncated"]
+    (src / "imagesTr" / "c.nii.gz").write_bytes(whole)  # the copy finished
+    (case,) = run(src, layout, db, "decathlon").case_ids
+    rows = one_row_per_object(db)
+    half = [r for r in rows if r["object"].endswith("imagesTr/c.nii.gz") and r["state"] == "quarantined"]
+    assert [(r["reason"], r["superseded_by"]) for r in half] == [("truncated", case)]
+    assert {(r["state"], r["case_id"]) for r in rows if r not in half} == {("ingested", case)}
