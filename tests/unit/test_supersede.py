@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 from pydicom.uid import generate_uid
 
 from tests.unit.test_dicom import KEY, make_slice, series_pixels
 from tests.unit.test_ingest import home, nifti_bytes, sphere, write_decathlon
 from voxelflow import audit
 from voxelflow.config import DataSpec
+from voxelflow.db import Database
 from voxelflow.ingest import ingest, ingested_cases, load_case, read_ledger
 
 
@@ -29,13 +31,16 @@ def one_row_per_object(db) -> list[dict]:
     return rows
 
 
-def test_a_series_whose_slices_arrive_in_two_batches_ends_as_one_whole_case(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_series_whose_slices_arrive_in_two_batches_ends_as_one_whole_case(tmp_path, request, kind):
     src = tmp_path / "src"
     src.mkdir()
     zs, pixels = [2.0 * i for i in range(6)], series_pixels(6)
     for i in range(3):
         (src / f"s{i}.dcm").write_bytes(make_slice(zs[i], i, pixels[i]))
     layout, db = home(tmp_path)
+    if kind == "postgresql":  # the shared database of the scale-out layout: the same SQL, another dialect
+        db = Database(request.getfixturevalue("pg_url"))
     first = run(src, layout, db)
     (half,) = first.unlabelled
     assert load_case(layout.raw, half)["image"].shape[2] == 3
