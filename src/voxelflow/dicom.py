@@ -88,6 +88,11 @@ def parse(data: bytes, name: str) -> Slice:
         raise VolumeError("unreadable", f"{name}: not a DICOM file ({type(exc).__name__})") from None
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":  # identity in the pixels: no tag removal helps
         raise VolumeError("burned-in-annotation", f"{name}: the pixels carry burned-in annotation")
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        # a DICOMDIR (file paths named after patients), a report (free text), a presentation state: not an
+        # image, and not something header edits can be trusted to clean, so it is never copied
+        raise VolumeError("no-pixel-data", f"{name}: a DICOM object without pixels (a DICOMDIR, report or "
+                                           "presentation state), not an image")
     return Slice(name, ds)
 
 

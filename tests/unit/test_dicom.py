@@ -370,3 +370,35 @@ def test_a_malformed_labels_manifest_is_a_clear_error_and_records_nothing(tmp_pa
     with pytest.raises(ValueError, match=message):
         ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)
     assert read_ledger(db, "p") == []
+
+
+def test_dicom_objects_without_pixels_are_never_copied(tmp_path):
+    """A DICOMDIR names its files by paths that are often patient IDs, a structured report holds free text:
+    header edits cannot be trusted to clean either, so neither is kept, even de-identified.
+
+    pydicom's own DICOMDIR test tree, plus its structured report: before, the store's quarantine held
+    the DICOMDIR's patient-ID folder name and the report's text."""
+    tree = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests"
+    report = Path(get_testdata_file("test-SR.dcm"))
+    words = set()
+    for f in [*tree.rglob("*"), report]:
+        if f.is_file():
+            for elem in pydicom.dcmread(f, stop_before_pixels=True, force=True).iterall():
+                if elem.keyword in ("PatientName", "PatientID", "ReferencedFileID", "TextValue") and elem.value:
+                    values = elem.value if elem.VM > 1 else [elem.value]
+                    words |= {str(v) for v in values if len(str(v)) >= 6}
+    assert "77654033" in words and any("mass" in w for w in words)  # a patient-ID folder, a report's text
+    src = tmp_path / "src"
+    shutil.copytree(tree, src)
+    shutil.copy(report, src / "report.dcm")
+    layout, db, result = run(src, tmp_path)
+    ledger = read_ledger(db, "p")
+    assert len(ledger) == result.arrived and result.ingested  # every object one state; CT5N still ingested
+    rows = {Path(r["object"]).name: r for r in ledger if Path(r["object"]).name in ("DICOMDIR", "report.dcm")}
+    assert rows["DICOMDIR"]["reason"] == rows["report.dcm"]["reason"] == "no-pixel-data"
+    kept = {p.name for p in (tmp_path / "home").rglob("quarantine/*")}
+    assert rows["DICOMDIR"]["sha256"] not in kept and rows["report.dcm"]["sha256"] not in kept
+    for path in (tmp_path / "home").rglob("*"):
+        if path.is_file() and not path.name.startswith("voxelflow.db"):  # the ledger maps keys (paths) to hashes
+            blob = path.read_bytes()
+            assert not [w for w in words if w.encode() in blob], path
