@@ -52,10 +52,16 @@ TextComments TextString VisitComments
 """.split())
 
 
+# Table E.1-1's repeating-group rows, which dicognito keeps: Curve Data (50xx,xxxx), Overlay Data
+# (60xx,3000) and Overlay Comments (60xx,4000). Overlays are bitmaps drawn over the image (often text):
+# their whole groups go, so no overlay plane is left without its data.
+REMOVE_GROUPS = frozenset(range(0x5000, 0x5020, 2)) | frozenset(range(0x6000, 0x6020, 2))
+
+
 def _strip(ds) -> None:
-    """Remove private tags and :data:`REMOVE` attributes at every nesting level."""
+    """Remove private tags, :data:`REMOVE` attributes and :data:`REMOVE_GROUPS` at every nesting level."""
     for elem in list(ds):
-        if elem.tag.is_private or elem.keyword in REMOVE:
+        if elem.tag.is_private or elem.keyword in REMOVE or elem.tag.group in REMOVE_GROUPS:
             del ds[elem.tag]
         elif elem.VR == "SQ":
             for item in elem.value:

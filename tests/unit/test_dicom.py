@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 import shutil
 from pathlib import Path
@@ -402,3 +403,25 @@ def test_dicom_objects_without_pixels_are_never_copied(tmp_path):
         if path.is_file() and not path.name.startswith("voxelflow.db"):  # the ledger maps keys (paths) to hashes
             blob = path.read_bytes()
             assert not [w for w in words if w.encode() in blob], path
+
+
+def test_overlays_and_curves_are_removed_as_the_basic_profile_says():
+    """Table E.1-1 removes Curve Data (50xx,xxxx), Overlay Data (60xx,3000) and Overlay Comments (60xx,4000):
+    an overlay is a bitmap drawn over the image, often a name. pydicom's overlay example, and a slice of ours
+    with an overlay comment and a curve."""
+    shipped = Path(get_testdata_file("examples_overlay.dcm")).read_bytes()
+    assert any(e.tag.group == 0x6000 for e in pydicom.dcmread(io.BytesIO(shipped)))
+    ds = pydicom.dcmread(io.BytesIO(make_slice(0.0, 0, series_pixels(1)[0])))
+    ds.add_new(0x60000010, "US", 6)
+    ds.add_new(0x60000011, "US", 5)
+    ds.add_new(0x60003000, "OW", b"\xff" * 4)
+    ds.add_new(0x60024000, "LT", "Overlay of Smithereen^Johanna")
+    ds.add_new(0x50000005, "US", 1)
+    ds.add_new(0x50003000, "OW", b"\x01\x02")
+    fh = io.BytesIO()
+    ds.save_as(fh, enforce_file_format=True)
+    for blob in (shipped, fh.getvalue()):
+        out = dicom.deidentify(blob, KEY, "x").deidentified_bytes()
+        kept = pydicom.dcmread(io.BytesIO(out))
+        assert not [e.tag for e in kept.iterall() if e.tag.group in dicom.REMOVE_GROUPS]
+        assert b"Smithereen" not in out
