@@ -49,7 +49,23 @@ RegionOfResidence RequestAttributesSequence RequestedProcedureDescription Reques
 ResponsibleOrganization ResponsiblePerson ScheduledProcedureStepDescription ScheduledProcedureStepID
 SeriesDescription ServiceEpisodeDescription SourceSerialNumber StudyComments StudyDescription StudyID
 TextComments TextString VisitComments
-""".split())
+""".split()) | frozenset("""
+AcquisitionContextSequence AdmittingDiagnosesCodeSequence AuthorObserverSequence ContentSequence
+CustodialOrganizationSequence DataSetTrailingPadding DistributionAddress DistributionName
+EncryptedAttributesSequence GraphicAnnotationSequence HumanPerformerName HumanPerformerOrganization
+IconImageSequence InsurancePlanIdentification IntendedRecipientsOfResultsIdentificationSequence
+InterpretationApproverSequence InterpretationAuthor InterpretationDiagnosisDescription InterpretationRecorder
+InterpretationText InterpretationTranscriber LastMenstrualDate MACParametersSequence OrderCallbackPhoneNumber
+OrderEntererLocation OtherPatientIDsSequence OtherPatientNames PatientBirthName PatientBirthTime
+PatientInsurancePlanCodeSequence PatientPrimaryLanguageCodeSequence PatientTelephoneNumbers PerformedLocation
+PersonAddress PersonTelephoneNumbers PhysicianApprovingInterpretation PregnancyStatus
+ReasonForTheRequestedProcedure ReferencedPatientAliasSequence ReferencedPatientPhotoSequence
+ReferringPhysicianAddress ReferringPhysicianTelephoneNumbers RequestedContrastAgent ResultsComments
+SmokingStatus SpecialNeeds TopicAuthor TopicKeywords TopicSubject TopicTitle
+""".split()) | frozenset("PatientAge PatientSize PatientWeight".split())
+# (the second set: more Table E.1-1 X rows, free text and sequences, that dicognito was found to keep;
+# the third: patient characteristics, X unless the Retain Patient Characteristics Option is used)
+EMPTY = frozenset({"PatientSex"})  # Table E.1-1 action Z: present, zero length
 
 
 # Table E.1-1's repeating-group rows, which dicognito keeps: Curve Data (50xx,xxxx), Overlay Data
@@ -63,6 +79,8 @@ def _strip(ds) -> None:
     for elem in list(ds):
         if elem.tag.is_private or elem.keyword in REMOVE or elem.tag.group in REMOVE_GROUPS:
             del ds[elem.tag]
+        elif elem.keyword in EMPTY:
+            elem.value = ""
         elif elem.VR == "SQ":
             for item in elem.value:
                 _strip(item)

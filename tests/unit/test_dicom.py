@@ -425,3 +425,31 @@ def test_overlays_and_curves_are_removed_as_the_basic_profile_says():
         kept = pydicom.dcmread(io.BytesIO(out))
         assert not [e.tag for e in kept.iterall() if e.tag.group in dicom.REMOVE_GROUPS]
         assert b"Smithereen" not in out
+
+
+def test_basic_profile_rows_dicognito_keeps_are_removed_too():
+    """Free text, sequences and patient characteristics of Table E.1-1 that dicognito was found to keep."""
+    ds = pydicom.dcmread(io.BytesIO(make_slice(0.0, 0, series_pixels(1)[0])))
+    ds.PatientAge, ds.PatientWeight, ds.PatientSize, ds.PatientSex = "073Y", 81.5, 1.83, "F"
+    ds.ReasonForTheRequestedProcedure = "Reason Smithereen"
+    ds.OtherPatientNames = "Alias^Smithereen"
+    ds.InterpretationText = "Findings of Smithereen"
+    text = Dataset()
+    text.TextValue = "Tumour in Smithereen"
+    ds.ContentSequence = Sequence([text])
+    icon = Dataset()
+    icon.Rows = icon.Columns = 2
+    icon.BitsAllocated, icon.BitsStored, icon.HighBit, icon.PixelRepresentation = 8, 8, 7, 0
+    icon.SamplesPerPixel, icon.PhotometricInterpretation = 1, "MONOCHROME2"
+    icon.add_new(0x7FE00010, "OB", b"Smithereen"[:4])
+    ds.IconImageSequence = Sequence([icon])  # a thumbnail: pixels that may show a name
+    ds.add_new(0x04000500, "SQ", Sequence([Dataset()]))  # Encrypted Attributes Sequence
+    fh = io.BytesIO()
+    ds.save_as(fh, enforce_file_format=True)
+    out = dicom.deidentify(fh.getvalue(), KEY, "x")
+    assert b"Smithereen" not in out.deidentified_bytes() and b"Smit" not in out.deidentified_bytes()
+    kept = out.dataset
+    for keyword in ("PatientAge", "PatientWeight", "PatientSize", "IconImageSequence", "ContentSequence",
+                    "EncryptedAttributesSequence", "ReasonForTheRequestedProcedure"):
+        assert keyword not in kept, keyword
+    assert kept.PatientSex == ""  # action Z: kept, empty
