@@ -202,3 +202,41 @@ def read_npy(data: bytes, name: str, max_voxels: int) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise VolumeError("non-finite", f"{name}: contains NaN or infinite values")
     return _writable(array)
+
+
+FREE_TEXT = ("descrip", "aux_file", "intent_name", "db_name")  # NIfTI header fields people write names into
+
+
+def scrub_nifti(data: bytes, name: str, limit: int) -> bytes | None:
+    """A copy of a NIfTI file fit to keep: its free-text fields blanked and its header extensions (which
+    may hold a whole DICOM header) dropped, the voxel bytes as they were, gzip when it came as gzip.
+
+    None when that cannot be made safely: the header does not parse, or the file would inflate beyond
+    ``limit`` bytes. The caller then keeps nothing and the file stays where it arrived.
+    """
+    import nibabel as nib
+
+    try:
+        header = read_header(nifti_prefix(data, name), name)
+    except VolumeError:
+        return None
+    if header.nbytes > limit:
+        return None
+    gz = data[:2] == GZIP_MAGIC
+    try:
+        raw = _inflate(data, header.nbytes) if gz else data[: header.nbytes]
+    except _GZIP_ERRORS:
+        return None
+    cls = nib.Nifti2Header if header.version == 2 else nib.Nifti1Header
+    hdr = cls.from_fileobj(io.BytesIO(raw[: cls.sizeof_hdr]))  # parsed above: the same bytes
+    for field in FREE_TEXT:
+        if field in hdr:
+            hdr[field] = b""
+    start = cls.sizeof_hdr + 4  # no extensions: the voxels follow the header and its 4 extension bytes
+    hdr.set_data_offset(start)
+    out = hdr.binaryblock + b"\0" * 4 + raw[header.offset:]
+    if not gz:
+        return out
+    import gzip
+
+    return gzip.compress(out, compresslevel=1, mtime=0)

@@ -23,7 +23,7 @@ from sqlalchemy import insert, select, update
 from voxelflow import audit, dicom
 from voxelflow.config import DataSpec
 from voxelflow.db import Database, ledger, now
-from voxelflow.formats import NIFTI_SUFFIXES, Volume, read_nifti
+from voxelflow.formats import NIFTI_SUFFIXES, Volume, read_nifti, scrub_nifti
 from voxelflow.formats import VolumeError as QuarantineError
 from voxelflow.storage import CaseStore, Layout, sha256_bytes
 
@@ -497,12 +497,17 @@ def _prepare(case: SourceCase, data: DataSpec, layout: Layout, limit: int, deid_
     prep.problem = problem
     if problem is not None:
         # kept under its hash for each object the ledger did not hold: DICOM de-identified (what could
-        # not be de-identified stays where it arrived), unless de-identification is off; NIfTI as it came
+        # not be de-identified stays where it arrived), unless de-identification is off; NIfTI without its
+        # free text and extensions (one whose header does not parse stays where it arrived)
         for obj in fresh:
-            if case.series and data.deidentify != "none":
-                blob = deidentified[obj].deidentified_bytes() if obj in deidentified else None
+            if obj in prep.dups:
+                blob = None
+            elif obj in case.series:
+                blob = (blobs.get(obj) if data.deidentify == "none" else
+                        deidentified[obj].deidentified_bytes() if obj in deidentified else None)
             else:
-                blob = None if obj in prep.dups else blobs.get(obj)
+                blob = blobs.get(obj)
+                blob = scrub_nifti(blob, f"object {shas[obj][:16]}", limit) if blob is not None else None
             if blob is not None:
                 layout.store.write_bytes(layout.quarantine(shas[obj]), blob)
     elif image is not None:

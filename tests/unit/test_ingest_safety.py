@@ -239,3 +239,44 @@ def test_header_helper_really_declares_what_it_says():
     hdr = read_header(claiming((30000, 30000, 30000)), "x")
     assert hdr.voxels == 30000**3 and hdr.offset == 352
     assert struct.unpack("<i", claiming((2, 2, 2))[:4])[0] == 348
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("gz", [True, False])
+def test_a_quarantined_nifti_is_kept_without_its_free_text_and_extensions(tmp_path, version, gz):
+    """descrip, aux_file, intent_name, db_name and header extensions (a converter may embed the whole DICOM
+    header) are where NIfTI files carry names: the quarantine's copy has none of them, and the same voxels."""
+    data = np.ones((6, 6, 6), np.float32)
+    data[1, 2, 3] = np.nan  # quarantined: non-finite
+    cls = nib.Nifti2Image if version == 2 else nib.Nifti1Image
+    img = cls(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header["descrip"] = b"Smithereen MRN8839201"
+    img.header["aux_file"] = b"Smithereen.aux"
+    img.header["intent_name"] = b"Smithereen"
+    if version == 1:
+        img.header["db_name"] = b"Smithereen"
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"PatientName=Smithereen^Johanna"))
+    raw = img.to_bytes()
+    name = "c.nii.gz" if gz else "c.nii"
+    src = write_decathlon(tmp_path / "src", {"c": (f"imagesTr/{name}", gzip.compress(raw) if gz else raw,
+                                                   None, None)})
+    layout, db = home(tmp_path)
+    ingest(DataSpec(source=str(src)), layout, db, str(src))
+    (row,) = read_ledger(db, "p")
+    assert row["reason"] == "non-finite"
+    (kept,) = (tmp_path / "home").rglob("quarantine/*")
+    blob = kept.read_bytes()
+    assert (blob[:2] == b"\x1f\x8b") == gz
+    plain = gzip.decompress(blob) if gz else blob
+    assert b"Smithereen" not in plain and b"MRN" not in plain
+    back = nib.Nifti2Image.from_bytes(plain) if version == 2 else nib.Nifti1Image.from_bytes(plain)
+    assert np.array_equal(np.asanyarray(back.dataobj), data, equal_nan=True)
+    assert np.allclose(back.affine, img.affine) and not back.header.extensions
+
+
+def test_a_quarantined_file_whose_header_does_not_parse_is_not_copied(tmp_path):
+    src = write_decathlon(tmp_path / "src", {"c": ("imagesTr/c.nii", b"Smithereen " * 100, None, None)})
+    layout, db = home(tmp_path)
+    ingest(DataSpec(source=str(src)), layout, db, str(src))
+    assert read_ledger(db, "p")[0]["reason"] == "unreadable"
+    assert not list((tmp_path / "home").rglob("quarantine/*"))  # left where it arrived
