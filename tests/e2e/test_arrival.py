@@ -36,7 +36,8 @@ def runs_of(api_url: str, deployment: str, spec: str) -> list:
 
 
 def staged_source(layout: str, dest):
-    """(a source of labelled cases in ``layout``, its object and case counts, its DICOM header values).
+    """(a source of labelled cases in ``layout``, its object and case counts, its DICOM header values, words of
+    its file names).
 
     ``mixed``: a Decathlon set (4 cases) and 4 labelled DICOM series, one folder, one spec.
     """
@@ -44,16 +45,17 @@ def staged_source(layout: str, dest):
 
     synthetic.make_decathlon(dest, n_cases=4, size=24)
     if layout == "decathlon":
-        return dest, 8, 4, []
+        return dest, 8, 4, [], ["synth_000"]
     # values made here, not constants of the code: a model's logged code must not count as a leak
     rng = random.Random()
     token = "".join(rng.choices("ABCDEFGHJKLMNPQRSTUVWXYZ", k=6))
     identity = {key: f"{value}{token}" for key, value in synthetic.FICTITIOUS_IDENTITY.items()}
     identity["PatientBirthDate"] = f"19{rng.randint(20, 89)}0{rng.randint(1, 9)}1{rng.randint(0, 9)}"
     identity["StationName"] = f"CT-{token}"
+    identity["PatientName"] = f"Q{token}^Marigold"  # the files are named after the surname: Q<token>_000_0000.dcm
     private = f"PrivateNote-{token}"
     synthetic.make_dicom(dest, n_cases=4, size=24, seed=100, identity=identity, private_note=private)
-    return dest, 8 + 4 * 24 + 4, 8, [*identity.values(), private]
+    return dest, 8 + 4 * 24 + 4, 8, [*identity.values(), private], ["synth_000", f"Q{token}"]
 
 
 @pytest.mark.parametrize("layout", ["decathlon", "mixed"])
@@ -80,7 +82,7 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()
-    staged, n_objects, n_cases, secrets = staged_source(layout, tmp_path / "staged")
+    staged, n_objects, n_cases, secrets, names = staged_source(layout, tmp_path / "staged")
     spec = yaml.safe_load((REPO / "deployments/specs/demo.yaml").read_text())
     spec["data"]["layout"] = layout
     spec["train"]["epochs"] = 2  # the spec's own data.source is not the watched folder, and does not exist
@@ -124,11 +126,13 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
     from voxelflow import registry
 
     assert registry.alias_version(Settings(home=home).tracking_uri, "demo-spheres") == "1"
-    # logs carry case ids and hashes only (no file names); nothing from a DICOM header is anywhere under the home
-    for word in ["synth_000", *secrets]:
+    # logs carry case ids and hashes only; nothing from a DICOM header is anywhere under the home, and file names
+    # only in the ledger (the database), which alone maps object keys to hashes
+    for word in [*names, *secrets]:
         assert word not in (tmp_path / "worker.log").read_text(), word
-    if secrets:
-        for path in home.rglob("*"):
-            if path.is_file():
-                blob = path.read_bytes()
-                assert not [w for w in secrets if w.encode() in blob], path
+    for path in home.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            assert not [w for w in secrets if w.encode() in blob], path
+            if not path.name.startswith("voxelflow.db"):
+                assert not [w for w in names if w.encode() in blob], path
