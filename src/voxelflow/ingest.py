@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import posixpath
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -129,8 +130,10 @@ def discover(source: str, layout: str) -> list[SourceCase]:
             raise FileNotFoundError(f"{source}: decathlon layout needs a dataset.json")
         else:
             meta = {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{source}: dataset.json must be an object whose training and test are lists")
         # `training` entries are labelled cases; `test` entries (Decathlon's imagesTs) unlabelled ones
-        training, test = (meta.get("training") or [], meta.get("test") or []) if isinstance(meta, dict) else (0, 0)
+        training, test = meta.get("training") or [], meta.get("test") or []
         if not isinstance(training, list) or not isinstance(test, list):
             raise ValueError(f"{source}: dataset.json must be an object whose training and test are lists")
         entries = [*((f"training[{i}]", t) for i, t in enumerate(training)),
@@ -213,7 +216,7 @@ def discover(source: str, layout: str) -> list[SourceCase]:
     return cases
 
 
-LAYOUTS = ("decathlon", "folder", "dicom", "mixed")
+LAYOUTS = typing.get_args(DataSpec.model_fields["layout"].annotation)  # the spec's Literal: one list
 
 
 def _series_labels(fs, manifest: str, source: str) -> dict[str, str]:
@@ -366,20 +369,20 @@ def ingested_cases(db: Database, pipeline: str) -> list[str]:
     return sorted(r.case_id for r in rows)
 
 
-def _seen(conn, pipeline: str, shas: dict[str, str]) -> set[str]:
-    """The objects (of ``shas``) the ledger already accounts for with these exact bytes."""
-    known = _known(conn, pipeline, list(shas))
-    return {obj for obj, sha in shas.items() if sha in known.get(obj, ())}
+def _rows_of(conn, pipeline: str, objects: list[str], *columns) -> list:
+    """The ledger rows (``columns``, default all) of these object keys, one query per 500 keys."""
+    query = select(*columns) if columns else select(ledger)
+    rows: list = []
+    for i in range(0, len(objects), 500):
+        rows += conn.execute(query.where(ledger.c.pipeline == pipeline, ledger.c.object.in_(objects[i:i + 500])))
+    return rows
 
 
 def _known(conn, pipeline: str, objects: list[str]) -> dict[str, set[str]]:
-    """Object key -> the hashes the ledger holds for it (one query per 500 keys)."""
+    """Object key -> the hashes the ledger holds for it."""
     known: dict[str, set[str]] = {}
-    for i in range(0, len(objects), 500):
-        rows = conn.execute(select(ledger.c.object, ledger.c.sha256).where(
-            ledger.c.pipeline == pipeline, ledger.c.object.in_(objects[i:i + 500]))).all()
-        for r in rows:
-            known.setdefault(r.object, set()).add(r.sha256)
+    for r in _rows_of(conn, pipeline, objects, ledger.c.object, ledger.c.sha256):
+        known.setdefault(r.object, set()).add(r.sha256)
     return known
 
 
@@ -528,7 +531,7 @@ def _of_blobs(*hexdigests: str) -> str:
     return h.hexdigest()
 
 
-def _supersede(conn, db: Database, prep: _Prepared, pipeline: str, report: IngestReport) -> None:
+def _supersede(conn, db: Database, prep: _Prepared, pipeline: str, rows: list, report: IngestReport) -> None:
     """A new case that holds every object of earlier cases replaces them in the dataset.
 
     That is a DICOM series whose slices arrived in two batches, a label that came after its image,
@@ -539,18 +542,16 @@ def _supersede(conn, db: Database, prep: _Prepared, pipeline: str, report: Inges
     bytes under these names) stay as they were, marked ``superseded_by``, as do quarantined rows of
     earlier bytes under these names (``missing-file`` before an object existed, ``truncated`` while it
     was being copied). A case that shares only some objects with the new one (two raters' labels of
-    one image) is left alone.
+    one image) is left alone. ``rows`` are the ledger's rows of this case's objects.
     """
     case, shas, new = prep.case, prep.shas, prep.case_id
-    keys = set(case.objects)
-    rows = []
-    for i in range(0, len(case.objects), 500):
-        rows += conn.execute(select(ledger).where(ledger.c.pipeline == pipeline,
-                                                  ledger.c.object.in_(case.objects[i:i + 500]))).all()
-    earlier = {r.case_id for r in rows if r.case_id and r.case_id != new and r.superseded_by is None}
-    members = {c: {r.object for r in conn.execute(select(ledger.c.object).where(
-        ledger.c.pipeline == pipeline, ledger.c.case_id == c))} for c in sorted(earlier)}
-    replaced = {c for c, objects in members.items() if objects <= keys}
+    earlier = sorted({r.case_id for r in rows if r.case_id and r.case_id != new and r.superseded_by is None})
+    members: dict[str, set[str]] = {}
+    if earlier:
+        for r in conn.execute(select(ledger.c.case_id, ledger.c.object).where(
+                ledger.c.pipeline == pipeline, ledger.c.case_id.in_(earlier))):
+            members.setdefault(r.case_id, set()).add(r.object)
+    replaced = {c for c, objects in members.items() if objects <= set(case.objects)}
     moved: dict[str, int] = {}
     for r in rows:
         if shas.get(r.object) != r.sha256 or r.case_id == new:
@@ -589,7 +590,8 @@ def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport)
     case, shas, problem, case_id = prep.case, prep.shas, prep.problem, prep.case_id
     pipeline = layout.pipeline
     with db.locked(f"ingest:{pipeline}") as conn:
-        seen = _seen(conn, pipeline, shas)  # one query for the case, under the lock
+        held = _rows_of(conn, pipeline, case.objects)  # the case's rows, read once under the lock
+        seen = {r.object for r in held if shas.get(r.object) == r.sha256}
         fresh = [obj for obj in case.objects if obj not in seen]
         at = now()
         if problem is not None:
@@ -605,7 +607,7 @@ def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport)
         else:
             state, cid = "ingested", case_id
             report.ingested.append(case_id)
-            _supersede(conn, db, prep, pipeline, report)
+            _supersede(conn, db, prep, pipeline, held, report)
         rows = []
         for obj in fresh:
             st = "duplicate" if obj in prep.dups else state
