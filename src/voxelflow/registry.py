@@ -46,14 +46,22 @@ def flatten(prefix: str, obj: Any, out: dict[str, str]) -> dict[str, str]:
 
 def start_run(tracking_uri: str, artifact_root: str, spec: PipelineSpec, lineage: dict[str, str]) -> str:
     """Create the lifecycle's MLflow run with the spec as params and lineage as tags."""
+    from mlflow.exceptions import MlflowException
+
     mc = client(tracking_uri)
     exp = mc.get_experiment_by_name(spec.name)
     if exp is not None:
         exp_id = exp.experiment_id
-    elif tracking_uri.startswith(("http://", "https://", "databricks")):
-        exp_id = mc.create_experiment(spec.name)  # the tracking server decides where artifacts live
     else:
-        exp_id = mc.create_experiment(spec.name, artifact_location=f"{artifact_root}/{spec.name}")
+        server = tracking_uri.startswith(("http://", "https://", "databricks"))
+        try:  # on a tracking server, the server decides where artifacts live
+            exp_id = mc.create_experiment(spec.name, **({} if server else {
+                "artifact_location": f"{artifact_root}/{spec.name}"}))
+        except MlflowException:  # another lifecycle created it at the same moment: use that one
+            exp = mc.get_experiment_by_name(spec.name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     tags = {f"voxelflow.{k}": v for k, v in lineage.items()}
     tags["voxelflow.code_version"] = code_version()
     run = mc.create_run(exp_id, tags=tags, run_name=f"{spec.name}-{lineage.get('dataset_digest', '')[:8]}")
@@ -68,8 +76,16 @@ def start_run(tracking_uri: str, artifact_root: str, spec: PipelineSpec, lineage
 
         dataset = Dataset(name=spec.name, digest=lineage["dataset_digest"][:36], source_type="voxelflow",
                           source=json.dumps({"dataset_digest": lineage["dataset_digest"], "layout": spec.data.layout}))
-        mc.log_inputs(run.info.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context",
-                                                                                        "training")])])
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+        for attempt in range(3):
+            try:
+                mc.log_inputs(run.info.run_id, datasets=inputs)
+                break
+            except MlflowException as exc:
+                # two lifecycles of one dataset at once: MLflow's get-or-create of the dataset row races, and
+                # the loser's insert breaks its unique key; the row exists now, so a retry links to it
+                if attempt == 2 or not any(w in str(exc) for w in ("UNIQUE", "unique", "duplicate key")):
+                    raise
     return run.info.run_id
 
 
