@@ -7,6 +7,7 @@ from prefect.cache_policies import NO_CACHE
 
 from voxelflow.config import DeploySpec
 from voxelflow.pipeline import Context, Deployment, deploy_stage
+from voxelflow.transient import is_transient
 
 ATTEMPTS, FIRST_DELAY_S = 3, 5.0
 
@@ -14,12 +15,7 @@ ATTEMPTS, FIRST_DELAY_S = 3, 5.0
 def transient(exc: BaseException) -> bool:
     """Network, storage and API-server errors are worth another attempt; a deployment that cannot work
     as configured (no cluster, no champion, a failed smoke test) fails at once."""
-    import httpx
-
-    if isinstance(exc, (OSError, httpx.TransportError)):  # refused or reset connections, timeouts, storage
-        return True
-    status = getattr(exc, "status", None)  # kubernetes.client's ApiException: the API server's answer
-    return isinstance(status, int) and (status >= 500 or status in (409, 429))
+    return is_transient(exc)
 
 
 @task(name="deploy", timeout_seconds=900, cache_policy=NO_CACHE)

@@ -4,11 +4,12 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.retry import transient_only
 from voxelflow.config import EvaluateSpec
 from voxelflow.pipeline import Context, Evaluation, TrainOutcome, evaluate_stage
 
 
-@task(name="evaluate", retries=1, cache_policy=NO_CACHE)
+@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
 def evaluate(spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOutcome, val_ids: list[str],
              run_id: str) -> Evaluation:
     """Score the candidate and the champion on the same held-out cases."""

@@ -4,21 +4,22 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
+from tasks.retry import transient_only
 from voxelflow.config import DataSpec
 from voxelflow.ingest import IngestReport
 from voxelflow.pipeline import Context, ingest_stage
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
 def ingest(data: DataSpec, ctx: Context) -> IngestReport:
     """Decode, check and store new cases as Zarr; every object gets a ledger state."""
     return _said(ingest_stage(data, ctx, progress=reporter("ingest", f"ingesting {data.source}")))
 
 
 @task(name="ingest-arrived", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=lambda task, run, state: _transient(state))
+      retry_condition_fn=transient_only)
 def ingest_arrived(data: DataSpec, ctx: Context) -> IngestReport:
-    """Ingest what arrived; an ingest that found nothing new is fine. Retried for storage errors only."""
+    """Ingest what arrived; an ingest that found nothing new is fine."""
     return _said(ingest_stage(data, ctx, progress=reporter("ingest", "ingesting arrived data"), require_cases=False))
 
 
@@ -28,13 +29,3 @@ def _said(report: IngestReport) -> IngestReport:
         get_run_logger().warning(message)
     return report
 
-
-def _transient(state) -> bool:
-    """Storage and network errors are worth a retry; bad data never is (it is quarantined, not raised)."""
-    try:
-        state.result()
-    except (OSError, TimeoutError, ConnectionError):
-        return True
-    except Exception:  # noqa: BLE001 - anything else is a bug or bad input: retrying would repeat it
-        return False
-    return False

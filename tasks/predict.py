@@ -4,13 +4,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
+from tasks.retry import transient_only
 from voxelflow import predict as batch
 from voxelflow.pipeline import Context
 from voxelflow.predict import ModelRef, PredictReport
 
 
 @task(name="predict", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=lambda task, run, state: _transient(state))
+      retry_condition_fn=transient_only)
 def predict_cases(ctx: Context, model: str, dest: str, cases: list[str] | None = None,
                   source: str | None = None) -> PredictReport:
     """Segment the unlabelled cases (``cases``, those under ``source``, or all) that ``model`` has not
@@ -19,11 +20,3 @@ def predict_cases(ctx: Context, model: str, dest: str, cases: list[str] | None =
     return batch.run(ctx.db, ctx.layout, ctx.tracking_uri, ModelRef.parse(model), dest, cases=cases, source=source,
                      progress=reporter("predict", f"segmenting unlabelled cases with {model}"))
 
-
-def _transient(state) -> bool:
-    """Storage, network and registry outages are worth a retry; a missing model or bad input never is."""
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - classified by the library
-        return batch.is_transient(exc)
-    return False

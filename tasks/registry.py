@@ -7,12 +7,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
+from tasks.retry import transient_only
 from voxelflow.approval import Answer, answer_stage, awaiting
 from voxelflow.config import PromoteSpec
 from voxelflow.pipeline import Context, Evaluation, Promotion, TrainOutcome, register_stage
 
 
-@task(name="register-and-promote", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="register-and-promote", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=transient_only)
 def register_and_promote(spec: PromoteSpec, ctx: Context, run_id: str, outcome: TrainOutcome,
                          evaluation: Evaluation, tags: dict[str, str]) -> Promotion:
     """Register the candidate in MLflow and move the champion alias when the policy passes; each
@@ -25,7 +27,7 @@ def register_and_promote(spec: PromoteSpec, ctx: Context, run_id: str, outcome: 
     return promotion
 
 
-@task(name="rollback", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="rollback", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
 def rollback_champion(ctx: Context, model_name: str, actor: str, reason: str) -> dict[str, str]:
     """Move ``champion`` back to ``previous`` (recorded in the audit log); fails when there is none."""
     from voxelflow import registry
@@ -34,7 +36,8 @@ def rollback_champion(ctx: Context, model_name: str, actor: str, reason: str) ->
     return {"model": model_name, "champion": restored, "replaced": replaced}
 
 
-@task(name="approval-answer", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="approval-answer", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=transient_only)
 def answer_candidate(spec: PromoteSpec, ctx: Context, promotion: Promotion, evaluation: Evaluation,
                      outcome: TrainOutcome, run_id: str, tags: dict[str, str], answer: Answer) -> Promotion:
     """Act on a person's answer: approve moves ``champion`` by compare-and-set (the gates applied again

@@ -4,11 +4,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
+from tasks.retry import transient_only
 from voxelflow.config import PipelineSpec
 from voxelflow.pipeline import Context, Split, TrainOutcome, start_run, train_stage
 
 
-@task(name="start-mlflow-run", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(name="start-mlflow-run", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=transient_only)
 def mlflow_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Split | None = None) -> str:
     """Open the MLflow run that carries params, metrics, pictures, lineage tags and the split, tagged with
     this flow run's id so that the run and the flow run find each other."""
@@ -22,7 +24,8 @@ def mlflow_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Spl
     return run_id
 
 
-@task(name="train", retries=2, retry_delay_seconds=5, timeout_seconds=6 * 3600, cache_policy=NO_CACHE)
+@task(name="train", retries=2, retry_delay_seconds=5, timeout_seconds=6 * 3600, cache_policy=NO_CACHE,
+      retry_condition_fn=transient_only)
 def train(spec: PipelineSpec, ctx: Context, train_ids: list[str], run_id: str,
           val_ids: list[str] | None = None) -> TrainOutcome:
     """Train the spec's network, validating on ``val_ids``; a retry resumes from the newest checkpoint."""

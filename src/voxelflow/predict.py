@@ -34,7 +34,7 @@ import fsspec
 import numpy as np
 from sqlalchemy import insert, select, update
 
-from voxelflow import audit, registry
+from voxelflow import audit, registry, transient
 from voxelflow.db import Database, ledger, now, predictions
 from voxelflow.ingest import has_label, ingested_cases, load_case
 from voxelflow.storage import Layout, Store
@@ -223,8 +223,7 @@ def _recorded(conn, pipeline: str, model: str, version: str, outputs: list[str])
 
 def is_transient(exc: BaseException) -> bool:
     """Storage and network trouble: raised (a retry skips what is done); anything else is this case's own."""
-    return isinstance(exc, (OSError, TimeoutError, ConnectionError, registry.RegistryError)) and not isinstance(
-        exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError))
+    return transient.is_transient(exc)
 
 
 def predict(

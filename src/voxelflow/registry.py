@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from voxelflow import __version__, policy
+from voxelflow import __version__, policy, transient
 from voxelflow.config import Gates, PipelineSpec
 from voxelflow.policy import Decision
 
@@ -190,7 +190,6 @@ class RegistryError(RuntimeError):
 
 
 _ABSENT = ("RESOURCE_DOES_NOT_EXIST",)
-_TRANSIENT = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
 
 
 def _absent(exc: Exception) -> bool:
@@ -201,9 +200,7 @@ def _absent(exc: Exception) -> bool:
 
 
 def _transient(exc: Exception) -> bool:
-    code = getattr(exc, "error_code", "")
-    text = str(exc).lower()
-    return code in _TRANSIENT or any(w in text for w in ("database is locked", "connection", "timed out"))
+    return transient.is_transient(exc)
 
 
 def retrying(what: str, fn, attempts: int = 3, first_delay: float = 0.5):
