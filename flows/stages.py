@@ -22,6 +22,7 @@ from tasks.preprocess import preprocess
 from tasks.registry import register_and_promote
 from tasks.settings import run_settings
 from tasks.train import train
+from voxelflow import addresses
 from voxelflow.config import PipelineSpec, Settings
 from voxelflow.ingest import IngestReport
 from voxelflow.pipeline import Context, Deployment, Evaluation, Promotion, TrainOutcome, from_dict
@@ -39,14 +40,24 @@ RESULTS: dict[str, type] = {
 }
 
 
-def context_for(spec: PipelineSpec, store: str) -> Context:
-    """This worker's context; its store must be the one the lifecycle uses, or nothing adds up."""
+def peers_of(ctx: Context) -> dict[str, str]:
+    """Digests of the database and the MLflow this process uses, for a placed stage to compare."""
+    return addresses.peers(ctx.settings.database, ctx.tracking_uri)
+
+
+def context_for(spec: PipelineSpec, store: str, peers: dict[str, str]) -> Context:
+    """This worker's context; its store, database and MLflow must be the lifecycle's, or ledger, audit
+    and registry split in two: refused before anything starts, naming what differs (never its address)."""
     ctx = Context(run_settings(spec.data), spec.name)
     if ctx.store.url != store:
         raise RuntimeError(
             f"this worker's store is {ctx.store.url!r} but the lifecycle's is {store!r}: give every work pool the "
             "same VOXELFLOW_STORE and VOXELFLOW_DATABASE_URL"
         )
+    differ = addresses.differences(peers_of(ctx), peers)
+    if differ:
+        raise RuntimeError(f"this worker's {' and '.join(differ)} differ from the lifecycle's: give every work pool "
+                           "the same VOXELFLOW_STORE, VOXELFLOW_DATABASE_URL and VOXELFLOW_MLFLOW_TRACKING_URI")
     return ctx
 
 
@@ -58,7 +69,7 @@ def placed(stage: str, pool: str | None, ctx: Context, spec: PipelineSpec, lifec
     run = run_deployment(
         f"{stage}/{pool}",
         parameters={"spec": spec.model_dump(mode="json"), "lifecycle_id": lifecycle_id, "store": ctx.store.url,
-                    **refs},
+                    "peers": peers_of(ctx), **refs},
         as_subflow=True,
         timeout=None,
     )
@@ -73,50 +84,51 @@ def _keep(ctx: Context, lifecycle_id: str, stage: str, result: Any) -> None:
 
 
 @flow(name="ingest")
-def ingest_flow(spec: PipelineSpec, lifecycle_id: str, store: str) -> None:
+def ingest_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str]) -> None:
     """Ingest the spec's source (placed: ``data.work_pool``)."""
-    ctx = context_for(spec, store)
+    ctx = context_for(spec, store, peers)
     _keep(ctx, lifecycle_id, "ingest", ingest(spec.data, ctx))
 
 
 @flow(name="preprocess")
-def preprocess_flow(spec: PipelineSpec, lifecycle_id: str, store: str, case_ids: list[str]) -> None:
+def preprocess_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str],
+                    case_ids: list[str]) -> None:
     """Preprocess new cases on a Dask cluster (placed: ``preprocess.work_pool``)."""
-    ctx = context_for(spec, store)
+    ctx = context_for(spec, store, peers)
     _keep(ctx, lifecycle_id, "preprocess", preprocess(spec.preprocess, ctx, case_ids))
 
 
 @flow(name="train")
-def train_flow(spec: PipelineSpec, lifecycle_id: str, store: str, train_ids: list[str], run_id: str,
-               val_ids: list[str] | None = None) -> None:
+def train_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], train_ids: list[str],
+               run_id: str, val_ids: list[str] | None = None) -> None:
     """Train the candidate (placed: ``train.work_pool``, e.g. a GPU pool)."""
-    ctx = context_for(spec, store)
+    ctx = context_for(spec, store, peers)
     _keep(ctx, lifecycle_id, "train", train(spec, ctx, train_ids, run_id, val_ids))
 
 
 @flow(name="evaluate")
-def evaluate_flow(spec: PipelineSpec, lifecycle_id: str, store: str, outcome: dict, val_ids: list[str],
-                  run_id: str) -> None:
-    """Score candidate and champion on the held-out cases (placed: ``evaluate.work_pool``)."""
-    ctx = context_for(spec, store)
-    result = evaluate(spec.evaluate, spec.promote.model_name, ctx, from_dict(TrainOutcome, outcome), val_ids, run_id)
+def evaluate_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], outcome: dict,
+                  test_ids: list[str], run_id: str) -> None:
+    """Score candidate and champion on the test cases (placed: ``evaluate.work_pool``)."""
+    ctx = context_for(spec, store, peers)
+    result = evaluate(spec.evaluate, spec.promote.model_name, ctx, from_dict(TrainOutcome, outcome), test_ids, run_id)
     _keep(ctx, lifecycle_id, "evaluate", result)
 
 
 @flow(name="register-and-promote")
-def promote_flow(spec: PipelineSpec, lifecycle_id: str, store: str, run_id: str, outcome: dict, evaluation: dict,
-                 tags: dict[str, str]) -> None:
+def promote_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], run_id: str,
+                 outcome: dict, evaluation: dict, tags: dict[str, str]) -> None:
     """Register the candidate and apply the gates (placed: ``promote.work_pool``)."""
-    ctx = context_for(spec, store)
+    ctx = context_for(spec, store, peers)
     result = register_and_promote(spec.promote, ctx, run_id, from_dict(TrainOutcome, outcome),
                                   from_dict(Evaluation, evaluation), tags)
     _keep(ctx, lifecycle_id, "register-and-promote", result)
 
 
 @flow(name="deploy")
-def deploy_flow(spec: PipelineSpec, lifecycle_id: str, store: str, case_id: str) -> None:
+def deploy_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], case_id: str) -> None:
     """Serve the champion and smoke-test it (placed: ``deploy.work_pool``)."""
-    ctx = context_for(spec, store)
+    ctx = context_for(spec, store, peers)
     _keep(ctx, lifecycle_id, "deploy", deploy(spec.deploy, spec.promote.model_name, ctx, case_id))
 
 
