@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.voxelflow-installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PYTHONWARNINGS ?= ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP)
 	# two test processes, one test file each at a time: the suite waits on servers and subprocesses about half
 	# the time, so two keep both cores busy (about 440 s instead of 660 s on 2 cores)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# the inner loop: everything but the tests marked slow (whole lifecycles, deployments, the notebook)
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check src flows tasks tests benchmarks
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
