@@ -4,300 +4,50 @@
 mask in the same format and grid. Every route but ``/health/live`` and ``/health/ready`` needs
 an API key (``X-API-Key``), ``/metrics`` included. Inference runs on a bounded pool of its own
 behind a bounded queue: a full queue is answered 503 at once, a request over the time limit 504,
-and the event loop (health, auth) never waits for a model.
+and the probes answer on the event loop, never waiting for a worker, the database or the model.
+
+The parts live in ``serve_keys`` (keys and roles), ``serve_volumes`` (formats, header checks, the
+memory budget), ``serve_guard`` (throttles, denials), ``serve_model`` (the model holder) and
+``serve_server`` (uvicorn, trusted proxies); their public names are importable from here.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
 import math
-import secrets
-import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from sqlalchemy import delete, insert, select
 
 from voxelflow import audit
-from voxelflow.db import Database, api_keys, now
+from voxelflow.db import Database
 from voxelflow.formats import VolumeError
+from voxelflow.redact import redact
+from voxelflow.serve_guard import Denials, Throttle
+from voxelflow.serve_keys import LEGACY_ROLES, ROLES, KeyStore, Principal
+from voxelflow.serve_model import ModelHolder, failure_summary
+from voxelflow.serve_server import Server, free_port, proxy_options, trusted_networks
+from voxelflow.serve_volumes import (
+    BODY_TYPES,
+    NIFTI,
+    NPY,
+    VOLUME_STATUS,
+    declared_volume,
+    decode_volume,
+    encode_mask,
+    nifti_gz,
+    working_set_bytes,
+)
 
-#: what each role may do; admin may do everything
-ROLES = {
-    "viewer": {"model", "metrics"},
-    "predictor": {"model", "metrics", "segment"},
-    "operator": {"model", "metrics", "reload"},
-    "admin": {"model", "metrics", "segment", "reload", "keys"},
-}
-LEGACY_ROLES = {"predict": "predictor"}  # keys made before the four roles
-NPY = "application/x-npy"
-NIFTI = "application/gzip"
-#: what /v1/segment accepts (or no Content-Type at all: the format is known from the body's first bytes)
-BODY_TYPES = (NPY, NIFTI, "application/x-gzip", "application/octet-stream", "application/x-nifti")
-
-
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    roles: tuple[str, ...]
-
-
-class KeyStore:
-    """API keys in the shared database, stored as SHA-256 digests; the key itself is shown once."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    @staticmethod
-    def _digest(key: str) -> str:
-        return hashlib.sha256(key.encode()).hexdigest()
-
-    @staticmethod
-    def normalise(roles: list[str]) -> list[str]:
-        roles = [LEGACY_ROLES.get(r, r) for r in roles]
-        bad = sorted(set(roles) - set(ROLES))
-        if bad or not roles:
-            raise ValueError(f"unknown role(s) {bad or roles}: choose from {', '.join(ROLES)}")
-        return sorted(set(roles))
-
-    def create(self, name: str, roles: list[str], expires_days: float | None = None) -> str:
-        """A new random key for ``name``; only its digest is stored."""
-        from datetime import timedelta
-
-        roles = self.normalise(roles)
-        if expires_days is not None and expires_days <= 0:
-            raise ValueError("expires_days must be positive")
-        key = "vf_" + secrets.token_urlsafe(32)
-        created = now()
-        expires = created + timedelta(days=expires_days) if expires_days is not None else None
-        with self.db.transaction() as conn:
-            conn.execute(insert(api_keys).values(digest=self._digest(key), name=name, roles=json.dumps(roles),
-                                                 created=created, expires=expires))
-        return key
-
-    def revoke(self, key: str) -> bool:
-        """Remove a key; True if it existed."""
-        with self.db.transaction() as conn:
-            return conn.execute(delete(api_keys).where(api_keys.c.digest == self._digest(key))).rowcount > 0
-
-    def revoke_name(self, name: str) -> int:
-        """Remove every key of ``name``; how many there were."""
-        with self.db.transaction() as conn:
-            return conn.execute(delete(api_keys).where(api_keys.c.name == name)).rowcount
-
-    def list(self) -> list[dict[str, Any]]:
-        """Every key's name, roles, creation and expiry (never the key or its digest)."""
-        with self.db.transaction() as conn:
-            rows = conn.execute(select(api_keys).order_by(api_keys.c.name, api_keys.c.created)).all()
-        return [{"name": r.name, "roles": json.loads(r.roles), "created": _aware(r.created).isoformat(),
-                 "expires": _aware(r.expires).isoformat() if r.expires else None,
-                 "expired": r.expires is not None and _aware(r.expires) <= now()} for r in rows]
-
-    def lookup(self, key: str | None) -> Principal | None:
-        if not key:
-            return None
-        with self.db.transaction() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.digest == self._digest(key))).first()
-        if row is None or (row.expires is not None and _aware(row.expires) <= now()):
-            return None
-        return Principal(row.name, tuple(sorted({LEGACY_ROLES.get(r, r) for r in json.loads(row.roles)})))
-
-
-def _aware(when):
-    """SQLite hands datetimes back without their zone; they were written in UTC."""
-    from datetime import timezone
-
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-
-
-class Throttle:
-    """A token bucket per key: ``rate`` requests a second, bursts of ``burst``."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def peek(self, who: str) -> float:
-        """The seconds ``who`` would have to wait now (0 when a request would pass), spending nothing."""
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(who, (float(self.burst), now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-
-    def allow(self, who: str) -> float:
-        """0 when allowed, else the seconds to wait."""
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(who, (float(self.burst), now))
-            tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens >= 1:
-                self._buckets[who] = (tokens - 1, now)
-                return 0.0
-            self._buckets[who] = (tokens, now)
-            return (1 - tokens) / self.rate
-
-
-class ModelHolder:
-    """The loaded model and its version; ``reload`` swaps it in without dropping requests."""
-
-    def __init__(self, loader: Callable[[], tuple[Any, str]]) -> None:
-        self.loader = loader
-        self.segmenter: Any = None
-        self.version: str | None = None
-        self.error: str | None = None
-        self.swaps = 0  # models swapped in after the first
-        self.lock = threading.Lock()
-
-    def reload(self) -> str | None:
-        try:
-            segmenter, version = self.loader()
-        except Exception as exc:  # noqa: BLE001 - reported through /health/ready
-            self.error = str(exc)
-            raise
-        with self.lock:  # loaded aside, swapped in one step: requests see the old model or the new one
-            if self.segmenter is not None and version != self.version:
-                self.swaps += 1
-            self.segmenter, self.version, self.error = segmenter, version, None
-        return version
-
-    def watch(self, current: Callable[[], str | None], interval: float) -> threading.Event:
-        """Poll ``current()`` (the alias's version) and reload when it differs; set the event to stop."""
-        stop = threading.Event()
-
-        def loop() -> None:
-            while not stop.wait(interval):
-                try:
-                    wanted = current()
-                    if wanted is not None and wanted != self.version:
-                        self.reload()
-                except Exception:  # noqa: BLE001 - kept in self.error, shown by /health/ready
-                    continue
-
-        threading.Thread(target=loop, name="voxelflow-model-watch", daemon=True).start()
-        return stop
-
-
-def decode_volume(
-    body: bytes, content_type: str, max_voxels: int = 512**3
-) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The request body as (volume, affine or None, response format).
-
-    The header (NIfTI-1/2 or .npy) is checked first: shape, voxel type and voxel count; nothing is
-    inflated or allocated beyond what it declares (:mod:`voxelflow.formats`). Raises
-    :class:`~voxelflow.formats.VolumeError`.
-    """
-    from voxelflow.formats import read_nifti, read_npy
-
-    if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
-        return read_npy(body, "body", max_voxels), None, "npy"
-    vol = read_nifti(body, "body", max_voxels)
-    return vol.array, vol.affine, "nifti"
-
-
-def declared_volume(body: bytes, content_type: str) -> tuple[tuple[int, ...], np.dtype, tuple[float, ...]]:
-    """Shape, voxel type and spacing (mm) a body declares, from its header alone.
-
-    At most a NIfTI-2 header's worth of gzip is inflated; no voxel is read. Raises
-    :class:`~voxelflow.formats.VolumeError` when there is no readable header.
-    """
-    import nibabel as nib
-
-    from voxelflow.formats import nifti_prefix, npy_header, read_header, volume_shape
-
-    if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
-        header, _ = npy_header(body, "body")
-        return header.shape, header.dtype, (1.0, 1.0, 1.0)
-    prefix = nifti_prefix(body, "body")
-    header = read_header(prefix, "body")
-    cls = nib.Nifti2Header if header.version == 2 else nib.Nifti1Header
-    try:  # the spacing resampling will use: the affine's (sform, else qform), not pixdim, which it may contradict
-        affine = cls.from_fileobj(io.BytesIO(prefix[: cls.sizeof_hdr])).get_best_affine()
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds on corrupt headers
-        raise VolumeError("unreadable", f"body: {exc}") from None
-    spacing = tuple(float(s) for s in np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0)))
-    return volume_shape(header), header.dtype, spacing
-
-
-def working_set_bytes(shape: tuple[int, ...], dtype: np.dtype, spacing: tuple[float, ...],
-                      config: dict[str, Any] | None) -> int:
-    """Memory one inference of this volume needs, from its header: per input voxel, the body (read, joined,
-    decoded), about 80 bytes of float intermediates (its float copy, resampling grids there and back, the
-    masks; measured on CPU at 96^3) and the logits of every channel inverted onto it; per voxel of the model's grid
-    (resampled to its spacing, padded to its window), the preprocessed copies and the sliding-window logits,
-    accumulator and count map of every output channel."""
-    config = config or {}
-    voxels = math.prod(int(s) for s in shape)
-    pixdim = next((list(t["Spacingd"]["pixdim"]) for t in config.get("transforms", [])
-                   if isinstance(t, dict) and "Spacingd" in t), None)
-    zoom = 1.0
-    if pixdim:
-        pixdim = (pixdim * 3)[:3] if len(pixdim) == 1 else pixdim
-        zoom = math.prod(max(float(s), 1e-6) / max(float(p), 1e-6) for s, p in zip(spacing[:3], pixdim[:3]))
-    grid = max(voxels * zoom, math.prod(config.get("spatial_size", [1])))
-    network = next(iter(config.get("network", {}).values()), {}) if isinstance(config.get("network"), dict) else {}
-    channels = int(network.get("out_channels", 2)) if isinstance(network, dict) else 2
-    per_input = 3 * np.dtype(dtype).itemsize + 80 + 8 * channels  # + the logits inverted onto the input grid
-    per_grid = 4 * 2 + 4 * (2 * channels + 1) + 1  # preprocessed (two copies), logits + accumulator + count, argmax
-    total = voxels * per_input + grid * per_grid
-    return int(total) if math.isfinite(total) else 2**63  # an absurd spacing: more than any budget
-
-
-#: how each kind of bad volume is answered
-VOLUME_STATUS = {"too-large": 413, "bad-shape": 422, "bad-dtype": 422, "non-finite": 422, "bad-affine": 422}
-
-
-def encode_mask(mask: np.ndarray, affine: np.ndarray | None, fmt: str) -> tuple[bytes, str]:
-    if fmt == "npy":
-        buf = io.BytesIO()
-        np.save(buf, mask, allow_pickle=False)
-        return buf.getvalue(), NPY
-    return nifti_gz(mask.astype(np.uint8), affine), NIFTI
-
-
-def nifti_gz(array: np.ndarray, affine: np.ndarray | None) -> bytes:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine if affine is not None else np.eye(4))
-    return gzip.compress(img.to_bytes(), compresslevel=1)
-
-
-class Denials:
-    """Denied requests per client address, audited at most once a minute per address with a count.
-
-    A flood of bad keys from one address costs one audit record a minute, not one per request;
-    at most ``max_addresses`` addresses are tracked (the oldest forgotten first).
-    """
-
-    def __init__(self, db: Database | None, window_s: float = 60.0, max_addresses: int = 10000) -> None:
-        self.db, self.window_s, self.max_addresses = db, window_s, max_addresses
-        self._seen: dict[str, list[float]] = {}  # address -> [window start, count not yet audited]
-        self._lock = threading.Lock()
-
-    def record(self, address: str, status: int, endpoint: str) -> None:
-        t = time.monotonic()
-        with self._lock:
-            window = self._seen.get(address)
-            if window is not None and t - window[0] < self.window_s:
-                window[1] += 1
-                return
-            pending = int(window[1]) if window else 0
-            if len(self._seen) >= self.max_addresses:
-                self._seen.pop(next(iter(self._seen)))
-            self._seen[address] = [t, 0]
-        if self.db is not None:
-            audit.append(self.db, "access.denied", address, endpoint=endpoint, status=status,
-                         denied_since_last_record=pending)
+__all__ = ["BODY_TYPES", "LEGACY_ROLES", "NIFTI", "NPY", "ROLES", "ROUTES", "VOLUME_STATUS", "Denials", "KeyStore",
+           "ModelHolder", "Principal", "Server", "Throttle", "create_app", "declared_volume", "decode_volume",
+           "encode_mask", "failure_summary", "free_port", "nifti_gz", "proxy_options", "trusted_networks",
+           "working_set_bytes"]
 
 
 def create_app(
@@ -316,6 +66,7 @@ def create_app(
     failed_rate: float = 1.0,
     failed_burst: int = 10,
     memory_budget: int | None = 8 * 1024**3,
+    max_clients: int = 10000,
 ):
     """The service's ASGI app.
 
@@ -323,8 +74,11 @@ def create_app(
     ``queue`` more may wait (default: as many as workers); beyond that a request gets 503 with
     Retry-After at once. ``timeout_s`` bounds one request (504). ``docs`` serves /docs and
     /openapi.json (off by default). ``describe`` returns what ``GET /v1/model`` shows.
-    Requests without a valid key, or with one that lacks the role, are throttled per client
-    address (``failed_rate`` a second, bursts of ``failed_burst``) and audited in aggregate.
+    A request with a valid key is throttled per key (``rate`` a second, bursts of ``burst``) and
+    never for other requests' failures; a request whose key is unknown, expired or lacks the role
+    is, after the lookup, throttled per client address (``failed_rate`` a second, bursts of
+    ``failed_burst``; the address is the peer's, or the one a trusted proxy forwarded) and audited
+    in aggregate. Each throttle keeps at most ``max_clients`` buckets (the least recently used go).
     ``memory_budget`` bounds one inference's memory (bytes), estimated from the body's header before
     any voxel is read or inflated (:func:`working_set_bytes`); a volume over it is refused 413.
     """
@@ -356,9 +110,14 @@ def create_app(
     served.set_function(lambda: float(holder.version) if str(holder.version or "").isdigit() else -1.0)
     swaps = Gauge("voxelflow_model_swaps", "Models hot-swapped in since start", registry=registry)
     swaps.set_function(lambda: holder.swaps)
-    throttle = Throttle(rate, burst)
-    failures = Throttle(failed_rate, failed_burst)
-    denials = Denials(db)
+    registry.register(SwapFailures(holder))
+    throttle = Throttle(rate, burst, max_clients)
+    failures = Throttle(failed_rate, failed_burst, max_clients)
+    denials = Denials(db, max_addresses=max_clients)
+    buckets = Gauge("voxelflow_throttle_buckets", "Token buckets held, per key and per failing client (bounded)",
+                    ["kind"], registry=registry)
+    buckets.labels("key").set_function(lambda: len(throttle))
+    buckets.labels("failed").set_function(lambda: len(failures))
     app = FastAPI(title="voxelflow inference", version="1", docs_url="/docs" if docs else None, redoc_url=None,
                   openapi_url="/openapi.json" if docs else None)
     app.state.pool = pool
@@ -372,8 +131,11 @@ def create_app(
         start = time.perf_counter()
         try:
             response = await call_next(request)
-        except Exception:  # noqa: BLE001 - logged with the request id, answered 500
-            log.exception(json.dumps({"request_id": rid, "route": request.url.path, "error": "unhandled"}))
+        except Exception:  # noqa: BLE001 - logged with the request id (credentials in URLs masked), answered 500
+            import traceback
+
+            log.error(json.dumps({"request_id": rid, "route": request.url.path, "error": "unhandled",
+                                  "traceback": redact(traceback.format_exc())}))
             response = Response('{"detail": "internal error"}', status_code=500, media_type="application/json")
         seconds = time.perf_counter() - start
         route = request.url.path if request.url.path in ROUTES else "other"
@@ -386,21 +148,21 @@ def create_app(
         return response
 
     def client_address(request: Request) -> str:
-        return request.client.host if request.client else "unknown"
+        """The peer, or the client a trusted proxy forwarded (uvicorn's ``forwarded_allow_ips``)."""
+        return request.client.host[:64] if request.client else "unknown"
 
     def authorize(request: Request, key: str | None, permission: str) -> Principal:
-        address, endpoint = client_address(request), request.url.path
-        wait = failures.peek(address)
-        if wait:  # this address keeps failing: refuse before touching the database
-            denials.record(address, 429, endpoint)
-            raise HTTPException(429, "too many failed requests from this address",
-                                headers={"Retry-After": str(max(1, math.ceil(wait)))})
         if not key and request.headers.get("authorization", "").lower().startswith("bearer "):
             key = request.headers["authorization"][7:].strip()  # what Prometheus' scrape config can send
         who = keys.lookup(key)
         if who is None or not any(permission in ROLES[r] for r in who.roles):
-            failures.allow(address)
-            denials.record(address, 401 if who is None else 403, endpoint)
+            # only now, after the lookup, are failures throttled, per client: a valid key never waits for them
+            address, endpoint = client_address(request), request.url.path
+            wait = failures.allow(address)
+            denials.record(address, 429 if wait else 401 if who is None else 403, endpoint)
+            if wait:
+                raise HTTPException(429, "too many failed requests from this client",
+                                    headers={"Retry-After": str(max(1, math.ceil(wait)))})
             if who is None:
                 raise HTTPException(401, "missing, unknown or expired API key (send it in the X-API-Key header)")
             raise HTTPException(403, f"key {who.name!r} ({', '.join(who.roles)}) may not {permission}")
@@ -426,17 +188,23 @@ def create_app(
               429: refusal("throttled (Retry-After)")}
     binary = {"schema": {"type": "string", "format": "binary"}}
 
+    # the probes are coroutines: they answer on the event loop, never queued behind the threadpool
+    # (key lookups, the registry), the database or the model
     @app.get("/health/live", summary="the process answers (no key)")
-    def live() -> dict[str, str]:
+    async def live() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/health/ready", summary="a model is loaded (no key)", responses={503: {
         "description": "loading", "content": {"application/json": {"schema": {"type": "object"}}}}})
-    def ready(response: Response) -> dict[str, Any]:
+    async def ready(response: Response) -> dict[str, Any]:
+        failed = holder.failure
         if holder.segmenter is None:
             response.status_code = 503
-            return {"status": "loading", "error": holder.error}
-        return {"status": "ready", "model_version": holder.version}
+            return {"status": "loading", "error": holder.summary}  # what failed; why is behind a key
+        about: dict[str, Any] = {"status": "ready", "model_version": holder.version}
+        if failed is not None:  # a hot swap failed: the model loaded before keeps serving
+            about["swap_failed"] = {"version": failed["version"], "error": holder.summary}
+        return about
 
     @app.get("/metrics", summary="Prometheus metrics (role viewer)", responses=errors,
              response_class=PlainTextResponse)
@@ -450,12 +218,13 @@ def create_app(
         from starlette.concurrency import run_in_threadpool
 
         await authorized(request, x_api_key, "model")
-        about = {"version": holder.version, "ready": holder.segmenter is not None, "swaps": holder.swaps}
+        about = {"version": holder.version, "ready": holder.segmenter is not None, "swaps": holder.swaps,
+                 "swap_failures": holder.swap_failures, "swap_failed": holder.failure}
         if describe is not None:
             try:
                 about.update(await run_in_threadpool(describe))
             except Exception as exc:  # noqa: BLE001 - the registry may be away; the model still serves
-                about["registry_error"] = str(exc)[:300]
+                about["registry_error"] = redact(f"{type(exc).__name__}: {exc}")[:300]
         return about
 
     @app.post("/v1/segment", summary="segment a volume (role predictor)", responses={
@@ -563,8 +332,8 @@ def create_app(
         try:
             version = await run_in_threadpool(holder.reload)
         except Exception as exc:  # noqa: BLE001 - the registry or the store is away: say so, keep serving
-            raise HTTPException(503, f"the model could not be loaded ({str(exc)[:300]}); still serving version "
-                                     f"{holder.version}", headers={"Retry-After": "30"}) from None
+            raise HTTPException(503, f"the model could not be loaded ({redact(str(exc))[:300]}); still serving "
+                                     f"version {holder.version}", headers={"Retry-After": "30"}) from None
         if db is not None:
             await run_in_threadpool(audit.append, db, "service.reloaded", who.name, model_version=version)
         return {"model_version": version}
@@ -576,45 +345,18 @@ def create_app(
     return app
 
 
+class SwapFailures:
+    """``voxelflow_model_swap_failures_total``: the holder's failed loads, read when scraped."""
+
+    def __init__(self, holder: ModelHolder) -> None:
+        self.holder = holder
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        yield CounterMetricFamily("voxelflow_model_swap_failures", "Model loads that failed (the model loaded "
+                                  "before, if any, kept serving)", value=self.holder.swap_failures)
+
+
 ROUTES = ("/health/live", "/health/ready", "/metrics", "/v1/model", "/v1/segment", "/v1/reload", "/docs",
           "/openapi.json")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn in a background thread, for the lifecycle's smoke test and the tests."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0) -> None:
-        import uvicorn
-
-        self.host, self.port = host, port or free_port(host)
-        self._server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, name="voxelflow-serve", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> Server:
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"inference service did not start on {self.url}")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-    def __enter__(self) -> Server:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
