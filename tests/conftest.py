@@ -15,6 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def pytest_configure(config):
+    """GPUs are hidden from the suite (this process, its xdist workers and every subprocess they start)
+    unless it runs the ``gpu`` tests alone (``pytest -m gpu``): on a GPU node the CPU tests then give the
+    results they give here, instead of training on the GPU because no device was named."""
+    if config.getoption("markexpr", "").strip() != "gpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """The API URL of a `prefect server start` that lives as long as the test session."""
