@@ -367,9 +367,11 @@ def serve(
         from voxelflow import registry
         from voxelflow.config import Settings
         from voxelflow.db import connect
-        from voxelflow.serve import KeyStore, ModelHolder, create_app
+        from voxelflow.redact import redact
+        from voxelflow.serve import KeyStore, ModelHolder, create_app, proxy_options
 
         settings = Settings()
+        proxies = proxy_options(settings.serve_trusted_proxies)  # X-Forwarded-For only from these peers
         db = connect(settings.database)
         cache = Path(tempfile.mkdtemp(prefix="voxelflow-serve-"))
         holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, model, cache, alias))
@@ -377,7 +379,7 @@ def serve(
             version = holder.reload()
             console.print(f"serving {model}@{alias} (v{version}); create a key with `voxelflow keys create NAME`")
         except LookupError as exc:  # not promoted yet: stay up, not ready, and keep looking
-            console.print(f"waiting for a model: {exc}")
+            console.print(f"waiting for a model: {redact(str(exc))}", markup=False)
         holder.watch(lambda: registry.alias_version(settings.tracking_uri, model, alias), poll_seconds)
         def describe() -> dict:
             mv = registry.client(settings.tracking_uri).get_model_version(model, holder.version)
@@ -393,7 +395,8 @@ def serve(
             if not (settings.serve_tls_cert and settings.serve_tls_key):
                 fail("HTTPS needs both VOXELFLOW_SERVE_TLS_CERT and VOXELFLOW_SERVE_TLS_KEY")
             tls = {"ssl_certfile": settings.serve_tls_cert, "ssl_keyfile": settings.serve_tls_key}
-        uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info", **tls)
+        uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info",
+                    **proxies, **tls)
 
 
 @deploy_app.command("render")
