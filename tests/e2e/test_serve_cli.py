@@ -74,3 +74,51 @@ def test_https_with_a_self_signed_certificate_and_keys_from_the_cli(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def serving(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`voxelflow serve` (no model yet) on a free port of 127.0.0.1, once /health/live answers."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "voxelflow"), "serve", "--port", str(port), "--model", "nothing-yet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}/health/live", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"serve did not come up: {proc.stdout.read() if proc.poll() is not None else ''}")
+            time.sleep(0.3)
+
+
+@pytest.mark.parametrize("trusted", [None, "127.0.0.1/32"])
+def test_x_forwarded_for_counts_only_from_the_trusted_proxies_setting(tmp_path, trusted):
+    """Without VOXELFLOW_SERVE_TRUSTED_PROXIES a local client's X-Forwarded-For is ignored (uvicorn alone would
+    trust 127.0.0.1), so rotating it does not escape the failed-request throttle; from a listed proxy it names
+    the client, and each client has a bucket of its own."""
+    env = {**os.environ, "VOXELFLOW_HOME": str(tmp_path / "home")}
+    env.pop("VOXELFLOW_SERVE_TRUSTED_PROXIES", None)
+    if trusted:
+        env["VOXELFLOW_SERVE_TRUSTED_PROXIES"] = trusted
+    proc, url = serving(env)
+    try:
+        statuses = [httpx.get(f"{url}/metrics", headers={"X-API-Key": "vf_guess",
+                                                          "X-Forwarded-For": f"192.0.2.{i}"}).status_code
+                    for i in range(40)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    if trusted:
+        assert set(statuses) == {401}, statuses  # 40 clients, one failure each
+    else:
+        assert 429 in statuses, statuses  # one client, 127.0.0.1, over its burst of 10
+
+
+def test_a_bad_trusted_proxy_entry_is_refused_naming_the_setting(tmp_path):
+    env = {**os.environ, "VOXELFLOW_HOME": str(tmp_path / "home"), "VOXELFLOW_SERVE_TRUSTED_PROXIES": "10.0.0.0/33"}
+    out = run_cli(["voxelflow", "serve", "--model", "nothing-yet"], env)
+    assert out.returncode == 1
+    assert "VOXELFLOW_SERVE_TRUSTED_PROXIES" in out.stderr and "10.0.0.0/33" in out.stderr
