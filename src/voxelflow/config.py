@@ -105,7 +105,7 @@ def _check_types(fn: Any, name: str, kwargs: dict[str, Any], what: str) -> None:
 def _torch_component(value: Any, module: str, what: str, supplied: set[str]) -> dict[str, dict[str, Any]]:
     """A torch optimizer / LR scheduler by name: arguments known, typed, required ones given."""
     name, kwargs = _single_key(value, what)
-    cls = resolve_monai(module, name, what)
+    cls = resolve_monai(module, name, what, allowed_imports())
     params = inspect.signature(cls.__init__).parameters
     given = sorted(set(kwargs) & supplied)
     if given:
@@ -119,26 +119,119 @@ def _torch_component(value: Any, module: str, what: str, supplied: set[str]) -> 
     return {name: kwargs}
 
 
-def resolve_monai(module: str, name: str, what: str) -> type:
-    """Look a class up by name in a MONAI (or torch) module, or by import path ``package.module:Class``
-    for a user's own component, with a helpful error."""
+def allowed_imports() -> tuple[str, ...]:
+    """The packages a spec's components may come from: ``VOXELFLOW_ALLOWED_IMPORTS``, read at each call."""
+    return tuple(p.strip() for p in Settings().allowed_imports.split(",") if p.strip())
+
+
+def _within(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _origin(obj: Any) -> str:
+    """The module an object was defined in (not the one it was imported from)."""
+    module = getattr(obj, "__module__", None)
+    return module if isinstance(module, str) and module else type(obj).__module__
+
+
+def _refuse_origin(name: str, obj: Any, what: str, allowed: tuple[str, ...]) -> None:
+    origin = _origin(obj)
+    if not _within(origin, allowed):
+        raise ValueError(f"{what} {name!r} is defined in {origin!r}, which is not among the allowed imports "
+                         f"(VOXELFLOW_ALLOWED_IMPORTS={','.join(allowed)}): a re-export does not make it allowed")
+
+
+def lookup(module: str | None, name: str, what: str, allowed: tuple[str, ...] | None = None) -> Any:
+    """A name in ``module`` (a MONAI or torch module of voxelflow's), or an import path
+    ``package.module:name``. With ``allowed`` (a spec being validated), an import path must name one of
+    those packages, checked before anything is imported, and the object must be defined in one of them
+    (or, for a bare name, in ``module``'s package)."""
     import importlib
 
-    if ":" in name:
-        path, _, attr = name.partition(":")
+    if ":" in name or module is None:
+        path, sep, attr = name.partition(":")
+        if not sep or not path or not attr:
+            raise ValueError(f"{what} {name!r}: expected an import path package.module:name")
+        if allowed is not None and not _within(path, allowed):
+            raise ValueError(f"{what} {name!r}: the package {path.split('.')[0]!r} is not among the allowed imports "
+                             f"(VOXELFLOW_ALLOWED_IMPORTS={','.join(allowed)}); add it there to use its components")
         try:
             mod = importlib.import_module(path)
         except ImportError as exc:
             raise ValueError(f"{what} {name!r}: cannot import {path!r} ({exc})") from None
-        cls = getattr(mod, attr, None)
-        if not inspect.isclass(cls):
-            raise ValueError(f"{what} {name!r}: {path!r} has no class {attr!r}")
-        return cls
-    mod = importlib.import_module(module)
-    cls = getattr(mod, name, None)
-    if not inspect.isclass(cls):
-        raise ValueError(f"unknown {what} {name!r}: expected a class in {module} or an import path "
-                         "package.module:Class")
+        obj = getattr(mod, attr, None)
+        if obj is None:
+            raise ValueError(f"{what} {name!r}: {path!r} has no function or class {attr!r}")
+    else:
+        obj = getattr(importlib.import_module(module), name, None)
+        if obj is None:
+            raise ValueError(f"unknown {what} {name!r}: expected a class in {module} or an import path "
+                             "package.module:Class")
+        allowed = None if allowed is None else (*allowed, module.split(".")[0])
+    if allowed is not None:
+        _refuse_origin(name, obj, what, allowed)
+    return obj
+
+
+def _own_call(cls: type) -> Any:
+    """``cls.__call__`` as the class defines it (not the metaclass's, which every class has)."""
+    return next((vars(k)["__call__"] for k in cls.__mro__ if "__call__" in vars(k)), None)
+
+
+def takes_pair(fn: Any, skip_self: bool = False) -> bool:
+    """Whether ``fn`` can be called with two positional arguments (``input, target`` / ``y_pred, y``)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if skip_self:
+        params = params[1:]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return len([p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= 2
+
+
+def component_kind(kind: str, obj: Any) -> str | None:
+    """Why ``obj`` cannot be used as a ``kind`` (network, loss, optimizer, scheduler, transform, metric),
+    or None when it can."""
+    if kind == "metric":
+        if inspect.isclass(obj):
+            call = _own_call(obj)
+            return None if call is not None and takes_pair(call, skip_self=True) else \
+                "is not a metric: its instances must be called as metric(y_pred, y)"
+        if inspect.isfunction(obj) or inspect.ismethod(obj) or (callable(obj) and _own_call(type(obj))):
+            return None if takes_pair(obj) else "must take (y_pred, y) as its first two arguments"
+        return "is not a metric function or class"
+    if not inspect.isclass(obj):
+        return f"is not a class (a {kind} is a class)"
+    import torch
+
+    if kind == "network":
+        return None if issubclass(obj, torch.nn.Module) else "is not a network: not a torch.nn.Module subclass"
+    if kind == "loss":
+        call = obj.forward if issubclass(obj, torch.nn.Module) else _own_call(obj)
+        return None if call is not None and takes_pair(call, skip_self=True) else \
+            "is not a loss: a torch.nn.Module (or a class) called as loss(input, target)"
+    if kind == "optimizer":
+        return None if issubclass(obj, torch.optim.Optimizer) else "is not a torch.optim.Optimizer subclass"
+    if kind == "scheduler":
+        return None if issubclass(obj, torch.optim.lr_scheduler.LRScheduler) else \
+            "is not a torch.optim.lr_scheduler.LRScheduler subclass"
+    if kind == "transform":
+        from monai.transforms import Transform
+
+        return None if issubclass(obj, Transform) else "is not a MONAI transform (monai.transforms.Transform)"
+    raise ValueError(f"unknown component kind {kind!r}")
+
+
+def resolve_monai(module: str, name: str, what: str, allowed: tuple[str, ...] | None = None) -> type:
+    """A ``what`` (network, loss, optimizer, scheduler, transform) by name in a MONAI (or torch)
+    module, or by import path ``package.module:Class`` for a user's own component; it must be that
+    kind of class. With ``allowed``, only from those packages (see :func:`lookup`)."""
+    cls = lookup(module, name, what, allowed)
+    why = component_kind(what, cls)
+    if why:
+        raise ValueError(f"{what} {name!r} {why}")
     return cls
 
 
@@ -152,7 +245,7 @@ def _dict_transforms(value: Any, what: str, random: bool) -> list[dict[str, dict
     out = []
     for item in value:
         name, kwargs = _single_key(item, "transform")
-        cls = resolve_monai("monai.transforms", name, "transform")
+        cls = resolve_monai("monai.transforms", name, "transform", allowed_imports())
         if not issubclass(cls, MapTransform):
             raise ValueError(
                 f"transform {name!r} is not a MONAI dictionary transform: use its dictionary form (e.g. {name}d)"
@@ -311,7 +404,7 @@ class TrainSpec(_Stage):
     @classmethod
     def _network(cls, value: Any) -> dict[str, dict[str, Any]]:
         name, kwargs = _single_key(value, "network")
-        net = resolve_monai("monai.networks.nets", name, "network")
+        net = resolve_monai("monai.networks.nets", name, "network", allowed_imports())
         _check_kwargs(net, name, kwargs, "network")
         _check_types(net.__init__, name, kwargs, "network")
         return {name: kwargs}
@@ -352,7 +445,7 @@ class TrainSpec(_Stage):
     @classmethod
     def _loss(cls, value: Any) -> dict[str, dict[str, Any]]:
         name, kwargs = _single_key(value, "loss")
-        cls = resolve_monai("monai.losses", name, "loss")
+        cls = resolve_monai("monai.losses", name, "loss", allowed_imports())
         _check_kwargs(cls, name, kwargs, "loss")
         _check_types(cls.__init__, name, kwargs, "loss")
         params = inspect.signature(cls.__init__).parameters
@@ -383,19 +476,11 @@ class SlidingWindow(_Section):
 BUILTIN_METRICS = {"dice": True, "hausdorff95": False}  # name -> higher is better
 
 
-def resolve_callable(path: str, what: str) -> Any:
-    """A user's function or class by import path ``package.module:name``."""
-    import importlib
-
-    module, sep, attr = path.partition(":")
-    if not sep or not module or not attr:
-        raise ValueError(f"{what} {path!r}: expected an import path package.module:name")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as exc:
-        raise ValueError(f"{what} {path!r}: cannot import {module!r} ({exc})") from None
-    obj = getattr(mod, attr, None)
+def resolve_callable(path: str, what: str, allowed: tuple[str, ...] | None = None) -> Any:
+    """A user's metric function or class by import path ``package.module:name`` (see :func:`lookup`)."""
+    obj = lookup(None, path, what, allowed)
     if not callable(obj):
+        module, _, attr = path.partition(":")
         raise ValueError(f"{what} {path!r}: {module!r} has no function or class {attr!r}")
     return obj
 
@@ -414,22 +499,16 @@ class CustomMetric(_Section):
 
     @model_validator(mode="after")
     def _resolves(self) -> CustomMetric:
-        fn = resolve_callable(self.function, "evaluate.custom_metrics function")
-        target = fn.__init__ if inspect.isclass(fn) else fn
-        try:
-            params = inspect.signature(target).parameters
-        except (TypeError, ValueError):  # a builtin without a signature: nothing to check before it runs
-            return self
+        fn = resolve_callable(self.function, "evaluate.custom_metrics function", allowed_imports())
+        why = component_kind("metric", fn)
+        if why:
+            raise ValueError(f"metric {self.function!r} {why}")
         _check_kwargs(fn, self.function, self.args, "metric")
-        if not inspect.isclass(fn):
-            positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
-                raise ValueError(f"metric {self.function!r} must take (y_pred, y) as its first two arguments")
-        _check_types(target, self.function, self.args, "metric")
+        _check_types(fn.__init__ if inspect.isclass(fn) else fn, self.function, self.args, "metric")
         return self
 
     def load(self) -> Any:
-        return resolve_callable(self.function, "metric")
+        return resolve_callable(self.function, "metric", allowed_imports())
 
 
 class EvaluateSpec(_Stage):
@@ -752,6 +831,9 @@ class Settings(BaseSettings):
     serve_docs: bool = Field(False, description="serve /docs and /openapi.json")
     serve_tls_cert: str | None = Field(None, description="PEM certificate: HTTPS when set with serve_tls_key")
     serve_tls_key: str | None = Field(None, description="PEM private key of serve_tls_cert")
+    allowed_imports: str = Field(
+        "monai,torch,voxelflow", description="comma-separated top-level packages a spec's import paths may name "
+        "(networks, losses, transforms, metrics); add your own package, e.g. monai,torch,voxelflow,mypackage")
 
     @property
     def root(self) -> Path:

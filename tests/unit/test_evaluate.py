@@ -214,6 +214,8 @@ def total(y_pred, y):
 def user_metrics(tmp_path, monkeypatch):
     (tmp_path / "vf_user_metrics.py").write_text(USER_METRICS)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # the user's package is allowed, and so is one that does not exist, so that its absence is what is refused
+    monkeypatch.setenv("VOXELFLOW_ALLOWED_IMPORTS", "monai,torch,voxelflow,vf_user_metrics,nosuchpackage")
     yield "vf_user_metrics"
 
 

@@ -151,7 +151,8 @@ def test_augment_and_preprocessing_lists_are_checked_at_load():
         validate_spec(base, "demo")
 
 
-def test_user_components_by_import_path(tmp_path):
+def test_user_components_by_import_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOXELFLOW_ALLOWED_IMPORTS", "monai,torch,voxelflow,tests,no_such_package")
     s = spec(network={"tests.unit.test_train_patches:TinyNet": {"channels": 3}}, augment=[])
     assert isinstance(build_network(s.network), TinyNet)
     with pytest.raises(ValueError, match="'channels'.*does not fit"):
