@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import dask
@@ -28,7 +29,35 @@ GPU_EXTRA = "pip install voxelflow[gpu]"
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
 WORKER_CONFIG = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}
 
-CUDA_THREADS = 4  # most threads (shards at once) per GPU worker of a LocalCUDACluster
+# Share of each GPU's memory a worker of a LocalCUDACluster may take: torch's allocator is capped there
+# (``set_per_process_memory_fraction``, an allocation above it raises at once instead of taking what
+# another process on that GPU needs), and Dask spills device data to the host above it.
+GPU_MEMORY_FRACTION = 0.85
+
+
+@dataclass(frozen=True)
+class CudaPlan:
+    """A LocalCUDACluster's shape: ``workers`` to start (one per GPU at most), ``threads`` per worker
+    (the node's cores shared out between its GPUs: the transforms take milliseconds on the GPU, the
+    Zarr reads and writes around them are CPU work), and ``adapt`` bounds clamped to the GPUs."""
+
+    workers: int
+    threads: int
+    adapt: tuple[int, int] | None
+
+
+def cuda_plan(gpus: int, cores: int, n_workers: int | None = None, bounds: tuple[int, int] | None = None) -> CudaPlan:
+    """How a LocalCUDACluster fits ``gpus`` GPUs and ``cores`` cores; ``n_workers`` and ``bounds``
+    (adaptive minimum, maximum) are what was asked, never more workers than GPUs (dask-cuda raises
+    "Can not scale beyond visible devices" at every adapt tick otherwise)."""
+    if gpus < 1:
+        raise RuntimeError("cluster 'cuda' needs a CUDA device, and torch sees none here")
+    workers = max(1, min(n_workers or gpus, gpus))
+    adapt = None
+    if bounds:
+        low, high = (max(1, min(b, gpus)) for b in bounds)
+        adapt, workers = (low, max(low, high)), low
+    return CudaPlan(workers, max(1, cores // gpus), adapt)
 
 
 def gpu_count() -> int:
@@ -47,17 +76,22 @@ def has_dask_cuda() -> bool:
 def resolve_kind(cluster: str, scheduler: str | None, device: str = "cpu") -> str:
     """Which cluster ``cluster`` means on this machine: ``external``, ``cuda`` or ``local``.
 
-    ``auto``: the scheduler when one is configured; a LocalCUDACluster only when the transforms run
-    on the GPU (``device="cuda"``), dask-cuda is installed and a GPU is present; a CPU LocalCluster
-    otherwise. ``local`` and ``cuda`` are taken as said; ``cuda`` without dask-cuda is a RuntimeError.
+    ``auto``: the scheduler when one is configured; a LocalCUDACluster when the transforms run on
+    the GPU (``device="cuda"``); a CPU LocalCluster otherwise. ``local`` and ``cuda`` are taken as
+    said. GPU transforms on a cluster voxelflow starts need dask-cuda (one worker per GPU): without
+    it, or on ``local`` (CPU worker processes that would each open a context on GPU 0), they are
+    refused with the reason, never run on a CPU cluster instead.
     """
     if cluster.startswith(("tcp://", "tls://")) or (cluster == "auto" and scheduler):
         return "external"
-    if cluster == "cuda":
+    if cluster == "local" and device == "cuda":
+        raise RuntimeError("preprocess.device cuda on preprocess.cluster local would start CPU worker processes "
+                           "that each open a context on GPU 0: use cluster auto or cuda (one worker per GPU), or an "
+                           "external scheduler whose workers have GPUs")
+    if cluster == "cuda" or device == "cuda":
         if not has_dask_cuda():
-            raise RuntimeError(f"cluster 'cuda' needs dask-cuda, which is not installed here: {GPU_EXTRA}")
-        return "cuda"
-    if cluster == "auto" and device == "cuda" and has_dask_cuda() and gpu_count() > 0:
+            why = "cluster 'cuda'" if cluster == "cuda" else "preprocess.device cuda"
+            raise RuntimeError(f"{why} needs dask-cuda, which is not installed here: {GPU_EXTRA}")
         return "cuda"
     return "local"
 
@@ -132,38 +166,35 @@ def dask_client(
             client = stack.enter_context(Client(cluster if cluster.startswith(("tcp://", "tls://")) else scheduler))
         else:
             stack.enter_context(_worker_env())  # for workers started later (adapt, restarts) too
-            local = stack.enter_context(_local_cluster(kind, n_workers, adaptive, memory_limit))
-            bounds = _bounds(adaptive)
+            local, bounds = _local_cluster(kind, n_workers, adaptive, memory_limit)
+            stack.enter_context(local)
             if bounds:
                 local.adapt(minimum=bounds[0], maximum=bounds[1])
             client = stack.enter_context(Client(local))
-        client.register_plugin(WarmWorker())
+        client.register_plugin(WarmWorker(GPU_MEMORY_FRACTION if kind == "cuda" else None))
         yield client
 
 
 def _local_cluster(kind: str, n_workers: int | None, adaptive: Any, memory_limit: str | int | None):
+    """The cluster to start and the adaptive bounds to give it (clamped to the GPUs for CUDA)."""
     bounds = _bounds(adaptive)
     limit = "auto" if memory_limit is None else memory_limit
     if kind == "cuda":
         if not has_dask_cuda():
             raise RuntimeError(f"cluster 'cuda' needs dask-cuda, which is not installed: {GPU_EXTRA}")
-        gpus = gpu_count()
-        if gpus == 0:
-            raise RuntimeError("cluster 'cuda' needs a CUDA device, and torch sees none here")
+        plan = cuda_plan(gpu_count(), os.cpu_count() or 1, n_workers, bounds)
+        if bounds and plan.adapt != bounds:
+            log.warning("preprocess.adaptive %s clamped to %s: one worker per visible GPU", bounds, plan.adapt)
         from dask_cuda import LocalCUDACluster  # imported only where a GPU exists: it fails without one
 
-        workers = min(n_workers or gpus, gpus)
-        if bounds:
-            workers = min(max(bounds[0], 1), gpus)
-        # One worker per GPU. The transforms take milliseconds there; reading and writing the cases
-        # (CPU work) is what is left, so each GPU worker runs several shards at once to overlap it.
-        threads = max(1, min(CUDA_THREADS, (os.cpu_count() or 1) // gpus))
-        return LocalCUDACluster(n_workers=workers, threads_per_worker=threads, host="127.0.0.1",
-                                dashboard_address="127.0.0.1:0", memory_limit=limit, silence_logs=logging.ERROR)
+        cluster = LocalCUDACluster(n_workers=plan.workers, threads_per_worker=plan.threads, host="127.0.0.1",
+                                   dashboard_address="127.0.0.1:0", memory_limit=limit,
+                                   device_memory_limit=GPU_MEMORY_FRACTION, silence_logs=logging.ERROR)
+        return cluster, plan.adapt
     workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
     if bounds:
         workers = bounds[0]
-    return LocalCluster(
+    cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
         processes=True,
@@ -172,3 +203,4 @@ def _local_cluster(kind: str, n_workers: int | None, adaptive: Any, memory_limit
         memory_limit=limit,
         silence_logs=logging.ERROR,
     )
+    return cluster, bounds

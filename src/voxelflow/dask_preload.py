@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 MODULES = ("torch", "monai.transforms")
 
 
-def warm(nthreads: int | None) -> float:
-    """Import what preprocessing needs and give torch ``nthreads`` threads; returns the seconds spent."""
+def warm(nthreads: int | None, gpu_memory_fraction: float | None = None) -> float:
+    """Import what preprocessing needs and give torch ``nthreads`` threads; on a worker with a GPU,
+    cap torch's allocator at ``gpu_memory_fraction`` of the device. Returns the seconds spent."""
     import importlib
     import warnings
 
@@ -43,6 +44,8 @@ def warm(nthreads: int | None) -> float:
 
     if nthreads:
         torch.set_num_threads(max(1, int(nthreads)))
+    if gpu_memory_fraction and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
     return time.perf_counter() - start
 
 
@@ -52,10 +55,13 @@ class WarmWorker(WorkerPlugin):
     name = "voxelflow-warm"
     idempotent = True  # registering it again (another client of the same cluster) is a no-op
 
+    def __init__(self, gpu_memory_fraction: float | None = None):
+        self.gpu_memory_fraction = gpu_memory_fraction
+
     async def setup(self, worker) -> None:
         nthreads = worker.state.nthreads
         # off the event loop: the worker keeps answering heartbeats while it imports
-        seconds = await asyncio.get_running_loop().run_in_executor(None, warm, nthreads)
+        seconds = await asyncio.get_running_loop().run_in_executor(None, warm, nthreads, self.gpu_memory_fraction)
         log.info("voxelflow: worker %s warm in %.1f s (torch threads: %s)", worker.address, seconds, nthreads)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from voxelflow.cluster import WORKER_ENV, dask_client, gpu_count, has_dask_cuda, resolve_kind
+from voxelflow.cluster import WORKER_ENV, cuda_plan, dask_client, gpu_count, has_dask_cuda, resolve_kind
 
 
 def test_resolve_kind():
@@ -21,7 +21,34 @@ def test_resolve_kind():
     assert resolve_kind("local", "tcp://scheduler:8786") == "local"
     # CPU transforms never get a CUDA cluster, GPU or not
     assert resolve_kind("auto", None) == "local"
-    assert resolve_kind("auto", None, device="cuda") == ("cuda" if gpu_count() and has_dask_cuda() else "local")
+
+def test_gpu_transforms_never_fall_back_to_a_cpu_cluster():
+    with pytest.raises(RuntimeError, match="cluster auto or cuda"):
+        resolve_kind("local", None, device="cuda")
+    if has_dask_cuda():
+        assert resolve_kind("auto", None, device="cuda") == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match=r"preprocess.device cuda needs dask-cuda.*voxelflow\[gpu\]"):
+            resolve_kind("auto", None, device="cuda")
+    assert resolve_kind("auto", "tcp://scheduler:8786", device="cuda") == "external"  # its workers have the GPUs
+
+
+@pytest.mark.parametrize("gpus", range(1, 9))
+def test_a_cuda_cluster_fits_the_visible_gpus(gpus):
+    for cores in (2, 16, 64):
+        plan = cuda_plan(gpus, cores)
+        assert plan.workers == gpus and plan.adapt is None
+        assert plan.threads == max(1, cores // gpus)  # the node's cores shared out, not a fixed 4
+    assert cuda_plan(gpus, 16, n_workers=32).workers == gpus
+    plan = cuda_plan(gpus, 16, bounds=(1, 16))
+    assert plan.adapt == (1, gpus) and plan.workers == 1  # never asks dask-cuda for more than it can start
+    plan = cuda_plan(gpus, 16, bounds=(4, 8))
+    assert plan.adapt == (min(4, gpus), min(8, gpus)) and plan.workers == min(4, gpus)
+
+
+def test_a_cuda_cluster_without_a_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        cuda_plan(0, 16)
 
 
 def test_explicit_cuda_without_the_extra_is_a_clear_error():
