@@ -49,8 +49,8 @@ def lifecycle(
                      lambda: train(spec, ctx, parts.train, run_id, parts.val),
                      train_ids=parts.train, run_id=run_id, val_ids=parts.val)
     evaluation = placed("evaluate", spec.evaluate.work_pool, ctx, spec, lid,
-                        lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.val, run_id),
-                        outcome=asdict(outcome), val_ids=parts.val, run_id=run_id)
+                        lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.test, run_id),
+                        outcome=asdict(outcome), test_ids=parts.test, run_id=run_id)
     tags = lineage(spec, ingested.dataset_digest)
     # register and promote (pausing for a person when promote.approval is manual), then deploy: one
     # transaction, so a failed deployment puts champion and previous back (flows/release.py)

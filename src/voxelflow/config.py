@@ -511,13 +511,44 @@ class CustomMetric(_Section):
         return resolve_callable(self.function, "metric", allowed_imports())
 
 
+def sides_problem(test_fraction: float, val_fraction: float) -> str | None:
+    """Why the fractions cannot make the three sides (None when they can).
+
+    Before the test side existed, the held-out cases were those below ``val_fraction``; the test side
+    is the start of that range, so a ``test_fraction`` above ``val_fraction`` would test on cases an
+    earlier model may have trained on.
+    """
+    if not (0 < test_fraction < 1 and 0 < val_fraction < 1):
+        return (f"evaluate.test_fraction ({test_fraction}) and evaluate.val_fraction ({val_fraction}) must both "
+                "be between 0 and 1")
+    if test_fraction > val_fraction:
+        return (f"evaluate.test_fraction ({test_fraction}) is above evaluate.val_fraction ({val_fraction}): the "
+                "test side must lie within the cases held out before it existed, or an earlier champion may have "
+                "trained on a test case; lower evaluate.test_fraction or raise evaluate.val_fraction")
+    if test_fraction + val_fraction >= 1:
+        return (f"evaluate.test_fraction ({test_fraction}) + evaluate.val_fraction ({val_fraction}) leave no "
+                "training side: their sum must be below 1")
+    return None
+
+
 class EvaluateSpec(_Stage):
     metrics: list[str] = Field(default_factory=lambda: ["dice"], min_length=1, description="dice, hausdorff95, "
                                "or a name defined in custom_metrics")
     custom_metrics: dict[str, CustomMetric] = Field(default_factory=dict, description="name -> a user metric by "
                                                     "import path, with its direction")
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="cases whose split position is below this are the "
+                                 "test side: the gates and the champion comparison decide on them alone; at most "
+                                 "val_fraction, so that no earlier model has trained on a test case")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="the next this much of positions are the validation "
+                                "side (checkpoint selection, early stopping); the rest train")
     sliding_window: SlidingWindow = Field(default_factory=SlidingWindow)
+
+    @model_validator(mode="after")
+    def _sides(self) -> EvaluateSpec:
+        problem = sides_problem(self.test_fraction, self.val_fraction)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @model_validator(mode="after")
     def _known_metrics(self) -> EvaluateSpec:
@@ -549,9 +580,14 @@ class Gates(_Section):
     min_dice: float | None = Field(0.8, ge=0, le=1, description="dice at least this; null: no dice gate")
     beat_champion_by: float = Field(
         0.0, ge=-1, le=1, description="relative gate on relative_metric: beat the champion by this much in the "
-        "metric's better direction; negative: non-inferiority, no worse than the champion by more than |value|")
+        "metric's better direction, case by case on the test side (the lower bound of the paired bootstrap "
+        "interval must reach it); negative: non-inferiority, no worse than the champion by more than |value|")
     relative_metric: str = Field("dice", description="the metric the relative gate compares (dice, hausdorff95, "
                                  "dice_1, ...)")
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="relative gate: the level of the paired bootstrap interval (2000 resamples "
+        "of the test cases) of candidate minus champion; its lower bound must clear beat_champion_by")
+    min_test_cases: int = Field(5, ge=1, description="relative gate: fewer paired test cases than this fail it")
     absolute: dict[str, float] = Field(
         default_factory=dict, description="metric -> bound: at least for higher-is-better metrics (dice, dice_2), "
         "at most for lower-is-better ones (hausdorff95 in mm)")

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from voxelflow.config import BUILTIN_METRICS, CustomMetric, metric_names
+from voxelflow.config import BUILTIN_METRICS, CustomMetric, metric_names, sides_problem
 from voxelflow.ingest import load_case
 from voxelflow.storage import CaseStore
 
@@ -26,23 +26,35 @@ def split_position(case_id: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split(case_ids: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Train/validation split: a case is held out when its position is below ``val_fraction``.
+def sides(case_ids: list[str], test_fraction: float, val_fraction: float) -> tuple[list[str], list[str], list[str]]:
+    """The three fixed sides (train, validation, test) by :func:`split_position`.
 
-    Membership depends on the case alone, so adding cases never moves one from side to side, and
-    no seed changes it. Raises when either side would be empty.
+    A case whose position is below ``test_fraction`` is a test case (promotion decides on it alone);
+    the next ``val_fraction`` of positions are validation (checkpoint selection, early stopping); the
+    rest train. Membership depends on the case alone, so adding cases never moves one from side to
+    side, and no seed changes it. Raises, naming the keys, on fractions the spec would refuse and when
+    a side would be empty.
     """
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be between 0 and 1, not {val_fraction}")
-    val = sorted(c for c in case_ids if split_position(c) < val_fraction)
-    train = sorted(c for c in case_ids if split_position(c) >= val_fraction)
-    if not val or not train:
-        side = "validation" if not val else "training"
-        raise ValueError(
-            f"no case falls on the {side} side of val_fraction {val_fraction} among {len(case_ids)} cases; "
-            "add cases or change evaluate.val_fraction"
-        )
-    return train, val
+    problem = sides_problem(test_fraction, val_fraction)
+    if problem:
+        raise ValueError(problem)
+    positions = {c: split_position(c) for c in case_ids}
+    test = sorted(c for c, p in positions.items() if p < test_fraction)
+    val = sorted(c for c, p in positions.items() if test_fraction <= p < test_fraction + val_fraction)
+    train = sorted(c for c, p in positions.items() if p >= test_fraction + val_fraction)
+    for side, members, key in (("test", test, "evaluate.test_fraction"), ("validation", val, "evaluate.val_fraction"),
+                               ("training", train, "evaluate.test_fraction and evaluate.val_fraction")):
+        if not members:
+            raise ValueError(
+                f"no case falls on the {side} side (test_fraction {test_fraction}, val_fraction {val_fraction}) "
+                f"among {len(positions)} cases; add cases or change {key}")
+    return train, val, test
+
+
+def sides_rule(test_fraction: float, val_fraction: float) -> str:
+    """The rule :func:`sides` applies, in words (kept with the run in ``split.json``)."""
+    return (f"p = sha256({SPLIT_SALT.decode()!r} + case id)[:8] / 2**64; test: p < {test_fraction}; "
+            f"val: {test_fraction} <= p < {test_fraction + val_fraction}; train: the rest")
 
 
 def direction(metric: str, directions: Mapping[str, bool] | None = None) -> bool:
@@ -153,21 +165,25 @@ def hausdorff95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...],
     return float(np.mean(hausdorff95_per_class(pred, truth, spacing, n_classes)))
 
 
-def score(
+#: metric name -> case id -> that case's value (:func:`score_cases`)
+CaseScores = dict[str, dict[str, float]]
+
+
+def score_cases(
     segment: Callable[[np.ndarray, np.ndarray], np.ndarray],
     raw: CaseStore,
     case_ids: list[str],
     metrics: list[str],
     n_classes: int = 2,
     custom: Mapping[str, CustomMetric | dict[str, Any]] | None = None,
-) -> dict[str, float]:
-    """Mean of each metric over the cases (every case counts), per class and over classes.
+) -> CaseScores:
+    """Each metric of each case, per class and over classes: what the paired relative gate compares.
 
-    Keys are :func:`metric_names`: ``dice`` is the mean over cases of the mean over foreground
-    classes, ``dice_2`` that of class 2 alone; likewise ``hausdorff95`` and ``custom`` metrics.
+    Keys are :func:`metric_names`: ``dice`` is a case's mean over foreground classes, ``dice_2``
+    that of class 2 alone; likewise ``hausdorff95`` and ``custom`` metrics.
     """
     custom = {k: v if isinstance(v, CustomMetric) else CustomMetric(**v) for k, v in (custom or {}).items()}
-    per_case: dict[str, list[float]] = {m: [] for m in metric_names(metrics, n_classes)}
+    per_case: CaseScores = {m: {} for m in metric_names(metrics, n_classes)}
     for cid in case_ids:
         case = load_case(raw, cid)
         if "label" not in case:
@@ -183,7 +199,27 @@ def score(
                                           n_classes)
             else:
                 raise ValueError(f"unknown metric {m!r}")
-            per_case[m].append(float(np.mean(values)))
+            per_case[m][cid] = float(np.mean(values))
             for c, v in enumerate(values, start=1):
-                per_case[f"{m}_{c}"].append(v)
-    return {name: float(np.mean(v)) for name, v in per_case.items()}
+                per_case[f"{m}_{c}"][cid] = v
+    return per_case
+
+
+def means(cases: Mapping[str, Mapping[str, float] | float]) -> dict[str, float]:
+    """Mean of each metric over the cases (every case counts; a NaN stays NaN); a value that is already
+    a number (scores kept without their cases) is kept as it is."""
+    return {name: float(v) if isinstance(v, (int, float)) else float(np.mean(list(v.values())))
+            if v else float("nan") for name, v in cases.items()}
+
+
+def score(
+    segment: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    raw: CaseStore,
+    case_ids: list[str],
+    metrics: list[str],
+    n_classes: int = 2,
+    custom: Mapping[str, CustomMetric | dict[str, Any]] | None = None,
+) -> dict[str, float]:
+    """Mean of each metric over the cases (every case counts), per class and over classes
+    (:func:`score_cases`, averaged)."""
+    return means(score_cases(segment, raw, case_ids, metrics, n_classes, custom))

@@ -70,7 +70,7 @@ def trace(tracking_uri: str, db: Database, store_url: str, ref: str) -> dict[str
     if split is None:
         problems.append(f"run {mv.run_id} keeps no split.json: its cases cannot be named")
         return out
-    cases = sorted(set(split["train"]) | set(split["val"]))
+    cases = sorted(set(split["train"]) | set(split["val"]) | set(split.get("test", [])))  # no test side before
     if digest and ingest.dataset_digest(cases) != digest:
         problems.append(f"the run's {len(cases)} cases hash to {ingest.dataset_digest(cases)}, "
                         f"not to its dataset digest {digest}")
@@ -82,7 +82,8 @@ def trace(tracking_uri: str, db: Database, store_url: str, ref: str) -> dict[str
             objects[row["case_id"]].append({"object": row["object"], "sha256": row["sha256"]})
     out["cases"] = []
     for case in cases:
-        entry = {"case": case, "held_out": case in split["val"], "sources": objects[case]}
+        side = "test" if case in split.get("test", []) else "val" if case in split["val"] else "train"
+        entry = {"case": case, "held_out": side != "train", "side": side, "sources": objects[case]}
         if not objects[case]:
             problems.append(f"case {case} has no ingested source object in the ledger")
         if processed is not None:

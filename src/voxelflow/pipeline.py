@@ -106,13 +106,14 @@ def usable_cases(ingested: ingest.IngestReport, prep: preprocess.PreprocessRepor
 @dataclass
 class Split:
     train: list[str]
-    val: list[str]
+    val: list[str]  # checkpoint selection and early stopping
+    test: list[str] = field(default_factory=list)  # the gates and the champion comparison, alone
 
 
 def split_stage(spec: EvaluateSpec, case_ids: list[str]) -> Split:
-    """Held-out cases by content hash alone: new cases never move an old one across (no seed)."""
-    tr, va = evaluate.split(case_ids, spec.val_fraction)
-    return Split(tr, va)
+    """The three sides by content hash alone: new cases never move an old one across (no seed)."""
+    tr, va, te = evaluate.sides(case_ids, spec.test_fraction, spec.val_fraction)
+    return Split(tr, va, te)
 
 
 def n_classes(network: dict[str, dict[str, Any]]) -> int:
@@ -128,13 +129,15 @@ def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
 
 
 def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Split | None = None) -> str:
-    """Open the MLflow run; the split, when given, is kept in it as ``split.json``."""
+    """Open the MLflow run; the split, when given, is kept in it as ``split.json`` (all three sides)."""
     ensure_tracking(ctx)
     run_id = registry.start_run(ctx.tracking_uri, ctx.settings.artifact_root, spec, lineage(spec, dataset_digest))
     if split is not None:
+        ev = spec.evaluate
         registry.log_bytes(ctx.tracking_uri, run_id, "split.json", json.dumps(
-            {"rule": f"sha256(salt + case id) < {spec.evaluate.val_fraction}", "train": split.train,
-             "val": split.val}, indent=1).encode())
+            {"rule": evaluate.sides_rule(ev.test_fraction, ev.val_fraction), "test_fraction": ev.test_fraction,
+             "val_fraction": ev.val_fraction, "train": split.train, "val": split.val, "test": split.test},
+            indent=1).encode())
     return run_id
 
 
@@ -262,21 +265,24 @@ def train_stage(
 
 @dataclass
 class Evaluation:
-    candidate: dict[str, float]
+    candidate: dict[str, float]  # means over the test cases: the absolute gates
     champion: dict[str, float] | None
     champion_version: str | None
     overlay_key: str
-    val_ids: list[str] = field(default_factory=list)  # what a later champion is scored on, if one appears
+    test_ids: list[str] = field(default_factory=list)  # the test side: what a later champion is scored on too
     metrics: list[str] = field(default_factory=list)
     n_classes: int = 2
     custom: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate.custom_metrics, as plain data
     directions: dict[str, bool] = field(default_factory=dict)  # metric -> higher is better
+    candidate_cases: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> test case -> value
+    champion_cases: dict[str, dict[str, float]] | None = None  # the relative gate pairs these with the candidate's
 
 
 def evaluate_stage(
-    spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOutcome, val_ids: list[str], run_id: str
+    spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOutcome, test_ids: list[str], run_id: str
 ) -> Evaluation:
-    """Score the candidate and the current champion on the same held-out cases."""
+    """Score the candidate and the current champion case by case on the same test cases (the test side
+    alone: the validation cases chose the checkpoint and are never scored here)."""
     from voxelflow.model import Segmenter
 
     candidate = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
@@ -291,23 +297,30 @@ def evaluate_stage(
             first.append(pred)
         return pred
 
-    scores = evaluate.score(segment, raw, val_ids, spec.metrics, classes, custom)
-    registry.log_metrics(ctx.tracking_uri, run_id, {f"val_{k}": v for k, v in scores.items()})
-    champion_scores, champion_version = None, registry.alias_version(ctx.tracking_uri, model_name)
-    if champion_version is not None:
+    if not test_ids:
+        raise ValueError("no test cases to evaluate on: the test side (evaluate.test_fraction) is empty")
+    cases = evaluate.score_cases(segment, raw, test_ids, spec.metrics, classes, custom)
+    scores = evaluate.means(cases)
+    registry.log_metrics(ctx.tracking_uri, run_id, {f"test_{k}": v for k, v in scores.items()})
+    champion_scores, champion_cases = None, None
+    champion_version = registry.alias_version(ctx.tracking_uri, model_name)
+    if champion_version is not None:  # any champion, registered before the test side existed or after
         with tempfile.TemporaryDirectory() as tmp:
             champ, _ = registry.load_segmenter(ctx.tracking_uri, model_name, Path(tmp))
-        champion_scores = evaluate.score(champ.segment, raw, val_ids, spec.metrics, classes, custom)
-        registry.log_metrics(ctx.tracking_uri, run_id, {f"champion_val_{k}": v for k, v in champion_scores.items()})
-    case = ingest.load_case(raw, val_ids[0])
-    pred = first[0]  # score() segments the cases in the order given
+        champion_cases = evaluate.score_cases(champ.segment, raw, test_ids, spec.metrics, classes, custom)
+        champion_scores = evaluate.means(champion_cases)
+        registry.log_metrics(ctx.tracking_uri, run_id, {f"champion_test_{k}": v for k, v in champion_scores.items()})
+    registry.log_bytes(ctx.tracking_uri, run_id, "test-scores.json", json.dumps(
+        {"candidate": cases, "champion": champion_cases, "champion_version": champion_version}, indent=1).encode())
+    case = ingest.load_case(raw, test_ids[0])
+    pred = first[0]  # score_cases() segments the cases in the order given
     png = report.overlay_png(case["image"], case.get("label"), pred,
-                             title=f"{val_ids[0]}  dice {evaluate.dice(pred, case['label'], classes):.3f}")
+                             title=f"{test_ids[0]}  dice {evaluate.dice(pred, case['label'], classes):.3f}")
     key = ctx.layout.report(run_id, "overlay.png")
     ctx.store.write_bytes(key, png)
     registry.log_bytes(ctx.tracking_uri, run_id, "overlay.png", png)
-    return Evaluation(scores, champion_scores, champion_version, key, list(val_ids), list(spec.metrics), classes,
-                      custom, spec.directions())
+    return Evaluation(scores, champion_scores, champion_version, key, list(test_ids), list(spec.metrics), classes,
+                      custom, spec.directions(), cases, champion_cases)
 
 
 @dataclass
@@ -323,27 +336,28 @@ class Promotion:
 
 def candidate_behaviour(spec: PromoteSpec, ctx: Context, outcome: TrainOutcome,
                         evaluation: Evaluation) -> dict[str, float] | None:
-    """Behaviour of the candidate on its first held-out case, when the gates ask for the checks."""
-    if spec.gates.flip_tolerance is None or not evaluation.val_ids:
+    """Behaviour of the candidate on its first test case, when the gates ask for the checks."""
+    if spec.gates.flip_tolerance is None or not evaluation.test_ids:
         return None
     from voxelflow.model import Segmenter
 
     model = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
-    case = ingest.load_case(ctx.layout.raw, evaluation.val_ids[0])
+    case = ingest.load_case(ctx.layout.raw, evaluation.test_ids[0])
     return policy.measure_behaviour(model.segment, case["image"], case["affine"])
 
 
-def score_version(ctx: Context, model_name: str, version: str, evaluation: Evaluation) -> dict[str, float]:
-    """Score a registered version on the candidate's held-out cases (a champion that appeared meanwhile)."""
+def score_version(ctx: Context, model_name: str, version: str, evaluation: Evaluation) -> dict[str, dict[str, float]]:
+    """Score a registered version case by case on the candidate's test cases (a champion that appeared
+    meanwhile, whenever it was registered): metric -> test case -> value."""
     with tempfile.TemporaryDirectory() as tmp:
         model = registry.load_version(ctx.tracking_uri, model_name, version, Path(tmp))
-    return evaluate.score(model.segment, ctx.layout.raw, evaluation.val_ids, evaluation.metrics, evaluation.n_classes,
-                          evaluation.custom)
+    return evaluate.score_cases(model.segment, ctx.layout.raw, evaluation.test_ids, evaluation.metrics,
+                                evaluation.n_classes, evaluation.custom)
 
 
 def register_stage(
     spec: PromoteSpec, ctx: Context, run_id: str, outcome: TrainOutcome, evaluation: Evaluation,
-    tags: dict[str, str], rescore: Callable[[Context, str, str, Evaluation], dict[str, float]] | None = None,
+    tags: dict[str, str], rescore: Callable[[Context, str, str, Evaluation], dict[str, Any]] | None = None,
 ) -> Promotion:
     """Log and register the candidate (once, even when retried), then move ``champion`` if the gates pass.
 
@@ -358,13 +372,13 @@ def register_stage(
         weights = ctx.store.read_bytes(outcome.weights_key)
         model_uri = registry.log_model(uri, run_id, outcome.model_config, weights)
     tags = {**tags, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
-    compared, champion_scores = evaluation.champion_version, evaluation.champion
+    compared, champion_scores, champion_cases = evaluation.champion_version, evaluation.champion, evaluation.champion_cases
     previous, behaviour = None, candidate_behaviour(spec, ctx, outcome, evaluation)
     with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers; the alias move is a CAS
         version = registry.register(uri, model_uri, name, run_id, tags)
         for _ in range(5):
             decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags,
-                                     evaluation.directions)
+                                     evaluation.directions, evaluation.candidate_cases, champion_cases)
             awaiting = decision.promote and spec.approval == "manual"
             if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
                 decision.promote = False
@@ -377,8 +391,9 @@ def register_stage(
                 break
             except registry.ChampionMoved as moved:
                 compared = moved.current
-                champion_scores = None if compared is None else (rescore or score_version)(ctx, name, compared,
-                                                                                             evaluation)
+                champion_cases = None if compared is None else (rescore or score_version)(ctx, name, compared,
+                                                                                            evaluation)
+                champion_scores = None if champion_cases is None else evaluate.means(champion_cases)
         else:
             raise RuntimeError(f"champion of {name} kept moving while {version} was being promoted")
         registry.tag_version(uri, name, version, {
@@ -498,7 +513,7 @@ def markdown(result: LifecycleResult, name: str) -> str:
         ("preprocessed", f"{result.preprocess['processed']} new, {result.preprocess['skipped']} reused, "
                          f"{len(result.preprocess['failed'])} failed"),
         ("training", f"{result.train['steps']} steps in {result.train['seconds']} s"),
-        *[(f"val {k}", f"{v:.4f}") for k, v in result.metrics.items()],
+        *[(f"test {k}", f"{v:.4f}") for k, v in result.metrics.items()],
         ("model version", f"{name} v{p['version']} ({'promoted to champion' if p['promoted'] else 'not promoted'})"),
         ("gates", "; ".join(p["reasons"])),
         ("MLflow run", f"`{result.run_id}`"),
@@ -518,7 +533,7 @@ def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
     split = split_stage(spec.evaluate, usable_cases(ingested, prep))
     run_id = start_run(spec, ctx, ingested.dataset_digest, split)
     outcome = train_stage(spec, ctx, split.train, run_id, split.val)
-    evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.val, run_id)
+    evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.test, run_id)
     promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage(spec, ingested.dataset_digest))
     deployment = None
     if promotion.champion is not None:

@@ -1,13 +1,15 @@
 """The promotion policy as a pure function: every gate is evaluated and its result kept.
 
 Gates: absolute bounds on any computed metric (at least / at most by the metric's direction), a
-relative gate against the champion (beat it by a delta; a negative delta is non-inferiority within
-that margin), behavioural checks measured on a real volume (left-right flip consistency, an empty
+relative gate against the champion on the same test cases (a paired bootstrap interval of the
+improvement whose lower bound must beat a delta; a negative delta is non-inferiority within that
+margin), behavioural checks measured on a real volume (left-right flip consistency, an empty
 volume gives an empty mask, finite output) and lineage completeness.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -62,18 +64,82 @@ def absolute_gate(candidate: Mapping[str, float], metric: str, bound: float,
     return GateResult(f"min_{metric}" if higher else f"max_{metric}", passed, detail, value, bound)
 
 
-def relative_gate(candidate: Mapping[str, float], champion: Mapping[str, float], metric: str,
-                  delta: float, directions: Mapping[str, bool] | None = None) -> GateResult:
-    """Beat the champion on ``metric`` by ``delta`` in its better direction (``delta`` < 0: no worse
-    than the champion by more than ``-delta``, a non-inferiority margin)."""
+def _cases(scores: Mapping[str, Any] | None, metric: str) -> Mapping[str, float]:
+    """One metric's per-case values; none when the scores were kept as means only."""
+    value = (scores or {}).get(metric)
+    return value if isinstance(value, Mapping) else {}
+
+
+#: resamples of the paired bootstrap behind the relative gate
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The paired bootstrap of candidate minus champion, in the metric's better direction."""
+
+    cases: int
+    mean: float
+    low: float
+    high: float
+    confidence: float
+
+
+def bootstrap_seed(case_ids: list[str]) -> int:
+    """The resampling seed: a fixed function of the cases compared, so a decision can be reproduced."""
+    digest = hashlib.sha256("\n".join(sorted(case_ids)).encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def paired_bootstrap(improvement: Mapping[str, float], confidence: float = 0.95,
+                     resamples: int = RESAMPLES) -> Interval:
+    """Percentile interval (two-sided, level ``confidence``) of the mean of per-case improvements,
+    resampling the cases with replacement ``resamples`` times from :func:`bootstrap_seed`."""
+    ids = sorted(improvement)
+    values = np.asarray([improvement[c] for c in ids], dtype=np.float64)
+    if not ids:
+        return Interval(0, float("nan"), float("nan"), float("nan"), confidence)
+    rng = np.random.default_rng(bootstrap_seed(ids))
+    sampled = values[rng.integers(0, len(ids), size=(resamples, len(ids)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(sampled, [tail, 1 - tail])
+    return Interval(len(ids), float(values.mean()), float(low), float(high), confidence)
+
+
+def relative_gate(candidate: Mapping[str, Mapping[str, float]] | None,
+                  champion: Mapping[str, Mapping[str, float]] | None, metric: str, delta: float,
+                  directions: Mapping[str, bool] | None = None, confidence: float = 0.95,
+                  min_cases: int = 5) -> GateResult:
+    """Beat the champion on ``metric`` by ``delta`` in its better direction, case by case.
+
+    ``candidate`` and ``champion`` are per-case scores (metric -> case id -> value) on the test side;
+    the cases both were scored on are paired, and the gate passes only when the lower bound of the
+    paired bootstrap interval of the improvement reaches ``delta`` (``delta`` < 0: no worse than the
+    champion by more than ``-delta``, a non-inferiority margin). Fewer than ``min_cases`` pairs fail.
+    """
     higher = direction(metric, directions)
-    cand, champ = _value(candidate, metric), _value(champion, metric)
-    bar = champ + delta if higher else champ - delta
-    passed = cand >= bar if higher else cand <= bar
-    kind = "beat the champion's" if delta >= 0 else "stay within the margin of the champion's"
+    name = f"vs_champion_{metric}"
+    cand, champ = _cases(candidate, metric), _cases(champion, metric)
+    paired = sorted(set(cand) & set(champ))
+    if len(paired) < min_cases:
+        return GateResult(name, False, f"{metric} compared on {len(paired)} paired test cases: the relative gate "
+                          f"needs at least {min_cases} (promote.gates.min_test_cases)", float(len(paired)),
+                          float(min_cases))
+    sign = 1.0 if higher else -1.0
+    improvement = {c: sign * (float(cand[c]) - float(champ[c])) for c in paired}
+    if not all(math.isfinite(v) for v in improvement.values()):
+        return GateResult(name, False, f"{metric} is not finite on some test case: the relative gate cannot pass",
+                          float("nan"), delta)
+    iv = paired_bootstrap(improvement, confidence)
+    passed = iv.low >= delta - 1e-12  # to rounding: a bound equal to delta reaches it
+    kind = "beat the champion by" if delta >= 0 else "stay within the margin of the champion of"
     verb = "does" if passed else "does not"
-    detail = f"{metric} {cand:.4f} {verb} {kind} {champ:.4f} by {abs(delta):.4f} (bar {bar:.4f})"
-    return GateResult(f"vs_champion_{metric}", passed, detail, cand, bar)
+    mean_cand = float(np.mean([cand[c] for c in paired]))
+    mean_champ = float(np.mean([champ[c] for c in paired]))
+    detail = (f"{metric} {mean_cand:.4f} vs the champion's {mean_champ:.4f} on {iv.cases} test cases: improvement "
+              f"{iv.mean:+.4f}, {confidence:.0%} interval [{iv.low:+.4f}, {iv.high:+.4f}]; its lower bound {verb} "
+              f"{kind} {abs(delta):.4f}")
+    return GateResult(name, passed, detail, iv.low, delta)
 
 
 def behaviour_gates(behaviour: Mapping[str, float], flip_tolerance: float) -> list[GateResult]:
@@ -98,19 +164,24 @@ def lineage_gate(tags: Mapping[str, str], required: tuple[str, ...] | list[str] 
 
 def decide(candidate: Mapping[str, float], champion: Mapping[str, float] | None, gates: Any,
            behaviour: Mapping[str, float] | None = None, lineage: Mapping[str, str] | None = None,
-           directions: Mapping[str, bool] | None = None) -> Decision:
+           directions: Mapping[str, bool] | None = None,
+           candidate_cases: Mapping[str, Mapping[str, float]] | None = None,
+           champion_cases: Mapping[str, Mapping[str, float]] | None = None) -> Decision:
     """Apply every gate of ``gates`` (a :class:`~voxelflow.config.Gates`); promote only when all pass.
 
-    ``champion`` None means there is no champion (the relative gate does not apply). Behaviour is
-    required when ``gates.flip_tolerance`` is set; lineage when ``gates.require_lineage`` is not empty.
-    ``directions`` gives custom metrics' directions (built-in ones are known).
+    ``candidate`` holds the means over the test cases (the absolute gates); ``champion`` None means
+    there is no champion (the relative gate does not apply), else the relative gate pairs
+    ``candidate_cases`` with ``champion_cases`` (metric -> test case -> value; without them it fails,
+    for want of cases). Behaviour is required when ``gates.flip_tolerance`` is set; lineage when
+    ``gates.require_lineage`` is not empty. ``directions`` gives custom metrics' directions.
     """
     results = []
     if gates.min_dice is not None:
         results.append(absolute_gate(candidate, "dice", gates.min_dice))
     results += [absolute_gate(candidate, metric, bound, directions) for metric, bound in sorted(gates.absolute.items())]
     if champion is not None:
-        results.append(relative_gate(candidate, champion, gates.relative_metric, gates.beat_champion_by, directions))
+        results.append(relative_gate(candidate_cases, champion_cases, gates.relative_metric, gates.beat_champion_by,
+                                     directions, gates.confidence, gates.min_test_cases))
     if gates.flip_tolerance is not None:
         if behaviour is None:
             results.append(GateResult("behaviour", False, "behavioural checks were asked for but not measured"))

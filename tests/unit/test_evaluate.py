@@ -1,4 +1,4 @@
-"""Split and metrics, each against expectations computed by hand."""
+"""Sides and metrics, each against expectations computed by hand."""
 
 from __future__ import annotations
 
@@ -24,33 +24,27 @@ def test_split_position_is_the_salted_hash_read_as_a_fraction():
     assert evaluate.split_position(cid) == int.from_bytes(digest[:8], "big") / 2**64
 
 
-def test_a_case_is_held_out_exactly_when_its_position_is_below_the_fraction():
-    cases = ids(200)
-    train, val = evaluate.split(cases, 0.2)
-    assert sorted(train + val) == sorted(cases) and not set(train) & set(val)
-    assert all(evaluate.split_position(c) < 0.2 for c in val)
-    assert all(evaluate.split_position(c) >= 0.2 for c in train)
-    assert 20 <= len(val) <= 60  # about a fifth of 200
+def test_each_side_is_the_range_of_positions_its_fractions_name():
+    cases = ids(300)
+    train, val, test = evaluate.sides(cases, 0.2, 0.25)
+    assert sorted(train + val + test) == sorted(cases)
+    assert not set(train) & set(val) and not set(val) & set(test) and not set(train) & set(test)
+    assert all(evaluate.split_position(c) < 0.2 for c in test)
+    assert all(0.2 <= evaluate.split_position(c) < 0.45 for c in val)
+    assert all(evaluate.split_position(c) >= 0.45 for c in train)
+    assert 30 <= len(test) <= 90 and 40 <= len(val) <= 110  # about a fifth and a quarter of 300
 
 
-def test_adding_cases_never_moves_an_old_case_across():
-    old = ids(40)
-    train0, val0 = evaluate.split(old, 0.25)
-    train1, val1 = evaluate.split(old + ids(160, start=40), 0.25)
-    assert set(val0) <= set(val1) and set(train0) <= set(train1)
-    assert val1 != val0  # some of the new cases were held out too
-
-
-def test_split_ignores_the_order_of_its_input():
+def test_sides_ignore_the_order_of_their_input():
     cases = ids(30)
-    assert evaluate.split(cases, 0.3) == evaluate.split(list(reversed(cases)), 0.3)
+    assert evaluate.sides(cases, 0.2, 0.3) == evaluate.sides(list(reversed(cases)), 0.2, 0.3)
 
 
 def test_an_empty_side_is_an_error_naming_the_fix():
-    with pytest.raises(ValueError, match="val_fraction"):
-        evaluate.split(ids(1), 0.5)
+    with pytest.raises(ValueError, match="no case falls on the .* side.*evaluate"):
+        evaluate.sides(ids(2), 0.3, 0.3)
     with pytest.raises(ValueError, match="between 0 and 1"):
-        evaluate.split(ids(10), 1.0)
+        evaluate.sides(ids(10), 0.2, 1.0)
 
 
 # ---------------------------------------------------------------- Dice
@@ -186,6 +180,9 @@ def test_score_counts_every_case_and_reports_per_class(tmp_path):
 
     scores = evaluate.score(segment, raw, ["case-a", "case-b"], ["dice", "hausdorff95"], n_classes=3)
     assert scores["dice_1"] == 1.0 and scores["dice_2"] == 0.0 and scores["dice"] == 0.5
+    cases = evaluate.score_cases(segment, raw, ["case-a", "case-b"], ["dice", "hausdorff95"], n_classes=3)
+    assert cases["dice"] == {"case-a": 0.5, "case-b": 0.5} and cases["dice_2"] == {"case-a": 0.0, "case-b": 0.0}
+    assert evaluate.means(cases) == scores
     assert scores["hausdorff95_1"] == 0.0
     assert scores["hausdorff95_2"] == pytest.approx(math.sqrt(3 * 36))  # the 6x6x6 mm diagonal
     assert set(scores) == set(evaluate.metric_names(["dice", "hausdorff95"], 3))
@@ -267,10 +264,17 @@ def test_a_custom_metrics_direction_drives_its_gates(user_metrics):
     directions = {"volume_error": False}
     gates = Gates(min_dice=None, absolute={"volume_error": 5.0}, relative_metric="volume_error",
                   require_lineage=[])
-    good = policy.decide({"volume_error": 4.0}, {"volume_error": 4.5}, gates, directions=directions)
+    champion = {"volume_error": {f"c{i}": 4.5 + 0.01 * i for i in range(6)}}
+
+    def cases(shift: float) -> dict:
+        return {"volume_error": {c: v + shift for c, v in champion["volume_error"].items()}}
+
+    good = policy.decide({"volume_error": 4.0}, {"volume_error": 4.5}, gates, directions=directions,
+                         candidate_cases=cases(-0.5), champion_cases=champion)
     assert good.promote, good.reasons
     assert [g.gate for g in good.gates] == ["max_volume_error", "vs_champion_volume_error"]
-    worse = policy.decide({"volume_error": 4.8}, {"volume_error": 4.5}, gates, directions=directions)
+    worse = policy.decide({"volume_error": 4.8}, {"volume_error": 4.5}, gates, directions=directions,
+                          candidate_cases=cases(0.3), champion_cases=champion)
     assert not worse.promote and "does not beat" in worse.reasons[0]
     with pytest.raises(KeyError, match="unknown metric"):
         policy.decide({"volume_error": 4.0}, None, gates)  # no direction known: never guessed

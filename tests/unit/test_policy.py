@@ -48,24 +48,33 @@ def test_an_unknown_metric_is_an_error():
 # ---------------------------------------------------------------- relative gate
 
 
+def shifted(champion: dict[str, float], by: float, metric: str = "dice") -> tuple[dict, dict]:
+    """Per-case scores of a candidate ``by`` better or worse on every case than ``champion`` (case -> value)."""
+    return {metric: {c: v + by for c, v in champion.items()}}, {metric: dict(champion)}
+
+
+CHAMP = {f"case-{i}": 0.70 + 0.02 * (i % 3) for i in range(6)}
+HD = {f"case-{i}": 10.0 + i for i in range(6)}
+
+
 def test_superiority_needs_the_delta_in_the_better_direction():
-    # dice: 0.75 + 0.05 = 0.80 is the bar
-    assert policy.relative_gate({"dice": 0.80}, {"dice": 0.75}, "dice", 0.05).passed
-    gate = policy.relative_gate({"dice": 0.79}, {"dice": 0.75}, "dice", 0.05)
-    assert not gate.passed and gate.threshold == pytest.approx(0.80) and "does not beat" in gate.detail
-    # hausdorff95: lower is better, 10 - 1 = 9 mm is the bar
-    assert policy.relative_gate({"hausdorff95": 9.0}, {"hausdorff95": 10.0}, "hausdorff95", 1.0).passed
-    assert not policy.relative_gate({"hausdorff95": 9.5}, {"hausdorff95": 10.0}, "hausdorff95", 1.0).passed
+    # dice, higher is better: beaten by 0.05 on every case reaches the delta 0.05; by 0.04 does not
+    assert policy.relative_gate(*shifted(CHAMP, 0.05), "dice", 0.05).passed
+    gate = policy.relative_gate(*shifted(CHAMP, 0.04), "dice", 0.05)
+    assert not gate.passed and gate.threshold == pytest.approx(0.05) and "does not beat" in gate.detail
+    # hausdorff95: lower is better, 1 mm lower on every case beats it by 1
+    assert policy.relative_gate(*shifted(HD, -1.0, "hausdorff95"), "hausdorff95", 1.0).passed
+    assert not policy.relative_gate(*shifted(HD, -0.5, "hausdorff95"), "hausdorff95", 1.0).passed
 
 
 def test_non_inferiority_allows_a_margin_and_no_more():
-    # margin 0.02 on dice: bar 0.70 - 0.02 = 0.68
-    assert policy.relative_gate({"dice": 0.68}, {"dice": 0.70}, "dice", -0.02).passed
-    gate = policy.relative_gate({"dice": 0.67}, {"dice": 0.70}, "dice", -0.02)
+    # margin 0.02 on dice
+    assert policy.relative_gate(*shifted(CHAMP, -0.02), "dice", -0.02).passed
+    gate = policy.relative_gate(*shifted(CHAMP, -0.03), "dice", -0.02)
     assert not gate.passed and "within the margin" in gate.detail
-    # margin 2 mm on hausdorff95: bar 10 + 2 = 12
-    assert policy.relative_gate({"hausdorff95": 12.0}, {"hausdorff95": 10.0}, "hausdorff95", -2.0).passed
-    assert not policy.relative_gate({"hausdorff95": 12.1}, {"hausdorff95": 10.0}, "hausdorff95", -2.0).passed
+    # margin 2 mm on hausdorff95
+    assert policy.relative_gate(*shifted(HD, 2.0, "hausdorff95"), "hausdorff95", -2.0).passed
+    assert not policy.relative_gate(*shifted(HD, 2.1, "hausdorff95"), "hausdorff95", -2.0).passed
 
 
 # ---------------------------------------------------------------- behaviour and lineage
@@ -131,17 +140,25 @@ def test_a_segmenter_that_changes_the_shape_is_an_error():
 # ---------------------------------------------------------------- decide: all gates together
 
 
+def per_case(mean: float, n: int = 8, spread: float = 0.0, metric: str = "dice") -> dict[str, dict[str, float]]:
+    """``n`` test cases whose values average ``mean``, alternating ``spread`` above and below it."""
+    return {metric: {f"case-{i}": mean + (spread if i % 2 else -spread) for i in range(n)}}
+
+
 def test_decide_applies_every_configured_gate_and_records_each():
     gates = Gates(min_dice=0.6, beat_champion_by=-0.01, absolute={"hausdorff95": 10.0}, flip_tolerance=0.05)
     behaviour = {"flip_disagreement": 0.02, "empty_volume_foreground": 0, "nonfinite_outputs": 0}
     cand, champ = {"dice": 0.70, "hausdorff95": 8.0}, {"dice": 0.705, "hausdorff95": 9.0}
-    decision = policy.decide(cand, champ, gates, behaviour, LINEAGE)
+    decision = policy.decide(cand, champ, gates, behaviour, LINEAGE, candidate_cases=per_case(0.70),
+                             champion_cases=per_case(0.705))
     assert decision.promote and decision.reasons == ["all gates passed"]
     assert by_gate(decision) == {"min_dice": True, "max_hausdorff95": True, "vs_champion_dice": True,
                                  "flip_consistency": True, "empty_volume": True, "finite_output": True,
                                  "lineage": True}
     tags = decision.tags()
-    assert tags["voxelflow.gate.vs_champion_dice"].startswith("pass: dice 0.7000 does stay within the margin")
+    assert tags["voxelflow.gate.vs_champion_dice"].startswith(
+        "pass: dice 0.7000 vs the champion's 0.7050 on 8 test cases: improvement -0.0050")
+    assert "does stay within the margin of the champion of 0.0100" in tags["voxelflow.gate.vs_champion_dice"]
     assert decision.rows()[0] == {"gate": "min_dice", "passed": True, "detail": "dice 0.7000 meets the gate 0.6000",
                                   "value": 0.70, "threshold": 0.6}
 
@@ -162,8 +179,105 @@ def test_decide_without_measured_behaviour_fails_when_the_checks_are_asked_for()
 
 def test_a_policy_on_hausdorff_alone_can_promote():
     gates = Gates(min_dice=None, relative_metric="hausdorff95", beat_champion_by=0.5, absolute={"hausdorff95": 20})
-    decision = policy.decide({"hausdorff95": 8.0}, {"hausdorff95": 9.0}, gates, None, LINEAGE)
+    decision = policy.decide({"hausdorff95": 8.0}, {"hausdorff95": 9.0}, gates, None, LINEAGE,
+                             candidate_cases=per_case(8.0, metric="hausdorff95"),
+                             champion_cases=per_case(9.0, metric="hausdorff95"))
     assert decision.promote and set(by_gate(decision)) == {"max_hausdorff95", "vs_champion_hausdorff95", "lineage"}
+
+
+# ---------------------------------------------------------------- the relative gate: a paired bootstrap
+
+
+def noisy(mean: float, n: int, seed: int, sd: float) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    return {f"case-{i:02d}": float(v) for i, v in enumerate(mean + rng.normal(0, sd, n))}
+
+
+def test_the_bootstrap_is_seeded_by_the_case_ids_alone():
+    improvement = noisy(0.01, 12, 0, 0.05)
+    first = policy.paired_bootstrap(improvement)
+    assert policy.paired_bootstrap(dict(reversed(list(improvement.items())))) == first  # order does not matter
+    assert first.cases == 12 and first.confidence == 0.95 and first.low < first.mean < first.high
+    renamed = {f"other-{k}": v for k, v in improvement.items()}  # other cases: another seed, another interval
+    assert policy.bootstrap_seed(list(renamed)) != policy.bootstrap_seed(list(improvement))
+    assert policy.paired_bootstrap(renamed).low != first.low
+    assert policy.RESAMPLES == 2000
+    # the interval is the percentile interval of 2000 resampled means drawn from that seed
+    ids = sorted(improvement)
+    values = np.array([improvement[c] for c in ids])
+    rng = np.random.default_rng(policy.bootstrap_seed(ids))
+    means = values[rng.integers(0, len(ids), size=(2000, len(ids)))].mean(axis=1)
+    assert (first.low, first.high) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), abs=1e-15)
+
+
+def test_a_clearly_better_candidate_passes_the_relative_gate():
+    champion = {"dice": noisy(0.70, 10, 1, 0.08)}
+    candidate = {"dice": {c: v + 0.06 + 0.01 * (i % 3) for i, (c, v) in enumerate(champion["dice"].items())}}
+    gate = policy.relative_gate(candidate, champion, "dice", 0.02)
+    assert gate.passed, gate.detail
+    assert gate.gate == "vs_champion_dice" and gate.threshold == 0.02 and gate.value > 0.02
+    assert "on 10 test cases" in gate.detail and "95% interval" in gate.detail
+
+
+def test_a_tiny_margin_in_the_noise_fails_though_the_mean_beats_the_champion():
+    champion = {"dice": noisy(0.80, 8, 2, 0.05)}
+    # the mean improvement (0.006) clears 0.005; case by case it is noise: +0.046 on half, -0.034 on the rest
+    shifts = {c: 0.046 if i % 2 else -0.034 for i, c in enumerate(sorted(champion["dice"]))}
+    candidate = {"dice": {c: champion["dice"][c] + shifts[c] for c in champion["dice"]}}
+    mean_gain = float(np.mean([candidate["dice"][c] - champion["dice"][c] for c in champion["dice"]]))
+    assert mean_gain > 0.005  # the mean comparison of before would promote
+    gate = policy.relative_gate(candidate, champion, "dice", 0.005)
+    assert not gate.passed and gate.value < 0.005
+    assert "its lower bound does not beat the champion by 0.0050" in gate.detail
+
+
+def test_a_lower_is_better_metric_is_compared_in_its_direction():
+    champion = {"hausdorff95": {f"c{i}": 10.0 + i for i in range(6)}}
+    better = {"hausdorff95": {c: v - 2.0 for c, v in champion["hausdorff95"].items()}}
+    assert policy.relative_gate(better, champion, "hausdorff95", 1.0).passed
+    assert not policy.relative_gate(champion, better, "hausdorff95", 0.0).passed
+
+
+@pytest.mark.parametrize("n, passed", [(4, False), (5, True)])
+def test_fewer_test_cases_than_min_test_cases_fail_with_that_reason(n, passed):
+    champion = per_case(0.5, n)
+    candidate = per_case(0.9, n)  # far better on every case: only the count can fail it
+    decision = policy.decide({"dice": 0.9}, {"dice": 0.5}, Gates(min_dice=0.1, require_lineage=[]),
+                             candidate_cases=candidate, champion_cases=champion)
+    assert decision.promote is passed
+    if not passed:
+        assert decision.reasons == ["dice compared on 4 paired test cases: the relative gate needs at least 5 "
+                                    "(promote.gates.min_test_cases)"]
+        assert by_gate(decision) == {"min_dice": True, "vs_champion_dice": False}
+
+
+def test_the_relative_gate_needs_per_case_scores_and_pairs_only_shared_cases():
+    gates = Gates(min_dice=0.1, require_lineage=[], min_test_cases=3)
+    means_only = policy.decide({"dice": 0.9}, {"dice": 0.5}, gates)  # a champion, but no cases: never by the means
+    assert not means_only.promote and "compared on 0 paired test cases" in means_only.reasons[0]
+    kept_as_means = policy.decide({"dice": 0.9}, {"dice": 0.5}, gates, candidate_cases=per_case(0.9),
+                                  champion_cases={"dice": 0.5})
+    assert not kept_as_means.promote and "compared on 0 paired" in kept_as_means.reasons[0]
+    other = {"dice": {f"other-{i}": 0.5 for i in range(8)}}  # scored on other cases: nothing to pair
+    assert not policy.decide({"dice": 0.9}, {"dice": 0.5}, gates, candidate_cases=per_case(0.9),
+                             champion_cases=other).promote
+    nan = per_case(0.9)
+    nan["dice"]["case-0"] = float("nan")
+    gate = policy.relative_gate(nan, per_case(0.5), "dice", 0.0)
+    assert not gate.passed and "not finite" in gate.detail
+
+
+def test_confidence_and_min_test_cases_are_spec_keys(demo_spec_path):
+    spec = load_spec(demo_spec_path, sets=["promote.gates.confidence=0.9", "promote.gates.min_test_cases=7"])
+    assert (spec.promote.gates.confidence, spec.promote.gates.min_test_cases) == (0.9, 7)
+    assert (Gates().confidence, Gates().min_test_cases) == (0.95, 5)
+    with pytest.raises(SpecError, match="confidence"):
+        load_spec(demo_spec_path, sets=["promote.gates.confidence=1.5"])
+    with pytest.raises(SpecError, match="min_test_cases"):
+        load_spec(demo_spec_path, sets=["promote.gates.min_test_cases=0"])
+    wide = policy.relative_gate(per_case(0.56, 8, 0.1), per_case(0.5, 8, 0.0), "dice", 0.0, confidence=0.99)
+    narrow = policy.relative_gate(per_case(0.56, 8, 0.1), per_case(0.5, 8, 0.0), "dice", 0.0, confidence=0.5)
+    assert wide.value < narrow.value
 
 
 # ---------------------------------------------------------------- the spec keys
