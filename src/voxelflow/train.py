@@ -3,7 +3,11 @@
 Cases keep their own shapes. :class:`StoreCases` holds as many as fit a memory budget (on the
 GPU when training runs there, as MONAI's fast-training guide does) and reads the rest from the
 store each time they are drawn; ``train.augment`` (random MONAI transforms, patch samplers among
-them) runs as each case is drawn, in DataLoader workers or a thread-buffered loader. Every
+them) runs as each case is drawn, in DataLoader workers or a thread-buffered loader, after the case
+is padded to at least the patch size (as nnU-Net does: the image with its own minimum, the label
+with background), so a case shallower than the patch trains too. A case that cannot be drawn fails
+the training with its id and the transform that raised, and a training that made fewer steps than
+it planned is an error, never a shorter training. Every
 ``val_every`` epochs a sliding-window validation scores the network; the best one's weights
 are what training returns, and ``patience`` stops a run that no longer improves.
 
@@ -17,9 +21,12 @@ from __future__ import annotations
 
 import io
 import os
+import queue
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -86,11 +93,28 @@ def autocast_for(precision: str, device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class DrawError(ValueError):
+    """A training case could not be drawn: the message names the case and the transform that raised."""
+
+
+class IncompleteTraining(RuntimeError):
+    """Training made fewer steps than it planned (and was not stopped by ``patience``)."""
+
+
+class LabelValuesError(ValueError):
+    """Label values outside ``0..out_channels-1`` (reason ``label-values``); ``cases`` maps case to values."""
+
+    def __init__(self, message: str, cases: dict[str, list[int]] | None = None) -> None:
+        super().__init__(message)
+        self.cases = dict(cases or {})
+
+
 @dataclass
 class TrainResult:
     weights: bytes
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
+    planned_steps: int = 0  # epochs x steps an epoch; fewer steps only when patience stopped the run
     resumed_from: int | None = None
     seconds: float = 0.0
     device: str = "cpu"
@@ -227,8 +251,71 @@ class StoreCases:
     def cached(self) -> int:
         return len(self._cache)
 
+    def case_id(self, i: int) -> str:
+        return self.ids[i]
+
+    def label_values(self) -> dict[str, list[int]]:
+        """The values each case's label holds (cached labels from memory, the others read from the store)."""
+        from voxelflow.preprocess import open_case
+
+        def values(i: int) -> list[int]:
+            label = self._cache[i]["label"] if i in self._cache else open_case(self.store, self.ids[i])["label"].values
+            return present_values(label)
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:
+            return dict(zip(self.ids, pool.map(values, range(len(self.ids)))))
+
     def shapes(self) -> list[tuple[int, ...]]:
         return list(self._shapes)
+
+
+def present_values(label: Any) -> list[int]:
+    """The distinct values of a label array or tensor, ascending."""
+    import torch
+
+    if isinstance(label, torch.Tensor):
+        return [int(v) for v in torch.unique(label).tolist()]
+    label = np.asarray(label)
+    if label.dtype == np.uint8:  # what preprocessing stores: a histogram is much faster than a sort
+        return [int(v) for v in np.flatnonzero(np.bincount(label.ravel(), minlength=1))]
+    return [int(v) for v in np.unique(label)]
+
+
+def label_problems(values: dict[str, list[int]], n_classes: int) -> dict[str, list[int]]:
+    """Each case whose label holds values outside ``0..n_classes-1``, with those values."""
+    bad = {cid: [v for v in vals if not 0 <= v < n_classes] for cid, vals in values.items()}
+    return {cid: vals for cid, vals in bad.items() if vals}
+
+
+def label_values_error(bad: dict[str, list[int]], n_classes: int) -> LabelValuesError:
+    listed = "; ".join(f"{cid}: {vals}" for cid, vals in sorted(bad.items()))
+    return LabelValuesError(
+        f"label-values: {len(bad)} case(s) hold label values outside 0..{n_classes - 1} (the network's "
+        f"out_channels is {n_classes}): {listed}. Fix these labels, or set out_channels to the number of "
+        "classes; values are never clamped", bad)
+
+
+def pad_to_patch(item: dict[str, Any], size: tuple[int, ...]) -> dict[str, Any]:
+    """Pad ``image`` and ``label`` (channel first) to at least ``size`` on every side, centred: the image
+    with its own minimum, the label with 0 (background). A case as large as the patch comes back as it was."""
+    import torch
+
+    shape = tuple(item["image"].shape[1:])
+    need = [max(0, int(p) - s) for p, s in zip(size, shape)]
+    if not any(need):
+        return item
+    pads: list[int] = []
+    for n in reversed(need):  # torch's pad takes the last dimension first
+        pads += [n // 2, n - n // 2]
+    out = dict(item)
+    for key in ("image", "label"):
+        if key in item:
+            t = torch.as_tensor(item[key])
+            value = float(t.amin()) if key == "image" else 0.0
+            out[key] = torch.nn.functional.pad(t, pads, mode="constant", value=value)
+    return out
 
 
 def build_augment(augment: list[dict[str, dict[str, Any]]]):
@@ -239,11 +326,13 @@ def build_augment(augment: list[dict[str, dict[str, Any]]]):
 
 
 class TrainingSet:
-    """Draws ``(epoch, index)``: the case, augmented with a random state that is a pure function of
-    the seed, the epoch and the case, so any worker, and any rerun, draws the same patches."""
+    """Draws ``(epoch, index)``: the case, padded to at least ``patch_size``, augmented with a random
+    state that is a pure function of the seed, the epoch and the case, so any worker, and any rerun,
+    draws the same patches. A failure raises :class:`DrawError` naming the case and the transform."""
 
-    def __init__(self, cases, augment: list[dict[str, dict[str, Any]]], seed: int) -> None:
-        self.cases, self.seed = cases, seed
+    def __init__(self, cases, augment: list[dict[str, dict[str, Any]]], seed: int,
+                 patch_size: tuple[int, ...] | None = None) -> None:
+        self.cases, self.seed, self.patch_size = cases, seed, patch_size
         self.transform = build_augment(augment)
 
     def __len__(self) -> int:
@@ -254,18 +343,40 @@ class TrainingSet:
         system, and round its cycles); here every draw is seeded by its key, so there is nothing to set."""
         return self
 
+    def case_id(self, i: int) -> str:
+        return self.cases.case_id(i) if hasattr(self.cases, "case_id") else f"#{i}"
+
     def __getitem__(self, key: tuple[int, int]) -> list[dict[str, Any]]:
         import torch
 
         epoch, i = key
-        item = self.cases[i]
+        try:
+            item = self.cases[i]
+        except Exception as exc:
+            exc.add_note(f"while reading training case {self.case_id(i)}")
+            raise
         device = getattr(self.cases, "device", None)  # streamed cases join the cached ones on their device
         item = {k: torch.as_tensor(v, device=device) for k, v in item.items()}
+        if self.patch_size is not None:
+            item = self._step(partial(pad_to_patch, size=self.patch_size), item, i, "padding to the patch size")
         if self.transform is None:
             return [item]
         self.transform.set_random_state(seed=int(np.random.default_rng([self.seed, epoch, i]).integers(2**31)))
-        out = self.transform(item)
+        out: Any = item
+        for k, t in enumerate(self.transform.transforms):  # one at a time, to name the one that raises
+            out = self._step(partial(self.transform, start=k, end=k + 1), out, i, type(t).__name__)
         return out if isinstance(out, list) else [out]
+
+    def _step(self, fn: Callable[[Any], Any], data: Any, i: int, what: str) -> Any:
+        try:
+            return fn(data)
+        except Exception as exc:
+            cause: BaseException = exc
+            while cause.__cause__ is not None:  # MONAI wraps the transform's error in "applying transform ..."
+                cause = cause.__cause__
+            shape = tuple(self.cases.shapes()[i]) if hasattr(self.cases, "shapes") else "?"
+            raise DrawError(f"training case {self.case_id(i)} (shape {shape}): {what} raised "
+                            f"{type(cause).__name__}: {cause}") from exc
 
 
 class StepBatches:
@@ -316,19 +427,73 @@ def collate(batch: list[list[dict[str, Any]]]):
     return images, labels
 
 
+class ThreadLoader:
+    """Batches made ahead by one background thread, as MONAI's ThreadDataLoader makes them (no processes:
+    what MONAI's fast-training guide uses with data on the GPU), except that an exception in the thread
+    is raised in the training loop: MONAI's thread dies alone and its loader just ends early."""
+
+    def __init__(self, loader, buffer_size: int = 2) -> None:
+        self.loader, self.buffer_size = loader, buffer_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        buffer: queue.Queue = queue.Queue(self.buffer_size)
+        stop, end = threading.Event(), object()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    buffer.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def fill() -> None:
+            try:
+                for batch in self.loader:
+                    if not put((batch, None)):
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the training loop, which raises it
+                put((end, exc))
+                return
+            put((end, None))
+
+        thread = threading.Thread(target=fill, name="voxelflow-loader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                try:
+                    batch, exc = buffer.get(timeout=1.0)
+                except queue.Empty:
+                    if not thread.is_alive() and buffer.empty():
+                        raise RuntimeError("the training loader's thread ended without a last word") from None
+                    continue
+                if batch is end:
+                    if exc is not None:
+                        raise exc
+                    return
+                yield batch
+        finally:
+            stop.set()
+            thread.join()
+
+
 def make_loader(dataset: TrainingSet, batches: StepBatches, workers: int, device):
-    """MONAI's DataLoader with worker processes, or its ThreadDataLoader (a background thread that
-    buffers batches, no processes: what MONAI's fast-training guide uses with data on the GPU)."""
+    """MONAI's DataLoader with worker processes (whose exceptions torch raises in this process), or a
+    :class:`ThreadLoader` over one that loads in this process."""
     import torch
-    from monai.data import DataLoader, ThreadDataLoader
+    from monai.data import DataLoader
 
     # a loader of its own generator: torch's global RNG (initial weights, dropout) is left to the network
     generator = torch.Generator().manual_seed(dataset.seed)
     if workers > 0 and device.type != "cuda":
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                           persistent_workers=False, multiprocessing_context="fork", generator=generator)
-    return ThreadDataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate, buffer_size=2,
-                            generator=generator)
+    return ThreadLoader(DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate,
+                                   generator=generator), buffer_size=2)
 
 
 @dataclass
@@ -543,7 +708,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
     start = time.perf_counter()
     net.train()
     total = spec.epochs * steps_per_epoch
-    dataset = TrainingSet(cases, spec.augment, spec.seed)
+    dataset = TrainingSet(cases, spec.augment, spec.seed, spec.patch_size)
     loader = make_loader(dataset, StepBatches(n, spec.batch_size, spec.seed, step, total, rank, world), spec.workers,
                          dev)
     if state is not None and "rng" in state:
@@ -596,11 +761,15 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
             save(step)
         if stopped:
             break
+    if step < total and not stopped:
+        raise IncompleteTraining(f"training ended after {step} of its {total} planned steps ({spec.epochs} epochs of "
+                                 f"{steps_per_epoch}) with no error from its loader: no model comes of it")
     weights = checkpoints.load_best() if best["metric"] is not None else None
     return TrainResult(
         weights=weights if weights is not None else state_dict_bytes(model),
         history=history,
         steps=step,
+        planned_steps=total,
         resumed_from=resumed,
         seconds=time.perf_counter() - start,
         device=str(dev),
