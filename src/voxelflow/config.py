@@ -271,6 +271,8 @@ class DataSpec(_Stage):
         "or mixed (what dataset.json names, if there is one, and every other file as DICOM)"
     )
     max_voxels: int = Field(512**3, gt=0, description="cases larger than this are quarantined")
+    max_series_files: int = Field(4096, gt=0, description="DICOM series of more objects than this are quarantined "
+                                  "too-large from their headers, before any pixel is fetched")
     retrain_after: int = Field(1, ge=1, description="an ingest after which the labelled dataset holds this many "
                                "cases not in the last announced one (new, or replacing others) emits "
                                "voxelflow.dataset.updated (which the lifecycle's on-update deployment is "

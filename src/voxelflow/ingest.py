@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 from sqlalchemy import insert, select, update
 
-from voxelflow import audit, dicom
+from voxelflow import audit, dicom, dicom_series
 from voxelflow.config import DataSpec
 from voxelflow.db import Database, ledger, now
 from voxelflow.formats import NIFTI_SUFFIXES, Volume, read_nifti, scrub_nifti
@@ -39,6 +39,8 @@ class SourceCase:
     outside: str | None = None  # why an entry points outside the source: never read
     series: tuple[str, ...] = ()  # dicom layout: every object of one series (or one object that is not DICOM)
     not_dicom: bool = False  # dicom layout: a lone object whose first MiB is no DICOM header (hashed, never kept)
+    voxels: int = 0  # dicom layout: rows x columns x frames, summed over the series' headers
+    pixel_bytes: int = 0  # dicom layout: the pixel bytes those headers declare
 
     @property
     def objects(self) -> list[str]:
@@ -178,9 +180,8 @@ def discover(source: str, layout: str) -> list[SourceCase]:
                 cases.append(SourceCase(posixpath.basename(entry), url(image), url(label) if label else None,
                                         outside))
     if layout in ("dicom", "mixed"):
-        groups: dict[str, list[str]] = {}
-        manifest = _join(root, LABELS_MANIFEST)
-        labels = _series_labels(fs, manifest, source)  # SeriesInstanceUID -> label NIfTI, relative to the source
+        manifest = _join(root, dicom_series.LABELS_MANIFEST)
+        labels = dicom_series.labels(fs, manifest, source)  # SeriesInstanceUID -> label NIfTI, relative to the source
         skip = {posixpath.normpath(_join(root, rel)) for rel in labels.values() if not _escapes(rel)}
         skip |= {posixpath.normpath(manifest)} | named
         inside = []
@@ -192,56 +193,19 @@ def discover(source: str, layout: str) -> list[SourceCase]:
                 cases.append(SourceCase(f"object{len(cases)}", key, None, "a link to outside the source", (key,)))
             else:
                 inside.append(path)
-
-        def series_of(path: str) -> str | None:
-            with fs.open(path, "rb") as fh:
-                return dicom.series_uid(fh.read(1 << 20))  # the header of any sane DICOM object, not the pixels
-
-        from concurrent.futures import ThreadPoolExecutor
-
-        not_dicom: set[str] = set()
-        with ThreadPoolExecutor(8, thread_name_prefix="voxelflow-discover") as pool:  # object stores: latency
-            for path, uid in zip(inside, pool.map(series_of, inside)):
-                key = url(path)
-                if uid is None:
-                    not_dicom.add(f"\0{key}")
-                groups.setdefault(uid or f"\0{key}", []).append(key)  # a non-DICOM object is its own case
-        for i, (uid, keys) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0])):
+        groups = dicom_series.group(fs, inside, url)
+        for i, (uid, series) in enumerate(sorted(groups.items(), key=lambda kv: kv[1].keys[0])):
             rel = labels.get(uid)
             outside = _escapes(rel) if rel else None
             if rel and outside is None and _leaves_by_link(fs, root, _join(root, rel)):
                 outside = f"{rel!r} is a link to outside the source"
             label = (rel if outside else url(_join(root, rel))) if rel else None
-            cases.append(SourceCase(f"series{i}", keys[0], label, outside, tuple(keys), uid in not_dicom))
+            cases.append(SourceCase(f"series{i}", series.keys[0], label, outside, tuple(series.keys),
+                                    series.not_dicom, series.voxels, series.pixel_bytes))
     return cases
 
 
 LAYOUTS = typing.get_args(DataSpec.model_fields["layout"].annotation)  # the spec's Literal: one list
-
-
-def _series_labels(fs, manifest: str, source: str) -> dict[str, str]:
-    """``labels.json``: SeriesInstanceUID -> label path; a malformed manifest is a clear error."""
-    if not fs.exists(manifest):
-        return {}
-    try:
-        meta = json.loads(fs.cat_file(manifest))
-    except ValueError as exc:
-        raise ValueError(f"{source}: {LABELS_MANIFEST} is not valid JSON ({exc})") from None
-    items = meta.get("labels") if isinstance(meta, dict) else None
-    if not isinstance(items, list):
-        raise ValueError(f"{source}: {LABELS_MANIFEST} must be an object whose labels is a list")
-    out: dict[str, str] = {}
-    for i, item in enumerate(items):
-        series, label = (item.get("series"), item.get("label")) if isinstance(item, dict) else (None, None)
-        if not isinstance(series, str) or not series or not isinstance(label, str) or not label:
-            raise ValueError(f"{source}: {LABELS_MANIFEST} labels[{i}] needs a series (a SeriesInstanceUID) and a "
-                             "label path")
-        if out.setdefault(series, label) != label:
-            raise ValueError(f"{source}: {LABELS_MANIFEST} names two labels for one series (labels[{i}])")
-    return out
-
-
-LABELS_MANIFEST = "labels.json"  # dicom layout: {"labels": [{"series": SeriesInstanceUID, "label": "x.nii.gz"}]}
 
 
 def read_bytes(url: str) -> bytes:
@@ -422,17 +386,20 @@ def _prepare(case: SourceCase, data: DataSpec, layout: Layout, limit: int, deid_
     shas, sizes = prep.shas, prep.sizes
     missing: list[str] = []
     oversized: list[str] = []
+    # a series over the limits its headers declare: every object hashed as it streams by, none held
+    bounded = dicom_series.bound(len(case.series), case.voxels, case.pixel_bytes, data.max_voxels,
+                                 data.max_series_files, limit) if case.series and not case.not_dicom else None
     for obj in case.objects:
         if case.outside:
             shas[obj] = "not-read"  # outside the source: never opened
             continue
         try:  # an object that is not DICOM is hashed as it streams by and never held
-            blob, shas[obj], sizes[obj] = fetch(obj, 0 if case.not_dicom else limit)
+            blob, shas[obj], sizes[obj] = fetch(obj, 0 if case.not_dicom or bounded else limit)
         except FileNotFoundError:
             missing.append(obj)
             shas[obj] = "missing"
             continue
-        if case.not_dicom:
+        if case.not_dicom or bounded:
             continue
         if blob is None:
             oversized.append(obj)
@@ -465,6 +432,8 @@ def _prepare(case: SourceCase, data: DataSpec, layout: Layout, limit: int, deid_
                                                 "left where it arrived")
     elif missing:
         problem = QuarantineError("missing-file", f"{len(missing)} object(s) of the case do not exist")
+    elif bounded:
+        problem = bounded
     elif oversized:
         problem = QuarantineError("too-large", f"{len(oversized)} object(s) over {limit} bytes, the most "
                                                f"data.max_voxels allows; kept where they arrived")
@@ -619,6 +588,9 @@ def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport)
                         f"same bytes as {prep.first[shas[obj]]}" if obj in prep.dups else None), at=at,
             ))
             report.objects[st] = report.objects.get(st, 0) + 1
+            if len(rows) == 1000:  # a series of many objects: rows written as they are made, not all held
+                conn.execute(insert(ledger), rows)
+                rows = []
         if rows:
             conn.execute(insert(ledger), rows)
         report.seen += len(case.objects) - len(fresh)
