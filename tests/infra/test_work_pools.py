@@ -381,6 +381,22 @@ def test_training_job_gets_a_spot_gpu():
     assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"
 
 
+def test_gpu_jobs_mount_an_in_memory_dev_shm_that_validates():
+    """NCCL with more than one GPU, and DataLoader workers, pass tensors through /dev/shm: a container's
+    default 64 MiB fails them."""
+    bare = {"entrypoint": "flows/stages.py:train_flow", "name": "bare", "work_pool": {"job_variables": {}}}
+    for job_variables, size in (({}, "8Gi"), ({"shm_size": "32Gi"}, "32Gi")):
+        _, job = worker_job({**bare, "work_pool": {"job_variables": job_variables}}, pool="k8s-gpu")
+        volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container(job)["volumeMounts"]}
+        assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": size}
+        job = json.loads(json.dumps(job))
+        pod_spec(job).pop("parallelism"), pod_spec(job).pop("completions")  # as in the test above
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    _, job = worker_job(by_name()["train/k8s-gpu"])
+    assert "/dev/shm" in {m["mountPath"] for m in container(job).get("volumeMounts", [])}
+
+
 def test_cpu_jobs_get_no_gpu():
     for d in k8s_deployments():
         if d["work_pool"]["name"] == "k8s-cpu":
