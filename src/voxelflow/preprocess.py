@@ -1,8 +1,9 @@
 """Preprocessing: the spec's MONAI transforms, applied to new cases shard by shard on Dask workers.
 
-Each case's result is its own Zarr v3 store in a :class:`~voxelflow.storage.CaseStore` named after
-the transforms' digest (``image`` float32 ``(channel, x, y, z)``, ``label`` uint8 when the case has
-one), committed by a marker written last. The worker that runs a shard reads its cases from the
+Each case's result is its own Zarr v3 store in a :class:`~voxelflow.storage.CaseStore` named by
+:func:`transform_key` (the transforms, ``preprocess.device``, the MONAI, torch and voxelflow versions
+and the source of user transform classes; ``image`` float32 ``(channel, x, y, z)``, ``label`` uint8
+when the case has one), committed by a marker written last. The worker that runs a shard reads its cases from the
 raw store, transforms them and writes them itself: only small metadata (case ids, shapes, bytes)
 comes back to the driver, never an array. Writes are per case and idempotent, so a shard that
 Dask reschedules after its worker died produces the same bytes; a case that keeps killing its
@@ -69,17 +70,74 @@ def _monai_transform(name: str) -> type:
     return cls
 
 
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _module_source_digest(module: str) -> str:
+    """The sha256 of a module's source (the file a class was defined in), or of its compiled file."""
+    import hashlib
+    import sys
+
+    mod = sys.modules.get(module) or importlib.import_module(module)
+    try:
+        text = inspect.getsource(mod).encode()
+    except (OSError, TypeError):  # no source shipped: the bytes of whatever file was loaded
+        path = getattr(mod, "__file__", None)
+        if not path:
+            raise ValueError(f"the module {module!r} has no source or file to key preprocessing on") from None
+        with open(path, "rb") as f:
+            text = f.read()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def user_transform_sources(transforms: list[dict[str, dict[str, Any]]]) -> dict[str, str]:
+    """Module -> source digest of every module defining a user transform class (``package.module:Class``)
+    or one of its bases; MONAI's, torch's and Python's own classes are keyed by their versions instead."""
+    import sys
+
+    skip = {"monai", "torch", "builtins", *sys.stdlib_module_names}
+    out: dict[str, str] = {}
+    for item in transforms:
+        for name in item:
+            if ":" not in name:
+                continue
+            for klass in _monai_transform(name).__mro__:
+                module = klass.__module__
+                if module.split(".")[0] not in skip and module not in out:
+                    out[module] = _module_source_digest(module)
+    return dict(sorted(out.items()))
+
+
+def transform_key(transforms: list[dict[str, dict[str, Any]]], device: str = "cpu") -> str:
+    """The name of the preprocessed store: everything that decides its bytes. The transforms, where they
+    run (``preprocess.device``), the versions of MONAI, torch and voxelflow, and the source of every user
+    transform class, so that an upgrade, another device or an edited class preprocesses again."""
+    from voxelflow import __version__
+
+    return digest_json({"transforms": transforms, "device": device, "monai": _version("monai"),
+                        "torch": _version("torch"), "voxelflow": __version__,
+                        "sources": user_transform_sources(transforms)})
+
+
 def transform_digest(spec: PreprocessSpec) -> str:
-    return digest_json(spec.transforms)
+    """:func:`transform_key` of a ``preprocess`` section."""
+    return transform_key(spec.transforms, spec.device)
 
 
 _local = threading.local()
 
 
-def cached_transforms(transforms: list[dict[str, dict[str, Any]]]):
-    """The ``Compose`` for these transforms, built once per thread of a process (a Dask worker keeps it)."""
+def cached_transforms(transforms: list[dict[str, dict[str, Any]]], key: str | None = None):
+    """The ``Compose`` for these transforms, built once per thread of a process (a Dask worker keeps it);
+    ``key`` (their :func:`transform_key`) tells an edited user class from the one built before."""
     cache = _local.__dict__.setdefault("transforms", {})
-    key = json.dumps(transforms, sort_keys=True, default=str)
+    key = key or json.dumps(transforms, sort_keys=True, default=str)
     if key not in cache:
         cache[key] = build_transforms(transforms)
     return cache[key]
@@ -195,13 +253,14 @@ def _worker_threads() -> int | None:
 
 def preprocess_shard(
     raw: CaseStore, out: CaseStore, case_ids: list[str], transforms_spec: list[dict[str, dict[str, Any]]],
-    device: str = "cpu",
+    device: str = "cpu", key: str | None = None,
 ) -> list[dict[str, Any]]:
     """One Dask task: read, transform and write each case of a shard, in order; return small metadata.
 
     Each entry is ``{"case", "shape", "bytes"}`` for a written case (``"resumed": True`` when an
     earlier attempt of this shard had already committed it) or ``{"case", "error"}`` for a case
-    whose processing raised; the other cases of the shard go on. Nothing else comes back.
+    whose processing raised; the other cases of the shard go on. Nothing else comes back. ``key``
+    (recorded with each case) is the store's :func:`transform_key`, computed here when not given.
     """
     threads = _worker_threads()
     if threads:  # a worker process: as many torch threads as the worker has (the preload sets it too)
@@ -209,8 +268,8 @@ def preprocess_shard(
 
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-    transforms = cached_transforms(transforms_spec)
-    digest = digest_json(transforms_spec)
+    digest = key or transform_key(transforms_spec, device)
+    transforms = cached_transforms(transforms_spec, digest)
     results = []
     for cid in case_ids:
         if out.is_committed(cid):  # a rescheduled shard: its killed attempt got this far
@@ -293,9 +352,10 @@ def _killed_reason(exc: BaseException) -> str:
 
 def _run_local(spec: PreprocessSpec, raw: CaseStore, out: CaseStore, parts: list[list[str]], tally: _Tally) -> None:
     """No cluster: the same shard function in this process, one shard after the other."""
+    key = transform_digest(spec)
     for part in parts:
         try:
-            entries = preprocess_shard(raw, out, part, spec.transforms, spec.device)
+            entries = preprocess_shard(raw, out, part, spec.transforms, spec.device, key)
         except Exception as exc:  # the shard as a whole: every case gets its own try
             entries = [{"case": c, "error": describe(exc)} for c in part]
         for entry in entries:
@@ -303,7 +363,7 @@ def _run_local(spec: PreprocessSpec, raw: CaseStore, out: CaseStore, parts: list
                 tally.written(entry)
                 continue
             try:
-                (single,) = preprocess_shard(raw, out, [entry["case"]], spec.transforms, spec.device)
+                (single,) = preprocess_shard(raw, out, [entry["case"]], spec.transforms, spec.device, key)
             except Exception as exc:
                 single = {"case": entry["case"], "error": describe(exc)}
             if "error" in single:
@@ -331,11 +391,12 @@ def _run_dask(client, spec: PreprocessSpec, raw: CaseStore, out: CaseStore, part
 
     if spec.device != "cpu":
         _check_cuda(client)
+    key = transform_digest(spec)
     pending: dict[Any, tuple[list[str], str]] = {}  # future -> (cases, "shard" | "single" | "alone")
     ac = as_completed()
 
     def submit(cases: list[str], kind: str) -> None:
-        fut = client.submit(preprocess_shard, raw, out, cases, spec.transforms, spec.device, pure=False)
+        fut = client.submit(preprocess_shard, raw, out, cases, spec.transforms, spec.device, key, pure=False)
         pending[fut] = (cases, kind)
         ac.add(fut)
 
