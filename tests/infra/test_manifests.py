@@ -466,6 +466,20 @@ def first_index(instructions, predicate) -> int:
     return next(i for i, ins in enumerate(instructions) if predicate(*ins))
 
 
+def test_the_image_for_gpu_nodes_installs_the_gpu_extra():
+    """--build-arg VOXELFLOW_EXTRAS=gpu installs dask-cuda with its CUDA bindings and nvidia-ml-py (MLflow's
+    GPU metrics): without them `preprocess.device: cuda` is refused on the cluster."""
+    import tomllib
+
+    ins = dockerfile_instructions()
+    assert ("ARG", 'VOXELFLOW_EXTRAS=""') in ins
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for name in ("gpu", "gpu-cu12"):
+        assert any(d.startswith("dask-cuda[cu") for d in extras[name]) and any("nvidia-ml-py" in d for d in extras[name])
+    install = next(r for w, r in ins if w == "RUN" and "pip install" in r and "prefect-kubernetes" in r)
+    assert '".${VOXELFLOW_EXTRAS:+[${VOXELFLOW_EXTRAS}]}"' in install
+
+
 def test_dockerfile_base_workdir_home_and_port():
     ins = dockerfile_instructions()
     assert ins[0] == ("FROM", "python:3.11-slim")
@@ -478,7 +492,8 @@ def test_dockerfile_installs_pinned_torch_before_the_project():
     ins = dockerfile_instructions()
     is_pip = lambda w, r: w == "RUN" and "pip install" in r  # noqa: E731
     torch_at = first_index(ins, lambda w, r: is_pip(w, r) and re.search(r"\btorch\b", r))
-    project_at = first_index(ins, lambda w, r: is_pip(w, r) and re.search(r"pip install\s+(\S+\s+)*\.(\s|$)", r))
+    project_at = first_index(ins, lambda w, r: is_pip(w, r) and re.search(
+        r"pip install\s+(\S+\s+)*\"?\.(\$\{VOXELFLOW_EXTRAS:\+\[\$\{VOXELFLOW_EXTRAS\}\]\})?\"?(\s|$)", r))
     copy_project_at = first_index(ins, lambda w, r: w == "COPY" and "pyproject.toml" in r)
     assert torch_at < copy_project_at < project_at, "torch must be installed before the project is copied and installed"
     assert first_index(ins, is_pip) == torch_at, "torch is the first thing pip installs"
