@@ -121,9 +121,124 @@ def test_run_wakes_on_local_changes(tmp_path, db, heard):
 def test_the_dataset_is_announced_when_enough_cases_are_new_by_id(db):
     from voxelflow.watch import dataset_update
 
-    assert dataset_update(db, "p", ["a", "b"], 2) == 2
-    assert dataset_update(db, "p", ["a", "b"], 1) is None  # nothing new
-    assert dataset_update(db, "p", ["a", "b", "c"], 2) is None  # one new case, the threshold is two
-    assert dataset_update(db, "p", ["a", "c", "d"], 2) == 2  # c and d; b was replaced: no growth, new cases
-    assert dataset_update(db, "p", ["a", "c", "e"], 1) == 1  # d corrected into e: same size, one new case
-    assert dataset_update(db, "other", ["a"], 1) == 1  # per pipeline
+    sent = []
+
+    def update(pipeline, cases, threshold):
+        return dataset_update(db, pipeline, cases, threshold, lambda event_id, new: sent.append((event_id, new)))
+
+    assert update("p", ["a", "b"], 2) == 2
+    assert update("p", ["a", "b"], 1) is None  # nothing new
+    assert update("p", ["a", "b", "c"], 2) is None  # one new case, the threshold is two
+    assert update("p", ["a", "c", "d"], 2) == 2  # c and d; b was replaced: no growth, new cases
+    assert update("p", ["a", "c", "e"], 1) == 1  # d corrected into e: same size, one new case
+    assert update("p", ["a", "b"], 1) == 1  # back to the first dataset: announced again, under another id
+    assert update("other", ["a"], 1) == 1  # per pipeline
+    assert [new for _, new in sent] == [2, 2, 1, 1, 1]
+    assert len({event_id for event_id, _ in sent}) == 5
+
+
+def test_an_announcement_that_fails_is_not_recorded_and_is_repeated_under_the_same_id(db):
+    from voxelflow.watch import DATASET_UPDATED, announcement_id, dataset_update
+
+    tried = []
+
+    def lost(event_id, new):
+        tried.append(event_id)
+        raise ConnectionError("the Prefect API is away")
+
+    with pytest.raises(ConnectionError):
+        dataset_update(db, "p", ["b", "a"], 1, lost)
+    sent = []
+    assert dataset_update(db, "p", ["a", "b"], 1, lambda event_id, new: sent.append(event_id)) == 2
+    assert sent == tried == [announcement_id(DATASET_UPDATED, "p", ["a", "b"], None)]  # the same event again
+    assert dataset_update(db, "p", ["a", "b"], 1, lost) is None and len(tried) == 1  # recorded once delivered
+
+
+def test_unlabelled_cases_are_announced_once_each_and_again_when_the_announcement_failed(db):
+    from voxelflow.watch import unlabelled_update
+
+    sent = []
+    assert unlabelled_update(db, "p", ["u2", "u1"], lambda i, cases: sent.append((i, cases))) == ["u1", "u2"]
+
+    def lost(event_id, cases):
+        sent.append((event_id, cases))
+        raise ConnectionError("the Prefect API is away")
+
+    with pytest.raises(ConnectionError):
+        unlabelled_update(db, "p", ["u1", "u2", "u3"], lost)
+    assert unlabelled_update(db, "p", ["u1", "u2", "u3"], lambda i, cases: sent.append((i, cases))) == ["u3"]
+    assert unlabelled_update(db, "p", ["u1", "u2", "u3"], lost) == []
+    assert [cases for _, cases in sent] == [["u1", "u2"], ["u3"], ["u3"]]
+    assert sent[1][0] == sent[2][0] != sent[0][0]
+
+
+def test_a_batch_announced_again_after_a_crash_keeps_its_event_id(tmp_path, db, heard):
+    src = tmp_path / "incoming"
+    src.mkdir()
+    (src / "a").write_bytes(b"1")
+    first = watcher(src, db, heard)
+    first.step(at=0.0)
+    first.step(at=2.0)
+    db_cursor = first.cursor
+    from voxelflow.watch import set_cursor
+
+    set_cursor(db, db_cursor, {})  # the crash: sent, not recorded
+    again = watcher(src, db, heard)
+    again.step(at=0.0)
+    again.step(at=2.0)
+    assert len(heard) == 2 and heard[0].id == heard[1].id and heard[0].id.version == 5
+    (src / "b").write_bytes(b"2")
+    again.step(at=3.0)
+    assert again.step(at=5.0).id != heard[0].id
+
+
+def test_run_reports_a_failed_step_and_announces_the_batch_later(tmp_path, db):
+    src = tmp_path / "incoming"
+    src.mkdir()
+    (src / "a").write_bytes(b"1")
+    calls, errors = [], []
+
+    def flaky(arrival):
+        calls.append(arrival)
+        if len(calls) == 1:
+            raise ConnectionError("the Prefect API is away")
+
+    w = Watcher(str(src), db, "demo", flaky, settle_s=0.2, poll_s=0.2)
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop, errors.append), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert [type(e) for e in errors] == [ConnectionError] and len(calls) == 2 and calls[0].id == calls[1].id
+
+
+def announcement(**overrides):
+    return {"id": "e1", "event": "voxelflow.data.arrived", "resource": "voxelflow.dataset.p",
+            "keys": ["source", "objects", "count", "bytes", "sizes", "versions"], **overrides}
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    ({"keys": ["source", "spec"]}, "payload names spec"),
+    ({"keys": ["source", "overlays", "sets"]}, "payload names overlays, sets"),
+    ({"resource": "voxelflow.dataset.other"}, "concerns 'voxelflow.dataset.other'"),
+    ({"event": "voxelflow.dataset.updated"}, "this run acts on 'voxelflow.data.arrived'"),
+    ({"keys": "source"}, "is not the event's id, event, resource and payload keys"),
+])
+def test_an_announcement_with_more_than_data_references_or_for_another_pipeline_is_refused_and_audited(
+        db, overrides, reason):
+    from voxelflow import audit
+    from voxelflow.watch import AnnouncementRefused, accept_announcement
+
+    accept_announcement(db, "p", announcement(), "voxelflow.data.arrived")  # data references only: accepted
+    assert list(audit.entries(db)) == []
+    with pytest.raises(AnnouncementRefused, match=reason):
+        accept_announcement(db, "p", announcement(**overrides), "voxelflow.data.arrived")
+    (entry,) = audit.entries(db)
+    assert entry["event"] == "announcement.refused" and reason in entry["details"]["reason"]
+    assert entry["details"]["pipeline"] == "p" and entry["details"]["event_id"] == "e1"
+    assert audit.verify(db).ok
