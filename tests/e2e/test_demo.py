@@ -76,17 +76,19 @@ def test_champion_registered_with_lineage(demo_run):
     mv = registry.client(uri).get_model_version("demo-spheres", version)
     assert len(mv.tags["voxelflow.dataset_digest"]) == 16
     run = registry.client(uri).get_run(mv.run_id)
-    assert run.data.metrics["val_dice"] > FLOOR
+    assert run.data.metrics["test_dice"] > FLOOR
     assert "train_loss" in run.data.metrics
-    assert {"val_dice_1", "val_hausdorff95", "val_hausdorff95_1"} <= set(run.data.metrics)
-    # the split is kept with the run, and it is the content-hash rule's
+    assert {"test_dice_1", "test_hausdorff95", "test_hausdorff95_1"} <= set(run.data.metrics)
+    # the three sides are kept with the run, and they are the content-hash rule's
     import json
 
     from voxelflow import evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         split = json.loads(Path(registry.client(uri).download_artifacts(mv.run_id, "split.json", tmp)).read_text())
-    assert (split["train"], split["val"]) == evaluate.split(split["train"] + split["val"], 0.25)
+    assert (split["train"], split["val"], split["test"]) == evaluate.sides(
+        split["train"] + split["val"] + split["test"], 0.25, 0.25)
+    assert len(split["test"]) == 3  # what the demo's promote.gates.min_test_cases asks for
     # tracking: the data set as the run's input, validation during training with its pictures, the flow run
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [mv.tags["voxelflow.dataset_digest"]]
     history = registry.client(uri).get_metric_history(mv.run_id, "val_epoch_dice")
@@ -114,8 +116,8 @@ def test_trained_beats_untrained_over_http(demo_run):
     settings = Settings(home=home)
     spec = load_spec(REPO / "deployments/specs/demo.yaml")
     layout = Layout(Store(settings.store_url), spec.name)
-    _, val = evaluate.split(layout.raw.committed(), spec.evaluate.val_fraction)
-    case = load_case(layout.raw, val[0])
+    _, _, test = evaluate.sides(layout.raw.committed(), spec.evaluate.test_fraction, spec.evaluate.val_fraction)
+    case = load_case(layout.raw, test[0])
     holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, spec.promote.model_name, home / "cache"))
     holder.reload()
     keys = KeyStore(connect(settings.database))
@@ -176,7 +178,7 @@ def test_second_run_reuses_data_and_gates_against_the_champion(demo_run, prefect
     assert registry.alias_version(uri, "demo-spheres", "champion") == "1"
     v2 = registry.client(uri).get_model_version("demo-spheres", "2")
     run = registry.client(uri).get_run(v2.run_id)
-    assert run.data.metrics["champion_val_dice"] > run.data.metrics["val_dice"]
+    assert run.data.metrics["champion_test_dice"] > run.data.metrics["test_dice"]
     from voxelflow import audit
     from voxelflow.db import connect
 
