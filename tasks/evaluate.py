@@ -10,12 +10,12 @@ from voxelflow.pipeline import Context, Evaluation, TrainOutcome, evaluate_stage
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def evaluate(spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOutcome, val_ids: list[str],
+def evaluate(spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOutcome, test_ids: list[str],
              run_id: str) -> Evaluation:
-    """Score the candidate and the champion on the same held-out cases."""
-    result = evaluate_stage(spec, model_name, ctx, outcome, val_ids, run_id)
+    """Score the candidate and the champion case by case on the same test cases."""
+    result = evaluate_stage(spec, model_name, ctx, outcome, test_ids, run_id)
     rows = [{"model": "candidate", **result.candidate}]
     if result.champion is not None:
         rows.append({"model": f"champion v{result.champion_version}", **result.champion})
-    create_table_artifact(rows, description=f"held-out scores on {len(val_ids)} cases")
+    create_table_artifact(rows, description=f"test-side scores on {len(test_ids)} cases")
     return result
