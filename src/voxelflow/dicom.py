@@ -4,7 +4,9 @@ De-identification runs through dicognito with a seed derived from a key the call
 data): the same key maps the same UID to the same new UID in every file and every run. Private tags
 are removed afterwards and ``BurnedInAnnotation = YES`` refuses the slice, since pixels cannot be
 de-identified by header edits. Geometry comes from ImagePositionPatient / ImageOrientationPatient /
-PixelSpacing only (never SliceThickness); slices are ordered along the slice normal.
+PixelSpacing only (never SliceThickness; per frame, from the functional groups, in multi-frame
+objects); slices are ordered along the slice normal. A series that repeats every position the same
+number of times is 4-D and refused as such.
 """
 
 from __future__ import annotations

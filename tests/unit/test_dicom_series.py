@@ -249,3 +249,18 @@ def test_a_4d_series_is_4d_series_not_duplicate_position(tmp_path):
         "not one volume"}
     kept = list((tmp_path / "home").rglob("quarantine/*"))
     assert len(kept) == 13 and all(pydicom.dcmread(p).PatientIdentityRemoved == "YES" for p in kept)
+
+
+def test_a_multi_frame_object_without_functional_groups_is_multi_frame(tmp_path):
+    """A legacy multi-frame object (cine, NM): NumberOfFrames and one position for all of its frames."""
+    ds = pydicom.dcmread(io.BytesIO(make_slice(0.0, 0, series_pixels(1)[0])))
+    ds.NumberOfFrames = 3
+    ds.PixelData = np.stack(series_pixels(3)).astype(np.uint16).tobytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    ds.save_as(src / "cine.dcm")
+    (case,) = discover(str(src), "dicom")
+    assert case.voxels == 3 * 6 * 5
+    _, db, report = run(src, tmp_path)
+    assert [(r["state"], r["reason"]) for r in read_ledger(db, "p")] == [("quarantined", "multi-frame")]
+    assert "3 frames" in report.quarantined[0]["detail"]
