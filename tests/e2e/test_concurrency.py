@@ -115,7 +115,7 @@ def test_two_lifecycles_of_one_pipeline_at_once(kind, tmp_path):
     source = make_decathlon(tmp_path / "incoming", n_cases=6, size=24)
     demo_data["data"]["source"] = str(source)
     demo_data["train"]["epochs"] = 2
-    demo_data["evaluate"]["val_fraction"] = 0.5  # 6 cases: a quarter might hold none of them out
+    demo_data["evaluate"].update(test_fraction=0.26, val_fraction=0.3)  # these 6 cases: 1 test, 2 val, 3 train
     demo_data["promote"]["gates"] = {"min_dice": 0.0, "beat_champion_by": -1.0}
     demo_data["preprocess"]["cluster"] = "local"
     store = str(tmp_path / "store")
