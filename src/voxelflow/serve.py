@@ -122,11 +122,19 @@ def create_app(
                   openapi_url="/openapi.json" if docs else None)
     app.state.pool = pool
 
+    def request_id_of(given: str) -> str:
+        return given if 0 < len(given) <= 64 and given.replace("-", "").isalnum() else uuid.uuid4().hex
+
+    def answered(rid: str, method: str, route: str, status: int, role: str | None, who: str | None,
+                 seconds: float) -> None:
+        requests.labels(route, str(status), role or "none").inc()
+        request_seconds.labels(route).observe(seconds)
+        log.info(json.dumps({"request_id": rid, "method": method, "route": route, "status": status,
+                             "ms": round(seconds * 1000, 1), "key": who}))
+
     @app.middleware("http")
     async def request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id", "")
-        if not (0 < len(rid) <= 64 and rid.replace("-", "").isalnum()):
-            rid = uuid.uuid4().hex
+        rid = request_id_of(request.headers.get("x-request-id", ""))
         request.state.role = request.state.who = None
         start = time.perf_counter()
         try:
@@ -137,14 +145,10 @@ def create_app(
             log.error(json.dumps({"request_id": rid, "route": request.url.path, "error": "unhandled",
                                   "traceback": redact(traceback.format_exc())}))
             response = Response('{"detail": "internal error"}', status_code=500, media_type="application/json")
-        seconds = time.perf_counter() - start
         route = request.url.path if request.url.path in ROUTES else "other"
-        requests.labels(route, str(response.status_code), request.state.role or "none").inc()
-        request_seconds.labels(route).observe(seconds)
         response.headers["X-Request-ID"] = rid
-        log.info(json.dumps({"request_id": rid, "method": request.method, "route": route,
-                             "status": response.status_code, "ms": round(seconds * 1000, 1),
-                             "key": request.state.who}))
+        answered(rid, request.method, route, response.status_code, request.state.role, request.state.who,
+                 time.perf_counter() - start)
         return response
 
     def client_address(request: Request) -> str:
@@ -189,7 +193,8 @@ def create_app(
     binary = {"schema": {"type": "string", "format": "binary"}}
 
     # the probes are coroutines: they answer on the event loop, never queued behind the threadpool
-    # (key lookups, the registry), the database or the model
+    # (key lookups, the registry), the database or the model; GET /health/live is answered by
+    # Probes before any middleware or routing, this route documents it
     @app.get("/health/live", summary="the process answers (no key)")
     async def live() -> dict[str, str]:
         return {"status": "ok"}
@@ -342,7 +347,33 @@ def create_app(
     def _stop_pool() -> None:
         pool.shutdown(wait=False, cancel_futures=True)
 
-    return app
+    return Probes(app, request_id_of, answered)
+
+
+class Probes:
+    """The service's ASGI app: ``GET /health/live`` answered at once, with as little work on the event loop as
+    an answer takes (no middleware, routing or thread), so a busy process still says it is alive; every
+    other request goes to the FastAPI app."""
+
+    LIVE = b'{"status":"ok"}'
+
+    def __init__(self, app: FastAPI, request_id_of: Callable[[str], str], answered: Callable[..., None]) -> None:
+        self.app, self.request_id_of, self.answered = app, request_id_of, answered
+
+    def __getattr__(self, name: str) -> Any:  # the FastAPI app's state, routes, openapi()
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/health/live" or scope["method"] != "GET":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        rid = self.request_id_of(given)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(self.LIVE)).encode()),
+            (b"x-request-id", rid.encode())]})
+        await send({"type": "http.response.body", "body": self.LIVE})
+        self.answered(rid, "GET", "/health/live", 200, None, None, time.perf_counter() - start)
 
 
 class SwapFailures:

@@ -57,3 +57,61 @@ def test_no_request_fails_while_the_model_is_swapped_under_load(tiny_model_confi
     assert holder.swaps == 3
     assert statuses and set(statuses) == {200}, sorted(set(statuses))
     assert len(served) >= 2, served  # answers came from more than one model
+
+
+def test_a_failed_hot_swap_is_counted_and_explained_while_the_old_model_keeps_serving(tiny_model_config,
+                                                                                      tiny_weights, db, caplog):
+    """The alias moves to a version whose artifacts cannot be read: the watch's swap fails, the metric counts it,
+    /v1/model (with a key) says which version and why, /health/ready stays ready with what failed, and v1 serves."""
+    import logging
+    import time
+
+    from fastapi.testclient import TestClient
+
+    alias = {"version": "1"}
+
+    def loader():  # what registry.load_segmenter does: read the alias, then that version's artifacts
+        version = alias["version"]
+        if version == "2":
+            raise OSError("cannot read models:/demo/2 from s3://minio:s3cr3t-pw@store.internal/mlflow")
+        return Segmenter(tiny_model_config, tiny_weights[0], device="cpu"), version
+
+    holder = ModelHolder(loader)
+    holder.reload()
+    keys = KeyStore(db)
+    viewer, predictor = keys.create("grafana", ["viewer"]), keys.create("clinic", ["predictor"])
+    client = TestClient(create_app(holder, keys, db=db))
+    metrics = client.get("/metrics", headers={"X-API-Key": viewer}).text
+    assert "voxelflow_model_swap_failures_total 0.0" in metrics
+    caplog.set_level(logging.WARNING, logger="voxelflow.serve")
+    stop = holder.watch(lambda: alias["version"], interval=0.02)
+    try:
+        alias["version"] = "2"
+        deadline = time.monotonic() + 10
+        while holder.swap_failures < 2 and time.monotonic() < deadline:  # tried, and tried again
+            time.sleep(0.02)
+    finally:
+        stop.set()
+    assert holder.swap_failures >= 2 and holder.version == "1"
+    metrics = client.get("/metrics", headers={"X-API-Key": viewer}).text
+    assert f"voxelflow_model_swap_failures_total {float(holder.swap_failures)}" in metrics
+    about = client.get("/v1/model", headers={"X-API-Key": viewer}).json()
+    assert about["version"] == "1" and about["swap_failures"] == holder.swap_failures
+    assert about["swap_failed"]["version"] == "2" and about["swap_failed"]["serving"] == "1"
+    assert about["swap_failed"]["error"] == ("OSError: cannot read models:/demo/2 from "
+                                             "s3://minio:***@store.internal/mlflow")
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["model_version"] == "1"
+    assert ready.json()["swap_failed"]["version"] == "2" and "store.internal" not in ready.text
+    segment = client.post("/v1/segment", content=body_of((12, 12, 12)), headers={"X-API-Key": predictor,
+                                                                                 "content-type": NPY})
+    assert segment.status_code == 200 and segment.headers["X-Model-Version"] == "1"
+    failures = [r.getMessage() for r in caplog.records if "model.load_failed" in r.getMessage()]
+    assert len(failures) == 1 and "s3://minio:***@store.internal" in failures[0]  # logged once, redacted
+    assert "s3cr3t-pw" not in caplog.text
+
+
+def body_of(shape) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.random.default_rng(1).random(shape, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
