@@ -38,7 +38,11 @@ def demo_spec() -> Path:
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    from voxelflow.redact import redact
+
+    err.print(f"[red]error:[/] {escape(redact(message))}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -129,12 +133,14 @@ def demo(
         if deployment is None:
             fail("the candidate did not pass the gates, so nothing was served: " + "; ".join(result["promotion"]["reasons"]))
         console.print(f"[bold green]HTTP prediction dice: {deployment['dice']:.4f}[/]")
-        console.print(
+        from voxelflow.redact import redact
+
+        console.print(redact(
             "\nwhere to look:\n"
             f"  MLflow UI:   mlflow ui --backend-store-uri {settings.tracking_uri} --host 127.0.0.1\n"
             "  Prefect UI:  prefect server start --host 127.0.0.1   (then set PREFECT_API_URL=http://127.0.0.1:4200/api)\n"
             f"  store:       {settings.store_url}/datasets/{spec.name}\n"
-            f"  database:    {settings.database}  (voxelflow ledger, voxelflow audit verify)",
+            f"  database:    {settings.database}  (voxelflow ledger, voxelflow audit verify)"),
             highlight=False,
         )
 

@@ -843,10 +843,12 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".voxelflow"), description="local defaults: store, database, MLflow, caches")
     store: str | None = Field(None, description="fsspec URL for every byte the pipeline writes (default: home)")
-    database_url: str | None = Field(
-        None, description="SQLAlchemy URL for ledger, audit log, API keys, cursors, locks (default: SQLite in home)"
+    database_url: SecretStr | None = Field(
+        None, description="SQLAlchemy URL for ledger, audit log, API keys, cursors, locks (default: SQLite in home); "
+        "a secret: it may carry a password"
     )
-    mlflow_tracking_uri: str | None = Field(None, description="default: SQLite inside home")
+    mlflow_tracking_uri: SecretStr | None = Field(
+        None, description="default: SQLite inside home; a secret: it may carry a password")
     mlflow_artifact_root: str | None = Field(
         None, description="default: mlartifacts in home, or a prefix under the store when the store is not local"
     )
@@ -883,13 +885,15 @@ class Settings(BaseSettings):
 
     @property
     def database(self) -> str:
-        return self.expand(self.database_url) if self.database_url else f"sqlite:///{self.root / 'voxelflow.db'}"
+        """The database's SQLAlchemy URL in plain text, for connecting (never for messages: see voxelflow.redact)."""
+        url = self.database_url.get_secret_value() if self.database_url else ""
+        return self.expand(url) if url else f"sqlite:///{self.root / 'voxelflow.db'}"
 
     @property
     def tracking_uri(self) -> str:
-        if self.mlflow_tracking_uri:
-            return self.mlflow_tracking_uri
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        """The MLflow tracking URI in plain text, for connecting (never for messages: see voxelflow.redact)."""
+        uri = self.mlflow_tracking_uri.get_secret_value() if self.mlflow_tracking_uri else ""
+        return uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
     @property
     def artifact_root(self) -> str:

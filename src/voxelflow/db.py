@@ -33,6 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from voxelflow import redact
+
 metadata = MetaData()
 
 ledger = Table(
@@ -134,15 +136,19 @@ class Database:
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         self.url = url
         self.sqlite = url.startswith("sqlite")
-        if self.sqlite:
-            path = url.split("///", 1)[1] if "///" in url else ""
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.engine: Engine = create_engine(url, connect_args={"timeout": 60})
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        else:
-            self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-        self.migrate()
+        try:
+            if self.sqlite:
+                path = url.split("///", 1)[1] if "///" in url else ""
+                if path and path != ":memory:":
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                self.engine: Engine = create_engine(url, connect_args={"timeout": 60})
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            else:
+                self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+            self.migrate()
+        except Exception as exc:  # the URL carries the password: no error text repeats it
+            redact.scrub(exc)
+            raise
 
     def __repr__(self) -> str:
         return f"Database({self.engine.url.render_as_string(hide_password=True)!r})"

@@ -1,6 +1,7 @@
 """Mask credentials in any URL inside a text, before it reaches a message, a log or an audit entry."""
 from __future__ import annotations
 
+import logging
 import re
 
 MASK = "***"
@@ -30,3 +31,48 @@ def redact(text: str) -> str:
 def redact_exc(exc: BaseException) -> str:
     """An exception as ``Type: message`` with credentials masked."""
     return redact(f"{type(exc).__name__}: {exc}")
+
+
+def scrub(exc: BaseException) -> BaseException:
+    """Mask credentials in ``exc`` and the exceptions chained to it, in place (their text and ``args``), and
+    return it: a traceback printed or logged afterwards carries no password. The types stay what they were,
+    so retry classification still reads the same chain."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        try:
+            error.args = tuple(redact(a) if isinstance(a, str) else a for a in error.args)
+            for name in ("message", "msg", "detail", "strerror"):
+                value = getattr(error, name, None)
+                if isinstance(value, str) and redact(value) != value:
+                    setattr(error, name, redact(value))
+        except (AttributeError, TypeError):  # an exception type with read-only fields keeps them
+            pass
+        error = error.__cause__ or error.__context__
+    return exc
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that masks credentials in every record's message (install it on handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            scrub(record.exc_info[1])
+            record.exc_text = None
+        return True
+
+
+def install_log_filter() -> None:
+    """Put a :class:`RedactingFilter` on every handler configured now (the root logger's and each named
+    logger's, e.g. an orchestrator's console and API handlers); calling it again adds none twice."""
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())

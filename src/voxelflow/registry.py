@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from voxelflow import __version__, policy, transient
+from voxelflow import __version__, policy, redact, transient
 from voxelflow.config import Gates, PipelineSpec
 from voxelflow.policy import Decision
 
@@ -174,7 +174,14 @@ def log_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: b
                 code_paths=[str(Path(__file__).parent)],
                 pip_requirements=model_requirements(),
             )
+    # leaving start_run's block marked the run FINISHED: it stays open until the lifecycle ends (end_run)
+    client(tracking_uri).update_run(run_id, status="RUNNING")
     return info.model_uri
+
+
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Close the lifecycle's run: ``FINISHED`` when the lifecycle completed, ``FAILED`` or ``KILLED`` otherwise."""
+    retrying("end run", lambda: client(tracking_uri).set_terminated(run_id, status=status))
 
 
 def _write_model_files(path: Path, config: dict[str, Any], weights: bytes) -> dict[str, str]:
@@ -212,6 +219,7 @@ def retrying(what: str, fn, attempts: int = 3, first_delay: float = 0.5):
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
             if _absent(exc) or not _transient(exc) or attempt == attempts - 1:
+                redact.scrub(exc)  # MLflow's errors embed the tracking URI, password and all
                 raise
             time.sleep(first_delay * 2**attempt)
     raise AssertionError("unreachable")
@@ -261,7 +269,8 @@ def alias_version(tracking_uri: str, name: str, alias: str = CHAMPION) -> str | 
     except Exception as exc:  # noqa: BLE001 - classified here
         if _absent(exc):
             return None
-        raise RegistryError(f"cannot read {name}@{alias} from the registry at {tracking_uri}: {exc}") from exc
+        raise RegistryError(redact.redact(f"cannot read {name}@{alias} from the registry at {tracking_uri}: {exc}")
+                            ) from redact.scrub(exc)
     return str(mv.version)
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import fsspec
 
+from voxelflow import redact
+
 COMMITTED = "_committed"
 
 
@@ -32,11 +34,15 @@ class Store:
         if "://" not in url or url.startswith("file://"):
             url = str(Path(url.removeprefix("file://")).expanduser().resolve())
         self.url = url.rstrip("/") or "/"
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except Exception as exc:  # the URL may carry credentials: say what failed without them
+            redact.scrub(exc)
+            raise
         self.root = self.root.rstrip("/")
 
     def __repr__(self) -> str:
-        return f"Store({self.url!r})"
+        return f"Store({redact.redact(self.url)!r})"
 
     def __reduce__(self):  # pickles as its URL (Dask tasks, Prefect parameters)
         return (Store, (self.url,))

@@ -51,7 +51,9 @@ def is_transient(exc: BaseException) -> bool:
 
 def reason(exc: BaseException) -> str:
     """``ExcType: message``, for a log line that says why a retry was or was not made."""
-    return f"{type(exc).__name__}: {exc}"[:500]
+    from voxelflow.redact import redact
+
+    return redact(f"{type(exc).__name__}: {exc}")[:500]
 
 
 def _chain(exc: BaseException, depth: int = 12) -> Iterator[BaseException]:
