@@ -19,7 +19,8 @@ from tasks.preprocess import preprocess
 from tasks.settings import run_settings
 from tasks.train import mlflow_run, train
 from voxelflow.config import PipelineSpec, load_spec
-from voxelflow.pipeline import Context, lineage, markdown, split_stage, summarise, usable_cases
+from voxelflow.pipeline import Context, closing_run, lineage, markdown, split_stage, summarise, usable_cases
+from voxelflow.redact import install_log_filter
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -33,6 +34,7 @@ def lifecycle(
     ``spec`` is the pipeline spec itself or the path of its YAML file; ``overlays`` (files) and ``sets``
     (``key.path=value``) are merged over a spec file, as ``voxelflow run`` does.
     """
+    install_log_filter()  # no log line of this run shows a password from a URL
     if isinstance(spec, str):
         spec = load_spec(spec, overlays, sets)
     elif overlays or sets:
@@ -45,20 +47,22 @@ def lifecycle(
                   lambda: preprocess(spec.preprocess, ctx, ingested.case_ids), case_ids=ingested.case_ids)
     parts = split_stage(spec.evaluate, usable_cases(ingested, prep))  # pure and instant: no task
     run_id = mlflow_run(spec, ctx, ingested.dataset_digest, parts)
-    outcome = placed("train", spec.train.work_pool, ctx, spec, lid,
-                     lambda: train(spec, ctx, parts.train, run_id, parts.val),
-                     train_ids=parts.train, run_id=run_id, val_ids=parts.val)
-    evaluation = placed("evaluate", spec.evaluate.work_pool, ctx, spec, lid,
-                        lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.test, run_id),
-                        outcome=asdict(outcome), test_ids=parts.test, run_id=run_id)
-    tags = lineage(spec, ingested.dataset_digest)
-    # register and promote (pausing for a person when promote.approval is manual), then deploy: one
-    # transaction, so a failed deployment puts champion and previous back (flows/release.py)
-    promotion, deployment = release(spec, ctx, lid, run_id, outcome, evaluation, tags, parts.val[0])
+    with closing_run(ctx, run_id):  # the MLflow run ends FINISHED only if everything below completes
+        outcome = placed("train", spec.train.work_pool, ctx, spec, lid,
+                         lambda: train(spec, ctx, parts.train, run_id, parts.val),
+                         train_ids=parts.train, run_id=run_id, val_ids=parts.val)
+        evaluation = placed("evaluate", spec.evaluate.work_pool, ctx, spec, lid,
+                            lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.test, run_id),
+                            outcome=asdict(outcome), test_ids=parts.test, run_id=run_id)
+        tags = lineage(spec, ingested.dataset_digest)
+        # register and promote (pausing for a person when promote.approval is manual), then deploy: one
+        # transaction, so a failed deployment puts champion and previous back (flows/release.py)
+        promotion, deployment = release(spec, ctx, lid, run_id, outcome, evaluation, tags, parts.val[0])
 
-    result = summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
-    key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
-    create_markdown_artifact(markdown(result, spec.name), key=key, description="dataset digest, metrics, model version, endpoint")
-    if deployment:
-        print(f"HTTP prediction dice {deployment.dice:.4f} (model v{deployment.model_version}, {deployment.endpoint})")
-    return asdict(result)
+        result = summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
+        key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
+        create_markdown_artifact(markdown(result, spec.name), key=key, description="dataset digest, metrics, model version, endpoint")
+        if deployment:
+            where = f"{deployment.endpoint}, a temporary smoke-test endpoint" if deployment.temporary else deployment.endpoint
+            print(f"HTTP prediction dice {deployment.dice:.4f} (model v{deployment.model_version}, {where})")
+        return asdict(result)
