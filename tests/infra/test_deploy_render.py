@@ -49,7 +49,13 @@ def test_the_pod_is_locked_down_and_probed():
         "allowPrivilegeEscalation"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    # a pod busy serving must not be restarted for a slow probe: more than Kubernetes' 1 s default
+    assert c["livenessProbe"]["timeoutSeconds"] >= 5 and c["livenessProbe"]["failureThreshold"] >= 3
     assert c["envFrom"] == [{"secretRef": {"name": "voxelflow-runtime"}}]
+    overridden = {e["name"] for e in c["env"]} & {"VOXELFLOW_STORE", "VOXELFLOW_DATABASE_URL",
+                                                  "VOXELFLOW_MLFLOW_TRACKING_URI"}
+    assert not overridden, f"env would override the Secret's {overridden}"
+    assert all(set(v) == {"name", "emptyDir"} for v in pod["volumes"])  # no file mounted that nothing reads
     assert "--model=demo-spheres" in c["args"] and "--alias=champion" in c["args"]
     assert "replicas" not in dep["spec"]  # the autoscaler owns the count
     assert "nvidia.com/gpu" not in c["resources"]["limits"] and "tolerations" not in pod
@@ -101,3 +107,20 @@ def test_applying_without_a_cluster_says_so(monkeypatch, tmp_path):
     assert k8s_deploy.cluster_configured() is None
     with pytest.raises(RuntimeError, match="no Kubernetes cluster is configured"):
         k8s_deploy.apply(list(rendered().values()))
+
+
+def test_the_shipped_inference_manifests_are_the_renderers_output():
+    """infra/kubernetes/inference.yaml is generated (`python -m voxelflow.k8s_deploy`), never edited by hand."""
+    shipped = REPO / "infra" / "kubernetes" / "inference.yaml"
+    assert shipped.read_text() == k8s_deploy.shipped(REPO), (
+        "infra/kubernetes/inference.yaml is out of date: python -m voxelflow.k8s_deploy > infra/kubernetes/inference.yaml")
+    path, sets = k8s_deploy.SHIPPED
+    assert [d for d in yaml.safe_load_all(shipped.read_text()) if d] == k8s_deploy.render(load_spec(REPO / path,
+                                                                                                     sets=sets))
+
+
+def test_flow_run_jobs_still_reach_mlflow():
+    """The MLflow policy admits the inference pods and the pods of Jobs (the work pools' flow runs)."""
+    mlflow = rendered()["NetworkPolicy/demo-spheres-mlflow-clients"]["spec"]
+    peers = mlflow["ingress"][0]["from"]
+    assert {"podSelector": {"matchExpressions": [{"key": k8s_deploy.JOB_POD, "operator": "Exists"}]}} in peers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
@@ -32,6 +33,7 @@ NAMESPACE = "voxelflow"
 # an old, widely deployed minor so the manifests do not lean on anything newer.
 K8S_VERSION = "1.33.0"
 
+INFERENCE = "demo-spheres-inference"  # the Deployment and Service of inference.yaml (rendered for the demo spec)
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "Pod"}
 
 
@@ -175,7 +177,7 @@ def test_kustomize_renders_offline():
 
 
 def test_inference_probes_point_at_the_health_endpoints():
-    c = container("voxelflow-inference")
+    c = container(INFERENCE)
     assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
@@ -184,7 +186,7 @@ def test_inference_probes_point_at_the_health_endpoints():
 
 
 def test_inference_runs_voxelflow_serve_on_all_interfaces_port_8000():
-    c = container("voxelflow-inference")
+    c = container(INFERENCE)
     argv = [*c.get("command", []), *c.get("args", [])]
     assert argv[:2] == ["voxelflow", "serve"]
     assert "--host=0.0.0.0" in argv or ["--host", "0.0.0.0"] in [argv[i : i + 2] for i in range(len(argv))]
@@ -192,46 +194,73 @@ def test_inference_runs_voxelflow_serve_on_all_interfaces_port_8000():
     assert port_number(c, "http") == 8000
 
 
-def test_inference_reads_the_tracking_uri_from_a_configmap():
-    c = container("voxelflow-inference")
-    ref = env_of(c)["VOXELFLOW_MLFLOW_TRACKING_URI"]["valueFrom"]["configMapKeyRef"]
-    assert ref["key"] in find("ConfigMap", ref["name"])["data"]
+def resolved_env(c: dict) -> dict[str, str]:
+    """The container's environment as the kubelet builds it from the shipped objects: ``envFrom`` sources in
+    order (a later one wins), then ``env`` over them (literal values and ``secretKeyRef``/``configMapKeyRef``),
+    with ``$(VAR)`` of earlier variables expanded in values."""
+    env: dict[str, str] = {}
+    for source in c.get("envFrom", []):
+        for field, kind in (("secretRef", "Secret"), ("configMapRef", "ConfigMap")):
+            if field in source:
+                doc = find(kind, source[field]["name"])
+                env.update({source.get("prefix", "") + k: str(v)
+                            for k, v in {**doc.get("data", {}), **doc.get("stringData", {})}.items()})
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                    lambda m: env.get(m[1], m[0]), e["value"])
+        else:
+            source = e["valueFrom"]
+            for field, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+                if field in source:
+                    doc = find(kind, source[field]["name"])
+                    env[e["name"]] = {**doc.get("data", {}), **doc.get("stringData", {})}[source[field]["key"]]
+    return env
 
 
-def test_inference_mounts_the_api_keys_secret_inside_voxelflow_home():
-    c = container("voxelflow-inference")
-    home = env_of(c)["VOXELFLOW_HOME"]["value"]
-    assert home == dockerfile_env()["VOXELFLOW_HOME"], "manifest and image disagree on VOXELFLOW_HOME"
-    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert home in mounts, "VOXELFLOW_HOME must be a volume (audit log and stores are written there)"
-    keys = mounts[f"{home}/api-keys.json"]
-    assert keys["subPath"] == "api-keys.json" and keys.get("readOnly") is True
-    volumes = {v["name"]: v for v in pod_spec(find("Deployment", "voxelflow-inference"))["volumes"]}
-    home_volume = volumes[mounts[home]["name"]]
-    assert "emptyDir" in home_volume or "persistentVolumeClaim" in home_volume
-    secret = volumes[keys["name"]]["secret"]
-    items = {i["path"]: i["key"] for i in secret.get("items", [])} or None
-    key = items["api-keys.json"] if items else "api-keys.json"
-    secret_doc = find("Secret", secret["secretName"])
-    assert key in {**secret_doc.get("data", {}), **secret_doc.get("stringData", {})}
+def test_inference_pods_take_store_database_and_mlflow_from_the_runtime_secret(monkeypatch):
+    """Every pod opens the same database (API keys, audit log) and store: the values of the Secret, which
+    nothing in ``env`` overrides; voxelflow's settings read them from that environment."""
+    from voxelflow.config import Settings
+
+    c = container(INFERENCE)
+    secret = find("Secret", "voxelflow-runtime")["stringData"]
+    assert c["envFrom"] == [{"secretRef": {"name": "voxelflow-runtime"}}]
+    env = resolved_env(c)
+    for name in ("VOXELFLOW_STORE", "VOXELFLOW_DATABASE_URL", "VOXELFLOW_MLFLOW_TRACKING_URI"):
+        assert env[name] == secret[name], name
+    for name in list(os.environ):
+        if name.startswith("VOXELFLOW_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.database == secret["VOXELFLOW_DATABASE_URL"]
+    assert settings.store_url == secret["VOXELFLOW_STORE"]
+    assert settings.tracking_uri == secret["VOXELFLOW_MLFLOW_TRACKING_URI"]
+    assert not settings.database.startswith("sqlite"), "a per-pod SQLite key store answers 401 to every key"
 
 
-def test_dev_api_keys_placeholder_is_an_empty_key_store():
-    """The shipped placeholder must not grant access to anyone."""
-    data = find("Secret", "voxelflow-api-keys")["stringData"]["api-keys.json"]
-    assert json.loads(data) == {"keys": {}}
+def test_inference_mounts_only_scratch_space():
+    """Nothing is mounted that nothing reads (API keys live in the database, not in a file)."""
+    pod = pod_spec(find("Deployment", INFERENCE))
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert all(set(v) == {"name", "emptyDir"} for v in volumes.values()), volumes
+    (c,) = pod["containers"]
+    assert {m["name"] for m in c["volumeMounts"]} == set(volumes)
+    assert not [d for _, d in DOCS if d["kind"] == "Secret" and d["metadata"]["name"] == "voxelflow-api-keys"]
 
 
 def test_service_exposes_port_80_to_the_inference_pods():
-    svc = find("Service", "voxelflow-inference")
-    dep = find("Deployment", "voxelflow-inference")
+    svc = find("Service", INFERENCE)
+    dep = find("Deployment", INFERENCE)
     assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (port,) = svc["spec"]["ports"]
     assert port["port"] == 80
-    assert port_number(container("voxelflow-inference"), port["targetPort"]) == 8000
+    assert port_number(container(INFERENCE), port["targetPort"]) == 8000
 
 
 def test_hpa_targets_the_inference_deployment():
@@ -240,8 +269,8 @@ def test_hpa_targets_the_inference_deployment():
     ref = hpa["spec"]["scaleTargetRef"]
     dep = find("Deployment", ref["name"])
     assert ref["kind"] == "Deployment" and ref["apiVersion"] == dep["apiVersion"]
-    assert dep is find("Deployment", "voxelflow-inference")
-    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 8)
+    assert dep is find("Deployment", INFERENCE)
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
     (metric,) = hpa["spec"]["metrics"]
     assert metric["resource"]["name"] == "cpu"
     assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
@@ -420,7 +449,7 @@ def test_mlflow_accepts_the_host_the_services_use():
     ref = env_of(c)["MLFLOW_ALLOWED_HOSTS"]["valueFrom"]["configMapKeyRef"]
     allowed = [h.strip() for h in find("ConfigMap", ref["name"])["data"][ref["key"]].split(",")]
     assert "*" not in allowed
-    tracking = find("ConfigMap", "voxelflow-config")["data"]["VOXELFLOW_MLFLOW_TRACKING_URI"]
+    tracking = find("Secret", "voxelflow-runtime")["stringData"]["VOXELFLOW_MLFLOW_TRACKING_URI"]
     url = urlsplit(tracking)
     host = url.netloc if url.port else f"{url.hostname}"
     assert any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed), (host, allowed)
