@@ -495,44 +495,58 @@ def audit_verify(
 def rollback(
     model: Annotated[str, typer.Argument(help="registered model name")],
     reason: Annotated[str, typer.Option(help="why; kept in the audit log and on the version")] = "",
+    operation: Annotated[str, typer.Option(
+        help="this rollback's id (a fresh one if not given); run again with the id it printed after a failure, "
+             "and the rollback it started is completed, never repeated")] = "",
 ) -> None:
     """Move `champion` back to `previous`; exit 1 with the reason when there is no previous version."""
     with reasons():
         import getpass
+        import uuid
 
         from voxelflow import registry
         from voxelflow.config import Settings
         from voxelflow.db import connect
 
-        settings = Settings()
+        settings, op = Settings(), operation.strip() or uuid.uuid4().hex
         try:
             restored, replaced = registry.rollback(settings.tracking_uri, connect(settings.database), model,
-                                                   getpass.getuser(), reason)
-        except registry.NoPrevious as exc:
+                                                   getpass.getuser(), reason, operation=op)
+        except (registry.NoPrevious, registry.AliasesMoved) as exc:
             fail(str(exc.args[0]))
-        console.print(f"[green]ok[/] {model}: champion is version {restored} again (was {replaced or 'none'})",
-                      highlight=False)
+        except Exception as exc:  # noqa: BLE001 - said with the id that completes it
+            fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rollback {op}: run "
+                 f"`voxelflow rollback {model} --operation {op}` to complete it)")
+        console.print(f"[green]ok[/] {model}: champion is version {restored} again (was {replaced or 'none'}), "
+                      f"rollback {op}", highlight=False)
 
 
 @app.command()
 def approve(
     model: Annotated[str, typer.Argument(help="registered model name")],
-    version: Annotated[str, typer.Argument(help="the version to make champion (a challenger)")],
-    reason: Annotated[str, typer.Option(help="why; kept on the version and in the audit log")],
+    version: Annotated[str, typer.Argument(help="the version to make champion: the challenger awaiting approval")],
+    reason: Annotated[str, typer.Option(help="why; kept on the version and in the audit log")] = "",
+    override: Annotated[str, typer.Option(
+        help="why to promote a version the gates did not let through (not the challenger, not awaiting "
+             "approval, a gate failed); recorded as an override on the version and in the audit log")] = "",
 ) -> None:
-    """A person promotes VERSION (for specs with promote.approval: manual); the old champion stays previous."""
+    """A person promotes VERSION, the gated challenger awaiting approval (promote.approval: manual); the
+    old champion stays previous. Anything else is refused with the reason, unless --override says why."""
     with reasons():
         import getpass
 
-        from voxelflow import registry
+        from voxelflow import promotion
         from voxelflow.config import Settings
         from voxelflow.db import connect
 
         settings = Settings()
-        old = registry.approve(settings.tracking_uri, connect(settings.database), model, version, getpass.getuser(),
-                               reason)
-        console.print(f"[green]ok[/] {model}: champion is version {version} (previous: {old or 'none'})",
-                      highlight=False)
+        try:
+            old = promotion.approve(settings.tracking_uri, connect(settings.database), model, version,
+                                    getpass.getuser(), reason, override=override or None)
+        except promotion.NotApprovable as exc:
+            fail(str(exc.args[0]))
+        console.print(f"[green]ok[/] {model}: champion is version {version} (previous: {old or 'none'})"
+                      + (" by override" if override.strip() else ""), highlight=False)
 
 
 @app.command()

@@ -28,12 +28,19 @@ def register_and_promote(spec: PromoteSpec, ctx: Context, run_id: str, outcome: 
 
 
 @task(name="rollback", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def rollback_champion(ctx: Context, model_name: str, actor: str, reason: str) -> dict[str, str]:
-    """Move ``champion`` back to ``previous`` (recorded in the audit log); fails when there is none."""
+def rollback_champion(ctx: Context, model_name: str, actor: str, reason: str,
+                      operation: str | None = None) -> dict[str, str]:
+    """Move ``champion`` back to ``previous`` (recorded in the audit log); fails when there is none.
+
+    Every attempt carries one operation id (given, or the flow run's), so a retry completes the
+    rollback its first attempt started instead of rolling back a second time."""
+    from prefect.runtime import flow_run, task_run
+
     from voxelflow import registry
 
-    restored, replaced = registry.rollback(ctx.tracking_uri, ctx.db, model_name, actor, reason)
-    return {"model": model_name, "champion": restored, "replaced": replaced}
+    op = operation or f"{flow_run.get_id() or task_run.get_id()}:{model_name}"
+    restored, replaced = registry.rollback(ctx.tracking_uri, ctx.db, model_name, actor, reason, operation=op)
+    return {"model": model_name, "champion": restored, "replaced": replaced, "operation": op}
 
 
 @task(name="approval-answer", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,

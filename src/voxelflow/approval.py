@@ -1,22 +1,24 @@
 """A person's answer to a candidate that passed the gates under ``promote.approval: manual``.
 
 The lifecycle asks (the flow pauses for input in the Prefect UI: ``flows/release.py``); this module
-acts on the answer. An approval moves ``champion`` by the same compare-and-set as an automatic
-promotion: if another lifecycle (or a rollback) moved ``champion`` while the question was open, the
-candidate is scored against the new champion and the gates are applied again before anything moves.
-A rejection, or no answer in time, leaves the aliases alone. Every answer is tagged on the version
-and written to the audit log by :mod:`voxelflow.registry`.
+acts on the answer. Only the gated challenger waiting for approval can be approved (anything else
+is refused with the reason and audited). An approval moves ``champion`` by the same compare-and-set
+as an automatic promotion: if another lifecycle (or a rollback) moved ``champion`` while the question
+was open, the candidate is scored against the new champion and the gates are applied again before
+anything moves. A rejection, or no answer in time, leaves the aliases alone. Every answer is tagged
+on the version and written to the audit log by :mod:`voxelflow.promotion`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
-from voxelflow import audit, policy, registry
+from voxelflow import audit, evaluate, policy, registry
 from voxelflow.config import PromoteSpec
 from voxelflow.pipeline import Context, Evaluation, Promotion, TrainOutcome, candidate_behaviour, score_version
+from voxelflow.promotion import NotApprovable, approval_tags, approve, reject
 
 
 @dataclass(frozen=True)
@@ -35,31 +37,30 @@ def awaiting(spec: PromoteSpec, promotion: Promotion) -> bool:
 def answer_stage(
     spec: PromoteSpec, ctx: Context, promotion: Promotion, evaluation: Evaluation, outcome: TrainOutcome,
     run_id: str, tags: dict[str, str], answer: Answer,
-    rescore: Callable[[Context, str, str, Evaluation], dict[str, float]] | None = None,
+    rescore: Callable[[Context, str, str, Evaluation], dict[str, Any]] | None = None,
 ) -> Promotion:
     """Act on ``answer`` for the candidate ``promotion`` registered; returns the promotion as it now stands."""
     uri, db, name, version = ctx.tracking_uri, ctx.db, spec.model_name, promotion.version
     if answer.decision != "approve":
-        registry.reject(uri, db, name, version, answer.approver, answer.reason, expired=answer.decision == "expired")
+        reject(uri, db, name, version, answer.approver, answer.reason, expired=answer.decision == "expired")
         said = "nobody answered in time" if answer.decision == "expired" else f"rejected by {answer.approver}"
         return replace(promotion, promoted=False, reasons=[*promotion.reasons, f"{said}: {answer.reason}"],
                        champion=registry.alias_version(uri, name))
     approved = f"approved by {answer.approver}: {answer.reason}"
-    compared, champion_scores, gates = evaluation.champion_version, evaluation.champion, promotion.gates
+    compared, gates = evaluation.champion_version, promotion.gates
     for _ in range(5):
         try:
-            previous = registry.approve(uri, db, name, version, answer.approver, answer.reason, expected=compared,
-                                        check=True)
-        except registry.ChampionMoved as moved:
-            if moved.current == version:  # champion already (an earlier attempt of this step, `voxelflow approve`)
-                return replace(promotion, promoted=True, reasons=[*promotion.reasons, approved], champion=version,
-                               previous=registry.alias_version(uri, name, registry.PREVIOUS), gates=gates)
+            previous = approve(uri, db, name, version, answer.approver, answer.reason, expected=compared, check=True)
+        except NotApprovable as refused:  # no longer what the gates let through (a newer challenger, say)
+            return _refused(spec, ctx, promotion, answer, str(refused))
+        except registry.ChampionMoved as moved:  # scored against the new champion outside the lock
             compared = moved.current
-            champion_scores = None if compared is None else (rescore or score_version)(ctx, name, compared,
-                                                                                         evaluation)
-            decision = policy.decide(evaluation.candidate, champion_scores, spec.gates,
+            champion_cases = None if compared is None else (rescore or score_version)(ctx, name, compared,
+                                                                                        evaluation)
+            decision = policy.decide(evaluation.candidate, None if champion_cases is None else
+                                     evaluate.means(champion_cases), spec.gates,
                                      candidate_behaviour(spec, ctx, outcome, evaluation), {**tags, "run_id": run_id},
-                                     evaluation.directions)
+                                     evaluation.directions, evaluation.candidate_cases, champion_cases)
             gates = decision.rows()
             if not decision.promote:
                 return _refused_after_approval(spec, ctx, promotion, evaluation, answer, compared, decision)
@@ -79,12 +80,22 @@ def _refused_after_approval(spec: PromoteSpec, ctx: Context, promotion: Promotio
                f"{evaluation.champion_version or 'unset'}) and the gates fail against it: {'; '.join(decision.reasons)}"]
     with ctx.db.locked(f"register:{name}"):
         registry.tag_version(uri, name, version, {
-            "voxelflow.decision": "rejected", "voxelflow.reasons": "; ".join(reasons)[:5000],
-            "voxelflow.compared_with": compared or "none", **decision.tags(),
-            **registry.approval_tags("approved", answer.approver, answer.reason)})
+            **decision.tags(), **approval_tags("approved", answer.approver, answer.reason),
+            "voxelflow.compared_with": compared or "none", "voxelflow.reasons": "; ".join(reasons)[:5000],
+            "voxelflow.decision": "rejected"})
     entry = audit.append(ctx.db, "model.rejected", "voxelflow", model=name, version=version, compared_with=compared,
                          metrics=evaluation.candidate, reasons=reasons, approved_by=answer.approver,
                          approval_reason=answer.reason)
     audit.anchor_in_mlflow(uri, name, version, entry)
     return replace(promotion, promoted=False, reasons=[*promotion.reasons, *reasons],
                    champion=registry.alias_version(uri, name), gates=decision.rows())
+
+
+def _refused(spec: PromoteSpec, ctx: Context, promotion: Promotion, answer: Answer, refusal: str) -> Promotion:
+    """A person approved a version that is no longer approvable: nothing moves; the refusal is audited."""
+    uri, name, version = ctx.tracking_uri, spec.model_name, promotion.version
+    entry = audit.append(ctx.db, "model.approval_refused", answer.approver, model=name, version=version,
+                         reason=answer.reason, refused=refusal)
+    audit.anchor_in_mlflow(uri, name, version, entry)
+    return replace(promotion, promoted=False, reasons=[*promotion.reasons, f"approval by {answer.approver} refused: "
+                                                       f"{refusal}"], champion=registry.alias_version(uri, name))

@@ -241,7 +241,11 @@ def register(tracking_uri: str, model_uri: str, name: str, run_id: str, tags: di
     """
     mc = client(tracking_uri)
     existing = find_version(tracking_uri, name, run_id)
-    if existing is not None:
+    if existing is not None:  # an earlier attempt registered it; it may have failed before the alias
+        mv = retrying("read version", lambda: mc.get_model_version(name, existing))
+        holder = alias_version(tracking_uri, name, CHALLENGER)
+        if "voxelflow.decision" not in (mv.tags or {}) and (holder is None or int(holder) < int(existing)):
+            retrying("alias", lambda: mc.set_registered_model_alias(name, CHALLENGER, existing))
         return existing
     try:
         retrying("read model", lambda: mc.get_registered_model(name))
@@ -301,8 +305,14 @@ def promote(tracking_uri: str, name: str, version: str, expected: str | None = N
     if check and old != expected:
         raise ChampionMoved(expected, old)
     if old != version:  # what the move replaces, kept on the version so that it can be undone
-        tag_version(tracking_uri, name, version, {
-            REPLACED_CHAMPION: old or "none", REPLACED_PREVIOUS: alias_version(tracking_uri, name, PREVIOUS) or "none"})
+        tags = retrying("read version", lambda: mc.get_model_version(name, version)).tags or {}
+        was = alias_version(tracking_uri, name, PREVIOUS) or "none"
+        # a retry of this move keeps what its first attempt saw (``previous`` may already be ``old``);
+        # the champion's tag goes last, so that its presence says both were written
+        seen = tags.get(REPLACED_CHAMPION) == (old or "none") and tags.get(REPLACED_PREVIOUS) is not None and (
+            was == old or tags[REPLACED_PREVIOUS] == was)
+        if not seen:
+            tag_version(tracking_uri, name, version, {REPLACED_PREVIOUS: was, REPLACED_CHAMPION: old or "none"})
     if old is not None and old != version:
         retrying("alias", lambda: mc.set_registered_model_alias(name, PREVIOUS, old))
     retrying("alias", lambda: mc.set_registered_model_alias(name, CHAMPION, version))
@@ -345,61 +355,28 @@ def load_version(tracking_uri: str, name: str, version: str, cache_dir: Path, de
     return Segmenter.from_dir(local / "artifacts", device=device)
 
 
+def logged(db, events: tuple[str, ...], **match: Any) -> dict[str, Any] | None:
+    """The newest audit record of one of ``events`` whose details hold ``match``: how a retry finds the
+    record an earlier attempt of the same move wrote, so that it is written once."""
+    from sqlalchemy import select
+
+    from voxelflow.db import audit_log
+
+    with db.transaction() as conn:
+        rows = conn.execute(select(audit_log).where(audit_log.c.event.in_(events))
+                            .order_by(audit_log.c.seq.desc())).all()
+    for row in rows:
+        try:
+            details = json.loads(row.details)
+        except ValueError:
+            continue
+        if isinstance(details, dict) and all(details.get(k) == v for k, v in match.items()):
+            return {**row._asdict(), "details": details}
+    return None
+
+
 class NoPrevious(LookupError):
     """Nothing to roll back to."""
-
-
-def approval_tags(decision: str, actor: str, reason: str) -> dict[str, str]:
-    """A person's answer on the version: ``voxelflow.approval.{decision,by,reason}`` (what lineage shows)."""
-    return {"voxelflow.approval.decision": decision, "voxelflow.approval.by": actor[:250],
-            "voxelflow.approval.reason": reason[:5000]}
-
-
-def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: str, *,
-            expected: str | None = None, check: bool = False) -> str | None:
-    """A person's decision to make ``version`` the champion (``promote.approval: manual``).
-
-    Under the model's lock: the old champion keeps ``previous``; the version is tagged with who
-    approved it and why; ``model.approved`` goes to the audit log and is anchored on the version.
-    Refused for a version that does not exist, one already rolled back, or without a reason.
-    With ``check`` the move is the compare-and-set of :func:`promote`: :class:`ChampionMoved` when
-    ``champion`` is no longer ``expected`` (the lifecycle's approval scores the candidate again).
-    Returns the replaced champion.
-    """
-    from voxelflow import audit
-
-    if not reason.strip():
-        raise ValueError("an approval needs a reason (--reason)")
-    mc = client(tracking_uri)
-    with db.locked(f"register:{name}"):
-        mv = retrying("read version", lambda: mc.get_model_version(name, version))
-        if "voxelflow.rolled_back" in (mv.tags or {}):
-            raise ValueError(f"version {version} of {name} was rolled back: {mv.tags['voxelflow.rolled_back']}")
-        old = promote(tracking_uri, name, str(version), expected=expected, check=check)
-        tag_version(tracking_uri, name, str(version), {
-            "voxelflow.approval": "approved", "voxelflow.approved_by": actor, "voxelflow.approval_reason": reason[:5000],
-            "voxelflow.decision": "promoted", **approval_tags("approved", actor, reason)})
-    entry = audit.append(db, "model.approved", actor, model=name, version=str(version), previous=old, reason=reason)
-    audit.anchor_in_mlflow(tracking_uri, name, str(version), entry)
-    return old
-
-
-def reject(tracking_uri: str, db, name: str, version: str, actor: str, reason: str, expired: bool = False) -> None:
-    """A person's refusal of ``version`` (or, ``expired``, nobody's answer in time): aliases stay as
-    they are; the version is tagged ``voxelflow.decision: rejected`` with who and why, and
-    ``model.approval_rejected`` (``model.approval_expired``) goes to the audit log, anchored on it."""
-    from voxelflow import audit
-
-    if not reason.strip():
-        raise ValueError("a rejection needs a reason")
-    decision = "expired" if expired else "rejected"
-    mc = client(tracking_uri)
-    with db.locked(f"register:{name}"):
-        retrying("read version", lambda: mc.get_model_version(name, version))  # it exists, or this raises
-        tag_version(tracking_uri, name, str(version), {"voxelflow.decision": "rejected", "voxelflow.approval": decision,
-                                                     **approval_tags(decision, actor, reason)})
-    entry = audit.append(db, f"model.approval_{decision}", actor, model=name, version=str(version), reason=reason)
-    audit.anchor_in_mlflow(tracking_uri, name, str(version), entry)
 
 
 def revert_promotion(tracking_uri: str, db, name: str, version: str, actor: str, reason: str) -> bool:
@@ -441,26 +418,70 @@ def revert_promotion(tracking_uri: str, db, name: str, version: str, actor: str,
     return restored
 
 
-def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "") -> tuple[str, str]:
+#: tags of a rollback: on the restored version, the operation and the champion it replaced (the pair
+#: it moved from is (that champion, this version)); on the replaced version, the operation again
+ROLLBACK_OPERATION, ROLLBACK_REPLACED = "voxelflow.rollback.operation", "voxelflow.rollback.replaced"
+ROLLED_BACK, ROLLED_BACK_OPERATION = "voxelflow.rolled_back", "voxelflow.rolled_back.operation"
+
+
+class AliasesMoved(RuntimeError):
+    """``champion`` and ``previous`` are no longer the pair a rollback set out to move: nothing changed."""
+
+
+def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "", operation: str | None = None,
+             expected: tuple[str | None, str | None] | None = None) -> tuple[str, str]:
     """Move ``champion`` back to ``previous``, under the model's lock; returns (restored, replaced).
 
+    A compare-and-set on the pair (``champion``, ``previous``): with ``expected`` it moves only from
+    that pair, else :class:`AliasesMoved`. ``operation`` (a fresh id when None) is tagged on both
+    versions and kept in the audit record, so a retry with the same id recognises its own rollback,
+    finished or cut off between writes, and completes it exactly as one clean run would.
     ``previous`` is then removed and the replaced version tagged ``voxelflow.rolled_back``, so a second
     rollback has nothing to go back to until the next promotion. The move is recorded in the audit
     log and the record anchored on the restored version. A running service follows ``champion``.
     """
+    import re
+    import uuid
+
     from voxelflow import audit
 
+    op = operation or uuid.uuid4().hex
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,200}", op):
+        raise ValueError(f"a rollback's operation id is letters, digits and ._:- (at most 200), not {op!r}")
     mc = client(tracking_uri)
     with db.locked(f"register:{name}"):
         current = alias_version(tracking_uri, name, CHAMPION)
         previous = alias_version(tracking_uri, name, PREVIOUS)
-        if previous is None:
-            raise NoPrevious(f"model {name!r} has no 'previous' version to roll back to"
-                             + (f" (champion is version {current})" if current else " (and no champion)"))
-        retrying("alias", lambda: mc.set_registered_model_alias(name, CHAMPION, previous))
-        retrying("alias", lambda: mc.delete_registered_model_alias(name, PREVIOUS))
+        started = retrying("find rollback", lambda: mc.search_model_versions(
+            f"name = '{name}' and tags.`{ROLLBACK_OPERATION}` = '{op}'"))
+        if not started and current is not None and current == previous:  # only a rollback cut off leaves this
+            mv = retrying("read version", lambda: mc.get_model_version(name, current))
+            if ROLLBACK_OPERATION in (mv.tags or {}):  # complete that one, whatever id this call was given
+                started, op = [mv], mv.tags[ROLLBACK_OPERATION]
+        if started:  # an earlier attempt of this operation tagged its target: the pair it moved from
+            target, replaced = str(started[0].version), started[0].tags[ROLLBACK_REPLACED]
+            pair = (None if replaced == "none" else replaced, target)
+            if (current, previous) not in (pair, (target, target), (target, None)):
+                raise AliasesMoved(f"rollback {op} of {name} set out from champion {pair[0]}, previous {target}; they "
+                                   f"are now {current}, {previous}: changed since, left as they are")
+            current = pair[0]
+        else:
+            if expected is not None and (current, previous) != expected:
+                raise AliasesMoved(f"{name}: champion {current}, previous {previous}, not {expected[0]}, "
+                                   f"{expected[1]} as the rollback expected: nothing changed")
+            if previous is None:
+                raise NoPrevious(f"model {name!r} has no 'previous' version to roll back to"
+                                 + (f" (champion is version {current})" if current else " (and no champion)"))
+            target = previous
+            tag_version(tracking_uri, name, target, {ROLLBACK_REPLACED: current or "none", ROLLBACK_OPERATION: op})
+        if alias_version(tracking_uri, name, CHAMPION) != target:
+            retrying("alias", lambda: mc.set_registered_model_alias(name, CHAMPION, target))
+        if alias_version(tracking_uri, name, PREVIOUS) is not None:
+            retrying("alias", lambda: mc.delete_registered_model_alias(name, PREVIOUS))
         if current is not None:
-            tag_version(tracking_uri, name, current, {"voxelflow.rolled_back": f"replaced by {previous}: {reason}"[:5000]})
-    entry = audit.append(db, "model.rolled_back", actor, model=name, version=previous, replaced=current, reason=reason)
-    audit.anchor_in_mlflow(tracking_uri, name, previous, entry)
-    return previous, current or ""
+            tag_version(tracking_uri, name, current, {ROLLED_BACK: f"replaced by {target}: {reason}"[:5000],
+                                                      ROLLED_BACK_OPERATION: op})
+    entry = logged(db, ("model.rolled_back",), model=name, operation=op) or audit.append(
+        db, "model.rolled_back", actor, model=name, version=target, replaced=current, reason=reason, operation=op)
+    audit.anchor_in_mlflow(tracking_uri, name, target, entry)
+    return target, current or ""

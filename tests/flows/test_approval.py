@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -135,13 +136,21 @@ def test_an_approval_is_checked_against_the_champion_of_the_moment(release_home,
     uri, mc = registered(release_home, model, 3)
     registry.promote(uri, model, "1")
     run_id, outcome, evaluation = candidate(ctx, spec, 0.9, ("1", 0.5), [])
+    cases = [f"case-{i}" for i in range(6)]  # the relative gate pairs the test cases one by one
+    evaluation = replace(evaluation, test_ids=cases, candidate_cases={"dice": dict.fromkeys(cases, 0.9)},
+                         champion_cases={"dice": dict.fromkeys(cases, 0.5)})
+    registry.tag_version(uri, model, "3", {  # what the lifecycle leaves on a candidate that passed its gates
+        "voxelflow.gate.min_dice": "pass: dice 0.9000 meets the gate 0.5000",
+        "voxelflow.gate.vs_champion_dice": "pass: beats version 1", "voxelflow.compared_with": "1",
+        "voxelflow.reasons": "all gates passed", "voxelflow.decision": "awaiting_approval"})
+    mc.set_registered_model_alias(model, registry.CHALLENGER, "3")
     registry.promote(uri, model, "2")  # meanwhile
     waiting = Promotion("3", False, ["all gates passed"], "1", None, f"models:/{model}/3")
     rescored = []
 
     def rescore(_ctx, name, version, _evaluation):
         rescored.append((name, version))
-        return {"dice": new_champion_dice}
+        return {"dice": dict.fromkeys(cases, new_champion_dice)}
 
     result = answer_stage(spec.promote, ctx, waiting, evaluation, outcome, run_id, lineage(spec, "d" * 16),
                           Answer("approve", "reviewed", "Dr. Ada"), rescore=rescore)

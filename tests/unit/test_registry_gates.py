@@ -278,7 +278,10 @@ def test_rollback_restores_previous_records_it_and_refuses_a_second_time(tmp_pat
     assert mc.get_model_version("m", "2").tags["voxelflow.rolled_back"] == "replaced by 1: dice fell on new scanners"
     db = connect(settings.database)
     (entry,) = [e for e in audit.entries(db) if e["event"] == "model.rolled_back"]
+    operation = entry["details"].pop("operation")  # the id a retry of this rollback would carry
     assert entry["details"] == {"model": "m", "version": "1", "replaced": "2", "reason": "dice fell on new scanners"}
+    assert mc.get_model_version("m", "2").tags[registry.ROLLED_BACK_OPERATION] == operation
+    assert f"rollback {operation}" in out
     verdict = audit.verify(db, audit.mlflow_anchors(uri))
     assert verdict.ok and verdict.anchor.seq == entry["seq"] and verdict.anchor.where.endswith("m version 1")
     code, out = rollback()
@@ -300,6 +303,10 @@ def test_a_person_approves_a_challenger_with_a_reason(tmp_path):
     for _ in range(3):
         mc.create_model_version("m", str(tmp_path))
     registry.promote(uri, "m", "1")
+    registry.tag_version(uri, "m", "2", {  # what the lifecycle leaves on a candidate that passed its gates
+        "voxelflow.gate.min_dice": "pass: dice 0.9000 meets the gate 0.8000", "voxelflow.compared_with": "1",
+        "voxelflow.reasons": "all gates passed", "voxelflow.decision": "awaiting_approval"})
+    mc.set_registered_model_alias("m", registry.CHALLENGER, "2")
     runner, env = CliRunner(), {"VOXELFLOW_HOME": str(tmp_path), "USER": "dr-reviewer"}
 
     def approve(*args: str) -> tuple[int, str]:
@@ -308,6 +315,8 @@ def test_a_person_approves_a_challenger_with_a_reason(tmp_path):
 
     code, out = approve("2", "--reason", " ")
     assert code == 1 and "needs a reason" in out and registry.alias_version(uri, "m") == "1"
+    code, out = approve("3", "--reason", "never evaluated")  # an ungated version is refused
+    assert code == 1 and "version 3 of m cannot be approved" in out and registry.alias_version(uri, "m") == "1"
     code, out = approve("2", "--reason", "reviewed the overlays of 20 cases")
     assert code == 0 and "champion is version 2 (previous: 1)" in out
     assert (registry.alias_version(uri, "m"), registry.alias_version(uri, "m", registry.PREVIOUS)) == ("2", "1")
