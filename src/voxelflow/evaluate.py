@@ -71,7 +71,15 @@ def _one_hot(labels: np.ndarray, n_classes: int):
     import torch
 
     t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    return torch.nn.functional.one_hot(t.clamp(0, n_classes - 1), n_classes).movedim(-1, 0)[None]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_classes):  # never clamped into a class
+        raise ValueError(f"label-values: {outside_classes(t.numpy(), n_classes)} outside 0..{n_classes - 1} "
+                         f"({n_classes} classes)")
+    return torch.nn.functional.one_hot(t, n_classes).movedim(-1, 0)[None]
+
+
+def outside_classes(labels: np.ndarray, n_classes: int) -> list[int]:
+    """The values of ``labels`` that are no class of ``n_classes`` (``0..n_classes-1``), ascending."""
+    return sorted(int(v) for v in np.unique(labels) if not 0 <= v < n_classes)
 
 
 def diagonal_mm(shape: tuple[int, ...], spacing: tuple[float, ...]) -> float:
@@ -188,6 +196,10 @@ def score_cases(
         case = load_case(raw, cid)
         if "label" not in case:
             raise ValueError(f"{cid} has no label: it cannot be used for evaluation")
+        bad = outside_classes(case["label"], n_classes)
+        if bad:
+            raise ValueError(f"label-values: case {cid} holds label values {bad} outside 0..{n_classes - 1} (the "
+                             f"network's out_channels is {n_classes}): fix its label or out_channels; never clamped")
         pred = segment(case["image"], case["affine"])
         for m in metrics:
             if m == "dice":

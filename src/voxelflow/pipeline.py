@@ -6,16 +6,14 @@ which is what the orchestration benchmark compares the flow against.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
-from voxelflow import audit, evaluate, ingest, policy, preprocess, redact, registry, report, train
+from voxelflow import audit, evaluate, ingest, policy, preprocess, registry, report, train
 from voxelflow.config import (
     DataSpec,
     DeploySpec,
@@ -26,7 +24,6 @@ from voxelflow.config import (
     Settings,
 )
 from voxelflow.db import Database, connect
-from voxelflow.promotion import record_decision, settle
 from voxelflow.storage import Layout, Store
 
 Progress = Callable[[int, int], None]
@@ -169,6 +166,7 @@ class TrainOutcome:
     best_epoch: int | None = None  # the validation whose weights were kept (None: training did not validate)
     best_metric: float | None = None
     stopped_early: bool = False
+    planned_steps: int = 0  # epochs x steps an epoch: steps falls short of it only when patience stopped the run
 
 
 def model_config(spec: PipelineSpec) -> dict[str, Any]:
@@ -198,13 +196,14 @@ def train_stage(
     device = str(train.device_for())
     budget = tspec.cache_mb * 2**20
     cases = train.StoreCases(out, train_ids, budget, device)
-    validation = None
+    validation, val_cases = None, None
     if val_ids:
         window = spec.evaluate.sliding_window
+        val_cases = train.StoreCases(out, val_ids, max(0, budget - cases.cached_bytes), device)
         validation = train.Validation(
-            train.StoreCases(out, val_ids, max(0, budget - cases.cached_bytes), device), spec.roi_size(),
-            n_classes(tspec.network), window.overlap, window.sw_batch_size, window.mode, tspec.val_every,
-            tspec.patience)
+            val_cases, spec.roi_size(), n_classes(tspec.network), window.overlap, window.sw_batch_size, window.mode,
+            tspec.val_every, tspec.patience)
+    check_labels(ctx, [cases] + ([val_cases] if val_cases is not None else []), n_classes(tspec.network))
     checkpoints = train.Checkpoints(ctx.store, layout.checkpoints(run_id))
     pending: list[tuple[int, dict[str, float]]] = []
     # tracking runs beside training on one thread of its own: metrics go in batches, pictures are drawn
@@ -248,6 +247,9 @@ def train_stage(
     try:
         with registry.system_metrics(ctx.tracking_uri, run_id):
             result = train.train(tspec, cases, checkpoints, validation, on_epoch=log, on_validation=overlay)
+        if result.steps < result.planned_steps and not result.stopped_early:  # train() refuses this too
+            raise train.IncompleteTraining(f"training made {result.steps} of its {result.planned_steps} planned "
+                                           "steps: no model is kept")
         flush()
         submit(draw_curve, result.history)
         weights = f"{layout.model_files(run_id)}/weights.safetensors"
@@ -256,14 +258,29 @@ def train_stage(
         tracker.shutdown(wait=True)
     for f in sent:
         f.result()
-    summary = {"train_seconds": result.seconds, "train_steps": result.steps}
+    summary = {"train_seconds": result.seconds, "train_steps": result.steps,
+               "train_steps_planned": result.planned_steps}
     if result.best_epoch is not None:
         summary.update(best_epoch=result.best_epoch, best_val_epoch_dice=result.best_metric,
                        stopped_early=float(result.stopped_early))
     registry.log_metrics(ctx.tracking_uri, run_id, summary)
     checkpoints.clear()  # the weights are kept; the run finished, its checkpoints are no longer needed
     return TrainOutcome(weights, model_config(spec), result.history, result.steps, result.seconds,
-                        result.resumed_from, curve, result.best_epoch, result.best_metric, result.stopped_early)
+                        result.resumed_from, curve, result.best_epoch, result.best_metric, result.stopped_early,
+                        result.planned_steps)
+
+
+def check_labels(ctx: Context, sides: list[train.StoreCases], classes: int) -> None:
+    """Refuse (``label-values``) cases whose labels hold values the network cannot predict, before a step is
+    trained: the audit log records the cases and their values, and the error names them; nothing is clamped.
+    The ledger marks objects at ingestion only, so the cases are refused here, not quarantined there."""
+    bad: dict[str, list[int]] = {}
+    for side in sides:
+        bad.update(train.label_problems(side.label_values(), classes))
+    if bad:
+        audit.append(ctx.db, "data.refused", "voxelflow", pipeline=ctx.pipeline, stage="train", reason="label-values",
+                     out_channels=classes, cases={cid: vals for cid, vals in sorted(bad.items())})
+        raise train.label_values_error(bad, classes)
 
 
 @dataclass
@@ -364,11 +381,9 @@ def register_stage(
 ) -> Promotion:
     """Log and register the candidate (once, even when retried), then move ``champion`` if the gates pass.
 
-    The move is a compare-and-set (:func:`voxelflow.promotion.settle`): the model's lock covers only
-    reading, comparing and writing the aliases; if ``champion`` is no longer the version the candidate
-    was compared with (another lifecycle promoted meanwhile), the candidate is scored against the new
-    champion outside the lock and the gates are applied again. A retry that finds the candidate
-    already champion takes the move as done.
+    The move is a compare-and-set under the model's lock: if ``champion`` is no longer the version
+    the candidate was compared with (another lifecycle promoted meanwhile), the candidate is scored
+    against the new champion and the gates are applied again.
     """
     uri, name = ctx.tracking_uri, spec.model_name
     version = registry.find_version(uri, name, run_id)
@@ -377,30 +392,45 @@ def register_stage(
         weights = ctx.store.read_bytes(outcome.weights_key)
         model_uri = registry.log_model(uri, run_id, outcome.model_config, weights)
     tags = {**tags, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
-    behaviour = candidate_behaviour(spec, ctx, outcome, evaluation)
-    with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers
+    compared, champion_scores, champion_cases = evaluation.champion_version, evaluation.champion, evaluation.champion_cases
+    previous, behaviour = None, candidate_behaviour(spec, ctx, outcome, evaluation)
+    with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers; the alias move is a CAS
         version = registry.register(uri, model_uri, name, run_id, tags)
-
-    def judge(champion: tuple[dict[str, float] | None, dict[str, Any] | None] | None) -> tuple[policy.Decision, bool]:
-        champion_scores, champion_cases = champion or (None, None)
-        decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags,
-                                 evaluation.directions, evaluation.candidate_cases, champion_cases)
-        awaiting = decision.promote and spec.approval == "manual"
-        if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
-            decision.promote = False
-            decision.reasons.append("approval is manual: it keeps `challenger` until a person answers the paused "
-                                    "lifecycle in the Prefect UI (or runs `voxelflow approve MODEL VERSION`)")
-        return decision, awaiting
-
-    def champion_of(other: str) -> tuple[dict[str, float], dict[str, Any]]:
-        champion_cases = (rescore or score_version)(ctx, name, other, evaluation)
-        return evaluate.means(champion_cases), champion_cases
-
-    settled = settle(uri, ctx.db, name, version, evaluation.champion_version,
-                     (evaluation.champion, evaluation.champion_cases), judge, champion_of)
-    record_decision(ctx.db, uri, name, version, settled, evaluation.candidate)
-    decision, champion = settled.decision, registry.alias_version(uri, name)
-    return Promotion(version, decision.promote, decision.reasons, champion, settled.previous, model_uri or
+        for _ in range(5):
+            decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags,
+                                     evaluation.directions, evaluation.candidate_cases, champion_cases)
+            awaiting = decision.promote and spec.approval == "manual"
+            if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
+                decision.promote = False
+                decision.reasons.append("approval is manual: it keeps `challenger` until a person answers the paused "
+                                        "lifecycle in the Prefect UI (or runs `voxelflow approve MODEL VERSION`)")
+            if not decision.promote:
+                break
+            try:
+                previous = registry.promote(uri, name, version, expected=compared, check=True)
+                break
+            except registry.ChampionMoved as moved:
+                compared = moved.current
+                champion_cases = None if compared is None else (rescore or score_version)(ctx, name, compared,
+                                                                                            evaluation)
+                champion_scores = None if champion_cases is None else evaluate.means(champion_cases)
+        else:
+            raise RuntimeError(f"champion of {name} kept moving while {version} was being promoted")
+        registry.tag_version(uri, name, version, {
+            "voxelflow.decision": "promoted" if decision.promote else "awaiting_approval" if awaiting else "rejected",
+            "voxelflow.reasons": "; ".join(decision.reasons)[:5000],
+            "voxelflow.compared_with": compared or "none", **decision.tags(),
+        })
+    if decision.promote:
+        entry = audit.append(ctx.db, "model.promoted", "voxelflow", model=name, version=version, previous=previous,
+                             compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
+    else:
+        entry = audit.append(ctx.db, "model.awaiting_approval" if awaiting else "model.rejected", "voxelflow",
+                             model=name, version=version, compared_with=compared, metrics=evaluation.candidate,
+                             reasons=decision.reasons)
+    audit.anchor_in_mlflow(uri, name, version, entry)  # the chain's head, kept where the log's writer cannot reach
+    champion = registry.alias_version(uri, name)
+    return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri or
                      f"models:/{name}/{version}", decision.rows())
 
 
@@ -411,9 +441,6 @@ class Deployment:
     case: str
     dice: float
     latency_s: float
-    # True for the local smoke test: its endpoint served one request and stopped with the stage (`voxelflow
-    # serve` is what stays up); False for a target that keeps running (kubernetes)
-    temporary: bool = False
 
 
 def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) -> Deployment:
@@ -448,8 +475,7 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
             app = create_app(holder, keys, db=ctx.db)
             with Server(app, ctx.settings.serve_host, 0) as server:
                 audit.append(ctx.db, "service.deployed", "voxelflow", model=model_name,
-                             version=holder.version, endpoint=server.url, temporary=True,
-                             note="smoke test: the endpoint stops when the deploy stage ends")
+                             version=holder.version, endpoint=server.url)
                 start = time.perf_counter()
                 resp = httpx.post(f"{server.url}/v1/segment", content=nifti_gz(case["image"], case["affine"]),
                                   headers={"X-API-Key": key, "Content-Type": NIFTI}, timeout=120)
@@ -460,7 +486,7 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
         raise RuntimeError(f"smoke test failed: HTTP {resp.status_code}: {resp.text[:300]}")
     mask, _, _ = decode_volume(resp.content, resp.headers.get("content-type", ""))
     score = evaluate.dice(mask, case["label"], max(2, int(max(mask.max(), case["label"].max())) + 1))
-    return Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency, temporary=True)
+    return Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency)
 
 
 @dataclass
@@ -513,8 +539,7 @@ def markdown(result: LifecycleResult, name: str) -> str:
         ("MLflow run", f"`{result.run_id}`"),
     ]
     if d:
-        stopped = " - temporary smoke-test endpoint, stopped with the stage" if d.get("temporary") else ""
-        rows += [("endpoint", f"{d['endpoint']}/v1/segment (v{d['model_version']}){stopped}"),
+        rows += [("endpoint", f"{d['endpoint']}/v1/segment (v{d['model_version']})"),
                  ("HTTP prediction dice", f"{d['dice']:.4f} on {d['case']}")]
     lines = [f"# voxelflow lifecycle: {name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
     return "\n".join(lines) + "\n"
@@ -527,35 +552,10 @@ def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
     prep = preprocess_stage(spec.preprocess, ctx, ingested.case_ids)
     split = split_stage(spec.evaluate, usable_cases(ingested, prep))
     run_id = start_run(spec, ctx, ingested.dataset_digest, split)
-    with closing_run(ctx, run_id):
-        outcome = train_stage(spec, ctx, split.train, run_id, split.val)
-        evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.test, run_id)
-        promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation,
-                                   lineage(spec, ingested.dataset_digest))
-        deployment = None
-        if promotion.champion is not None:
-            deployment = deploy_stage(spec.deploy, spec.promote.model_name, ctx, split.val[0])
-        return summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
-
-
-@contextlib.contextmanager
-def closing_run(ctx: Context, run_id: str) -> Iterator[None]:
-    """End the lifecycle's MLflow run with how the lifecycle ended: ``FINISHED`` only when the block completes,
-    ``FAILED`` when it raises (``KILLED`` when interrupted or cancelled); the error leaves with its credentials
-    masked. A failure to record the status is logged and never hides the lifecycle's own error."""
-    status = "FAILED"
-    try:
-        yield
-        status = "FINISHED"
-    except Exception as exc:
-        redact.scrub(exc)
-        raise
-    except BaseException:
-        status = "KILLED"
-        raise
-    finally:
-        try:
-            registry.end_run(ctx.tracking_uri, run_id, status)
-        except Exception as exc:  # noqa: BLE001 - the lifecycle's outcome stands; the run's status is secondary
-            logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status,
-                                                redact.redact_exc(exc))
+    outcome = train_stage(spec, ctx, split.train, run_id, split.val)
+    evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.test, run_id)
+    promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage(spec, ingested.dataset_digest))
+    deployment = None
+    if promotion.champion is not None:
+        deployment = deploy_stage(spec.deploy, spec.promote.model_name, ctx, split.val[0])
+    return summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
