@@ -124,8 +124,10 @@ def n_classes(network: dict[str, dict[str, Any]]) -> int:
 
 def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
     """What ties a model version back to its data and its spec."""
+    from voxelflow import user_code
+
     return {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name,
-            "preprocess_digest": preprocess.transform_digest(spec.preprocess)}
+            "preprocess_digest": preprocess.transform_digest(spec.preprocess), **user_code.lineage(spec)}
 
 
 def start_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Split | None = None) -> str:

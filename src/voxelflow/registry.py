@@ -156,6 +156,8 @@ def log_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: b
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
+    from voxelflow import user_code
+
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
@@ -171,7 +173,7 @@ def log_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: b
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
                 artifacts=files,
                 signature=signature,
-                code_paths=[str(Path(__file__).parent)],
+                code_paths=[str(Path(__file__).parent), *user_code.code_paths(config)],  # and the user's packages
                 pip_requirements=model_requirements(),
             )
     # leaving start_run's block marked the run FINISHED: it stays open until the lifecycle ends (end_run)
