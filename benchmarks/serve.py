@@ -36,7 +36,7 @@ from pathlib import Path
 import uvicorn
 from voxelflow.db import Database
 from voxelflow.model import Segmenter
-from voxelflow.serve import KeyStore, ModelHolder, create_app
+from voxelflow.serve import KeyStore, ModelHolder, create_app, proxy_options
 work, port, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = json.loads((work / "model.json").read_text())
 seg = Segmenter(config, (work / "weights.safetensors").read_bytes(), device="cpu")
@@ -44,7 +44,7 @@ holder = ModelHolder(lambda: (seg, "1"))
 holder.reload()
 db = Database(f"sqlite:///{work}/voxelflow.db")
 app = create_app(holder, KeyStore(db), db=db, workers=workers, queue=64, rate=1e6, burst=10**6)
-uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **proxy_options(""))  # as `voxelflow serve`
 """
 
 
