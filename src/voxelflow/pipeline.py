@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from voxelflow import audit, evaluate, ingest, policy, preprocess, registry, report, train
+from voxelflow import audit, devices, evaluate, ingest, policy, preprocess, registry, report, train
 from voxelflow.config import (
     DataSpec,
     DeploySpec,
@@ -195,7 +195,9 @@ def train_stage(
     ``train.val_every`` epochs; checkpoints and the best weights go to the store, so any machine can go on."""
     layout, tspec = ctx.layout, spec.train
     out = layout.preprocessed(preprocess.transform_digest(spec.preprocess))
-    device = str(train.device_for())
+    where = devices.placement(tspec.devices, devices.visible_gpus(), tspec.batch_size)
+    device = where.device  # the cache lives where rank 0 trains: the CPU for devices: cpu
+    registry.client(ctx.tracking_uri).set_tag(run_id, "voxelflow.train_placement", where.describe())
     budget = tspec.cache_mb * 2**20
     cases = train.StoreCases(out, train_ids, budget, device)
     validation, val_cases = None, None

@@ -20,6 +20,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import queue
 import threading
@@ -31,8 +32,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from voxelflow import devices
 from voxelflow.config import TrainSpec, resolve_monai
 from voxelflow.storage import Store
+
+log = logging.getLogger(__name__)
 
 
 def build_network(network: dict[str, dict[str, Any]]):
@@ -72,15 +76,11 @@ def device_for(prefer: str | None = None):
 
 
 def resolve_precision(precision: str, device) -> str:
-    """``auto``: bf16-mixed on a GPU that has bf16 (fp16-mixed on one that has not), fp32 on a CPU, where
-    autocast's bf16 convolutions are emulated (measured here: a 3-D UNet step 10x slower than fp32)."""
-    import torch
-
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "fp16-mixed"
-    return "fp32"
+    """``auto``: bf16-mixed on a GPU with native bf16 (fp16-mixed with a GradScaler on one without:
+    emulation does not count), fp32 on a CPU, where autocast's bf16 convolutions are emulated
+    (measured here: a 3-D UNet step 10x slower than fp32). See :func:`voxelflow.devices.precision`."""
+    native = devices.bf16_native() if device.type == "cuda" else False
+    return devices.precision(precision, device.type, native)
 
 
 def autocast_for(precision: str, device):
@@ -558,23 +558,6 @@ def _set_rng_state(state: dict[str, Any], device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def world_size(devices: str | int, device: str | None = None) -> int:
-    """How many training processes ``train.devices`` asks for: ``auto`` is every GPU (one process on a
-    CPU), ``cpu`` one CPU process, N that many processes (one per GPU where there are GPUs, else gloo
-    processes on the CPU). An explicit ``device`` (``cpu``, ``cuda:1``) means one process there."""
-    import torch
-
-    if devices == "cpu" or (device is not None and devices == "auto"):
-        return 1
-    if devices == "auto":
-        return max(1, torch.cuda.device_count())
-    n = int(devices)
-    on_gpu = device is None and torch.cuda.is_available() or (device or "").startswith("cuda")
-    if on_gpu and n > torch.cuda.device_count():
-        raise ValueError(f"train.devices: {n} needs {n} GPUs and this machine has {torch.cuda.device_count()}")
-    return n
-
-
 def train(
     spec: TrainSpec,
     cases,
@@ -592,12 +575,11 @@ def train(
     between the ranks and their gradients averaged, so the steps are those of one process with the
     whole batch. Rank 0 alone validates, checkpoints and calls back.
     """
-    world = world_size(spec.devices, device)
+    where = devices.placement(spec.devices, devices.visible_gpus(), spec.batch_size, device)
+    log.info("training on %s (train.devices: %s)", where.describe(), spec.devices)
+    device, world = device or where.device, where.processes  # devices: cpu is the CPU, GPUs or not
     if world == 1:
         return _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device)
-    if spec.batch_size % world:
-        raise ValueError(f"train.batch_size ({spec.batch_size}) must be a multiple of the {world} training "
-                         "processes (train.devices): each step's batch is split between them")
     import socket
 
     import torch.multiprocessing as mp

@@ -1,0 +1,49 @@
+"""train.devices and train.precision decided as pure functions, for 0 to 8 GPUs and several batch sizes."""
+
+from __future__ import annotations
+
+import pytest
+
+from voxelflow.devices import Placement, placement, precision
+
+
+@pytest.mark.parametrize("gpus", range(0, 9))
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 6, 8, 12])
+def test_auto_uses_the_most_gpus_that_divide_the_batch(gpus, batch):
+    got = placement("auto", gpus, batch)
+    if gpus == 0:
+        assert got == Placement("cpu", 1)
+    else:
+        assert got.kind == "cuda" and batch % got.processes == 0 and 1 <= got.processes <= gpus
+        assert not any(batch % k == 0 for k in range(got.processes + 1, gpus + 1))
+    assert placement("auto", 8, 2) == Placement("cuda", 2)  # the demo's batch on an 8-GPU node
+    assert placement("auto", 4, 3) == Placement("cuda", 3)
+
+
+@pytest.mark.parametrize("gpus", range(0, 9))
+def test_cpu_means_the_cpu_whatever_the_gpus(gpus):
+    assert placement("cpu", gpus, 4) == Placement("cpu", 1)
+    assert placement("cpu", gpus, 4).device == "cpu"
+
+
+def test_a_number_of_processes():
+    assert placement(2, 0, 4) == Placement("cpu", 2)  # gloo on a machine without GPUs
+    assert placement(2, 4, 4) == Placement("cuda", 2)
+    with pytest.raises(ValueError, match="multiple of train.devices"):
+        placement(3, 4, 4)
+    with pytest.raises(ValueError, match="needs 4 GPUs and this machine has 2"):
+        placement(4, 2, 4)
+
+
+def test_an_explicit_device_is_one_process_there():
+    assert placement("auto", 4, 4, device="cpu") == Placement("cpu", 1)
+    assert placement(2, 4, 4, device="cuda:1") == Placement("cuda", 1)
+    with pytest.raises(ValueError, match="no GPU"):
+        placement("auto", 0, 2, device="cuda")
+
+
+def test_precision_auto_is_native_bf16_else_fp16_on_gpus_and_fp32_on_the_cpu():
+    assert precision("auto", "cuda", bf16_native=True) == "bf16-mixed"
+    assert precision("auto", "cuda", bf16_native=False) == "fp16-mixed"  # V100, T4: bf16 only emulated
+    assert precision("auto", "cpu", bf16_native=True) == "fp32"
+    assert precision("bf16-mixed", "cpu", bf16_native=False) == "bf16-mixed"  # what the spec says, as said
