@@ -601,6 +601,14 @@ def train(
                 proc.kill()
 
 
+def load_scaler(scaler, saved: dict | None) -> None:
+    """Restore a GradScaler's state only when both sides have one: the precision may have changed
+    between attempts (fp32 or bf16 keep a disabled scaler, whose state is empty; loading it into an
+    enabled one raises, and an enabled one's state means nothing to a disabled one)."""
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
+
+
 def _rank(rank: int, world: int, port: int, spec: TrainSpec, cases, checkpoints: Checkpoints,
           device: str | None) -> None:
     """A training process other than rank 0."""
@@ -670,7 +678,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        load_scaler(scaler, state.get("scaler"))
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
         step, resumed = int(state["step"]), int(state["step"])

@@ -47,3 +47,18 @@ def test_precision_auto_is_native_bf16_else_fp16_on_gpus_and_fp32_on_the_cpu():
     assert precision("auto", "cuda", bf16_native=False) == "fp16-mixed"  # V100, T4: bf16 only emulated
     assert precision("auto", "cpu", bf16_native=True) == "fp32"
     assert precision("bf16-mixed", "cpu", bf16_native=False) == "bf16-mixed"  # what the spec says, as said
+
+
+def test_a_scaler_state_is_restored_only_when_both_sides_have_one():
+    import torch
+
+    from voxelflow.train import load_scaler
+
+    disabled, enabled = torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=True)
+    load_scaler(enabled, disabled.state_dict())  # fp32 attempt, then fp16: torch raises on this load
+    load_scaler(disabled, enabled.state_dict())
+    enabled.scale(torch.ones(1))  # makes its scale tensor
+    enabled.update(1024.0)
+    again = torch.amp.GradScaler("cpu", enabled=True)
+    load_scaler(again, enabled.state_dict())
+    assert again.get_scale() == 1024.0
