@@ -601,6 +601,24 @@ def train(
                 proc.kill()
 
 
+def sync_batch_norms(model, device_type: str):
+    """Batch norms of a network trained in several processes compute their statistics over the whole
+    batch (SyncBatchNorm; same parameters and buffers, so the weights load into the plain network):
+    otherwise each process normalises by its own share of the batch. torch syncs them on GPUs only;
+    on gloo processes on the CPU they stay per process, and the log says so."""
+    import torch
+
+    norms = (torch.nn.modules.batchnorm._BatchNorm,)
+    if not any(isinstance(m, norms) for m in model.modules()):
+        return model
+    if device_type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    log.warning("the network has batch norms and trains in several CPU processes: their statistics are per "
+                "process there (torch syncs batch norms on GPUs only); use instance norm or one process for "
+                "the steps of one process with the whole batch")
+    return model
+
+
 def load_scaler(scaler, saved: dict | None) -> None:
     """Restore a GradScaler's state only when both sides have one: the precision may have changed
     between attempts (fp32 or bf16 keep a disabled scaler, whose state is empty; loading it into an
@@ -660,6 +678,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        model = sync_batch_norms(model, dev.type)
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     loss_fn = build_loss(spec.loss)
     opt = build_optimizer(spec.optimizer, net.parameters(), spec.learning_rate)

@@ -62,3 +62,21 @@ def test_a_scaler_state_is_restored_only_when_both_sides_have_one():
     again = torch.amp.GradScaler("cpu", enabled=True)
     load_scaler(again, enabled.state_dict())
     assert again.get_scale() == 1024.0
+
+
+def test_batch_norms_are_synced_across_gpu_processes_and_load_back_into_the_plain_network():
+    import torch
+
+    from voxelflow.train import build_network, sync_batch_norms
+
+    spec = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
+                     "num_res_units": 1, "norm": "BATCH"}}
+    net = build_network(spec)
+    synced = sync_batch_norms(net, "cuda")  # the conversion itself needs no GPU
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm3d for m in synced.modules())
+    build_network(spec).load_state_dict(synced.state_dict())  # registered weights load as before
+    cpu_net = build_network(spec)
+    assert sync_batch_norms(cpu_net, "cpu") is cpu_net  # gloo: torch cannot sync them, the log says so
+    plain = build_network({"UNet": {**spec["UNet"], "norm": "INSTANCE"}})
+    assert sync_batch_norms(plain, "cuda") is plain
