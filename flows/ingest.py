@@ -1,33 +1,49 @@
 """Ingestion started by arriving data: the flow behind the ``ingest-arrived/on-arrival`` deployment.
 
 ``voxelflow watch`` emits ``voxelflow.data.arrived`` for each settled batch; the deployment's trigger
-runs this flow with the event's spec and source. It ingests, leaves a table artifact of every
-object's fate (hashes and case ids only, never file names), and, when the dataset grew by
-``data.retrain_after`` cases since it was last announced, emits ``voxelflow.dataset.updated``, which
-triggers the ``lifecycle/on-update`` deployment. When it stored new unlabelled cases it emits
-``voxelflow.cases.unlabelled`` (their case ids), which triggers ``predict/on-unlabelled`` (flows/predict.py).
+runs this flow with the deployment's own spec (a parameter fixed when the deployment was made),
+the event's source and the event as ``announcement``, which is refused when it concerns another
+pipeline or its payload carries more than data references (:func:`voxelflow.watch.accept_announcement`).
+It ingests, leaves a table artifact of every object's fate (hashes and case ids only, never file
+names), and, when the dataset grew by ``data.retrain_after`` cases since it was last announced,
+emits ``voxelflow.dataset.updated``, which triggers the ``lifecycle/on-update`` deployment. When it
+stored unlabelled cases not announced before it emits ``voxelflow.cases.unlabelled`` (their case
+ids), which triggers ``predict/on-unlabelled`` (flows/predict.py). Both are sent, and confirmed,
+before they are recorded as announced, with ids derived from what they announce: a run that fails
+in between is rerun and announces the same event again, which Prefect runs once.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.events import emit_event
 
+from flows.announce import send
 from tasks.ingest import ingest_arrived
 from tasks.settings import run_settings
 from voxelflow.config import load_spec
 from voxelflow.ingest import read_ledger
 from voxelflow.pipeline import Context
-from voxelflow.watch import dataset_update
+from voxelflow.watch import (
+    CASES_UNLABELLED,
+    DATA_ARRIVED,
+    DATASET_UPDATED,
+    accept_announcement,
+    dataset_update,
+    unlabelled_update,
+)
 
 
 @flow(name="ingest-arrived", log_prints=False)
-def ingest(spec: str, source: str | None = None, objects: list[str] | None = None) -> dict:
-    """Ingest ``source`` (default: the spec's ``data.source``) under the spec's pipeline."""
+def ingest(spec: str, source: str | None = None, objects: list[str] | None = None,
+           announcement: dict | None = None) -> dict:
+    """Ingest ``source`` (default: the spec's ``data.source``) under the spec's pipeline; ``announcement``
+    is the triggering event (its id, name, resource and payload keys), checked before anything is read."""
     loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
     ctx = Context(run_settings(loaded.data), loaded.name)
     logger = get_run_logger()
+    if announcement is not None:
+        accept_announcement(ctx.db, loaded.name, announcement, DATA_ARRIVED)
     report = ingest_arrived(loaded.data, ctx)
     wanted = set(objects or [])
     rows = [{"sha256": r["sha256"][:16], "state": r["state"], "case": r["case_id"] or "", "reason": r["reason"] or ""}
@@ -39,19 +55,18 @@ def ingest(spec: str, source: str | None = None, objects: list[str] | None = Non
         logger.info("ingested %s", cid)
     for q in report.quarantined:  # the case name may be a file name: the reason only
         logger.warning("quarantined a case: %s", q["reason"])
-    new = dataset_update(ctx.db, loaded.name, report.case_ids, loaded.data.retrain_after)
-    if new:
-        emit_event(event="voxelflow.dataset.updated",
-                   resource={"prefect.resource.id": f"voxelflow.dataset.{loaded.name}"},
-                   payload={"spec": spec, "source": loaded.data.source, "new_cases": new,
-                            "cases": len(report.case_ids),
-                            "dataset_digest": report.dataset_digest})
-        logger.info("dataset %s: %d new cases, announced", report.dataset_digest, new)
-    unlabelled = set(report.unlabelled)
-    fresh = [cid for cid in report.ingested if cid in unlabelled]  # new unlabelled cases: predict/on-unlabelled
-    if fresh:
-        emit_event(event="voxelflow.cases.unlabelled",
-                   resource={"prefect.resource.id": f"voxelflow.dataset.{loaded.name}"},
-                   payload={"spec": spec, "cases": fresh, "count": len(fresh)})
-        logger.info("%d new unlabelled cases, announced for batch inference", len(fresh))
+
+    def updated(event_id, new: int) -> None:
+        send(DATASET_UPDATED, loaded.name, {"source": loaded.data.source, "new_cases": new,
+                                            "cases": len(report.case_ids), "dataset_digest": report.dataset_digest},
+             event_id)
+        logger.info("dataset %s: %d new cases, announced (event %s)", report.dataset_digest, new, event_id)
+
+    def unlabelled(event_id, cases: list[str]) -> None:  # predict/on-unlabelled segments them
+        send(CASES_UNLABELLED, loaded.name, {"source": loaded.data.source, "cases": cases, "count": len(cases)},
+             event_id)
+        logger.info("%d new unlabelled cases, announced for batch inference (event %s)", len(cases), event_id)
+
+    new = dataset_update(ctx.db, loaded.name, report.case_ids, loaded.data.retrain_after, updated)
+    fresh = unlabelled_update(ctx.db, loaded.name, report.unlabelled, unlabelled)
     return {**summary, "announced": new or 0, "unlabelled_announced": len(fresh)}

@@ -1,7 +1,9 @@
 """Batch inference on arrival: the flow behind the ``predict/on-unlabelled`` deployment.
 
 When an ingest stores new unlabelled cases, ``flows/ingest.py`` emits ``voxelflow.cases.unlabelled``
-(payload: the spec and the new case ids); the deployment's trigger runs this flow with them. It
+(payload: the source and the new case ids); the deployment's trigger runs this flow with them, the
+deployment's own spec and the event as ``announcement`` (refused, and audited, when it concerns another
+pipeline or its payload carries more than data references). It
 segments each with the registered model (default: the spec's ``promote.model_name@champion``),
 writes the masks as NIfTI next to a table of per-label volumes in mL (:mod:`voxelflow.predict`),
 records which version produced each mask, and leaves a progress artifact and a table artifact
@@ -21,15 +23,19 @@ from tasks.settings import run_settings
 from voxelflow.config import load_spec
 from voxelflow.pipeline import Context
 from voxelflow.predict import ModelRef, default_destination
+from voxelflow.watch import CASES_UNLABELLED, accept_announcement
 
 
 @flow(name="predict", log_prints=False)
 def predict(spec: str, cases: list[str] | None = None, source: str | None = None, out: str | None = None,
-            model: str | None = None) -> dict:
-    """Segment the unlabelled cases ``cases`` (default: every one not segmented yet) of the spec's pipeline."""
+            model: str | None = None, announcement: dict | None = None) -> dict:
+    """Segment the unlabelled cases ``cases`` (default: every one not segmented yet) of the spec's pipeline;
+    ``announcement`` is the triggering event (its id, name, resource and payload keys)."""
     loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
     ctx = Context(run_settings(loaded.data), loaded.name)
     logger = get_run_logger()
+    if announcement is not None:
+        accept_announcement(ctx.db, loaded.name, announcement, CASES_UNLABELLED)
     ref = str(ModelRef.parse(model or loaded.promote.model_name))  # a bad reference fails before any work
     dest = ctx.settings.expand(out) if out else default_destination(ctx.settings.store_url, loaded.name)
     if source:

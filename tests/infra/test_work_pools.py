@@ -190,7 +190,7 @@ def test_lifecycle_places_stages_on_deployed_pools(d):
     for stage, pool in placed.items():
         if pool is not None:
             assert f"{stage}/{pool}" in by_name(), f"{full_name(d)} places {stage} on {pool!r}: no {stage}/{pool}"
-    expected_train = {"demo": None, "cpu": "gpu", "k8s-cpu": "k8s-gpu"}[d["name"]]
+    expected_train = {"cpu": "gpu", "k8s-cpu": "k8s-gpu"}.get(d["name"])
     assert placed["train"] == expected_train
 
 
@@ -205,12 +205,38 @@ def test_arrival_triggers_chain_ingest_and_lifecycle():
     names = by_name()
     arrival, update = names["ingest-arrived/on-arrival"], names["lifecycle/on-update"]
     (a,) = arrival["triggers"]
-    assert a["expect"] == ["voxelflow.data.arrived"] and a["match"] == {"prefect.resource.id": "voxelflow.dataset.*"}
-    assert a["parameters"] == {"spec": "{{ event.payload.spec }}", "source": "{{ event.payload.source }}"}
+    assert a["expect"] == ["voxelflow.data.arrived"]
+    assert a["parameters"]["source"] == "{{ event.payload.source }}"
     (u,) = update["triggers"]
     assert u["expect"] == ["voxelflow.dataset.updated"]
-    assert u["parameters"] == {"spec": "{{ event.payload.spec }}", "sets": ["data.source={{ event.payload.source }}"]}
+    assert u["parameters"]["sets"] == ["data.source={{ event.payload.source }}"]
     assert update["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # repeated updates queue, never overlap
+
+
+def triggered() -> list[dict]:
+    return [d for d in DEPLOYMENTS if d.get("triggers")]
+
+
+@pytest.mark.parametrize("d", triggered(), ids=dep_id)
+def test_a_triggered_deployment_runs_its_own_spec_for_its_own_pipeline_only(d):
+    """The spec is the deployment's parameter, never the event's; the trigger matches that spec's pipeline
+    only; the event reaches the run as `announcement` (id, event, resource, payload keys), which it checks."""
+    import inspect
+
+    from voxelflow.config import load_spec
+    from voxelflow.watch import resource_id
+
+    spec = load_spec(REPO / d["parameters"]["spec"])
+    assert "announcement" in inspect.signature(flow_of(d["entrypoint"]).fn).parameters
+    for trigger in d["triggers"]:
+        assert trigger["match"] == {"prefect.resource.id": resource_id(spec.name)}, full_name(d)
+        params = trigger["parameters"]
+        assert "spec" not in params and "overlays" not in params, full_name(d)
+        assert params["announcement"] == {"id": "{{ event.id | string }}", "event": "{{ event.event }}",
+                                          "resource": "{{ event.resource.id }}", "keys": "{{ event.payload | list }}"}
+        templated = yaml.safe_dump({k: v for k, v in params.items() if k != "announcement"})
+        assert "event.payload" not in templated.replace("event.payload.source", "").replace(
+            "event.payload.cases", ""), f"{full_name(d)} takes more than data references from the event"
 
 
 # --------------------------------------------------------------------------- Kubernetes job templates

@@ -264,31 +264,16 @@ def prefect_here(prefect_api):
 
 
 @pytest.fixture
-def predict_deployment(prefect_here):
-    """``predict/on-unlabelled`` with the trigger exactly as deployments/prefect.yaml defines it, on no
-    work pool: the server's automation creates the run and this test executes it, as a worker would."""
-    from prefect.client.orchestration import get_client
-    from prefect.events import DeploymentTriggerTypes
-    from pydantic import TypeAdapter
-
+def predict_deployment(prefect_here, tmp_path):
+    """``predict/on-unlabelled`` with the trigger exactly as deployments/prefect.yaml defines it, made for this
+    test's pipeline and spec (its path), on no work pool: the server's automation creates the run and this test
+    executes it, as a worker would. (deployment id, pipeline, spec path)."""
     from flows.predict import predict
+    from tests.triggers import trigger_deployment
 
-    (spec,) = [d for d in yaml.safe_load((REPO / "deployments/prefect.yaml").read_text())["deployments"]
-               if d["entrypoint"] == "flows/predict.py:predict"]
-    assert spec["name"] == "on-unlabelled"
-    with get_client(sync_client=True) as client:
-        flow_id = client.create_flow(predict)
-        deployment_id = client.create_deployment(flow_id, f"on-unlabelled-{uuid.uuid4().hex[:6]}",
-                                                 entrypoint=spec["entrypoint"])
-        for i, trigger in enumerate(spec["triggers"]):
-            trigger = TypeAdapter(DeploymentTriggerTypes).validate_python({**trigger, "name": f"test-trigger-{i}"})
-            trigger.set_deployment_id(deployment_id)
-            client.create_automation(trigger.as_automation())
-        try:
-            yield deployment_id
-        finally:
-            client.delete_resource_owned_automations(f"prefect.deployment.{deployment_id}")
-            client.delete_deployment(deployment_id)
+    name, spec_path = f"arrival-{uuid.uuid4().hex[:6]}", tmp_path / "spec.yaml"
+    with trigger_deployment(predict, "on-unlabelled", name, spec_path) as deployment_id:
+        yield deployment_id, name, spec_path
 
 
 def test_unlabelled_arrival_triggers_a_predict_run_with_artifacts(registered, predict_deployment, tmp_path,
@@ -309,9 +294,9 @@ def test_unlabelled_arrival_triggers_a_predict_run_with_artifacts(registered, pr
 
     monkeypatch.setenv("VOXELFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("VOXELFLOW_MLFLOW_TRACKING_URI", registered)
+    predict_deployment, name, spec_path = predict_deployment
     source = make_source(tmp_path / "incoming", (False,), seed=30)  # no labelled case: no dataset.updated event
-    spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(yaml.safe_dump(spec_data(f"arrival-{uuid.uuid4().hex[:6]}", source)))
+    spec_path.write_text(yaml.safe_dump(spec_data(name, source)))
 
     arrived = ingest(str(spec_path))  # the flow behind ingest-arrived/on-arrival: emits voxelflow.cases.unlabelled
     assert (arrived["unlabelled"], arrived["unlabelled_announced"], arrived["announced"]) == (1, 1, 0)
@@ -330,7 +315,11 @@ def test_unlabelled_arrival_triggers_a_predict_run_with_artifacts(registered, pr
         name = yaml.safe_load(spec_path.read_text())["name"]
         ctx = Context(Settings(), name)
         (case,) = ingested_cases(ctx.db, name)
+        announced = run.parameters.pop("announcement")
         assert run.parameters == {"spec": str(spec_path), "cases": [case]}  # templated, the list kept a list
+        assert announced["event"] == "voxelflow.cases.unlabelled" and sorted(announced["keys"]) == [
+            "cases", "count", "source"]
+        run.parameters["announcement"] = announced
 
         summary = run_flow(predict, flow_run=run, parameters=run.parameters)  # what the worker would run
         assert (summary["predicted"], summary["version"]) == (1, "1")
