@@ -6,14 +6,16 @@ which is what the orchestration benchmark compares the flow against.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-from voxelflow import audit, devices, evaluate, ingest, policy, preprocess, registry, report, train
+from voxelflow import audit, devices, evaluate, ingest, policy, preprocess, redact, registry, report, train
 from voxelflow.config import (
     DataSpec,
     DeploySpec,
@@ -445,6 +447,9 @@ class Deployment:
     case: str
     dice: float
     latency_s: float
+    # True for the local smoke test: its endpoint served one request and stopped with the stage (`voxelflow
+    # serve` is what stays up); False for a target that keeps running (kubernetes)
+    temporary: bool = False
 
 
 def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) -> Deployment:
@@ -479,7 +484,8 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
             app = create_app(holder, keys, db=ctx.db)
             with Server(app, ctx.settings.serve_host, 0) as server:
                 audit.append(ctx.db, "service.deployed", "voxelflow", model=model_name,
-                             version=holder.version, endpoint=server.url)
+                             version=holder.version, endpoint=server.url, temporary=True,
+                             note="smoke test: the endpoint stops when the deploy stage ends")
                 start = time.perf_counter()
                 resp = httpx.post(f"{server.url}/v1/segment", content=nifti_gz(case["image"], case["affine"]),
                                   headers={"X-API-Key": key, "Content-Type": NIFTI}, timeout=120)
@@ -490,7 +496,7 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
         raise RuntimeError(f"smoke test failed: HTTP {resp.status_code}: {resp.text[:300]}")
     mask, _, _ = decode_volume(resp.content, resp.headers.get("content-type", ""))
     score = evaluate.dice(mask, case["label"], max(2, int(max(mask.max(), case["label"].max())) + 1))
-    return Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency)
+    return Deployment(server.url, resp.headers["X-Model-Version"], case_id, score, latency, temporary=True)
 
 
 @dataclass
@@ -543,7 +549,8 @@ def markdown(result: LifecycleResult, name: str) -> str:
         ("MLflow run", f"`{result.run_id}`"),
     ]
     if d:
-        rows += [("endpoint", f"{d['endpoint']}/v1/segment (v{d['model_version']})"),
+        stopped = " - temporary smoke-test endpoint, stopped with the stage" if d.get("temporary") else ""
+        rows += [("endpoint", f"{d['endpoint']}/v1/segment (v{d['model_version']}){stopped}"),
                  ("HTTP prediction dice", f"{d['dice']:.4f} on {d['case']}")]
     lines = [f"# voxelflow lifecycle: {name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
     return "\n".join(lines) + "\n"
@@ -556,10 +563,35 @@ def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
     prep = preprocess_stage(spec.preprocess, ctx, ingested.case_ids)
     split = split_stage(spec.evaluate, usable_cases(ingested, prep))
     run_id = start_run(spec, ctx, ingested.dataset_digest, split)
-    outcome = train_stage(spec, ctx, split.train, run_id, split.val)
-    evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.test, run_id)
-    promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation, lineage(spec, ingested.dataset_digest))
-    deployment = None
-    if promotion.champion is not None:
-        deployment = deploy_stage(spec.deploy, spec.promote.model_name, ctx, split.val[0])
-    return summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
+    with closing_run(ctx, run_id):
+        outcome = train_stage(spec, ctx, split.train, run_id, split.val)
+        evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.test, run_id)
+        promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation,
+                                   lineage(spec, ingested.dataset_digest))
+        deployment = None
+        if promotion.champion is not None:
+            deployment = deploy_stage(spec.deploy, spec.promote.model_name, ctx, split.val[0])
+        return summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
+
+
+@contextlib.contextmanager
+def closing_run(ctx: Context, run_id: str) -> Iterator[None]:
+    """End the lifecycle's MLflow run with how the lifecycle ended: ``FINISHED`` only when the block completes,
+    ``FAILED`` when it raises (``KILLED`` when interrupted or cancelled); the error leaves with its credentials
+    masked. A failure to record the status is logged and never hides the lifecycle's own error."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except Exception as exc:
+        redact.scrub(exc)
+        raise
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            registry.end_run(ctx.tracking_uri, run_id, status)
+        except Exception as exc:  # noqa: BLE001 - the lifecycle's outcome stands; the run's status is secondary
+            logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status,
+                                                redact.redact_exc(exc))
