@@ -292,26 +292,23 @@ def watch(
     settle: Annotated[float, typer.Option(help="seconds without change before a batch is announced")] = 2.0,
     poll: Annotated[float, typer.Option(help="seconds between listings (object stores; folders wake at once)")] = 2.0,
 ) -> None:
-    """Run until stopped: announce each settled batch under SOURCE as the Prefect event voxelflow.data.arrived."""
+    """Run until stopped: announce each settled batch under SOURCE as the Prefect event voxelflow.data.arrived.
+
+    The event concerns the spec's pipeline (resource voxelflow.dataset.<name>) and carries data references
+    only; the deployments it triggers run with the spec they were made with."""
     with reasons():
         import signal
         import threading
 
-        from prefect.events import emit_event
-
+        from flows.announce import send
         from voxelflow.config import Settings, load_spec
         from voxelflow.db import connect
-        from voxelflow.watch import Watcher
+        from voxelflow.watch import DATA_ARRIVED, Watcher
 
         loaded = load_spec(spec, sets=[f"data.source={source}"])
-        spec_path = str(spec.resolve())
 
-        def emit(arrival) -> None:
-            event = emit_event(event="voxelflow.data.arrived",
-                               resource={"prefect.resource.id": f"voxelflow.dataset.{loaded.name}"},
-                               payload={**arrival.payload(), "spec": spec_path})
-            if event is None:
-                raise RuntimeError("the event was not sent: is PREFECT_API_URL set?")
+        def emit(arrival) -> None:  # raises when the event was not delivered: the batch stays unannounced
+            send(DATA_ARRIVED, loaded.name, arrival.payload(), arrival.id)
             console.print(f"announced {len(arrival.objects)} objects ({arrival.payload()['bytes']} bytes)",
                           highlight=False)
 
@@ -320,7 +317,14 @@ def watch(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         console.print(f"watching {source} for {loaded.name} (settle {settle:g} s); Ctrl-C stops", highlight=False)
-        watcher.run(stop)
+
+        def retry(exc: Exception) -> None:
+            from voxelflow.redact import redact
+
+            err.print(f"not announced, trying again in {poll:g} s: {redact(f'{type(exc).__name__}: {exc}')}",
+                      highlight=False, markup=False)
+
+        watcher.run(stop, on_error=retry)
 
 
 @app.command()

@@ -21,6 +21,7 @@ from tasks.train import mlflow_run, train
 from voxelflow.config import PipelineSpec, load_spec
 from voxelflow.pipeline import Context, closing_run, lineage, markdown, split_stage, summarise, usable_cases
 from voxelflow.redact import install_log_filter
+from voxelflow.watch import DATASET_UPDATED, accept_announcement
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -28,6 +29,7 @@ def lifecycle(
     spec: PipelineSpec | str = "deployments/specs/demo.yaml",
     overlays: list[str] | None = None,
     sets: list[str] | None = None,
+    announcement: dict | None = None,
 ) -> dict:
     """Run the whole life of a model.
 
@@ -40,6 +42,8 @@ def lifecycle(
     elif overlays or sets:
         raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
     ctx = Context(run_settings(spec.data), spec.name)
+    if announcement is not None:  # the triggering event (lifecycle/on-update): refused unless data references only
+        accept_announcement(ctx.db, spec.name, announcement, DATASET_UPDATED)
     lid = current_lifecycle_id()
 
     ingested = placed("ingest", spec.data.work_pool, ctx, spec, lid, lambda: ingest(spec.data, ctx))
