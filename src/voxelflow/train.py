@@ -588,17 +588,97 @@ def train(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")  # never fork a process that holds threads or a CUDA context
-    ranks = [ctx.Process(target=_rank, args=(rank, world, port, spec, cases, checkpoints, device), daemon=True)
-             for rank in range(1, world)]
+    errors = ctx.SimpleQueue()
+    ranks = [ctx.Process(target=_rank, args=(rank, world, port, spec, cases, checkpoints, device, errors),
+                         daemon=True) for rank in range(1, world)]
     for proc in ranks:
         proc.start()
+    supervisor = _Supervisor(ranks, errors)
     try:
-        return _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, (0, world, port))
+        result = _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, (0, world, port))
+    except BaseException as exc:
+        dead = supervisor.failure(wait=10.0)  # a rank that died is why the collective failed: say which
+        if dead:
+            raise RankFailed(dead) from exc
+        raise
     finally:
+        supervisor.stop()
         for proc in ranks:
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.kill()
+    dead = supervisor.failure(wait=0.0)
+    if dead:
+        raise RankFailed(dead)
+    return result
+
+
+class RankFailed(RuntimeError):
+    """A training process other than rank 0 died: its error (or exit code) is the message."""
+
+
+class _Supervisor:
+    """Watches the other ranks from a thread of rank 0. When one dies (an exception, out of memory, a
+    kill), the process group is aborted, so rank 0's pending collective fails at once instead of
+    waiting for the collective timeout (NCCL would then kill the whole process, and Prefect's retry
+    with it); the training then fails with that rank's error and a retry resumes from the newest
+    checkpoint."""
+
+    def __init__(self, ranks: list, errors):
+        self.ranks, self.errors = ranks, errors
+        self.messages: dict[int, str] = {}
+        self.dead: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="voxelflow-rank-supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            if self._check():
+                _abort_group()
+                return
+
+    def _check(self) -> bool:
+        while not self.errors.empty():
+            rank, message = self.errors.get()
+            self.messages[rank] = message
+        for rank, proc in enumerate(self.ranks, start=1):
+            code = proc.exitcode
+            if code not in (None, 0) or rank in self.messages:
+                if code is None:
+                    proc.join(timeout=5)  # it reported its error and is exiting
+                    code = proc.exitcode
+                how = (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
+                self.dead = f"training process {rank} failed ({how}): {self.messages.get(rank, 'no error reported')}"
+                return True
+        return False
+
+    def failure(self, wait: float) -> str | None:
+        """The first rank that died, waiting up to ``wait`` seconds for one to be seen dying."""
+        deadline = time.monotonic() + wait
+        while self.dead is None:
+            self._check()
+            if self.dead is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        return self.dead
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _abort_group() -> None:
+    """Make collectives blocked in this process fail now (NCCL; gloo already fails on a lost peer)."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            _abort_process_group()
+    except Exception as exc:  # noqa: BLE001 - best effort: the collective timeout remains the bound
+        log.warning("could not abort the process group (%s: %s)", type(exc).__name__, exc)
 
 
 def sync_batch_norms(model, device_type: str):
@@ -628,9 +708,13 @@ def load_scaler(scaler, saved: dict | None) -> None:
 
 
 def _rank(rank: int, world: int, port: int, spec: TrainSpec, cases, checkpoints: Checkpoints,
-          device: str | None) -> None:
-    """A training process other than rank 0."""
-    _train(spec, cases, checkpoints, None, None, None, device, (rank, world, port))
+          device: str | None, errors) -> None:
+    """A training process other than rank 0; its error goes to rank 0's supervisor before it exits."""
+    try:
+        _train(spec, cases, checkpoints, None, None, None, device, (rank, world, port))
+    except BaseException as exc:
+        errors.put((rank, f"{type(exc).__name__}: {exc}"[:2000]))
+        raise
 
 
 def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, group=None) -> TrainResult:
