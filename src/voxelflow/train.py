@@ -599,7 +599,7 @@ def train(
     except BaseException as exc:
         dead = supervisor.failure(wait=10.0)  # a rank that died is why the collective failed: say which
         if dead:
-            raise RankFailed(dead) from exc
+            raise RankFailed(dead, killed="killed by signal" in dead) from exc
         raise
     finally:
         supervisor.stop()
@@ -609,12 +609,18 @@ def train(
                 proc.kill()
     dead = supervisor.failure(wait=0.0)
     if dead:
-        raise RankFailed(dead)
+        raise RankFailed(dead, killed="killed by signal" in dead)
     return result
 
 
 class RankFailed(RuntimeError):
-    """A training process other than rank 0 died: its error (or exit code) is the message."""
+    """A training process other than rank 0 died: its error (or exit code) is the message. Worth a retry
+    (from the newest checkpoint) when it was killed by a signal (a preempted or lost node), not when
+    it raised: that error would come again."""
+
+    def __init__(self, message: str, killed: bool = False):
+        super().__init__(message)
+        self.transient = killed
 
 
 class _Supervisor:

@@ -67,6 +67,9 @@ def _chain(exc: BaseException, depth: int = 12) -> Iterator[BaseException]:
 
 def _verdict(e: BaseException) -> bool | str | None:
     """True or False when ``e`` decides; "weak" for a generic I/O error; None to look further down."""
+    flag = getattr(e, "transient", None)  # an error that knows (voxelflow's RankFailed)
+    if isinstance(flag, bool):
+        return flag
     if isinstance(e, MemoryError):
         return False
     if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():  # torch's CUDA/CPU allocators

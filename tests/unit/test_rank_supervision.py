@@ -18,6 +18,7 @@ from safetensors.torch import load
 from voxelflow.config import TrainSpec
 from voxelflow.storage import Store
 from voxelflow.train import ArrayCases, Checkpoints, RankFailed, train
+from voxelflow.transient import is_transient
 
 SPEC = dict(
     network={"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
@@ -56,8 +57,9 @@ def test_a_dead_rank_fails_the_training_fast_and_a_retry_resumes_to_the_same_wei
 
     whole = train(spec, cases, Checkpoints(store, "whole"))
 
-    with pytest.raises(RankFailed, match=r"training process 1 failed \(killed by signal 9\)"):
+    with pytest.raises(RankFailed, match=r"training process 1 failed \(killed by signal 9\)") as failed:
         train(spec, cases, KillsRankOne(store, "killed"))
+    assert is_transient(failed.value)  # a lost process: the task's retry resumes (a raised error is not retried)
     assert KillsRankOne.killed_at is not None
     assert time.monotonic() - KillsRankOne.killed_at < 60  # the collective timeout is 30 minutes
 
