@@ -79,3 +79,28 @@ def visible_gpus() -> int:
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - torch without a working driver: no GPU
         return 0
+
+
+def cache_placement(asked_bytes: int, where: Placement, workers: int, free_bytes: int | None) -> tuple[str, int]:
+    """Where the training cache lives and how much of ``train.cache_mb`` it may take.
+
+    On the CPU, and on a GPU when ``train.workers`` read and augment the cases in worker processes
+    (which never touch CUDA: the batches move to the GPU in the training thread), the cache is held
+    on the CPU as asked. Otherwise it is held on the GPU, up to 40 % of the memory free there when
+    training starts (``free_bytes``, per process: every rank holds its own copy); the cases beyond
+    that are streamed from the store.
+    """
+    if where.kind != "cuda" or workers > 0:
+        return "cpu", asked_bytes
+    limit = int((free_bytes or 0) * 0.4)
+    return where.device, min(asked_bytes, limit)
+
+
+def free_gpu_bytes() -> int | None:
+    """Free memory of this process's current GPU, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return int(free)

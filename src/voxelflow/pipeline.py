@@ -198,9 +198,9 @@ def train_stage(
     layout, tspec = ctx.layout, spec.train
     out = layout.preprocessed(preprocess.transform_digest(spec.preprocess))
     where = devices.placement(tspec.devices, devices.visible_gpus(), tspec.batch_size)
-    device = where.device  # the cache lives where rank 0 trains: the CPU for devices: cpu
+    device, budget = devices.cache_placement(tspec.cache_mb * 2**20, where, tspec.workers,
+                                             devices.free_gpu_bytes() if where.kind == "cuda" else None)
     registry.client(ctx.tracking_uri).set_tag(run_id, "voxelflow.train_placement", where.describe())
-    budget = tspec.cache_mb * 2**20
     cases = train.StoreCases(out, train_ids, budget, device)
     validation, val_cases = None, None
     if val_ids:

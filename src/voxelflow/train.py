@@ -489,9 +489,11 @@ def make_loader(dataset: TrainingSet, batches: StepBatches, workers: int, device
 
     # a loader of its own generator: torch's global RNG (initial weights, dropout) is left to the network
     generator = torch.Generator().manual_seed(dataset.seed)
-    if workers > 0 and device.type != "cuda":
+    if workers > 0:  # on a GPU too: the workers read and augment on the CPU and never touch CUDA; the
+        # training thread moves each (pinned) batch to the device
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                          persistent_workers=False, multiprocessing_context="fork", generator=generator)
+                          persistent_workers=False, multiprocessing_context="fork", generator=generator,
+                          pin_memory=device.type == "cuda")
     return ThreadLoader(DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate,
                                    generator=generator), buffer_size=2)
 
@@ -760,8 +762,8 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
         raise ValueError(f"the training cases differ in shape ({len(set(cases.shapes()))} shapes) and "
                          "train.augment samples no patches: add RandCropByPosNegLabeld or RandSpatialCropSamplesd, "
                          "fix the size in preprocessing, or use batch_size 1")
-    if hasattr(cases, "to"):
-        cases.to(dev)
+    if hasattr(cases, "to") and not (spec.workers > 0 and dev.type == "cuda"):
+        cases.to(dev)  # with train.workers the cases stay on the CPU side, where worker processes draw them
     torch.manual_seed(spec.seed)
     model = build_network(spec.network).to(dev)
     net = model

@@ -80,3 +80,14 @@ def test_batch_norms_are_synced_across_gpu_processes_and_load_back_into_the_plai
     assert sync_batch_norms(cpu_net, "cpu") is cpu_net  # gloo: torch cannot sync them, the log says so
     plain = build_network({"UNet": {**spec["UNet"], "norm": "INSTANCE"}})
     assert sync_batch_norms(plain, "cuda") is plain
+
+
+def test_the_cache_is_budgeted_against_free_gpu_memory_and_kept_on_the_cpu_for_worker_processes():
+    from voxelflow.devices import cache_placement
+
+    gib = 2**30
+    cpu, gpu = Placement("cpu", 1), Placement("cuda", 2)
+    assert cache_placement(64 * gib, cpu, 0, None) == ("cpu", 64 * gib)
+    assert cache_placement(4 * gib, gpu, 0, 80 * gib) == ("cuda:0", 4 * gib)  # fits: as asked
+    assert cache_placement(64 * gib, gpu, 0, 20 * gib) == ("cuda:0", 8 * gib)  # 40 % of what is free
+    assert cache_placement(64 * gib, gpu, 4, 20 * gib) == ("cpu", 64 * gib)  # train.workers: CPU side
