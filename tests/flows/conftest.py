@@ -65,8 +65,11 @@ def candidate(ctx, spec, dice: float, champion: tuple[str, float] | None, val_id
     key = f"models/{run_id}/weights.safetensors"
     ctx.store.write_bytes(key, state_dict_bytes(build_network(copy.deepcopy(TINY_NETWORK))))
     outcome = TrainOutcome(key, model_config(spec), [], 0, 0.0, None, "")
+    cases = [f"case-{i}" for i in range(6)]  # per test case, as the relative gate pairs them
     evaluation = Evaluation({"dice": dice}, None if champion is None else {"dice": champion[1]},
-                            None if champion is None else champion[0], "", val_ids, ["dice"], 2)
+                            None if champion is None else champion[0], "", val_ids, ["dice"], 2,
+                            candidate_cases={"dice": dict.fromkeys(cases, dice)},
+                            champion_cases=None if champion is None else {"dice": dict.fromkeys(cases, champion[1])})
     return run_id, outcome, evaluation
 
 
