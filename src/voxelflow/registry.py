@@ -280,10 +280,14 @@ def alias_version(tracking_uri: str, name: str, alias: str = CHAMPION) -> str | 
     return str(mv.version)
 
 
-def should_promote(candidate: dict[str, float], champion: dict[str, float] | None, gates: Gates) -> Decision:
-    """The metric gates alone (absolute and relative), as a pure function of the scores; the full
-    policy, with behaviour and lineage, is :func:`voxelflow.policy.decide`."""
-    return policy.decide(candidate, champion, gates.model_copy(update={"require_lineage": [], "flip_tolerance": None}))
+def should_promote(candidate: dict[str, float], champion: dict[str, float] | None, gates: Gates,
+                   candidate_cases: dict[str, dict[str, float]] | None = None,
+                   champion_cases: dict[str, dict[str, float]] | None = None) -> Decision:
+    """The metric gates alone (absolute and relative), as a pure function of the scores: the means
+    (``candidate``, ``champion``) for the absolute gates, the per-case test scores (metric -> case ->
+    value) for the relative one. The full policy, with behaviour and lineage, is :func:`policy.decide`."""
+    return policy.decide(candidate, champion, gates.model_copy(update={"require_lineage": [], "flip_tolerance": None}),
+                         candidate_cases=candidate_cases, champion_cases=champion_cases)
 
 
 class ChampionMoved(RuntimeError):

@@ -29,14 +29,23 @@ def test_exactly_min_dice_passes():
     assert registry.should_promote({"dice": 0.5}, None, Gates(min_dice=0.5)).promote
 
 
+def vs_champion(candidate: float, champion: float, gates: Gates, n: int = 6):
+    """The gates on ``n`` test cases where the candidate scores ``candidate`` and the champion ``champion``
+    (each case a little apart, the same offset for both: a paired comparison)."""
+    offsets = [0.01 * (i - n / 2) for i in range(n)]
+    cand = {"dice": {f"c{i}": candidate + o for i, o in enumerate(offsets)}}
+    champ = {"dice": {f"c{i}": champion + o for i, o in enumerate(offsets)}}
+    return registry.should_promote({"dice": candidate}, {"dice": champion}, gates, cand, champ)
+
+
 def test_beating_the_champion_by_the_margin_passes():
     gates = Gates(min_dice=0.5, beat_champion_by=0.02)
-    assert registry.should_promote({"dice": 0.80}, {"dice": 0.70}, gates).promote
+    assert vs_champion(0.80, 0.70, gates).promote
 
 
 def test_not_beating_the_champion_by_the_margin_is_rejected():
     gates = Gates(min_dice=0.5, beat_champion_by=0.05)
-    decision = registry.should_promote({"dice": 0.72}, {"dice": 0.70}, gates)
+    decision = vs_champion(0.72, 0.70, gates)
     assert not decision.promote
     assert len(decision.reasons) == 1
     assert "champion" in decision.reasons[0]
@@ -62,7 +71,7 @@ def test_nan_or_missing_dice_is_rejected(candidate):
 
 def test_negative_margin_allows_a_slightly_worse_candidate():
     gates = Gates(min_dice=0.5, beat_champion_by=-0.05)
-    assert registry.should_promote({"dice": 0.68}, {"dice": 0.70}, gates).promote
+    assert vs_champion(0.68, 0.70, gates).promote
 
 
 def test_flatten():
@@ -356,7 +365,8 @@ def test_lineage_follows_every_link_back_to_the_ledger_and_notices_a_broken_one(
     synthetic.make_decathlon(home / "incoming", n_cases=5, size=16)
     ctx = Context(Settings(home=home), tiny_spec.name)
     ingested = ingest_stage(tiny_spec.data, ctx)
-    split = split_stage(tiny_spec.evaluate.model_copy(update={"val_fraction": 0.4}), ingested.case_ids)
+    split = split_stage(tiny_spec.evaluate.model_copy(update={"test_fraction": 0.4, "val_fraction": 0.4}),
+                        ingested.case_ids)
     out = ctx.layout.preprocessed(preprocess.transform_digest(tiny_spec.preprocess))
     preprocess.preprocess_shard(ctx.layout.raw, out, ingested.case_ids, tiny_spec.preprocess.transforms)
     run_id = open_run(tiny_spec, ctx, ingested.dataset_digest, split)
@@ -364,7 +374,7 @@ def test_lineage_follows_every_link_back_to_the_ledger_and_notices_a_broken_one(
     outcome = TrainOutcome("models/w.safetensors", tiny_model_config, [], 0, 0.0, None, "")
     promote = tiny_spec.promote.model_copy(update={"gates": tiny_spec.promote.gates.model_copy(
         update={"min_dice": 0.1})})
-    evaluation = Evaluation({"dice": 0.9}, None, None, "", split.val, ["dice"], 2)
+    evaluation = Evaluation({"dice": 0.9}, None, None, "", split.test, ["dice"], 2)
     promotion = register_stage(promote, ctx, run_id, outcome, evaluation,
                                lineage_tags(tiny_spec, ingested.dataset_digest))
     assert promotion.promoted
@@ -378,7 +388,7 @@ def test_lineage_follows_every_link_back_to_the_ledger_and_notices_a_broken_one(
     rows = ingest.read_ledger(ctx.db, tiny_spec.name, state="ingested")
     assert {c["case"] for c in trace["cases"]} == set(ingested.case_ids)
     for case in trace["cases"]:
-        assert case["preprocessed"] is True and case["held_out"] == (case["case"] in split.val)
+        assert case["preprocessed"] is True and case["held_out"] == (case["case"] in split.val + split.test)
         assert sorted((s["object"], s["sha256"]) for s in case["sources"]) == sorted(
             (r["object"], r["sha256"]) for r in rows if r["case_id"] == case["case"])
         assert len(case["sources"]) == 2  # image and label
