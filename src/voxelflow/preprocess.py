@@ -16,6 +16,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -287,9 +288,32 @@ def preprocess_shard(
             results.append({"case": cid, "shape": [int(s) for s in ds["image"].shape], "bytes": _case_bytes(ds),
                             "seconds": {"read": t1 - t0, "transform": t2 - t1, "write": t3 - t2}})
         except Exception as exc:  # this case only; a transient error gets one more try as a single task
+            if device != "cpu" and threads and sticky_cuda_error(exc):
+                # the CUDA context of this process is broken for good: every later case (and retry) landing
+                # here would fail. End the worker process; its nanny starts a fresh one, and the shard is
+                # rescheduled (KilledWorker), its cases alone if it kills workers again
+                log.error("preprocessing %s broke this worker's CUDA context (%s): restarting the worker", cid, exc)
+                os._exit(75)
             log.warning("preprocessing %s failed: %s", cid, exc)
             results.append({"case": cid, "error": describe(exc)})
     return results
+
+
+_STICKY_CUDA = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+                "illegal instruction", "uncorrectable ecc error", "launch timed out")
+
+
+def sticky_cuda_error(exc: BaseException) -> bool:
+    """A CUDA error that leaves the process's context unusable (every later call fails), unlike running
+    out of memory, which frees up when the case is gone."""
+    import torch
+
+    text = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
+        return False
+    accelerator = getattr(torch, "AcceleratorError", None)
+    return (accelerator is not None and isinstance(exc, accelerator)) or (
+        "cuda error" in text and any(s in text for s in _STICKY_CUDA))
 
 
 def describe(exc: BaseException) -> str:

@@ -140,3 +140,19 @@ def test_auto_with_cuda_transforms_starts_a_cuda_cluster():
         assert type(client.cluster).__name__ == "LocalCUDACluster"
         assert len(client.scheduler_info()["workers"]) == gpu_count()
         assert all(client.run(lambda: __import__("torch").cuda.is_available()).values())
+
+
+def test_sticky_cuda_errors_restart_the_worker_and_out_of_memory_does_not():
+    import torch
+
+    from voxelflow.preprocess import sticky_cuda_error
+
+    # the messages torch raises for a broken context
+    assert sticky_cuda_error(RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel "
+                                          "errors might be asynchronously reported"))
+    assert sticky_cuda_error(RuntimeError("CUDA error: device-side assert triggered"))
+    assert sticky_cuda_error(torch.AcceleratorError("CUDA error: unspecified launch failure"))
+    # out of memory frees up with the case; anything else is the case's own error
+    assert not sticky_cuda_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not sticky_cuda_error(RuntimeError("CUDA error: out of memory"))
+    assert not sticky_cuda_error(ValueError("applying transform Spacingd: bad pixdim"))
