@@ -871,6 +871,8 @@ class Settings(BaseSettings):
     serve_docs: bool = Field(False, description="serve /docs and /openapi.json")
     serve_tls_cert: str | None = Field(None, description="PEM certificate: HTTPS when set with serve_tls_key")
     serve_tls_key: str | None = Field(None, description="PEM private key of serve_tls_cert")
+    serve_trusted_proxies: str = Field(
+        "", description="comma-separated CIDRs of proxies whose X-Forwarded-For names the client (default: none)")
     allowed_imports: str = Field(
         "monai,torch,voxelflow", description="comma-separated top-level packages a spec's import paths may name "
         "(networks, losses, transforms, metrics); add your own package, e.g. monai,torch,voxelflow,mypackage")

@@ -26,6 +26,7 @@ from voxelflow.config import (
     Settings,
 )
 from voxelflow.db import Database, connect
+from voxelflow.promotion import record_decision, settle
 from voxelflow.storage import Layout, Store
 
 Progress = Callable[[int, int], None]
@@ -387,9 +388,11 @@ def register_stage(
 ) -> Promotion:
     """Log and register the candidate (once, even when retried), then move ``champion`` if the gates pass.
 
-    The move is a compare-and-set under the model's lock: if ``champion`` is no longer the version
-    the candidate was compared with (another lifecycle promoted meanwhile), the candidate is scored
-    against the new champion and the gates are applied again.
+    The move is a compare-and-set (:func:`voxelflow.promotion.settle`): the model's lock covers only
+    reading, comparing and writing the aliases; if ``champion`` is no longer the version the candidate
+    was compared with (another lifecycle promoted meanwhile), the candidate is scored against the new
+    champion outside the lock and the gates are applied again. A retry that finds the candidate
+    already champion takes the move as done.
     """
     uri, name = ctx.tracking_uri, spec.model_name
     version = registry.find_version(uri, name, run_id)
@@ -398,45 +401,30 @@ def register_stage(
         weights = ctx.store.read_bytes(outcome.weights_key)
         model_uri = registry.log_model(uri, run_id, outcome.model_config, weights)
     tags = {**tags, "run_id": run_id, **{f"val_{k}": f"{v:.4f}" for k, v in evaluation.candidate.items()}}
-    compared, champion_scores, champion_cases = evaluation.champion_version, evaluation.champion, evaluation.champion_cases
-    previous, behaviour = None, candidate_behaviour(spec, ctx, outcome, evaluation)
-    with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers; the alias move is a CAS
+    behaviour = candidate_behaviour(spec, ctx, outcome, evaluation)
+    with ctx.db.locked(f"register:{name}"):  # registrations collide on version numbers
         version = registry.register(uri, model_uri, name, run_id, tags)
-        for _ in range(5):
-            decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags,
-                                     evaluation.directions, evaluation.candidate_cases, champion_cases)
-            awaiting = decision.promote and spec.approval == "manual"
-            if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
-                decision.promote = False
-                decision.reasons.append("approval is manual: it keeps `challenger` until a person answers the paused "
-                                        "lifecycle in the Prefect UI (or runs `voxelflow approve MODEL VERSION`)")
-            if not decision.promote:
-                break
-            try:
-                previous = registry.promote(uri, name, version, expected=compared, check=True)
-                break
-            except registry.ChampionMoved as moved:
-                compared = moved.current
-                champion_cases = None if compared is None else (rescore or score_version)(ctx, name, compared,
-                                                                                            evaluation)
-                champion_scores = None if champion_cases is None else evaluate.means(champion_cases)
-        else:
-            raise RuntimeError(f"champion of {name} kept moving while {version} was being promoted")
-        registry.tag_version(uri, name, version, {
-            "voxelflow.decision": "promoted" if decision.promote else "awaiting_approval" if awaiting else "rejected",
-            "voxelflow.reasons": "; ".join(decision.reasons)[:5000],
-            "voxelflow.compared_with": compared or "none", **decision.tags(),
-        })
-    if decision.promote:
-        entry = audit.append(ctx.db, "model.promoted", "voxelflow", model=name, version=version, previous=previous,
-                             compared_with=compared, metrics=evaluation.candidate, reasons=decision.reasons)
-    else:
-        entry = audit.append(ctx.db, "model.awaiting_approval" if awaiting else "model.rejected", "voxelflow",
-                             model=name, version=version, compared_with=compared, metrics=evaluation.candidate,
-                             reasons=decision.reasons)
-    audit.anchor_in_mlflow(uri, name, version, entry)  # the chain's head, kept where the log's writer cannot reach
-    champion = registry.alias_version(uri, name)
-    return Promotion(version, decision.promote, decision.reasons, champion, previous, model_uri or
+
+    def judge(champion: tuple[dict[str, float] | None, dict[str, Any] | None] | None) -> tuple[policy.Decision, bool]:
+        champion_scores, champion_cases = champion or (None, None)
+        decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags,
+                                 evaluation.directions, evaluation.candidate_cases, champion_cases)
+        awaiting = decision.promote and spec.approval == "manual"
+        if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
+            decision.promote = False
+            decision.reasons.append("approval is manual: it keeps `challenger` until a person answers the paused "
+                                    "lifecycle in the Prefect UI (or runs `voxelflow approve MODEL VERSION`)")
+        return decision, awaiting
+
+    def champion_of(other: str) -> tuple[dict[str, float], dict[str, Any]]:
+        champion_cases = (rescore or score_version)(ctx, name, other, evaluation)
+        return evaluate.means(champion_cases), champion_cases
+
+    settled = settle(uri, ctx.db, name, version, evaluation.champion_version,
+                     (evaluation.champion, evaluation.champion_cases), judge, champion_of)
+    record_decision(ctx.db, uri, name, version, settled, evaluation.candidate)
+    decision, champion = settled.decision, registry.alias_version(uri, name)
+    return Promotion(version, decision.promote, decision.reasons, champion, settled.previous, model_uri or
                      f"models:/{name}/{version}", decision.rows())
 
 
