@@ -374,17 +374,22 @@ def serve(
 
         import uvicorn
 
-        from voxelflow import registry
+        from voxelflow import registry, serve_gpu
         from voxelflow.config import Settings
         from voxelflow.db import connect
+        from voxelflow.devices import visible_gpus
         from voxelflow.redact import redact
         from voxelflow.serve import KeyStore, ModelHolder, create_app, proxy_options
 
         settings = Settings()
         proxies = proxy_options(settings.serve_trusted_proxies)  # X-Forwarded-For only from these peers
+        placed = serve_gpu.plan(visible_gpus(), settings.serve_per_gpu, settings.serve_workers, os.cpu_count() or 1)
+        console.print(placed.describe())
         db = connect(settings.database)
         cache = Path(tempfile.mkdtemp(prefix="voxelflow-serve-"))
-        holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, model, cache, alias))
+        # loaded on the CPU; on GPUs each load also makes one replica per GPU
+        holder = ModelHolder(lambda: registry.load_segmenter(settings.tracking_uri, model, cache, alias, device="cpu"),
+                             replicate=placed.replicate if placed.devices else None)
         try:
             version = holder.reload()
             console.print(f"serving {model}@{alias} (v{version}); create a key with `voxelflow keys create NAME`")
@@ -396,10 +401,11 @@ def serve(
             return {"model": model, "alias": alias, "aliases": list(mv.aliases),
                     "tags": {k: v for k, v in mv.tags.items() if k.startswith("voxelflow.")}}
 
-        app_ = create_app(holder, KeyStore(db), db=db, workers=settings.serve_workers, queue=settings.serve_queue,
+        app_ = create_app(holder, KeyStore(db), db=db, workers=placed.workers, queue=settings.serve_queue,
                           timeout_s=settings.serve_timeout_s, max_voxels=settings.serve_max_voxels,
                           docs=settings.serve_docs, describe=describe,
-                          memory_budget=settings.serve_memory_budget_mb * 2**20)
+                          memory_budget=settings.serve_memory_budget_mb * 2**20, gpus=placed.devices,
+                          per_gpu=placed.per_gpu)
         tls = {}
         if settings.serve_tls_cert or settings.serve_tls_key:
             if not (settings.serve_tls_cert and settings.serve_tls_key):

@@ -861,7 +861,10 @@ class Settings(BaseSettings):
     )
     deid_key_block: str = Field(
         "voxelflow-deid-key", description="Prefect Secret block flow runs read the key from when deid_key is unset")
-    serve_workers: int | None = Field(None, ge=1, description="inferences at once (default: one per core)")
+    serve_workers: int | None = Field(
+        None, ge=1, description="inferences at once (default: one per core, or per GPU slot on GPUs)")
+    serve_per_gpu: int = Field(1, ge=1, le=2, description="inferences each GPU runs at once (1 or 2); each "
+                               "visible GPU holds one replica of the model")
     serve_queue: int | None = Field(None, ge=0, description="requests that may wait for a worker (default: workers)")
     serve_timeout_s: float = Field(120.0, gt=0, description="longest a request may take (then 504)")
     serve_max_voxels: int = Field(512**3, gt=0, description="largest volume accepted (then 413)")

@@ -7,8 +7,11 @@ packages it as an MLflow pyfunc that loads weights without pickle.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,14 @@ class Segmenter:
         self.roi_size = tuple(window["roi_size"])
         self.window = {"overlap": window.get("overlap", 0.25), "sw_batch_size": window.get("sw_batch_size", 4),
                        "mode": window.get("mode", "constant")}
+        self.stitch_voxels: int | None = None  # on a GPU: larger grids are stitched on the CPU (None: never)
+
+    def replica(self, device: str) -> Segmenter:
+        """The same model with its network on ``device`` (the preprocessing is shared)."""
+        twin = copy.copy(self)
+        twin.net = copy.deepcopy(self.net).to(device).eval()
+        twin.device = next(twin.net.parameters()).device
+        return twin
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | None = None) -> Segmenter:
@@ -45,12 +56,21 @@ class Segmenter:
         return cls(config, (path / "weights.safetensors").read_bytes(), device)
 
     def logits(self, batch):
-        """Sliding-window logits for an already preprocessed batch (N, C, *spatial)."""
+        """Sliding-window logits for an already preprocessed batch (N, C, *spatial).
+
+        The windows run on the network's device; on a GPU the output is stitched there up to ``stitch_voxels``
+        voxels of the (padded) grid and on the CPU beyond, the input staying on the CPU too (MONAI's
+        ``sw_device``/``device``)."""
         import torch
         from monai.inferers import sliding_window_inference
 
-        with torch.no_grad(), autocast_for(self.config.get("precision", "fp32"), self.device):
-            out = sliding_window_inference(batch.to(self.device), self.roi_size, predictor=self.net, **self.window)
+        grid = math.prod(max(int(s), int(r)) for s, r in zip(batch.shape[2:], self.roi_size))
+        stitch = stitch_device(grid, self.stitch_voxels, str(self.device))
+        inputs = batch.to(self.device) if stitch == str(self.device) else batch.cpu()
+        on_gpu = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with torch.no_grad(), on_gpu, autocast_for(self.config.get("precision", "fp32"), self.device):
+            out = sliding_window_inference(inputs, self.roi_size, predictor=self.net, sw_device=self.device,
+                                           device=torch.device(stitch), **self.window)
         return out.float()
 
     def segment(self, volume: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
@@ -74,6 +94,14 @@ class Segmenter:
                 {"pred": logits, "image": image}
             )
         return torch.argmax(torch.as_tensor(out["pred"]), dim=0).to(torch.uint8).numpy()
+
+
+def stitch_device(grid_voxels: int, limit: int | None, device: str) -> str:
+    """Where the sliding-window output of a grid of ``grid_voxels`` is stitched: on the network's ``device``,
+    except on a GPU for grids over ``limit`` voxels, which go to the CPU (``limit`` None: no limit)."""
+    if device.startswith("cuda") and limit is not None and grid_voxels > limit:
+        return "cpu"
+    return device
 
 
 class SegmentationModel(PythonModel):

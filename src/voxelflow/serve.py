@@ -17,7 +17,7 @@ import json
 import math
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from fastapi import FastAPI, Header, HTTPException, Request, Response
@@ -28,6 +28,7 @@ from voxelflow import audit
 from voxelflow.db import Database
 from voxelflow.formats import VolumeError
 from voxelflow.redact import redact
+from voxelflow.serve_gpu import RETRY_AFTER_OOM, GpuSlots, out_of_memory, recover, workers_for
 from voxelflow.serve_guard import Denials, Throttle
 from voxelflow.serve_keys import LEGACY_ROLES, ROLES, KeyStore, Principal
 from voxelflow.serve_model import ModelHolder, failure_summary
@@ -39,7 +40,9 @@ from voxelflow.serve_volumes import (
     VOLUME_STATUS,
     declared_volume,
     decode_volume,
+    device_working_set_bytes,
     encode_mask,
+    model_grid_voxels,
     nifti_gz,
     working_set_bytes,
 )
@@ -67,6 +70,8 @@ def create_app(
     failed_burst: int = 10,
     memory_budget: int | None = 8 * 1024**3,
     max_clients: int = 10000,
+    gpus: Sequence[str] = (),
+    per_gpu: int = 1,
 ):
     """The service's ASGI app.
 
@@ -81,6 +86,11 @@ def create_app(
     in aggregate. Each throttle keeps at most ``max_clients`` buckets (the least recently used go).
     ``memory_budget`` bounds one inference's memory (bytes), estimated from the body's header before
     any voxel is read or inflated (:func:`working_set_bytes`); a volume over it is refused 413.
+    With ``gpus`` (``cuda:0``...; the holder's ``replicas`` hold the model on each), each GPU runs at most
+    ``per_gpu`` inferences at once (the default for ``workers`` is then one per GPU slot), a request takes the
+    GPU running the fewest, and a volume whose windows alone would not fit in one inference's share of a GPU's
+    memory is refused 413 too. An inference that runs out of memory on a GPU is answered 503 with Retry-After,
+    and its memory is handed back before the worker takes the next request.
     """
     import asyncio
     import logging
@@ -90,7 +100,8 @@ def create_app(
 
     from prometheus_client import Gauge
 
-    workers = workers or max(1, os.cpu_count() or 1)
+    workers = workers_for(workers, len(gpus), per_gpu, os.cpu_count() or 1)
+    gpu_slots = GpuSlots(gpus, per_gpu) if gpus else None
     queue = workers if queue is None else queue
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="voxelflow-infer")
     slots = threading.BoundedSemaphore(workers + queue)
@@ -106,6 +117,13 @@ def create_app(
     waiting = Gauge("voxelflow_queue_depth", "Requests admitted and waiting for an inference worker",
                     registry=registry)
     in_flight = Gauge("voxelflow_inference_in_flight", "Inferences running now", registry=registry)
+    out_of_memory_total = Counter("voxelflow_inference_out_of_memory", "Inferences that ran out of device "
+                                  "memory (answered 503)", registry=registry)
+    if gpu_slots is not None:
+        on_gpu = Gauge("voxelflow_gpu_inferences", "Inferences running on each GPU now", ["device"],
+                       registry=registry)
+        for device in gpus:
+            on_gpu.labels(device).set_function(lambda device=device: gpu_slots.in_use[device])
     served = Gauge("voxelflow_model_version", "Version of the model being served", registry=registry)
     served.set_function(lambda: float(holder.version) if str(holder.version or "").isdigit() else -1.0)
     swaps = Gauge("voxelflow_model_swaps", "Models hot-swapped in since start", registry=registry)
@@ -289,19 +307,39 @@ def create_app(
         if not all(math.isfinite(s) and s > 0 for s in spacing):
             raise HTTPException(422, "cannot decode the volume: bad-affine: the header's voxel spacing is not "
                                      f"finite and positive ({', '.join(f'{s:g}' for s in spacing)})")
-        need = working_set_bytes(shape, dtype, spacing, getattr(holder.segmenter, "config", None))
+        config = getattr(holder.segmenter, "config", None)
+        need = working_set_bytes(shape, dtype, spacing, config)
         if need > memory_budget:
             raise HTTPException(413, f"a volume of shape {list(shape)} ({dtype}) needs about {need / 2**20:.0f} MiB "
                                      f"to segment, over the per-request budget of {memory_budget / 2**20:.0f} MiB")
+        replicas = holder.replicas
+        if gpu_slots is not None and replicas:  # the least a GPU must hold: the windows (stitching on the CPU)
+            share = min(r.share_bytes for r in replicas.values())
+            device_need = device_working_set_bytes(model_grid_voxels(shape, spacing, config), config, stitched=False)
+            if device_need > share:
+                raise HTTPException(413, f"a volume of shape {list(shape)} needs about {device_need / 2**20:.0f} MiB "
+                                         f"of GPU memory to segment, over the {share / 2**20:.0f} MiB budget one "
+                                         "inference has on a GPU")
 
     def infer(body: bytes, content_type: str, summary: bool) -> Response:
         waiting.dec()
         in_flight.inc()
         try:
-            return _infer(body, content_type, summary)
-        except HTTPException as exc:
-            return Response(json.dumps({"detail": exc.detail}), status_code=exc.status_code,
-                            media_type="application/json")
+            try:
+                return _infer(body, content_type, summary)
+            except HTTPException as exc:
+                return Response(json.dumps({"detail": exc.detail}), status_code=exc.status_code,
+                                media_type="application/json")
+            except Exception as exc:
+                if not out_of_memory(exc):
+                    raise
+            # out of memory: the failed inference's tensors went with the traceback; its cached blocks go back
+            recover()
+            out_of_memory_total.inc()
+            log.warning(json.dumps({"event": "inference.out_of_memory", "model_version": holder.version}))
+            return Response(json.dumps({"detail": "the inference ran out of device memory; try again"}),
+                            status_code=503, media_type="application/json",
+                            headers={"Retry-After": str(RETRY_AFTER_OOM)})
         finally:
             in_flight.dec()
 
@@ -313,9 +351,13 @@ def create_app(
         except VolumeError as exc:  # the client's input: the header is checked before anything is allocated
             raise HTTPException(VOLUME_STATUS.get(exc.reason, 400), f"cannot decode the volume: {exc}") from None
         with holder.lock:
-            segmenter, version = holder.segmenter, holder.version
+            segmenter, version, replicas = holder.segmenter, holder.version, holder.replicas
         start = time.perf_counter()
-        mask = segmenter.segment(volume, affine)
+        if gpu_slots is None or not replicas:
+            mask = segmenter.segment(volume, affine)
+        else:
+            with gpu_slots.take() as device:  # the GPU running the fewest inferences, its replica of the model
+                mask = replicas[device].segmenter.segment(volume, affine)
         latency.observe(time.perf_counter() - start)
         headers = {"X-Model-Version": str(version)}
         if summary:

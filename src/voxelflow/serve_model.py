@@ -26,12 +26,16 @@ class ModelHolder:
 
     A failed load leaves the model loaded before serving; it is counted (``swap_failures``) and
     kept in ``failure``: the version wanted, when it failed, and why (credentials in URLs masked)
-    until a load succeeds.
+    until a load succeeds. With ``replicate`` (on GPUs: :meth:`voxelflow.serve_gpu.Plan.replicate`), each load
+    also makes the model's replicas (``replicas``: device -> replica), swapped in with it.
     """
 
-    def __init__(self, loader: Callable[[], tuple[Any, str]]) -> None:
+    def __init__(self, loader: Callable[[], tuple[Any, str]],
+                 replicate: Callable[[Any], dict[str, Any]] | None = None) -> None:
         self.loader = loader
+        self.replicate = replicate
         self.segmenter: Any = None
+        self.replicas: dict[str, Any] = {}
         self.version: str | None = None
         self.failure: dict[str, Any] | None = None
         self.summary: str | None = None  # failure_summary of the last failed load, for /health/ready
@@ -49,6 +53,7 @@ class ModelHolder:
         """Load the alias's model and swap it in; ``wanted`` is the version expected (for the record of a failure)."""
         try:
             segmenter, version = self.loader()
+            replicas = self.replicate(segmenter) if self.replicate is not None else {}
         except Exception as exc:  # noqa: BLE001 - recorded, then raised to the caller
             self._failed(wanted, exc)
             raise
@@ -56,6 +61,7 @@ class ModelHolder:
             if self.segmenter is not None and version != self.version:
                 self.swaps += 1
             self.segmenter, self.version, self.failure, self.summary = segmenter, version, None, None
+            self.replicas = replicas
         return version
 
     def _failed(self, wanted: str | None, exc: BaseException) -> None:

@@ -58,6 +58,29 @@ def declared_volume(body: bytes, content_type: str) -> tuple[tuple[int, ...], np
     return volume_shape(header), header.dtype, spacing
 
 
+def model_grid_voxels(shape: tuple[int, ...], spacing: tuple[float, ...], config: dict[str, Any] | None) -> float:
+    """Voxels of the model's grid for a volume of ``shape`` and ``spacing``: resampled to the model's spacing
+    (its ``Spacingd``), at least one window."""
+    config = config or {}
+    voxels = math.prod(int(s) for s in shape)
+    pixdim = next((list(t["Spacingd"]["pixdim"]) for t in config.get("transforms", [])
+                   if isinstance(t, dict) and "Spacingd" in t), None)
+    zoom = 1.0
+    if pixdim:
+        pixdim = (pixdim * 3)[:3] if len(pixdim) == 1 else pixdim
+        zoom = math.prod(max(float(s), 1e-6) / max(float(p), 1e-6) for s, p in zip(spacing[:3], pixdim[:3]))
+    return max(voxels * zoom, math.prod(config.get("spatial_size", [1])))
+
+
+def _network(config: dict[str, Any]) -> dict[str, Any]:
+    network = next(iter(config.get("network", {}).values()), {}) if isinstance(config.get("network"), dict) else {}
+    return network if isinstance(network, dict) else {}
+
+
+def _channels(config: dict[str, Any]) -> int:
+    return int(_network(config).get("out_channels", 2))
+
+
 def working_set_bytes(shape: tuple[int, ...], dtype: np.dtype, spacing: tuple[float, ...],
                       config: dict[str, Any] | None) -> int:
     """Memory one inference of this volume needs, from its header: per input voxel, the body (read, joined,
@@ -67,19 +90,54 @@ def working_set_bytes(shape: tuple[int, ...], dtype: np.dtype, spacing: tuple[fl
     accumulator and count map of every output channel."""
     config = config or {}
     voxels = math.prod(int(s) for s in shape)
-    pixdim = next((list(t["Spacingd"]["pixdim"]) for t in config.get("transforms", [])
-                   if isinstance(t, dict) and "Spacingd" in t), None)
-    zoom = 1.0
-    if pixdim:
-        pixdim = (pixdim * 3)[:3] if len(pixdim) == 1 else pixdim
-        zoom = math.prod(max(float(s), 1e-6) / max(float(p), 1e-6) for s, p in zip(spacing[:3], pixdim[:3]))
-    grid = max(voxels * zoom, math.prod(config.get("spatial_size", [1])))
-    network = next(iter(config.get("network", {}).values()), {}) if isinstance(config.get("network"), dict) else {}
-    channels = int(network.get("out_channels", 2)) if isinstance(network, dict) else 2
+    grid = model_grid_voxels(shape, spacing, config)
+    channels = _channels(config)
     per_input = 3 * np.dtype(dtype).itemsize + 80 + 8 * channels  # + the logits inverted onto the input grid
     per_grid = 4 * 2 + 4 * (2 * channels + 1) + 1  # preprocessed (two copies), logits + accumulator + count, argmax
     total = voxels * per_input + grid * per_grid
     return int(total) if math.isfinite(total) else 2**63  # an absurd spacing: more than any budget
+
+
+#: device memory cuDNN's convolution workspaces and the allocator's rounding may take beside the tensors
+DEVICE_OVERHEAD = 256 * 2**20
+#: float32 maps of the network's first-level width one window holds at once under no_grad (a block's input,
+#: output and normalised copy, the skip it keeps, the decoder's concatenation; the coarser levels add less)
+ACTIVATION_MAPS = 10
+
+
+def _window_bytes(config: dict[str, Any]) -> int:
+    """Device memory of the windows of one sliding-window step: ``sw_batch_size`` windows, their importance map,
+    the network's activations and its output (weighted, and a copy on the way to the stitched output)."""
+    window = config.get("sliding_window") or {"roi_size": config.get("spatial_size", [1])}
+    roi = math.prod(int(r) for r in window.get("roi_size") or [1])
+    batch = int(window.get("sw_batch_size", 4))
+    network = _network(config)
+    width = next((int(network[k][0]) for k in ("channels", "features", "filters") if network.get(k)),
+                 int(network.get("init_filters", 32)))
+    inputs, outputs = int(network.get("in_channels", 1)), _channels(config)
+    return batch * roi * 4 * (inputs + ACTIVATION_MAPS * width + 3 * outputs) + roi * 4 + DEVICE_OVERHEAD
+
+
+def _stitched_bytes_per_voxel(config: dict[str, Any]) -> int:
+    """Per voxel of the model's grid, what stitching on the device holds there: the input (and its padded copy),
+    the logits of every channel and the count map."""
+    return 4 * (2 * int(_network(config).get("in_channels", 1)) + _channels(config) + 1)
+
+
+def device_working_set_bytes(grid_voxels: float, config: dict[str, Any] | None, stitched: bool) -> int:
+    """Device memory one inference needs on a model grid of ``grid_voxels``: the windows of one step
+    (:func:`_window_bytes`) and, when the output is ``stitched`` on the device, the input and the logits there
+    (otherwise they stay in host memory, which :func:`working_set_bytes` counts)."""
+    config = config or {}
+    total = _window_bytes(config) + (grid_voxels * _stitched_bytes_per_voxel(config) if stitched else 0)
+    return int(total) if math.isfinite(total) else 2**63
+
+
+def stitch_limit_voxels(share_bytes: int, config: dict[str, Any] | None) -> int:
+    """The largest model grid (voxels) whose sliding-window output is stitched on the device within
+    ``share_bytes``; larger grids are stitched on the CPU (0: every one is)."""
+    config = config or {}
+    return max(0, int(share_bytes - _window_bytes(config)) // _stitched_bytes_per_voxel(config))
 
 
 #: how each kind of bad volume is answered
