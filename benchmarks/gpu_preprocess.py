@@ -37,7 +37,7 @@ sys.path.insert(0, "src")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 METRIC = "gpu_preprocess_speedup"
-GOAL = 1.0  # the GPU path should at least keep up with every CPU core of the same machine
+GOAL = 3.0  # the GPU path against every CPU core of the same node
 TRANSFORMS = [
     {"Orientationd": {"keys": ["image", "label"], "axcodes": "RAS"}},
     {"Spacingd": {"keys": ["image", "label"], "pixdim": [1.5, 1.5, 1.5], "mode": ["bilinear", "nearest"]}},

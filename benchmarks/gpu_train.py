@@ -1,31 +1,45 @@
-"""GPU training: samples/s, model-FLOPs utilisation and the GPU-busy fraction of voxelflow's training step.
+"""GPU training: samples/s, model-FLOPs utilisation and the GPU-busy fraction of voxelflow's own training loop.
 
-For SegResNet and UNet on ``--size``³ patches (default 96 and 128), bf16-mixed, batch ``--batch``,
-cases cached on the GPU and patches sampled there (``voxelflow.train``: StoreCases on the device,
-ThreadDataLoader), each network trains ``--steps`` steps after ``--warmup`` untimed ones, eager and
-with ``torch.compile`` where it compiles:
+Each network (SegResNet and UNet) at each ``--size`` (default 96 and 128) trains through
+``voxelflow.train.train`` itself, on preprocessed cases staged in a case store (cached on the GPU
+within the budget the pipeline gives it, ``voxelflow.devices.cache_placement``), with
+``RandCropByPosNegLabeld`` drawing ``--samples`` patches of ``--size``³ per case and ``--batch``
+cases a step, in bf16-mixed: the loop with its per-step loss read-back, GradScaler, loader thread
+and epoch bookkeeping, not a loop of this script's own. The script only watches it: a CUDA event
+is recorded when the loop receives each batch and another when its optimizer has stepped (a
+wrapper around the loader and an optimizer step hook); the first ``--warmup`` steps are not timed.
 
-* ``samples_per_s``: patches a second through voxelflow's loop;
-* ``mfu``: FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``, forward + backward) × steps/s
-  ÷ the bf16 matmul peak measured in this script (large ``torch.matmul`` in bf16);
-* ``gpu_busy``: the share of the timed wall time the GPU spent in kernels (CUDA events around the
-  steps give the wall time; the profiler's kernel time gives the busy time).
+* ``gpu_samples_per_s``: the patches of the timed batches, as the loop received them (counted from
+  the batches, never ``steps × batch``), ÷ the time from the first timed step's start event to the
+  last one's end event;
+* ``gpu_busy_fraction``: the time inside steps (each step's start event to its end event) ÷ that
+  same span; the rest is the GPU waiting between steps (for the next batch, epoch bookkeeping).
+  Not clamped: a value over 1 would be a measurement error and is printed as it is;
+* ``gpu_mfu_bf16``: FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode`` over forward
+  and backward of the same network on a batch of the same shape, in bf16 autocast) × timed steps
+  ÷ the span, ÷ the bf16 matmul peak measured here (8192² ``torch.matmul``, ``--peak-seconds`` ≥ 2 s
+  after a warm-up, so the clocks have ramped).
 
-Goals: MFU ≥ 0.30 for SegResNet, busy ≥ 0.95. Metrics are JSON lines
-``gpu_train_mfu_segresnet``, ``gpu_train_busy_segresnet``, ``gpu_train_samples_per_s_segresnet`` (and
-``_unet``). Without a CUDA device it says so, prints the metrics with ``"value": null`` and exits 0.
+The headline metrics are SegResNet's at the largest size (goals: MFU ≥ 0.30, busy ≥ 0.95); the
+other runs print as ``gpu_*_<network>_<size>``. Without a CUDA device (``--cpu`` forces it) the same
+measurement runs on the CPU on a tiny network in fp32, every line labelled as a CPU smoke run, and
+the GPU metrics print with ``"value": null`` and the reason; it exits 0. Needs torch, monai, zarr,
+xarray, pydantic, pyyaml, fsspec and safetensors (no Prefect, no MLflow).
 
-    python benchmarks/gpu_train.py [--size 96 128] [--steps 20] [--batch 2] [--no-compile]
+    python benchmarks/gpu_train.py [--size 96 128] [--steps 20] [--warmup 5] [--batch 2] [--samples 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,139 +52,311 @@ NETWORKS = {
     "unet": {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [16, 32, 64, 128, 256],
                       "strides": [2, 2, 2, 2], "num_res_units": 2}},
 }
+CPU_NETWORKS = {"unet": {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8],
+                                  "strides": [2], "num_res_units": 0}}}
+LOSS = {"DiceCELoss": {"to_onehot_y": True, "softmax": True}}
 GOALS = {"mfu": 0.30, "busy": 0.95}
+MIN_PEAK_SECONDS = 2.0
 
 
-def metric(name: str, value, goal, higher: bool = True) -> None:
+def metric(name: str, value: float | None, goal: float | None, higher: bool = True, **extra: Any) -> None:
     print(json.dumps({"metric": name, "value": None if value is None else round(float(value), 4), "goal": goal,
-                      "higher_is_better": higher}), flush=True)
+                      "higher_is_better": higher, **extra}), flush=True)
 
 
-def matmul_peak(dtype) -> float:
-    """FLOP/s of large bf16 matmuls on this GPU: the peak MFU is measured against."""
+def note(obj: dict[str, Any]) -> None:
+    print("# " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in obj.items()}), flush=True)
+
+
+def measure_peak(run_once: Callable[[], None], flops_per_call: float, sync: Callable[[], None],
+                 min_seconds: float = MIN_PEAK_SECONDS, warmup_seconds: float = 0.5, sync_every: int = 10,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """FLOP/s of ``run_once`` (``flops_per_call`` each): calls for ``warmup_seconds`` untimed, then timed
+    calls until at least ``min_seconds`` have passed, synchronising every ``sync_every`` calls and at
+    the end, so the time is that of work done, not queued."""
+    start = clock()
+    while clock() - start < warmup_seconds:
+        for _ in range(sync_every):
+            run_once()
+        sync()
+    calls, start = 0, clock()
+    while True:
+        run_once()
+        calls += 1
+        if calls % sync_every == 0:
+            sync()
+            elapsed = clock() - start
+            if elapsed >= min_seconds:
+                break
+    return {"flops_per_s": flops_per_call * calls / elapsed, "seconds": elapsed, "calls": calls}
+
+
+def matmul_peak(device, dtype, min_seconds: float, n: int = 8192) -> dict[str, float]:
+    """The matmul peak of this device in ``dtype``: what MFU is measured against."""
     import torch
 
-    n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    reps, start = 20, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return measure_peak(lambda: torch.matmul(a, b, out=out), 2.0 * n**3, sync, min_seconds,
+                        warmup_seconds=0.5 if device.type == "cuda" else 0.0,
+                        sync_every=10 if device.type == "cuda" else 1)
 
 
-def step_flops(net, loss_fn, x, y) -> int:
+def step_flops(net, loss_fn, x, y, precision: str) -> int:
+    """FLOPs of one training step's forward and backward (FlopCounterMode counts convolutions and
+    matmuls, the work MFU is about), under the step's autocast."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from voxelflow.train import autocast_for
 
     counter = FlopCounterMode(display=False)
-    with counter, autocast_for("bf16-mixed", x.device):
-        loss_fn(net(x), y).backward()
+    with counter:
+        with autocast_for(precision, x.device):
+            loss = loss_fn(net(x), y)
+        loss.backward()
     net.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return int(counter.get_total_flops())
 
 
-def run(name: str, size: int, steps: int, warmup: int, batch: int, compile_: bool, root: Path) -> dict:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+def span_figures(spans: list[tuple[float, float]], samples: int) -> dict[str, float]:
+    """From each timed step's (start, end) in seconds on one clock, and the samples of those steps:
+    the span from the first start to the last end, the share of it inside steps (unclamped) and samples/s."""
+    if not spans:
+        raise ValueError("no timed steps: raise --steps")
+    span = spans[-1][1] - spans[0][0]
+    inside = sum(end - start for start, end in spans)
+    return {"span_s": span, "busy": inside / span, "samples_per_s": samples / span, "steps": len(spans)}
 
+
+class StepTimer:
+    """Marks around each step of voxelflow's loop: a start when the loop receives a batch (before it
+    moves it to the device), an end when its optimizer has stepped. On a GPU the marks are CUDA
+    events on the current stream (GPU time); on the CPU, host clock readings."""
+
+    def __init__(self, device, warmup: int) -> None:
+        self.cuda, self.warmup = device.type == "cuda", warmup
+        self.marks: list[list[Any]] = []  # [start, end or None] of each timed step
+        self.seen = self.samples = 0
+        self.batch_shapes: set[tuple[int, ...]] = set()
+
+    def _mark(self):
+        import torch
+
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _close(self) -> None:
+        if self.marks and self.marks[-1][1] is None:  # a step whose optimizer step was skipped (fp16 overflow)
+            self.marks[-1][1] = self._mark()
+
+    def on_batch(self, x) -> None:
+        self._close()
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.samples += int(x.shape[0])
+            self.batch_shapes.add(tuple(x.shape))
+            self.marks.append([self._mark(), None])
+
+    def on_step(self, *_args) -> None:
+        if self.seen > self.warmup and self.marks and self.marks[-1][1] is None:
+            self.marks[-1][1] = self._mark()
+
+    def spans(self) -> list[tuple[float, float]]:
+        import torch
+
+        self._close()
+        if self.cuda:
+            torch.cuda.synchronize()
+            first = self.marks[0][0]
+            return [(first.elapsed_time(s) / 1000, first.elapsed_time(e) / 1000) for s, e in self.marks]
+        first = self.marks[0][0] if self.marks else 0.0
+        return [(s - first, e - first) for s, e in self.marks]
+
+
+class _Watched:
+    def __init__(self, loader, timer: StepTimer) -> None:
+        self.loader, self.timer = loader, timer
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            self.timer.on_batch(x)
+            yield x, y
+
+
+@contextmanager
+def watching(timer: StepTimer):
+    """voxelflow's loop, unchanged, with the timer's marks: its loader wrapped, its optimizer hooked."""
     from voxelflow import train
-    from voxelflow.config import TrainSpec
+
+    make_loader, build_optimizer = train.make_loader, train.build_optimizer
+
+    def loader(*args, **kwargs):
+        return _Watched(make_loader(*args, **kwargs), timer)
+
+    def optimizer(*args, **kwargs):
+        opt = build_optimizer(*args, **kwargs)
+        opt.register_step_post_hook(timer.on_step)
+        return opt
+
+    train.make_loader, train.build_optimizer = loader, optimizer
+    try:
+        yield timer
+    finally:
+        train.make_loader, train.build_optimizer = make_loader, build_optimizer
+
+
+def stage_cases(root: Path, size: int, n: int = 4):
+    """``n`` preprocessed cases of 1.5 × ``size`` a side in a case store, so patches are really sampled."""
     from voxelflow.preprocess import case_dataset
     from voxelflow.storage import CaseStore, Store
 
-    full = size + size // 2  # cases larger than the patches, so patches are really sampled
-    out = CaseStore(Store(root / f"{name}-{size}"), "pre")
+    full = size + size // 2
+    out = CaseStore(Store(root), "pre/bench")
     rng = np.random.default_rng(0)
-    for i in range(4):
+    for i in range(n):
         image = rng.random((1, full, full, full), dtype=np.float32)
         label = (image > 0.7).astype(np.uint8)
-        out.write(f"case-{i}", case_dataset({"image": image, "label": label, "affine": np.eye(4)}, {}, "gpu"))
-    cases = train.StoreCases(out, [f"case-{i}" for i in range(4)], 2**34, device="cuda")
-    augment = [{"RandCropByPosNegLabeld": {"keys": ["image", "label"], "label_key": "label",
-                                           "spatial_size": [size] * 3, "num_samples": 1}}]
-    spec = TrainSpec(network=NETWORKS[name], batch_size=batch, precision="bf16-mixed", epochs=1, augment=augment)
-    net = train.build_network(spec.network).cuda()
-    loss_fn = train.build_loss(spec.loss)
-    opt = train.build_optimizer(spec.optimizer, net.parameters(), 1e-4)
-    dataset = train.TrainingSet(cases, augment, 0)
-    total = warmup + steps
-    loader = train.make_loader(dataset, train.StepBatches(4, batch, 0, 0, total * 2), 0, torch.device("cuda"))
-    model = torch.compile(net) if compile_ else net
-    batches = iter(loader)
-    x0, y0 = next(batches)
-    flops = step_flops(net, loss_fn, x0.cuda(), y0.cuda())
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        with train.autocast_for("bf16-mixed", x.device):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-
-    for _ in range(warmup):
-        x, y = next(batches)
-        step(x.cuda(), y.cuda())
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(steps):
-            x, y = next(batches)
-            step(x.cuda(non_blocking=True), y.cuda(non_blocking=True))
-        end.record()
-        torch.cuda.synchronize()
-    wall_s = begin.elapsed_time(end) / 1000
-    kernel_s = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6  # microseconds of kernels
-    busy = min(1.0, kernel_s / wall_s)
-    return {"network": name, "size": size, "compile": compile_, "samples_per_s": steps * batch / wall_s,
-            "step_tflop": flops / 1e12, "achieved_tflops": flops * steps / wall_s / 1e12, "busy": busy,
-            "kernel_s": kernel_s, "wall_s": wall_s}
+        out.write(f"case-{i}", case_dataset({"image": image, "label": label, "affine": np.eye(4)}, {}, "bench"))
+    return out, [f"case-{i}" for i in range(n)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, nargs="+", default=[96, 128])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--no-compile", action="store_true")
-    args = parser.parse_args()
+def run(network: dict, size: int, steps: int, warmup: int, batch: int, samples: int, precision: str, device,
+        root: Path) -> dict[str, Any]:
+    """One network trained by ``voxelflow.train.train`` for ``warmup + steps`` steps (whole epochs)."""
     import torch
 
-    if not torch.cuda.is_available():
-        print("# no CUDA device (torch.cuda.is_available() is False): nothing measured", flush=True)
-        for name in NETWORKS:
-            metric(f"gpu_train_mfu_{name}", None, GOALS["mfu"])
-            metric(f"gpu_train_busy_{name}", None, GOALS["busy"])
-        return
-    peak = matmul_peak(torch.bfloat16)
-    print(f"# {torch.cuda.get_device_name()}: bf16 matmul peak measured {peak / 1e12:.1f} TFLOP/s", flush=True)
-    best: dict[str, dict] = {}
+    from voxelflow import devices, train
+    from voxelflow.config import TrainSpec
+
+    store, ids = stage_cases(root, size)
+    augment = [{"RandCropByPosNegLabeld": {"keys": ["image", "label"], "label_key": "label",
+                                           "spatial_size": [size] * 3, "pos": 1, "neg": 1,
+                                           "num_samples": samples}}]
+    per_epoch = math.ceil(len(ids) / batch)
+    epochs = math.ceil((warmup + steps) / per_epoch)
+    spec = TrainSpec(network=network, loss=LOSS, batch_size=batch, precision=precision, epochs=epochs,
+                     augment=augment, checkpoint_every_steps=10**6, seed=0, devices=1, workers=0)
+    where = devices.placement(spec.devices, devices.visible_gpus(), spec.batch_size, str(device))
+    cache_device, budget = devices.cache_placement(spec.cache_mb * 2**20, where, spec.workers,
+                                                   devices.free_gpu_bytes() if where.kind == "cuda" else None)
+    cases = train.StoreCases(store, ids, budget, cache_device)
+
+    torch.manual_seed(0)
+    net = train.build_network(network).to(device)
+    x = torch.rand(batch * samples, 1, size, size, size, device=device)
+    y = torch.randint(0, 2, (batch * samples, 1, size, size, size), device=device).float()
+    flops = step_flops(net, train.build_loss(LOSS), x, y, precision)
+    del net, x, y
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    timer = StepTimer(device, warmup)
+    with watching(timer), tempfile.TemporaryDirectory() as tmp:
+        from voxelflow.storage import Store
+
+        result = train.train(spec, cases, train.Checkpoints(Store(tmp), "ck"), device=str(device))
+    figures = span_figures(timer.spans(), timer.samples)
+    out = {"steps_total": result.steps, "steps_timed": figures["steps"], "patches_timed": timer.samples,
+           "batch_shapes": sorted(timer.batch_shapes), "cached_cases": cases.cached,
+           "step_gflop": flops / 1e9, "span_s": figures["span_s"], "samples_per_s": figures["samples_per_s"],
+           "busy": figures["busy"], "achieved_tflops": flops * figures["steps"] / figures["span_s"] / 1e12}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, nargs="+", default=None, help="patch sizes (default 96 128; CPU 16)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20; CPU 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; CPU 1)")
+    parser.add_argument("--batch", type=int, default=2, help="cases a step")
+    parser.add_argument("--samples", type=int, default=None, help="patches a case (default 2; CPU 1)")
+    parser.add_argument("--peak-seconds", type=float, default=MIN_PEAK_SECONDS,
+                        help=f"timed seconds of the matmul peak (at least {MIN_PEAK_SECONDS} on a GPU)")
+    parser.add_argument("--networks", nargs="+", default=None, help="of: " + " ".join(NETWORKS))
+    parser.add_argument("--cpu", action="store_true", help="the CPU smoke run even where there is a GPU")
+    args = parser.parse_args(argv)
+    import torch
+
+    from voxelflow import devices
+
+    reason = None
+    if args.cpu:
+        reason = "--cpu asked for"
+    elif not torch.cuda.is_available():
+        reason = "no CUDA device (torch.cuda.is_available() is False)"
+    elif not devices.bf16_native():
+        reason = f"{torch.cuda.get_device_name()} has no native bf16 (the MFU goal is for bf16)"
+    gpu = reason is None
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu and args.peak_seconds < MIN_PEAK_SECONDS:
+        parser.error(f"--peak-seconds must be at least {MIN_PEAK_SECONDS} on a GPU (clocks ramp up), "
+                     f"not {args.peak_seconds}")
+    sizes = args.size or ([96, 128] if gpu else [16])
+    steps, warmup = args.steps or (20 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 1)
+    samples = args.samples or (2 if gpu else 1)
+    networks = NETWORKS if gpu else CPU_NETWORKS
+    if args.networks:
+        unknown = sorted(set(args.networks) - set(NETWORKS))
+        if unknown:
+            parser.error(f"unknown networks {unknown}: choose from {sorted(NETWORKS)}")
+        networks = {k: v for k, v in NETWORKS.items() if k in args.networks} if gpu else networks
+    precision = "bf16-mixed" if gpu else "fp32"
+    label = "gpu" if gpu else "cpu smoke run, not a GPU figure"
+    if not gpu:
+        print(f"# CPU smoke run ({reason}): the same measurement on the CPU, a tiny UNet in fp32, host clock; "
+              "its figures say nothing about a GPU", flush=True)
+
+    dtype = torch.bfloat16 if gpu else torch.float32
+    peak = matmul_peak(device, dtype, args.peak_seconds, n=8192 if gpu else 256)
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    note({"run": label, "device": name, "torch": torch.__version__, "matmul_peak_tflops": peak["flops_per_s"] / 1e12,
+          "peak_dtype": str(dtype).removeprefix("torch."), "peak_seconds": peak["seconds"],
+          "peak_calls": peak["calls"],
+          "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
+          "tf32_conv": torch.backends.cudnn.allow_tf32})
+    results: dict[tuple[str, int], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in NETWORKS:
-            for size in args.size:
-                for compile_ in ([False] if args.no_compile else [False, True]):
-                    try:
-                        r = run(name, size, args.steps, args.warmup, args.batch, compile_, Path(tmp))
-                    except Exception as exc:  # noqa: BLE001 - torch.compile may not handle a network: say so
-                        print(f"# {name} {size}^3 compile={compile_}: {type(exc).__name__}: {exc}", flush=True)
-                        continue
-                    r["mfu"] = r["achieved_tflops"] * 1e12 / peak
-                    print("# " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}),
-                          flush=True)
-                    if name not in best or r["mfu"] > best[name]["mfu"]:
-                        best[name] = r
-    for name in NETWORKS:
-        r = best.get(name)
-        metric(f"gpu_train_samples_per_s_{name}", r and r["samples_per_s"], None)
-        metric(f"gpu_train_mfu_{name}", r and r["mfu"], GOALS["mfu"])
-        metric(f"gpu_train_busy_{name}", r and r["busy"], GOALS["busy"])
+        for net_name, network in networks.items():
+            for size in sizes:
+                try:
+                    r = run(network, size, steps, warmup, args.batch, samples, precision, device,
+                            Path(tmp) / f"{net_name}-{size}")
+                except Exception as exc:  # noqa: BLE001 - one network failing (out of memory) leaves the others
+                    note({"run": label, "network": net_name, "size": size, "error": f"{type(exc).__name__}: {exc}"})
+                    if not gpu:
+                        raise  # on the CPU smoke run nothing is allowed to fail: that is what it is for
+                    continue
+                r["mfu"] = r["achieved_tflops"] * 1e12 / peak["flops_per_s"]
+                note({"run": label, "network": net_name, "size": size, "precision": precision, **r})
+                results[(net_name, size)] = r
+    if not gpu:
+        for name_, goal in (("gpu_samples_per_s", None), ("gpu_busy_fraction", GOALS["busy"]),
+                            ("gpu_mfu_bf16", GOALS["mfu"])):
+            metric(name_, None, goal, reason=reason)
+        return 0
+    head = ("segresnet", max(sizes))
+    for (net_name, size), r in results.items():
+        if (net_name, size) != head:
+            metric(f"gpu_samples_per_s_{net_name}_{size}", r["samples_per_s"], None, gpu=name)
+            metric(f"gpu_busy_fraction_{net_name}_{size}", r["busy"], GOALS["busy"], gpu=name)
+            metric(f"gpu_mfu_bf16_{net_name}_{size}", r["mfu"], GOALS["mfu"], gpu=name)
+    r = results.get(head)
+    why = {} if r else {"reason": f"no result for SegResNet at {head[1]}^3 (see the lines above)"}
+    metric("gpu_samples_per_s", r and r["samples_per_s"], None, gpu=name, **why)
+    metric("gpu_busy_fraction", r and r["busy"], GOALS["busy"], gpu=name, **why)
+    metric("gpu_mfu_bf16", r and r["mfu"], GOALS["mfu"], gpu=name, **why)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
