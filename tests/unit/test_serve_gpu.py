@@ -272,3 +272,117 @@ def test_another_model_error_is_still_a_500(segmenter, db):
     client, key = flaky_app(segmenter, db, False, error=RuntimeError)
     response = client.post("/v1/segment", content=npy(VOLUME), headers={"X-API-Key": key, "content-type": NPY})
     assert response.status_code == 500 and "Retry-After" not in response.headers
+
+
+# ---------------------------------------------------------------- on a GPU (pytest -m gpu)
+
+
+def peak_device_bytes(run) -> tuple[object, int]:
+    """What ``run()`` returns and the device memory it allocated at its peak beyond what was held before."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = run()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.gpu
+@cuda
+def test_stitching_on_the_cpu_gives_the_mask_with_less_device_memory_within_the_estimates(tiny_model_config,
+                                                                                         tiny_weights):
+    config = dict(tiny_model_config, transforms=[t for t in tiny_model_config["transforms"]
+                                                 if "ResizeWithPadOrCropd" not in t])  # the grid follows the input
+    twin = Segmenter(config, tiny_weights[0], device="cpu").replica("cuda:0")
+    volume = np.random.default_rng(2).random((160, 160, 160), dtype=np.float32)
+    twin.segment(volume[:48, :48, :48])  # warm: cuDNN's plans, the allocator
+    on_gpu, peak_gpu = peak_device_bytes(lambda: twin.segment(volume))
+    twin.stitch_voxels = 0  # every grid is stitched on the CPU
+    on_cpu, peak_cpu = peak_device_bytes(lambda: twin.segment(volume))
+    assert (on_gpu == on_cpu).mean() > 0.999  # the same logits, summed in the same order on another device
+    grid = model_grid_voxels(volume.shape, (1.0, 1.0, 1.0), config)
+    print(f"160^3: device peak {peak_gpu / 2**20:.0f} MiB stitched on the GPU, {peak_cpu / 2**20:.0f} MiB on the "
+          f"CPU; estimates {device_working_set_bytes(grid, config, True) / 2**20:.0f} and "
+          f"{device_working_set_bytes(grid, config, False) / 2**20:.0f} MiB")
+    assert peak_cpu < peak_gpu
+    assert peak_gpu <= device_working_set_bytes(grid, config, stitched=True)
+    assert peak_cpu <= device_working_set_bytes(grid, config, stitched=False)
+
+
+@pytest.mark.gpu
+@cuda
+def test_the_service_spreads_requests_over_every_visible_gpu(segmenter, db):
+    import httpx
+
+    from voxelflow.serve import Server
+
+    placed = plan(torch.cuda.device_count(), 2, None, cores=16)
+    holder = ModelHolder(lambda: (segmenter, "1"), replicate=placed.replicate)
+    holder.reload()
+    assert set(holder.replicas) == set(placed.devices)
+    for device, replica in holder.replicas.items():  # one replica per GPU, on that GPU
+        assert str(next(replica.segmenter.net.parameters()).device) == device
+        assert replica.share_bytes > 0
+    keys = KeyStore(db)
+    key = keys.create("clinic", ["predictor", "viewer"])
+    app = create_app(holder, keys, db=db, workers=placed.workers, gpus=placed.devices, per_gpu=placed.per_gpu,
+                     rate=1e6, burst=10**6)
+    expected = holder.replicas["cuda:0"].segmenter.segment(VOLUME)  # on a GPU (TF32 convolutions: not the CPU's)
+    statuses: list[tuple[int, float]] = []
+    with Server(app) as server:
+        def client() -> None:
+            with httpx.Client(timeout=120) as http:
+                r = http.post(f"{server.url}/v1/segment", content=npy(VOLUME),
+                              headers={"X-API-Key": key, "content-type": NPY})
+                agree = float((np.load(io.BytesIO(r.content)) == expected).mean()) if r.status_code == 200 else 0.0
+                statuses.append((r.status_code, agree))
+
+        threads = [threading.Thread(target=client) for _ in range(placed.workers)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        metrics = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": key}).text
+    assert len(statuses) == placed.workers and all(s == 200 and a > 0.999 for s, a in statuses), statuses
+    for device in placed.devices:
+        assert f'voxelflow_gpu_inferences{{device="{device}"}} 0.0' in metrics
+
+
+class AllocatesTooMuch(torch.nn.Module):
+    """The tiny network, except that its first forward takes 256 MiB and then asks for twice the GPU's memory."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.times = net, 1
+
+    def forward(self, x):
+        if self.times > 0:
+            self.times -= 1
+            held = torch.empty(256 * 2**20, dtype=torch.uint8, device=x.device)
+            total = torch.cuda.get_device_properties(x.device).total_memory
+            return held, torch.empty(2 * total, dtype=torch.uint8, device=x.device)  # raises
+        return self.net(x)
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_real_cuda_out_of_memory_is_503_and_the_gpu_serves_the_next_request(segmenter, db):
+    greedy = segmenter.replica("cpu")
+    greedy.net = AllocatesTooMuch(greedy.net)
+    placed = plan(1, 1, None, cores=16)
+    holder = ModelHolder(lambda: (greedy, "1"), replicate=placed.replicate)
+    holder.reload()
+    keys = KeyStore(db)
+    key = keys.create("clinic", ["predictor", "viewer"])
+    client = TestClient(create_app(holder, keys, db=db, workers=1, gpus=placed.devices, per_gpu=1))
+    headers = {"X-API-Key": key, "content-type": NPY}
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    first = client.post("/v1/segment", content=npy(VOLUME), headers=headers)
+    assert first.status_code == 503 and first.headers["Retry-After"] == str(RETRY_AFTER_OOM), first.text
+    assert torch.cuda.memory_reserved() <= reserved + 64 * 2**20  # the 256 MiB it held went back to the driver
+    second = client.post("/v1/segment", content=npy(VOLUME), headers=headers)
+    assert second.status_code == 200
+    replica = holder.replicas["cuda:0"].segmenter
+    np.testing.assert_array_equal(np.load(io.BytesIO(second.content)), replica.segment(VOLUME))
+    assert "voxelflow_inference_out_of_memory_total 1.0" in client.get("/metrics", headers={"X-API-Key": key}).text
