@@ -12,7 +12,10 @@ Volumes of ``--size``³ (default 128) in their own store; the network trains on 
   epochs, validation overlays, curve) ÷ the same training with no tracking. Goal ≤ 1.02.
 * Peak RSS of a training process whose data set is 4× its cache budget (printed, not a ratio).
 
-    python benchmarks/train.py [--size 128] [--patch 64] [--cases 6] [--steps 12]
+Every side runs on ``--device`` (default: the GPU where there is one, else the CPU): voxelflow's
+loop, the staged loop, the plain MONAI loop and the training stage alike.
+
+    python benchmarks/train.py [--size 128] [--patch 64] [--cases 6] [--steps 12] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def train_spec(steps_per_epoch: int, epochs: int, patch: int, precision: str, **
                      checkpoint_every_steps=10**6, seed=0, augment=patches(patch), **over)
 
 
-def staged_vs_loader(store, ids, patch: int, steps: int) -> tuple[float, float]:
-    """Seconds per step: patches drawn beforehand and held as tensors, against voxelflow's loader."""
+def staged_vs_loader(store, ids, patch: int, steps: int, device: str) -> tuple[float, float]:
+    """Seconds per step: patches drawn beforehand and held as tensors on ``device``, against voxelflow's
+    loader on the same device; the staged loop does what voxelflow's does apart from the input (the
+    step's loss read back, a GradScaler for fp16)."""
     import torch
 
     from voxelflow import train
@@ -97,27 +102,30 @@ def staged_vs_loader(store, ids, patch: int, steps: int) -> tuple[float, float]:
     cases = train.StoreCases(store, ids, 2**34)
     drawn = train.TrainingSet(cases, spec.augment, spec.seed)
     batches = list(train.StepBatches(len(ids), spec.batch_size, spec.seed, 0, epochs * (len(ids) // 2)))
-    staged = [train.collate([drawn[k] for k in keys]) for keys in batches]
+    dev = torch.device(device)
+    staged = [tuple(t.to(dev) for t in train.collate([drawn[k] for k in keys])) for keys in batches]
 
     torch.manual_seed(0)
-    net = train.build_network(spec.network)
+    net = train.build_network(spec.network).to(dev)
     loss_fn, opt = train.build_loss(spec.loss), train.build_optimizer(spec.optimizer, net.parameters(), 1e-3)
-    dev = torch.device("cpu")
+    scaler = torch.amp.GradScaler(dev.type, enabled=train.resolve_precision(spec.precision, dev) == "fp16-mixed")
     start = time.perf_counter()
     for x, y in staged:
         opt.zero_grad(set_to_none=True)
         with train.autocast_for(spec.precision, dev):
             loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        float(loss.detach())
     t_staged = (time.perf_counter() - start) / len(staged)
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = train.train(spec, cases, train.Checkpoints(Store(tmp), "ck"))
+        result = train.train(spec, cases, train.Checkpoints(Store(tmp), "ck"), device=device)
     return t_staged, result.seconds / result.steps
 
 
-def voxelflow_rate(store, ids, patch: int, steps: int, workers: int) -> float:
+def voxelflow_rate(store, ids, patch: int, steps: int, workers: int, device: str) -> float:
     from voxelflow import train
     from voxelflow.storage import Store
 
@@ -126,12 +134,12 @@ def voxelflow_rate(store, ids, patch: int, steps: int, workers: int) -> float:
     cases = train.StoreCases(store, ids, 2**34)  # the cache fill is part of the cost
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = train.train(spec, cases, train.Checkpoints(Store(tmp), "ck"))
+        result = train.train(spec, cases, train.Checkpoints(Store(tmp), "ck"), device=device)
     return result.steps * 4 / (time.perf_counter() - start)
 
 
-def monai_rate(files, patch: int, steps: int, workers: int) -> float:
-    """A plain MONAI loop: Dataset + DataLoader, each file loaded and preprocessed when drawn, fp32."""
+def monai_rate(files, patch: int, steps: int, workers: int, device: str) -> float:
+    """A plain MONAI loop on ``device``: Dataset + DataLoader, each file loaded and preprocessed when drawn, fp32."""
     import torch
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
@@ -143,15 +151,16 @@ def monai_rate(files, patch: int, steps: int, workers: int) -> float:
                          *build_transforms(PREPROCESS).transforms, *build_transforms(patches(patch)).transforms])
     loader = DataLoader(Dataset(files, transform), batch_size=2, shuffle=True, num_workers=workers)
     torch.manual_seed(0)
-    net = train.build_network(NETWORK)
+    dev = torch.device(device)
+    net = train.build_network(NETWORK).to(dev)
     loss_fn = train.build_loss({"DiceCELoss": {"to_onehot_y": True, "softmax": True}})
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     done, start = 0, time.perf_counter()
     while done < steps:
         for batch in loader:
-            x, y = batch["image"], batch["label"]
+            x, y = batch["image"].as_tensor().to(dev), batch["label"].as_tensor().float().to(dev)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x.as_tensor()), y.as_tensor().float())
+            loss = loss_fn(net(x), y)
             loss.backward()
             opt.step()
             done += 1
@@ -160,9 +169,10 @@ def monai_rate(files, patch: int, steps: int, workers: int) -> float:
     return steps * 4 / (time.perf_counter() - start)
 
 
-def tracking(root: Path, store, ids, patch: int, steps: int) -> tuple[float, float]:
-    """The pipeline's training stage (MLflow on SQLite) against the same training with no tracking."""
-    from voxelflow import pipeline, train
+def tracking(root: Path, store, ids, patch: int, steps: int, device: str) -> tuple[float, float]:
+    """The pipeline's training stage (MLflow on SQLite) against the same training with no tracking, both
+    on ``device`` (``train.devices``: cpu, or 1 GPU), the cache placed as the stage places it."""
+    from voxelflow import devices, pipeline, train
     from voxelflow.config import Settings, load_spec
     from voxelflow.preprocess import open_case, transform_digest
     from voxelflow.storage import Store
@@ -171,7 +181,7 @@ def tracking(root: Path, store, ids, patch: int, steps: int) -> tuple[float, flo
     settings = Settings(home=root / "home")
     spec = load_spec(ROOT / "deployments/specs/demo.yaml", sets=[
         f"train.network={json.dumps(NETWORK)}", f"train.epochs={epochs}", "train.checkpoint_every_steps=1000000",
-        f"train.augment={json.dumps(patches(patch))}", "train.val_every=1",
+        f"train.augment={json.dumps(patches(patch))}", "train.val_every=1", f"train.devices={devices_of(device)}",
         f"preprocess.transforms={json.dumps(PREPROCESS)}", f"evaluate.sliding_window.roi_size={[patch] * 3}"])
     ctx = pipeline.Context(settings, spec.name)
     digest = transform_digest(spec.preprocess)
@@ -187,8 +197,13 @@ def tracking(root: Path, store, ids, patch: int, steps: int) -> tuple[float, flo
             run = pipeline.start_run(spec, ctx, "bench", None)
             pipeline.train_stage(spec, ctx, train_ids, run, val_ids)
         else:
-            cases = train.StoreCases(target, train_ids, spec.train.cache_mb * 2**20)
-            val = train.Validation(train.StoreCases(target, val_ids, 2**30), (patch,) * 3)
+            where = devices.placement(spec.train.devices, devices.visible_gpus(), spec.train.batch_size)
+            cache_device, budget = devices.cache_placement(
+                spec.train.cache_mb * 2**20, where, spec.train.workers,
+                devices.free_gpu_bytes() if where.kind == "cuda" else None)
+            cases = train.StoreCases(target, train_ids, budget, cache_device)
+            val = train.Validation(train.StoreCases(target, val_ids, max(0, budget - cases.cached_bytes),
+                                                    cache_device), (patch,) * 3)
             with tempfile.TemporaryDirectory() as tmp:
                 train.train(spec.train, cases, train.Checkpoints(Store(tmp), "ck"), val)
         times.setdefault(side, []).append(time.perf_counter() - start)
@@ -216,11 +231,17 @@ print(json.dumps({{"cases_cached": cases.cached, "imports_mib": round(base), "pe
 """
 
 
-def peak_rss(store, ids, patch: int) -> dict:
+def devices_of(device: str) -> str | int:
+    """``train.devices`` for a benchmark device: the CPU, or one GPU."""
+    return "cpu" if device == "cpu" else 1
+
+
+def peak_rss(store, ids, patch: int, device: str) -> dict:
     """A training process with a cache budget of a quarter of its data set."""
     total = sum(int(np.prod(train_shape(store, cid))) * 5 for cid in ids)  # float32 image + uint8 label
     budget_mb = max(1, int(total / 4 / 2**20))
-    spec = train_spec(len(ids) // 2, 2, patch, "auto", cache_mb=budget_mb).model_dump(mode="json")
+    spec = train_spec(len(ids) // 2, 2, patch, "auto", cache_mb=budget_mb,
+                      devices=devices_of(device)).model_dump(mode="json")
     code = RSS_CHILD.format(paths=[str(ROOT), str(ROOT / "src")], store=store.store.url, prefix=store.prefix,
                             spec=json.dumps(spec), ids=ids)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -241,26 +262,29 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of both sides")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where every side trains (default: cuda where there is a GPU, else cpu)")
     args = parser.parse_args()
     import torch
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"# {args.cases} volumes of {args.size}^3, {args.patch}^3 patches, 4 a step, {args.steps} steps, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores", flush=True)
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, every side on {device}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         store, files = make_data(root, args.cases, args.size)
         ids = [f"case-{i}" for i in range(args.cases)]
-        staged, loader = staged_vs_loader(store, ids, args.patch, args.steps)
+        staged, loader = staged_vs_loader(store, ids, args.patch, args.steps, device)
         print(f"# step: staged {staged:.3f} s, through the loader {loader:.3f} s", flush=True)
         metric("train_input_efficiency", staged / loader, 0.95, True)
-        ours = voxelflow_rate(store, ids, args.patch, args.steps, args.workers)
-        theirs = monai_rate(files, args.patch, args.steps, args.workers)
+        ours = voxelflow_rate(store, ids, args.patch, args.steps, args.workers, device)
+        theirs = monai_rate(files, args.patch, args.steps, args.workers, device)
         print(f"# patches/s: voxelflow {ours:.2f}, plain MONAI {theirs:.2f}", flush=True)
         metric("train_speedup_vs_monai", ours / theirs, 3.0, True)
-        rss = peak_rss(store, ids, args.patch)
+        rss = peak_rss(store, ids, args.patch, device)
         print(f"# data set 4x the cache budget: {json.dumps(rss)}; this process "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
-        with_t, without_t = tracking(root, store, ids, args.patch, args.steps)
+        with_t, without_t = tracking(root, store, ids, args.patch, args.steps, device)
         print(f"# training stage: with tracking {with_t:.2f} s, without {without_t:.2f} s", flush=True)
         metric("tracking_overhead", with_t / without_t, 1.02, False)
 
