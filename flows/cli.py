@@ -373,6 +373,7 @@ def serve(
         import tempfile
 
         import uvicorn
+        from pydantic import ValidationError
 
         from voxelflow import registry, serve_gpu
         from voxelflow.config import Settings
@@ -381,7 +382,11 @@ def serve(
         from voxelflow.redact import redact
         from voxelflow.serve import KeyStore, ModelHolder, create_app, proxy_options
 
-        settings = Settings()
+        try:
+            settings = Settings()
+        except ValidationError as exc:  # each bad setting by its variable's name, never its value
+            fail("; ".join(f"VOXELFLOW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+                           for e in exc.errors()))
         proxies = proxy_options(settings.serve_trusted_proxies)  # X-Forwarded-For only from these peers
         placed = serve_gpu.plan(visible_gpus(), settings.serve_per_gpu, settings.serve_workers, os.cpu_count() or 1)
         console.print(placed.describe())

@@ -386,3 +386,14 @@ def test_a_real_cuda_out_of_memory_is_503_and_the_gpu_serves_the_next_request(se
     replica = holder.replicas["cuda:0"].segmenter
     np.testing.assert_array_equal(np.load(io.BytesIO(second.content)), replica.segment(VOLUME))
     assert "voxelflow_inference_out_of_memory_total 1.0" in client.get("/metrics", headers={"X-API-Key": key}).text
+
+
+def test_serve_refuses_a_per_gpu_outside_1_or_2_naming_the_setting(tmp_path):
+    import os
+
+    from tests.conftest import run_cli
+
+    env = {**os.environ, "VOXELFLOW_HOME": str(tmp_path / "home"), "VOXELFLOW_SERVE_PER_GPU": "4"}
+    out = run_cli(["voxelflow", "serve", "--model", "nothing-yet"], env, timeout=120)
+    assert out.returncode == 1
+    assert "VOXELFLOW_SERVE_PER_GPU" in out.stderr and "less than or equal to 2" in out.stderr
