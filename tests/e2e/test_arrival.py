@@ -3,8 +3,9 @@ them, then a completed lifecycle run on what it stored: a Decathlon set, and lab
 (fictitious) patient in their headers, de-identified with the key from a Prefect Secret block.
 
 `voxelflow watch` emits voxelflow.data.arrived to a real Prefect server; the ``ingest-arrived/on-arrival``
-deployment's trigger (deployments/prefect.yaml) creates a run that a process worker executes; the ingest's
-voxelflow.dataset.updated triggers ``lifecycle/on-update``. Nobody starts anything by hand.
+deployment's trigger (deployments/prefect.yaml, deployed with this test's spec as its parameter) creates a
+run that a process worker executes; the ingest's voxelflow.dataset.updated triggers ``lifecycle/on-update``.
+Nobody starts anything by hand.
 """
 
 from __future__ import annotations
@@ -58,9 +59,28 @@ def staged_source(layout: str, dest):
     return dest, 8 + 4 * 24 + 4, 8, [*identity.values(), private], ["synth_000", f"Q{token}"]
 
 
+def three_sides(decathlon, scratch) -> dict[str, float]:
+    """test_fraction and val_fraction that put one of the Decathlon set's four cases on the test side, one or two
+    on the validation side and the rest on the training side (the cases' ids, their content hashes, decide:
+    ingested into a scratch home to learn them). More cases, as in the mixed layout, only add to the sides."""
+    from voxelflow.config import DataSpec, Settings
+    from voxelflow.evaluate import split_position
+    from voxelflow.pipeline import Context, ingest_stage
+
+    settings = Settings(home=scratch, store=None, database_url=None, mlflow_tracking_uri=None)
+    ids = ingest_stage(DataSpec(source=str(decathlon), layout="decathlon"), Context(settings, "scratch")).case_ids
+    p = sorted(split_position(c) for c in ids)
+    test = p[0] + min(1e-6, (p[1] - p[0]) / 2)
+    for end in ((p[1] + p[2]) / 2, (p[2] + p[3]) / 2):
+        if end - test >= test:  # the test side lies within the validation range's size (the spec's rule)
+            return {"test_fraction": test, "val_fraction": end - test}
+    pytest.skip(f"no fractions split these four cases into three sides: {p}")
+
+
 @pytest.mark.parametrize("layout", ["decathlon", "mixed"])
 def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(prefect_api, prefect_env, tmp_path,
                                                                               layout):
+    import json
     import uuid
 
     import yaml
@@ -76,9 +96,12 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
             Secret(value=f"key-{uuid.uuid4().hex}").save(env["VOXELFLOW_DEID_KEY_BLOCK"])
     pool = run_cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
     assert pool.returncode == 0 or "already exists" in pool.stdout, pool.stdout + pool.stderr
-    deploy = run_cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
-                      "--name", "*/on-arrival", "--name", "lifecycle/on-update"], env)
-    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    # the shipped deployments, made for this test's spec: its path is their parameter, never the event's
+    # (one deployment per command: `prefect deploy` ignores --params when it makes several)
+    for name in ("*/on-arrival", "lifecycle/on-update"):
+        deploy = run_cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                          "--name", name, "--params", json.dumps({"spec": str(tmp_path / "spec.yaml")})], env)
+        assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
 
     incoming = tmp_path / "incoming"
     incoming.mkdir()
@@ -87,7 +110,7 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
     spec["data"]["layout"] = layout
     spec["train"]["epochs"] = 2  # the spec's own data.source is not the watched folder, and does not exist
     spec["promote"]["gates"] = {"min_dice": 0.0}
-    spec["evaluate"]["val_fraction"] = 0.5  # both sides hold a case among four
+    spec["evaluate"].update(three_sides(tmp_path / "staged", tmp_path / "scratch"))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     with prefect_worker("voxelflow-process", env, tmp_path / "worker.log", REPO), \
             open(tmp_path / "watch.log", "w") as watch_log:
@@ -114,6 +137,10 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
     assert len(lifecycles) == 1, f"{len(lifecycles)} lifecycle runs\n{logs[-4000:]}"
     assert lifecycles[0].state.is_completed(), f"{lifecycles[0].state}\n{logs[-4000:]}"
     assert lifecycles[0].parameters["sets"] == [f"data.source={incoming}"]  # what grew, not the spec's default
+    for run, event in ((runs[0], "voxelflow.data.arrived"), (lifecycles[0], "voxelflow.dataset.updated")):
+        announced = run.parameters["announcement"]  # the triggering event, checked by the run: data references only
+        assert announced["event"] == event and announced["resource"] == "voxelflow.dataset.demo-spheres"
+        assert "spec" not in announced["keys"], announced
 
     from voxelflow.config import Settings
     from voxelflow.db import connect
