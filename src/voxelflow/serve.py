@@ -258,7 +258,7 @@ def create_app(
         415: refusal("Content-Type is not a volume's"),
         422: refusal("not a finite numeric 3-D volume, or a bad query parameter",
                      {"anyOf": [{"type": "string"}, {"type": "array"}]}),
-        503: refusal("busy or loading (Retry-After)"), 504: refusal("over the time limit")},
+        503: refusal("busy, loading or out of GPU memory (Retry-After)"), 504: refusal("over the time limit")},
         openapi_extra={"requestBody": {"required": True, "description": "a NIfTI (.nii, .nii.gz) or .npy volume",
                                        "content": {media: binary for media in BODY_TYPES}}})
     async def segment(request: Request, summary: bool = False, x_api_key: str | None = Header(None)) -> Response:
@@ -283,7 +283,7 @@ def create_app(
                     raise HTTPException(413, f"body exceeds the limit of {max_bytes} bytes")
                 chunks.append(chunk)
             body, content_type = b"".join(chunks), request.headers.get("content-type", "")
-            if body and memory_budget is not None:
+            if body and (memory_budget is not None or gpu_slots is not None):
                 check_budget(body, content_type)
             waiting.inc()
             future = pool.submit(infer, body, content_type, summary)
@@ -309,7 +309,7 @@ def create_app(
                                      f"finite and positive ({', '.join(f'{s:g}' for s in spacing)})")
         config = getattr(holder.segmenter, "config", None)
         need = working_set_bytes(shape, dtype, spacing, config)
-        if need > memory_budget:
+        if memory_budget is not None and need > memory_budget:
             raise HTTPException(413, f"a volume of shape {list(shape)} ({dtype}) needs about {need / 2**20:.0f} MiB "
                                      f"to segment, over the per-request budget of {memory_budget / 2**20:.0f} MiB")
         replicas = holder.replicas

@@ -212,10 +212,12 @@ def gpu_path_app(segmenter, db, free: int, **kwargs):
 
 def test_the_device_budget_refuses_413_before_decoding_and_admits_what_fits(segmenter, db):
     windows = device_working_set_bytes(0, segmenter.config, stitched=False)
-    client, key = gpu_path_app(segmenter, db, free=int(windows / DEVICE_FRACTION) - 2**20)
-    headers = {"X-API-Key": key, "content-type": NPY}
-    response = client.post("/v1/segment", content=npy(VOLUME), headers=headers)
-    assert response.status_code == 413 and "GPU memory" in response.json()["detail"]
+    for host_budget in (8 * 1024**3, None):  # counted with or without a host budget
+        client, key = gpu_path_app(segmenter, db, free=int(windows / DEVICE_FRACTION) - 2**20,
+                                   memory_budget=host_budget)
+        headers = {"X-API-Key": key, "content-type": NPY}
+        response = client.post("/v1/segment", content=npy(VOLUME), headers=headers)
+        assert response.status_code == 413 and "GPU memory" in response.json()["detail"]
     client, key = gpu_path_app(segmenter, db, free=8 * 1024**3)
     response = client.post("/v1/segment", content=npy(VOLUME), headers={**headers, "X-API-Key": key})
     assert response.status_code == 200
