@@ -20,8 +20,8 @@ wrapper around the loader and an optimizer step hook); the first ``--warmup`` st
   ÷ the span, ÷ the bf16 matmul peak measured here (8192² ``torch.matmul``, ``--peak-seconds`` ≥ 2 s
   after a warm-up, so the clocks have ramped).
 
-The headline metrics are SegResNet's at the largest size (goals: MFU ≥ 0.30, busy ≥ 0.95); the
-other runs print as ``gpu_*_<network>_<size>``. Without a CUDA device (``--cpu`` forces it) the same
+The headline metrics are SegResNet's at the largest size (goals: MFU ≥ 0.30, busy ≥ 0.95), run
+first and printed as soon as they are measured; the other runs print as ``gpu_*_<network>_<size>``. Without a CUDA device (``--cpu`` forces it) the same
 measurement runs on the CPU on a tiny network in fp32, every line labelled as a CPU smoke run, and
 the GPU metrics print with ``"value": null`` and the reason; it exits 0. Needs torch, monai, zarr,
 xarray, pydantic, pyyaml, fsspec and safetensors (no Prefect, no MLflow).
@@ -324,37 +324,40 @@ def main(argv: list[str] | None = None) -> int:
           "peak_calls": peak["calls"],
           "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_deterministic": torch.backends.cudnn.deterministic,
           "tf32_conv": torch.backends.cudnn.allow_tf32})
-    results: dict[tuple[str, int], dict] = {}
+    head = ("segresnet", max(sizes))
+    plan = [(n, size) for n in networks for size in sizes]
+    plan.sort(key=lambda item: item != head)  # the headline first: a time limit cuts the others, not it
+    got_head = False
     with tempfile.TemporaryDirectory() as tmp:
-        for net_name, network in networks.items():
-            for size in sizes:
-                try:
-                    r = run(network, size, steps, warmup, args.batch, samples, precision, device,
-                            Path(tmp) / f"{net_name}-{size}")
-                except Exception as exc:  # noqa: BLE001 - one network failing (out of memory) leaves the others
-                    note({"run": label, "network": net_name, "size": size, "error": f"{type(exc).__name__}: {exc}"})
-                    if not gpu:
-                        raise  # on the CPU smoke run nothing is allowed to fail: that is what it is for
-                    continue
+        for net_name, size in plan:
+            try:
+                r = run(networks[net_name], size, steps, warmup, args.batch, samples, precision, device,
+                        Path(tmp) / f"{net_name}-{size}")
+            except Exception as exc:  # noqa: BLE001 - one network failing (out of memory) leaves the others
+                note({"run": label, "network": net_name, "size": size, "error": f"{type(exc).__name__}: {exc}"})
+                if not gpu:
+                    raise  # on the CPU smoke run nothing is allowed to fail: that is what it is for
+                r = None
+            if r is not None:
                 r["mfu"] = r["achieved_tflops"] * 1e12 / peak["flops_per_s"]
                 note({"run": label, "network": net_name, "size": size, "precision": precision, **r})
-                results[(net_name, size)] = r
+            if not gpu:
+                continue
+            suffix = "" if (net_name, size) == head else f"_{net_name}_{size}"
+            why = {} if r else {"reason": f"{net_name} at {size}^3 failed (see the line above)"}
+            metric(f"gpu_samples_per_s{suffix}", r and r["samples_per_s"], None, gpu=name, **why)
+            metric(f"gpu_busy_fraction{suffix}", r and r["busy"], GOALS["busy"], gpu=name, **why)
+            metric(f"gpu_mfu_bf16{suffix}", r and r["mfu"], GOALS["mfu"], gpu=name, **why)
+            got_head = got_head or not suffix
     if not gpu:
         for name_, goal in (("gpu_samples_per_s", None), ("gpu_busy_fraction", GOALS["busy"]),
                             ("gpu_mfu_bf16", GOALS["mfu"])):
             metric(name_, None, goal, reason=reason)
-        return 0
-    head = ("segresnet", max(sizes))
-    for (net_name, size), r in results.items():
-        if (net_name, size) != head:
-            metric(f"gpu_samples_per_s_{net_name}_{size}", r["samples_per_s"], None, gpu=name)
-            metric(f"gpu_busy_fraction_{net_name}_{size}", r["busy"], GOALS["busy"], gpu=name)
-            metric(f"gpu_mfu_bf16_{net_name}_{size}", r["mfu"], GOALS["mfu"], gpu=name)
-    r = results.get(head)
-    why = {} if r else {"reason": f"no result for SegResNet at {head[1]}^3 (see the lines above)"}
-    metric("gpu_samples_per_s", r and r["samples_per_s"], None, gpu=name, **why)
-    metric("gpu_busy_fraction", r and r["busy"], GOALS["busy"], gpu=name, **why)
-    metric("gpu_mfu_bf16", r and r["mfu"], GOALS["mfu"], gpu=name, **why)
+    elif not got_head:
+        why = {"reason": f"SegResNet at {head[1]}^3 was not run (--networks)"}
+        for name_, goal in (("gpu_samples_per_s", None), ("gpu_busy_fraction", GOALS["busy"]),
+                            ("gpu_mfu_bf16", GOALS["mfu"])):
+            metric(name_, None, goal, gpu=name, **why)
     return 0
 
 
