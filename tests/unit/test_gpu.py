@@ -67,3 +67,24 @@ def test_patch_training_with_the_cache_on_the_gpu(tmp_path):
                      augment=PATCHES)
     result = train.train(spec, cases, train.Checkpoints(Store(tmp_path), "ck"), validation, device="cuda")
     assert result.device.startswith("cuda") and result.best_metric is not None
+
+
+def test_the_gpu_benchmark_times_voxelflows_loop_with_cuda_events(tmp_path):
+    """benchmarks/gpu_train.py's measurement on the GPU, on a tiny network: CUDA events around each step
+    of voxelflow's own loop, the patches counted from its batches, a bf16 peak timed over >= 2 s."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import gpu_train
+
+    device = torch.device("cuda")
+    network = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [8, 16], "strides": [2]}}
+    precision = "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    r = gpu_train.run(network, 32, steps=4, warmup=2, batch=2, samples=2, precision=precision, device=device,
+                      root=tmp_path)
+    assert r["steps_timed"] >= 4 and r["patches_timed"] == r["steps_timed"] * 2 * 2
+    assert r["batch_shapes"] == [(4, 1, 32, 32, 32)] and r["cached_cases"] == 4
+    assert 0 < r["busy"] <= 1.0 + 1e-6 and r["samples_per_s"] > 0 and r["step_gflop"] > 0
+    peak = gpu_train.matmul_peak(device, torch.bfloat16, 2.0, n=4096)
+    assert peak["seconds"] >= 2.0 and peak["flops_per_s"] > 1e12
