@@ -67,13 +67,15 @@ def test_live_answers_while_every_worker_queue_place_and_pool_thread_is_busy(seg
             assert segmenting.wait(30)  # the one worker is busy
             threads[1].start()
             deadline = time.monotonic() + 30
-            while True:  # the one queue place is taken once a third request is refused busy
-                third = httpx.post(f"{server.url}/v1/segment", content=body, timeout=30,
-                                   headers={"X-API-Key": predictor, "content-type": NPY})
-                if third.status_code == 503:
+            while True:  # the second request holds the one queue place (a probe sent before it would take it)
+                metrics = httpx.get(f"{server.url}/metrics", headers={"X-API-Key": viewer}, timeout=10).text
+                if "voxelflow_queue_depth 1.0" in metrics:
                     break
-                assert time.monotonic() < deadline, third.status_code
+                assert time.monotonic() < deadline, "the second request never reached the queue"
                 time.sleep(0.05)
+            third = httpx.post(f"{server.url}/v1/segment", content=body, timeout=30,
+                               headers={"X-API-Key": predictor, "content-type": NPY})
+            assert third.status_code == 503, third.status_code
             assert "every inference worker and queue place" in third.json()["detail"]
             hung = [threading.Thread(target=send, args=("/v1/model", viewer)) for _ in range(THREADPOOL + 8)]
             threads += hung

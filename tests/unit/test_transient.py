@@ -26,10 +26,16 @@ def raised(fn) -> BaseException:
     raise AssertionError("expected an error")
 
 
+_HELD: list[socket.socket] = []
+
+
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that refuses connections for as long as the tests run: bound and never listened
+    on, so no other server of the suite can take it meanwhile."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
