@@ -85,6 +85,14 @@ def tiny_weights():
     return out
 
 
+@pytest.fixture(scope="module")
+def segmenter(tiny_model_config, tiny_weights):
+    """The tiny network as the service's segmenter, on the CPU."""
+    from voxelflow.model import Segmenter
+
+    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
+
+
 @pytest.fixture(scope="session")
 def synth_source(tmp_path_factory) -> Path:
     """Three 24^3 labelled synthetic cases in the Decathlon layout (read-only for the tests)."""

@@ -12,17 +12,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from tests.unit.helpers import npy
 from voxelflow import audit
 from voxelflow.db import Database, api_keys
-from voxelflow.model import Segmenter
 from voxelflow.serve import NPY, KeyStore, ModelHolder, Throttle, create_app, decode_volume, encode_mask
 
 VERSION = "7"
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
-    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
 
 
 @pytest.fixture
@@ -61,12 +56,6 @@ def predict_key(keys) -> str:
 @pytest.fixture
 def admin_key(keys) -> str:
     return keys.create("ops", ["admin"])
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def volume(shape=(14, 12, 10), seed=0) -> np.ndarray:

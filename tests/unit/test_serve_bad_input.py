@@ -8,21 +8,14 @@ from datetime import timedelta
 
 import nibabel as nib
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from tests.unit.helpers import npy
 from voxelflow.db import api_keys, now
-from voxelflow.model import Segmenter
 from voxelflow.serve import NIFTI, NPY, KeyStore, ModelHolder, create_app
 
 MAX_BYTES = 64 * 1024
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def nifti_gz(array: np.ndarray) -> bytes:
@@ -55,11 +48,6 @@ CASES = {
     "expired-key": (npy(GOOD), NPY, "expired", 401),
     "role-without-permission": (npy(GOOD), NPY, "viewer", 403),
 }
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
-    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
 
 
 def test_each_bad_input_gets_its_4xx_and_the_service_stays_healthy(segmenter, db):

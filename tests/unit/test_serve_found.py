@@ -14,13 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from voxelflow.model import Segmenter
 from voxelflow.serve import BODY_TYPES, NIFTI, KeyStore, ModelHolder, create_app, declared_volume
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
-    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from tests.unit.helpers import npy
 from voxelflow.config import Settings
 from voxelflow.model import Segmenter, stitch_device
 from voxelflow.serve import NPY, KeyStore, ModelHolder, create_app
@@ -31,17 +32,6 @@ from voxelflow.serve_gpu import (
 from voxelflow.serve_volumes import device_working_set_bytes, model_grid_voxels, stitch_limit_voxels
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
-    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 VOLUME = np.random.default_rng(0).random((20, 18, 16), dtype=np.float32)

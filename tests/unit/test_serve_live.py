@@ -3,30 +3,17 @@ queue place is taken and every threadpool thread waits on a registry that does n
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 
 import httpx
 import numpy as np
-import pytest
 
-from voxelflow.model import Segmenter
+from tests.unit.helpers import npy
 from voxelflow.serve import NPY, KeyStore, ModelHolder, Server, create_app
 
 THREADPOOL = 40  # anyio's default: the threads sync routes, key lookups and describe() share
 BOUND_S = 2.0  # generous: a probe on the event loop takes milliseconds; one queued behind the pool never comes
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
-    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def test_live_answers_while_every_worker_queue_place_and_pool_thread_is_busy(segmenter, db):

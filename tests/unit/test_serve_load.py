@@ -17,27 +17,15 @@ from datetime import timedelta
 
 import httpx
 import numpy as np
-import pytest
 from sqlalchemy import update
 
+from tests.unit.helpers import npy
 from tests.unit.test_serve_bad_input import CASES, GOOD, MAX_BYTES
 from voxelflow.db import api_keys, now
-from voxelflow.model import Segmenter
 from voxelflow.serve import NPY, KeyStore, ModelHolder, Server, create_app
 
 WORKERS, QUEUE = 2, 6
 CLIENTS = 4 * (WORKERS + QUEUE)  # 32
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
-    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
-
-
-def npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
 
 
 def p99(values: list[float]) -> float:

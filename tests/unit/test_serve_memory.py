@@ -15,13 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from voxelflow.model import Segmenter
 from voxelflow.serve import NPY, KeyStore, ModelHolder, create_app, declared_volume, working_set_bytes
-
-
-@pytest.fixture(scope="module")
-def segmenter(tiny_model_config, tiny_weights) -> Segmenter:
-    return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
 
 
 def npy_header_only(shape, dtype="<f4") -> bytes:
