@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src flows tasks tests benchmarks
 	# two test processes, one test file each at a time: the suite waits on servers and subprocesses about half
 	# the time, so two keep both cores busy (about 440 s instead of 660 s on 2 cores)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # the inner loop: everything but the tests marked slow (whole lifecycles, deployments, the notebook)
 test-fast: $(STAMP)
