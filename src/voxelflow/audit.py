@@ -23,6 +23,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
 from voxelflow.db import Database, audit_log
+from voxelflow.mlflow_client import client
 
 GENESIS = "0" * 64
 FIELDS = ("seq", "at", "event", "actor", "details", "prev")
@@ -118,8 +119,6 @@ ANCHOR_SEQ, ANCHOR_HASH = "voxelflow.audit_seq", "voxelflow.audit_hash"
 def anchor_in_mlflow(tracking_uri: str, model: str, version: str, entry: dict[str, Any]) -> Anchor:
     """Tag a model version with ``entry``'s place in the chain (call it with the entry that records
     the version's promotion). Registry errors raise: an anchor silently not written protects nothing."""
-    from voxelflow.registry import client
-
     mc = client(tracking_uri)
     mc.set_model_version_tag(model, version, ANCHOR_HASH, entry["hash"])
     mc.set_model_version_tag(model, version, ANCHOR_SEQ, str(entry["seq"]))
@@ -128,8 +127,6 @@ def anchor_in_mlflow(tracking_uri: str, model: str, version: str, entry: dict[st
 
 def mlflow_anchors(tracking_uri: str) -> list[Anchor]:
     """Every anchor kept in the registry's model version tags (all models). Registry errors raise."""
-    from voxelflow.registry import client
-
     mc, found, token = client(tracking_uri), [], None
     while True:
         page = mc.search_model_versions(f"tags.`{ANCHOR_SEQ}` LIKE '%'", max_results=1000, page_token=token)

@@ -12,15 +12,10 @@ from typing import Any
 
 from voxelflow import __version__, policy, redact, transient
 from voxelflow.config import Gates, PipelineSpec
+from voxelflow.mlflow_client import client
 from voxelflow.policy import Decision
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
-
-
-def client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 def code_version() -> str:
