@@ -214,13 +214,7 @@ def in_process(seg, volume, affine, requests: int, workers: int) -> tuple[list[f
             seg.segment(volume, affine)
             done[0] += 1
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=spin) for _ in range(workers)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return local, done[0] / (time.perf_counter() - started)
+    return local, done[0] / in_threads(spin, workers)
 
 
 def over_http(url: str, key: str, body: bytes, shape, requests: int, clients: int) -> tuple[
@@ -250,13 +244,18 @@ def over_http(url: str, key: str, body: bytes, shape, requests: int, clients: in
             while time.perf_counter() < stop_at:
                 codes.append(c.post(f"{url}/v1/segment", content=body, headers=headers).status_code)
 
+    return remote, codes.count(200) / in_threads(hammer, clients), codes
+
+
+def in_threads(fn, n: int) -> float:
+    """Run ``fn`` in ``n`` threads at once; the seconds until the last one ends."""
     started = time.perf_counter()
-    threads = [threading.Thread(target=hammer) for _ in range(clients)]
+    threads = [threading.Thread(target=fn) for _ in range(n)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
-    return remote, codes.count(200) / (time.perf_counter() - started), codes
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

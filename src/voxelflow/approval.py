@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from voxelflow import audit, evaluate, policy, registry
+from voxelflow import audit, policy, registry
 from voxelflow.config import PromoteSpec
-from voxelflow.pipeline import Context, Evaluation, Promotion, TrainOutcome, candidate_behaviour, score_version
-from voxelflow.promotion import NotApprovable, approval_tags, approve, reject
+from voxelflow.pipeline import Context, Evaluation, Promotion, TrainOutcome, candidate_behaviour, rescored
+from voxelflow.promotion import NotApprovable, approval_tags, approve, decision_tags, reject
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,9 @@ def answer_stage(
             return _refused(spec, ctx, promotion, answer, str(refused))
         except registry.ChampionMoved as moved:  # scored against the new champion outside the lock
             compared = moved.current
-            champion_cases = None if compared is None else (rescore or score_version)(ctx, name, compared,
-                                                                                        evaluation)
-            decision = policy.decide(evaluation.candidate, None if champion_cases is None else
-                                     evaluate.means(champion_cases), spec.gates,
+            champion_scores, champion_cases = (None, None) if compared is None else rescored(
+                ctx, name, compared, evaluation, rescore)
+            decision = policy.decide(evaluation.candidate, champion_scores, spec.gates,
                                      candidate_behaviour(spec, ctx, outcome, evaluation), {**tags, "run_id": run_id},
                                      evaluation.directions, evaluation.candidate_cases, champion_cases)
             gates = decision.rows()
@@ -79,10 +78,8 @@ def _refused_after_approval(spec: PromoteSpec, ctx: Context, promotion: Promotio
     reasons = [f"approved by {answer.approver}, but champion became {compared or 'unset'} while waiting (it was "
                f"{evaluation.champion_version or 'unset'}) and the gates fail against it: {'; '.join(decision.reasons)}"]
     with ctx.db.locked(f"register:{name}"):
-        registry.tag_version(uri, name, version, {
-            **decision.tags(), **approval_tags("approved", answer.approver, answer.reason),
-            "voxelflow.compared_with": compared or "none", "voxelflow.reasons": "; ".join(reasons)[:5000],
-            "voxelflow.decision": "rejected"})
+        registry.tag_version(uri, name, version, {**approval_tags("approved", answer.approver, answer.reason),
+                                                  **decision_tags(replace(decision, reasons=reasons), False, compared)})
     entry = audit.append(ctx.db, "model.rejected", "voxelflow", model=name, version=version, compared_with=compared,
                          metrics=evaluation.candidate, reasons=reasons, approved_by=answer.approver,
                          approval_reason=answer.reason)

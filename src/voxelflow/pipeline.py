@@ -382,6 +382,14 @@ def score_version(ctx: Context, model_name: str, version: str, evaluation: Evalu
                                 evaluation.n_classes, evaluation.custom)
 
 
+def rescored(ctx: Context, model_name: str, version: str, evaluation: Evaluation,
+             rescore: Callable[[Context, str, str, Evaluation], dict[str, Any]] | None = None,
+             ) -> tuple[dict[str, float], dict[str, Any]]:
+    """A champion that appeared meanwhile, scored on the candidate's test cases: (means, per-case scores)."""
+    cases = (rescore or score_version)(ctx, model_name, version, evaluation)
+    return evaluate.means(cases), cases
+
+
 def register_stage(
     spec: PromoteSpec, ctx: Context, run_id: str, outcome: TrainOutcome, evaluation: Evaluation,
     tags: dict[str, str], rescore: Callable[[Context, str, str, Evaluation], dict[str, Any]] | None = None,
@@ -416,12 +424,9 @@ def register_stage(
                                     "lifecycle in the Prefect UI (or runs `voxelflow approve MODEL VERSION`)")
         return decision, awaiting
 
-    def champion_of(other: str) -> tuple[dict[str, float], dict[str, Any]]:
-        champion_cases = (rescore or score_version)(ctx, name, other, evaluation)
-        return evaluate.means(champion_cases), champion_cases
-
     settled = settle(uri, ctx.db, name, version, evaluation.champion_version,
-                     (evaluation.champion, evaluation.champion_cases), judge, champion_of)
+                     (evaluation.champion, evaluation.champion_cases), judge,
+                     lambda other: rescored(ctx, name, other, evaluation, rescore))
     record_decision(ctx.db, uri, name, version, settled, evaluation.candidate)
     decision, champion = settled.decision, registry.alias_version(uri, name)
     return Promotion(version, decision.promote, decision.reasons, champion, settled.previous, model_uri or

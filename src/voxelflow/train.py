@@ -601,7 +601,7 @@ def train(
     except BaseException as exc:
         dead = supervisor.failure(wait=10.0)  # a rank that died is why the collective failed: say which
         if dead:
-            raise RankFailed(dead, killed="killed by signal" in dead) from exc
+            raise dead from exc
         raise
     finally:
         supervisor.stop()
@@ -611,7 +611,7 @@ def train(
                 proc.kill()
     dead = supervisor.failure(wait=0.0)
     if dead:
-        raise RankFailed(dead, killed="killed by signal" in dead)
+        raise dead
     return result
 
 
@@ -635,7 +635,8 @@ class _Supervisor:
     def __init__(self, ranks: list, errors):
         self.ranks, self.errors = ranks, errors
         self.messages: dict[int, str] = {}
-        self.dead: str | None = None
+        self.dead: RankFailed | None = None
+        self._lock = threading.Lock()  # the watcher and rank 0's failure() both look
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="voxelflow-rank-supervisor", daemon=True)
         self._thread.start()
@@ -647,6 +648,12 @@ class _Supervisor:
                 return
 
     def _check(self) -> bool:
+        with self._lock:
+            return self._look()
+
+    def _look(self) -> bool:
+        if self.dead is not None:
+            return True
         while not self.errors.empty():
             rank, message = self.errors.get()
             self.messages[rank] = message
@@ -656,18 +663,17 @@ class _Supervisor:
                 if code is None:
                     proc.join(timeout=5)  # it reported its error and is exiting
                     code = proc.exitcode
-                how = (f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}")
-                self.dead = f"training process {rank} failed ({how}): {self.messages.get(rank, 'no error reported')}"
+                killed = code is not None and code < 0
+                how = f"killed by signal {-code}" if killed else f"exit code {code}"
+                self.dead = RankFailed(f"training process {rank} failed ({how}): "
+                                       f"{self.messages.get(rank, 'no error reported')}", killed=killed)
                 return True
         return False
 
-    def failure(self, wait: float) -> str | None:
+    def failure(self, wait: float) -> RankFailed | None:
         """The first rank that died, waiting up to ``wait`` seconds for one to be seen dying."""
         deadline = time.monotonic() + wait
-        while self.dead is None:
-            self._check()
-            if self.dead is not None or time.monotonic() >= deadline:
-                break
+        while not self._check() and time.monotonic() < deadline:
             time.sleep(0.1)
         return self.dead
 
