@@ -879,6 +879,8 @@ class Settings(BaseSettings):
     allowed_imports: str = Field(
         "monai,torch,voxelflow", description="comma-separated top-level packages a spec's import paths may name "
         "(networks, losses, transforms, metrics); add your own package, e.g. monai,torch,voxelflow,mypackage")
+    webhook_url: SecretStr | None = Field(
+        None, description="where the notify_webhook step POSTs its JSON summary; a secret: it may carry a token")
 
     @property
     def root(self) -> Path:
