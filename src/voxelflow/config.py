@@ -12,11 +12,14 @@ import inspect
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from voxelflow.step_spec import WORK_POOL, StepSpec, ValueAtKey
 
 
 class SpecError(ValueError):
@@ -30,7 +33,7 @@ class _Section(BaseModel):
 class _Stage(_Section):
     work_pool: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=WORK_POOL,
         description="run this stage as its own flow run on this work pool (deployment STAGE/WORK_POOL); "
         "unset: in the lifecycle's own process",
     )
@@ -264,6 +267,16 @@ def _dict_transforms(value: Any, what: str, random: bool) -> list[dict[str, dict
     return out
 
 
+_COMPONENT = {"anyOf": [
+    {"type": "string", "description": "a name (its arguments default)"},
+    {"type": "object", "minProperties": 1, "maxProperties": 1, "description": "Name: {argument: value}",
+     "additionalProperties": {"anyOf": [{"type": "object"}, {"type": "null"}]}},
+]}
+# what a YAML spec may write for a component (validators accept a bare name too); validated Python holds a mapping
+Component = Annotated[dict[str, dict[str, Any]], WithJsonSchema(_COMPONENT)]
+Components = Annotated[list[dict[str, dict[str, Any]]], WithJsonSchema({"type": "array", "items": _COMPONENT})]
+
+
 class DataSpec(_Stage):
     source: str = Field(description="fsspec URL of the incoming data; '{home}' expands to VOXELFLOW_HOME")
     layout: Literal["decathlon", "folder", "dicom", "mixed"] = Field(
@@ -301,8 +314,8 @@ class DataSpec(_Stage):
 
 
 class Adaptive(_Section):
-    minimum: int = Field(1, ge=0)
-    maximum: int = Field(4, ge=1)
+    minimum: int = Field(1, ge=0, description="fewest Dask workers the started cluster scales down to")
+    maximum: int = Field(4, ge=1, description="most Dask workers it scales up to (on cuda, never more than GPUs)")
 
     @model_validator(mode="after")
     def _order(self) -> Adaptive:
@@ -312,11 +325,13 @@ class Adaptive(_Section):
 
 
 class PreprocessSpec(_Stage):
-    transforms: list[dict[str, dict[str, Any]]] = Field(
-        description="MONAI dictionary transforms, by name, applied in order"
+    transforms: Components = Field(
+        min_length=1, description="MONAI dictionary transforms (by name or import path package.module:Class) "
+        "applied in order, once per case, and stored; deterministic only, each with its keys"
     )
-    shard_size: int = Field(8, ge=1)
-    cluster: str = Field("auto", description="auto | local | cuda | tcp://scheduler:8786")
+    shard_size: int = Field(8, ge=1, description="cases per Dask task")
+    cluster: str = Field("auto", description="auto (a local cluster, on GPUs when device is cuda; the "
+                         "VOXELFLOW_DASK_SCHEDULER cluster when set) | local | cuda | tcp://scheduler:8786")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="where the transforms run; cuda: on the workers' GPUs (LocalCUDACluster under auto)"
     )
@@ -350,27 +365,30 @@ class PreprocessSpec(_Stage):
 
 
 class TrainSpec(_Stage):
-    network: dict[str, dict[str, Any]]
-    loss: dict[str, dict[str, Any]] = Field(
+    network: Component = Field(description="a MONAI network (monai.networks.nets) by name, or a torch.nn.Module "
+                               "by import path package.module:Class, with its constructor's arguments")
+    loss: Component = Field(
         default_factory=lambda: {"DiceCELoss": {}},
         validate_default=True,  # the validator below fills in the Dice-family defaults
         description="a MONAI loss by name; Dice-family losses default to to_onehot_y and softmax",
     )
-    epochs: int = Field(50, ge=1)
-    batch_size: int = Field(2, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    optimizer: dict[str, dict[str, Any]] = Field(
+    epochs: int = Field(50, ge=1, description="passes over the training side (fewer with patience)")
+    batch_size: int = Field(2, ge=1, description="cases per optimizer step (each giving num_samples patches when "
+                            "augment samples patches)")
+    learning_rate: float = Field(1e-3, gt=0, description="the optimizer's lr unless optimizer sets its own")
+    optimizer: Component = Field(
         default_factory=lambda: {"Adam": {}}, validate_default=True,
         description="a torch.optim optimizer by name with its arguments; lr defaults to learning_rate")
-    scheduler: dict[str, dict[str, Any]] | None = Field(
+    scheduler: Component | None = Field(
         None, description="a torch.optim.lr_scheduler by name with its arguments, stepped once per epoch; "
         "null: a constant learning rate")
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = Field(
         "auto", description="auto: bf16-mixed on a GPU with bf16 (else fp16-mixed), fp32 on a CPU, whose bf16 "
         "convolutions are emulated and slow; fp16-mixed needs a CUDA device (with a GradScaler), the CPU refuses it")
-    checkpoint_every_steps: int = Field(50, ge=1)
+    checkpoint_every_steps: int = Field(50, ge=1, description="save a checkpoint (training resumes from the "
+                                        "last one) every this many optimizer steps, and at the end")
     seed: int = Field(0, description="initial weights, data order and augmentation; never the split")
-    augment: list[dict[str, dict[str, Any]]] = Field(
+    augment: Components = Field(
         default_factory=list, description="MONAI random dictionary transforms by name, applied to each training "
         "case as it is drawn: augmentation and patch sampling (RandCropByPosNegLabeld, RandSpatialCropSamplesd; "
         "num_samples patches per case, so a step sees batch_size x num_samples patches)")
@@ -470,9 +488,10 @@ class SlidingWindow(_Section):
 
     roi_size: list[int] | None = Field(None, min_length=1, description="window size in voxels; default: the "
                                        "training patch size, else the size preprocessing fixes")
-    overlap: float = Field(0.25, ge=0, lt=1)
-    sw_batch_size: int = Field(4, ge=1)
-    mode: Literal["constant", "gaussian"] = "constant"
+    overlap: float = Field(0.25, ge=0, lt=1, description="fraction by which neighbouring windows overlap")
+    sw_batch_size: int = Field(4, ge=1, description="windows run through the network at once")
+    mode: Literal["constant", "gaussian"] = Field("constant", description="how overlapping windows are blended: "
+                                                  "constant (equal weights) or gaussian (the centre weighs most)")
 
 
 BUILTIN_METRICS = {"dice": True, "hausdorff95": False}  # name -> higher is better
@@ -543,7 +562,8 @@ class EvaluateSpec(_Stage):
                                  "val_fraction, so that no earlier model has trained on a test case")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="the next this much of positions are the validation "
                                 "side (checkpoint selection, early stopping); the rest train")
-    sliding_window: SlidingWindow = Field(default_factory=SlidingWindow)
+    sliding_window: SlidingWindow = Field(default_factory=SlidingWindow, description="sliding-window inference "
+                                          "of validation, evaluation and the served model")
 
     @model_validator(mode="after")
     def _sides(self) -> EvaluateSpec:
@@ -612,8 +632,9 @@ class Gates(_Section):
 
 
 class PromoteSpec(_Stage):
-    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    gates: Gates = Field(default_factory=Gates)
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the MLflow registered model "
+                            "the candidate becomes a version of; its champion alias is what is compared and served")
+    gates: Gates = Field(default_factory=Gates, description="the promotion policy: every gate must pass")
     approval: Literal["auto", "manual"] = Field(
         "auto", description="manual: a candidate that passes the gates waits, the lifecycle paused, for a person's "
         "answer in the Prefect UI (approve or reject, with a reason) before `champion` moves")
@@ -624,12 +645,13 @@ class PromoteSpec(_Stage):
 
 
 class Autoscale(_Section):
-    min_replicas: int = Field(2, ge=1)
-    max_replicas: int = Field(6, ge=1)
+    min_replicas: int = Field(2, ge=1, description="fewest pods the HorizontalPodAutoscaler keeps")
+    max_replicas: int = Field(6, ge=1, description="most pods it scales to")
     metric: Literal["cpu", "queue_depth"] = Field(
         "cpu", description="cpu: average utilisation in percent of the request; queue_depth: requests waiting per "
         "pod (needs a metrics adapter serving voxelflow_queue_depth)")
-    target: float = Field(70, gt=0)
+    target: float = Field(70, gt=0, description="the value the autoscaler holds metric at: percent of the CPU "
+                          "request, or waiting requests per pod")
 
     @model_validator(mode="after")
     def _order(self) -> Autoscale:
@@ -639,18 +661,20 @@ class Autoscale(_Section):
 
 
 class KubernetesDeploy(_Section):
-    image: str = "voxelflow:0.1.0"
-    namespace: str = Field("voxelflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    alias: str = "champion"
+    image: str = Field("voxelflow:0.1.0", description="container image of the inference service")
+    namespace: str = Field("voxelflow", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                           description="namespace the service's objects are rendered into")
+    alias: str = Field("champion", description="the registered model's alias the pods serve")
     secret: str = Field("voxelflow-runtime", description="Secret with VOXELFLOW_STORE, VOXELFLOW_DATABASE_URL, "
                         "VOXELFLOW_MLFLOW_TRACKING_URI")
     gpu: int = Field(0, ge=0, description="nvidia.com/gpu per pod")
-    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
-    cpu_request: str = "1"
-    memory_request: str = "2Gi"
-    cpu_limit: str = "4"
-    memory_limit: str = "8Gi"
-    autoscale: Autoscale = Field(default_factory=Autoscale)
+    gpu_node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+                                              description="node labels GPU pods are scheduled on (with gpu > 0)")
+    cpu_request: str = Field("1", description="CPU request per pod (Kubernetes quantity)")
+    memory_request: str = Field("2Gi", description="memory request per pod (Kubernetes quantity)")
+    cpu_limit: str = Field("4", description="CPU limit per pod (Kubernetes quantity)")
+    memory_limit: str = Field("8Gi", description="memory limit per pod (Kubernetes quantity)")
+    autoscale: Autoscale = Field(default_factory=Autoscale, description="the HorizontalPodAutoscaler")
     allowed_namespaces: list[str] = Field(default_factory=lambda: ["gateway"], min_length=1,
                                           description="namespaces whose pods may call the service")
     egress_ports: list[int] = Field(default_factory=lambda: [443, 5432],
@@ -661,7 +685,8 @@ class DeploySpec(_Stage):
     target: Literal["local", "kubernetes"] = Field(
         "local", description="local: the service on 127.0.0.1 and an HTTP smoke test; kubernetes: manifests "
         "rendered from deploy.kubernetes and applied to the configured cluster")
-    kubernetes: KubernetesDeploy | None = None
+    kubernetes: KubernetesDeploy | None = Field(None, description="the Kubernetes deployment (with target: "
+                                                 "kubernetes; its defaults when omitted)")
 
     @model_validator(mode="after")
     def _target(self) -> DeploySpec:
@@ -673,29 +698,56 @@ class DeploySpec(_Stage):
 
 
 class PipelineSpec(_Section):
-    """One lifecycle: each stage reads only its own section."""
+    """One lifecycle: each stage reads only its own section; ``steps`` adds the user's own."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    data: DataSpec
-    preprocess: PreprocessSpec
-    train: TrainSpec
-    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
-    promote: PromoteSpec
-    deploy: DeploySpec = Field(default_factory=DeploySpec)
+    version: Literal[1] = Field(1, description="the spec format's version; an older spec (or one without it) is "
+                                "migrated when it loads, with a warning naming each change")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the pipeline's name: its dataset, "
+                      "store folder, events and deployments are named by it")
+    data: DataSpec = Field(description="the ingest step: where the data arrives and how it is read")
+    preprocess: PreprocessSpec = Field(description="the preprocess step: deterministic transforms, run on Dask")
+    train: TrainSpec = Field(description="the train step: network, loss, optimizer, augmentation, devices")
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="the evaluate step: metrics and "
+                                   "the test, validation and training sides")
+    promote: PromoteSpec = Field(description="the promote step: the registered model, its gates and approval")
+    deploy: DeploySpec = Field(default_factory=DeploySpec, description="the deploy step: where the champion is "
+                               "served")
+    steps: list[StepSpec] = Field(default_factory=list, description="the user's own steps, each a function run "
+                                  "after a built-in or own step, checked against its signature at load")
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_ids(cls, value: list[StepSpec]) -> list[StepSpec]:
+        first: dict[str, int] = {}
+        for i, step in enumerate(value):
+            if step.id in first:
+                raise ValueAtKey(f"{i}.id", f"{step.id!r} is the id of steps.{first[step.id]} too; ids are unique")
+            first[step.id] = i
+        return value
 
     @model_validator(mode="after")
     def _gates_use_computed_metrics(self) -> PipelineSpec:
         # a gate on a metric the spec does not compute could never pass: nothing would ever be promoted
-        for metric, gate in self.promote.gates.metrics().items():
+        gates = self.promote.gates
+        own = {f"{s.id}.{m}" for s in self.steps for m in s.higher_is_better}
+        for metric in gates.absolute:
+            sid, dot, name = metric.partition(".")
+            if dot and metric not in own:
+                known = [s.id for s in self.steps]
+                why = (f"steps.{known.index(sid)}.higher_is_better does not declare {name!r}, so the gate has no "
+                       "direction" if sid in known else f"there is no step {sid!r} in steps")
+                raise ValueError(f"promote.gates.absolute names the step metric '{metric}', but {why}")
+        for metric, gate in gates.metrics().items():
+            if "." in metric:  # a step's metric: checked above
+                continue
             if metric not in self.evaluate.metrics:
                 raise ValueError(
                     f"promote.gates ({gate}) need the metric '{metric}', but evaluate.metrics is "
                     f"{self.evaluate.metrics}: add {metric} to evaluate.metrics"
                 )
         computed = self.computed_metrics()
-        gates = self.promote.gates
-        for metric, gate in [*((m, f"absolute.{m}") for m in gates.absolute), (gates.relative_metric,
-                                                                               "relative_metric")]:
+        for metric, gate in [*((m, f"absolute.{m}") for m in gates.absolute if m not in own),
+                             (gates.relative_metric, "relative_metric")]:
             if metric not in computed:
                 raise ValueError(f"promote.gates.{gate} names the metric '{metric}', which evaluation does not "
                                  f"compute for this network's classes; computed: {computed}")
@@ -712,6 +764,26 @@ class PipelineSpec(_Section):
                              "or set train.batch_size: 1")
         return self
 
+    @model_validator(mode="after")
+    def _graph(self) -> PipelineSpec:
+        # last: the graph of built-in and own steps (unknown ids, cycles, what each when reads, step gates)
+        try:
+            from voxelflow.stages import graph
+        except ImportError:  # the graph builder is not part of this voxelflow yet
+            return self
+        try:
+            graph.build(self)
+        except ValueError as exc:
+            key, sep, message = str(exc).partition(": ")
+            if sep and re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_]+)*", key):
+                raise ValueAtKey(key, message) from None
+            raise
+        return self
+
+    def step_directions(self) -> dict[str, bool]:
+        """The own steps' metrics a gate may read -> True when higher is better (``{"qc.outliers": False}``)."""
+        return {f"{s.id}.{m}": higher for s in self.steps for m, higher in s.higher_is_better.items()}
+
     def roi_size(self) -> tuple[int, ...] | None:
         """The sliding window: as set, else the training patch, else the preprocessed size."""
         window = self.evaluate.sliding_window.roi_size
@@ -723,8 +795,13 @@ class PipelineSpec(_Section):
         return metric_names(self.evaluate.metrics, int(out_channels))
 
     def digest(self) -> str:
-        """A stable hash of the spec, for lineage."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable hash of the spec, for lineage (a spec without steps hashes as it did before they existed)."""
+        dumped = self.model_dump(mode="json", by_alias=True)
+        if not dumped["steps"]:
+            del dumped["steps"]
+        if dumped["version"] == 1:
+            del dumped["version"]
+        blob = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -799,7 +876,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _explain(source: str, exc: ValidationError) -> SpecError:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = [str(p) for p in err["loc"]]
+        below = (err.get("ctx") or {}).get("error")
+        if isinstance(below, ValueAtKey):  # the validator names a key below the one it checked
+            loc += below.key.split(".")
+        key = ".".join(loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the spec)"
@@ -810,6 +891,15 @@ def _explain(source: str, exc: ValidationError) -> SpecError:
 
 
 def validate_spec(data: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
+    """Migrate ``data`` to this voxelflow's spec version (a :class:`SpecMigrated` warning per change) and
+    validate it."""
+    import warnings
+
+    from voxelflow.spec_migrations import SpecMigrated, migrate
+
+    data, changes = migrate(data, source)
+    for change in changes:
+        warnings.warn(SpecMigrated(change), stacklevel=2)
     try:
         return PipelineSpec.model_validate(data)
     except ValidationError as exc:
