@@ -1,27 +1,80 @@
-"""The lifecycle flow: ingest → preprocess → train → evaluate → register and promote (→ a person's approval) → deploy.
+"""The lifecycle flow: the spec's step graph (``voxelflow.stages``) run with Prefect.
 
-A stage whose spec section names a ``work_pool`` runs as that pool's deployment of the stage
-flow (``flows/stages.py``); the others run here as tasks.
+The graph says what runs and in what order (the built-in stages ingest → preprocess → train →
+evaluate → promote → deploy, with the spec's own ``steps`` placed among them); this module only
+says how each node runs: a stage whose spec section names a ``work_pool`` runs as that pool's
+deployment of the stage flow (``flows/stages.py``), the others here as tasks; a step of the
+user's runs as a task named by its id, or as the deployment ``step/POOL``. The promotion and what
+follows it are one transaction (``flows/release.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
+from typing import Any, Iterator
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.release import release
+from flows.release import released, settled
 from flows.stages import current_lifecycle_id, placed
+from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
+from tasks.registry import register_and_promote
 from tasks.settings import run_settings
+from tasks.steps import for_step
 from tasks.train import mlflow_run, train
 from voxelflow.config import PipelineSpec, load_spec
-from voxelflow.pipeline import Context, closing_run, lineage, markdown, split_stage, summarise, usable_cases
+from voxelflow.pipeline import Context, markdown, steps_markdown
 from voxelflow.redact import install_log_filter
+from voxelflow.stages.contracts import STAGES, as_json
+from voxelflow.stages.execute import GateFailed, Runner, State, execute
+from voxelflow.stages.graph import Node
+from voxelflow.stages.steps import StepRecord
+from voxelflow.steps.api import StepInputs
 from voxelflow.watch import DATASET_UPDATED, accept_announcement
+
+TASKS = {  # each built-in stage's task, called with the references its placed flow takes
+    "ingest": lambda spec, ctx: ingest(spec.data, ctx),
+    "preprocess": lambda spec, ctx, case_ids: preprocess(spec.preprocess, ctx, case_ids),
+    "train": lambda spec, ctx, train_ids, run_id, val_ids: train(spec, ctx, train_ids, run_id, val_ids),
+    "evaluate": lambda spec, ctx, outcome, test_ids, run_id: evaluate(spec.evaluate, spec.promote.model_name, ctx,
+                                                                      outcome, test_ids, run_id),
+    "promote": lambda spec, ctx, run_id, outcome, evaluation, tags: register_and_promote(
+        spec.promote, ctx, run_id, outcome, evaluation, tags),
+    "deploy": lambda spec, ctx, case_id: deploy(spec.deploy, spec.promote.model_name, ctx, case_id),
+}
+FLOW_NAMES = {"promote": "register-and-promote"}  # the stage flows' names, where they differ from the step id
+
+
+class FlowRunner(Runner):
+    """Each node as a Prefect task, or as a flow run on its work pool."""
+
+    def stage(self, stage_id: str, args: dict[str, Any]) -> Any:
+        spec, ctx = self.spec, self.ctx
+        pool = getattr(spec, STAGES[stage_id].section).work_pool
+        return placed(FLOW_NAMES.get(stage_id, stage_id), pool, ctx, spec, self.lifecycle_id,
+                      lambda: TASKS[stage_id](spec, ctx, **args), **{k: as_json(v) for k, v in args.items()})
+
+    def step(self, node: Node, inputs: StepInputs) -> StepRecord:
+        return placed("step", node.pool, self.ctx, self.spec, self.lifecycle_id,
+                      lambda: for_step(node.step)(node.step, self.ctx, inputs),
+                      step_id=node.id, inputs=inputs.model_dump(mode="json"))
+
+    def open_run(self, dataset_digest: str, split: Any) -> str:
+        return mlflow_run(self.spec, self.ctx, dataset_digest, split)
+
+    def approve(self, state: State) -> Any:
+        return settled(self.spec, self.ctx, state.promotion, state.evaluation, state.outcome, state.run_id or "",
+                       state.tags)
+
+    @contextlib.contextmanager
+    def release(self, state: State) -> Iterator[None]:
+        with released(self.ctx, self.spec.promote.model_name, state.promotion):
+            yield
 
 
 @flow(name="lifecycle", log_prints=True)
@@ -44,29 +97,20 @@ def lifecycle(
     ctx = Context(run_settings(spec.data), spec.name)
     if announcement is not None:  # the triggering event (lifecycle/on-update): refused unless data references only
         accept_announcement(ctx.db, spec.name, announcement, DATASET_UPDATED)
-    lid = current_lifecycle_id()
-
-    ingested = placed("ingest", spec.data.work_pool, ctx, spec, lid, lambda: ingest(spec.data, ctx))
-    prep = placed("preprocess", spec.preprocess.work_pool, ctx, spec, lid,
-                  lambda: preprocess(spec.preprocess, ctx, ingested.case_ids), case_ids=ingested.case_ids)
-    parts = split_stage(spec.evaluate, usable_cases(ingested, prep))  # pure and instant: no task
-    run_id = mlflow_run(spec, ctx, ingested.dataset_digest, parts)
-    with closing_run(ctx, run_id):  # the MLflow run ends FINISHED only if everything below completes
-        outcome = placed("train", spec.train.work_pool, ctx, spec, lid,
-                         lambda: train(spec, ctx, parts.train, run_id, parts.val),
-                         train_ids=parts.train, run_id=run_id, val_ids=parts.val)
-        evaluation = placed("evaluate", spec.evaluate.work_pool, ctx, spec, lid,
-                            lambda: evaluate(spec.evaluate, spec.promote.model_name, ctx, outcome, parts.test, run_id),
-                            outcome=asdict(outcome), test_ids=parts.test, run_id=run_id)
-        tags = lineage(spec, ingested.dataset_digest)
-        # register and promote (pausing for a person when promote.approval is manual), then deploy: one
-        # transaction, so a failed deployment puts champion and previous back (flows/release.py)
-        promotion, deployment = release(spec, ctx, lid, run_id, outcome, evaluation, tags, parts.val[0])
-
-        result = summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
-        key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
-        create_markdown_artifact(markdown(result, spec.name), key=key, description="dataset digest, metrics, model version, endpoint")
-        if deployment:
-            where = f"{deployment.endpoint}, a temporary smoke-test endpoint" if deployment.temporary else deployment.endpoint
-            print(f"HTTP prediction dice {deployment.dice:.4f} (model v{deployment.model_version}, {where})")
-        return asdict(result)
+    key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
+    runner = FlowRunner(spec, ctx, current_lifecycle_id())
+    try:
+        result = execute(spec, runner)
+    except GateFailed as exc:
+        lines = [f"# voxelflow lifecycle: {spec.name}", "", f"**Stopped by gate `{exc.step_id}`:** {exc.reason}"]
+        create_markdown_artifact("\n".join(lines + steps_markdown(getattr(exc, "records", {}))) + "\n", key=key,
+                                 description=f"stopped by gate {exc.step_id}")
+        raise
+    finally:
+        runner.close()
+    create_markdown_artifact(markdown(result, spec.name), key=key, description="dataset digest, metrics, model version, endpoint")
+    d = result.deployment
+    if d:
+        where = f"{d['endpoint']}, a temporary smoke-test endpoint" if d["temporary"] else d["endpoint"]
+        print(f"HTTP prediction dice {d['dice']:.4f} (model v{d['model_version']}, {where})")
+    return asdict(result)

@@ -12,6 +12,8 @@ hook puts ``champion`` and ``previous`` back and writes that to the audit log.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Literal
 
@@ -87,31 +89,47 @@ def approval(spec: PromoteSpec, ctx: Context, promotion: Promotion, evaluation: 
     return answer_candidate(spec, ctx, promotion, evaluation, outcome, run_id, tags, answer)
 
 
+def settled(spec: PipelineSpec, ctx: Context, promotion: Promotion, evaluation: Evaluation, outcome: TrainOutcome,
+            run_id: str, tags: dict[str, str]) -> Promotion:
+    """The promotion once a person has answered, when ``promote.approval: manual`` made it wait."""
+    if awaiting(spec.promote, promotion):
+        return approval(spec.promote, ctx, promotion, evaluation, outcome, run_id, tags)
+    return promotion
+
+
+@contextlib.contextmanager
+def released(ctx: Context, model_name: str, promotion: Promotion) -> Iterator[None]:
+    """The release transaction: the move of ``champion`` is held open while the block runs (deployment, gate
+    steps after promote); if the block raises, the transaction rolls back and the aliases go back."""
+    with transaction() as txn:
+        try:
+            if promotion.promoted:
+                champion_moved(ctx, model_name, promotion.version)
+            yield
+        except BaseException as exc:
+            txn.set("failure", f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+
+
 def release(spec: PipelineSpec, ctx: Context, lifecycle_id: str, run_id: str, outcome: TrainOutcome,
             evaluation: Evaluation, tags: dict[str, str], case_id: str) -> tuple[Promotion, Deployment | None]:
     """Register and promote the candidate (asking a person first when approval is manual), then deploy
     the champion; the move of ``champion`` and the deployment are one transaction: a failed deployment
-    puts the aliases back as they were.
+    puts the aliases back as they were. (The lifecycle runs the same pieces from its graph.)
 
     Registration and approval stay outside the transaction: Prefect rolls a transaction back as soon
     as any task attempt in it fails, even one that a retry then completes, so only tasks that do not
-    retry (``champion-moved``; ``deploy`` retries transient errors itself) run inside it.
+    retry (``champion-moved``; ``deploy`` and the spec's own steps retry transient errors themselves)
+    run inside it.
     """
     name = spec.promote.model_name
     promotion = placed("register-and-promote", spec.promote.work_pool, ctx, spec, lifecycle_id,
                        lambda: register_and_promote(spec.promote, ctx, run_id, outcome, evaluation, tags),
                        run_id=run_id, outcome=asdict(outcome), evaluation=asdict(evaluation), tags=tags)
-    if awaiting(spec.promote, promotion):
-        promotion = approval(spec.promote, ctx, promotion, evaluation, outcome, run_id, tags)
+    promotion = settled(spec, ctx, promotion, evaluation, outcome, run_id, tags)
     deployment = None
-    with transaction() as txn:
-        try:
-            if promotion.promoted:
-                champion_moved(ctx, name, promotion.version)
-            if promotion.champion is not None:
-                deployment = placed("deploy", spec.deploy.work_pool, ctx, spec, lifecycle_id,
-                                    lambda: deploy(spec.deploy, name, ctx, case_id), case_id=case_id)
-        except BaseException as exc:
-            txn.set("failure", f"{type(exc).__name__}: {exc}"[:2000])
-            raise
+    with released(ctx, name, promotion):
+        if promotion.champion is not None:
+            deployment = placed("deploy", spec.deploy.work_pool, ctx, spec, lifecycle_id,
+                                lambda: deploy(spec.deploy, name, ctx, case_id), case_id=case_id)
     return promotion, deployment

@@ -27,6 +27,7 @@ from voxelflow.config import PipelineSpec, Settings
 from voxelflow.ingest import IngestReport
 from voxelflow.pipeline import Context, Deployment, Evaluation, Promotion, TrainOutcome, from_dict
 from voxelflow.preprocess import PreprocessReport
+from voxelflow.stages.steps import StepRecord
 
 T = TypeVar("T")
 
@@ -37,6 +38,7 @@ RESULTS: dict[str, type] = {
     "evaluate": Evaluation,
     "register-and-promote": Promotion,
     "deploy": Deployment,
+    "step": StepRecord,
 }
 
 
@@ -63,9 +65,11 @@ def context_for(spec: PipelineSpec, store: str, peers: dict[str, str]) -> Contex
 
 def placed(stage: str, pool: str | None, ctx: Context, spec: PipelineSpec, lifecycle_id: str,
            here: Callable[[], T], **refs: Any) -> T:
-    """Run a stage here, or as the deployment ``STAGE/POOL`` and read its result back from the store."""
+    """Run a stage here, or as the deployment ``STAGE/POOL`` and read its result back from the store
+    (a user's step: ``step/POOL``, its output under ``step-<id>``)."""
     if pool is None:
         return here()
+    output = f"step-{refs['step_id']}" if stage == "step" else stage
     run = run_deployment(
         f"{stage}/{pool}",
         parameters={"spec": spec.model_dump(mode="json"), "lifecycle_id": lifecycle_id, "store": ctx.store.url,
@@ -76,7 +80,7 @@ def placed(stage: str, pool: str | None, ctx: Context, spec: PipelineSpec, lifec
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
         raise RuntimeError(f"stage {stage} on work pool {pool!r} ended {state} (flow run {run.id})")
-    return from_dict(RESULTS[stage], ctx.store.read_json(ctx.layout.stage_output(lifecycle_id, stage)))
+    return from_dict(RESULTS[stage], ctx.store.read_json(ctx.layout.stage_output(lifecycle_id, output)))
 
 
 def _keep(ctx: Context, lifecycle_id: str, stage: str, result: Any) -> None:
@@ -130,6 +134,20 @@ def deploy_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[s
     """Serve the champion and smoke-test it (placed: ``deploy.work_pool``)."""
     ctx = context_for(spec, store, peers)
     _keep(ctx, lifecycle_id, "deploy", deploy(spec.deploy, spec.promote.model_name, ctx, case_id))
+
+
+@flow(name="step")
+def step_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], step_id: str,
+              inputs: dict) -> None:
+    """One of the spec's own steps (placed: its ``work_pool``), with the context it would have had in the lifecycle."""
+    from tasks.steps import for_step
+    from voxelflow.steps.api import StepInputs
+
+    ctx = context_for(spec, store, peers)
+    step = next((s for s in spec.steps if s.id == step_id), None)
+    if step is None:
+        raise ValueError(f"the spec has no step {step_id!r}")
+    _keep(ctx, lifecycle_id, f"step-{step_id}", for_step(step)(step, ctx, StepInputs.model_validate(inputs)))
 
 
 @flow(name="rollback")

@@ -504,6 +504,7 @@ class LifecycleResult:
     promotion: dict[str, Any]
     deployment: dict[str, Any] | None
     pictures: list[str] = field(default_factory=list)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # the spec's own steps: id -> record
 
 
 def summarise(
@@ -546,25 +547,32 @@ def markdown(result: LifecycleResult, name: str) -> str:
         rows += [("endpoint", f"{d['endpoint']}/v1/segment (v{d['model_version']}){stopped}"),
                  ("HTTP prediction dice", f"{d['dice']:.4f} on {d['case']}")]
     lines = [f"# voxelflow lifecycle: {name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + steps_markdown(result.steps)) + "\n"
+
+
+def steps_markdown(steps: dict[str, dict[str, Any]]) -> list[str]:
+    """The spec's own steps as a table: status, reason, metrics, seconds (no lines without steps)."""
+    if not steps:
+        return []
+    rows = ["", "| step | status | reason | metrics | seconds |", "|---|---|---|---|---|"]
+    for sid, rec in steps.items():
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in rec.get("metrics", {}).items())
+        reason = str(rec.get("reason", "")).replace("|", "\\|").replace("\n", " ")[:300]
+        gate = " (gate)" if rec.get("gate") else ""
+        rows.append(f"| {sid}{gate} | {rec['status']} | {reason} | {metrics} | {rec.get('seconds', 0)} |")
+    return rows
 
 
 def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
-    """The whole lifecycle with no orchestrator: the baseline the flow is measured against."""
-    ctx = Context(settings, spec.name)
-    ingested = ingest_stage(spec.data, ctx)
-    prep = preprocess_stage(spec.preprocess, ctx, ingested.case_ids)
-    split = split_stage(spec.evaluate, usable_cases(ingested, prep))
-    run_id = start_run(spec, ctx, ingested.dataset_digest, split)
-    with closing_run(ctx, run_id):
-        outcome = train_stage(spec, ctx, split.train, run_id, split.val)
-        evaluation = evaluate_stage(spec.evaluate, spec.promote.model_name, ctx, outcome, split.test, run_id)
-        promotion = register_stage(spec.promote, ctx, run_id, outcome, evaluation,
-                                   lineage(spec, ingested.dataset_digest))
-        deployment = None
-        if promotion.champion is not None:
-            deployment = deploy_stage(spec.deploy, spec.promote.model_name, ctx, split.val[0])
-        return summarise(ingested, prep, outcome, evaluation, promotion, deployment, run_id)
+    """The whole lifecycle with no orchestrator: the spec's graph (:mod:`voxelflow.stages`) run here, the
+    baseline the flow is measured against."""
+    from voxelflow.stages.execute import Runner, execute
+
+    runner = Runner(spec, Context(settings, spec.name))
+    try:
+        return execute(spec, runner)
+    finally:
+        runner.close()
 
 
 @contextlib.contextmanager

@@ -116,20 +116,22 @@ def log_metric_steps(tracking_uri: str, run_id: str, rows: list[tuple[int, dict[
 
 
 def log_bytes(tracking_uri: str, run_id: str, name: str, data: bytes) -> None:
-    """Log an in-memory file (a picture, a report) as a run artifact."""
+    """Log an in-memory file (a picture, a report) as a run artifact; ``name`` may name a folder (``steps/qc/a.png``)."""
+    folder, _, base = name.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
+        path = Path(tmp) / base
         path.write_bytes(data)
-        client(tracking_uri).log_artifact(run_id, str(path))
+        client(tracking_uri).log_artifact(run_id, str(path), folder or None)
 
 
 # What the logged model imports to load and predict, as distributions published on PyPI. voxelflow
 # itself is not published: its code travels inside the model (``code_paths``), so an environment
 # made from the model's requirements.txt (`mlflow models serve` without `--env-manager local`) can
 # load it. MLflow's own inference would name `voxelflow` and prune its dependencies (torch, monai).
-# nibabel is an optional dependency of MONAI that its Orientation(d) transform needs.
+# nibabel is an optional dependency of MONAI that its Orientation(d) transform needs; scikit-image one that
+# the post transforms of evaluate.postprocess (KeepLargestConnectedComponent, RemoveSmallObjects) need.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "monai", "nibabel", "numpy", "safetensors", "fsspec", "pyyaml",
-                      "pydantic", "pydantic-settings")
+                      "pydantic", "pydantic-settings", "scikit-image")
 
 
 def model_requirements() -> list[str]:
