@@ -267,6 +267,36 @@ def _dict_transforms(value: Any, what: str, random: bool) -> list[dict[str, dict
     return out
 
 
+def _mask_transforms(value: Any, what: str) -> list[dict[str, dict[str, Any]]]:
+    """A list of MONAI array transforms (by name in monai.transforms, or ``package.module:Class``) applied to
+    the label map: known, array form, deterministic, arguments known, typed and the required ones given."""
+    from monai.transforms import MapTransform, Randomizable
+
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"expected a list of MONAI array transforms ({what})")
+    out = []
+    for item in value:
+        name, kwargs = _single_key(item, "transform")
+        cls = resolve_monai("monai.transforms", name, "transform", allowed_imports())
+        if issubclass(cls, MapTransform):
+            plain = name[:-1] if name.endswith("d") and ":" not in name else None
+            raise ValueError(f"transform {name!r} is a dictionary transform; the mask takes array transforms"
+                             + (f" ({plain})" if plain else ""))
+        if issubclass(cls, Randomizable):
+            raise ValueError(f"transform {name!r} is random; post-processing must give every caller the same mask")
+        _check_kwargs(cls, name, kwargs, "transform")
+        params = inspect.signature(cls.__init__).parameters
+        missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty
+                   and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD) and p not in kwargs]
+        if missing:
+            raise ValueError(f"transform {name!r} needs the argument(s) {', '.join(missing)}")
+        _check_types(cls.__init__, name, kwargs, "transform")
+        out.append({name: kwargs})
+    return out
+
+
 _COMPONENT = {"anyOf": [
     {"type": "string", "description": "a name (its arguments default)"},
     {"type": "object", "minProperties": 1, "maxProperties": 1, "description": "Name: {argument: value}",
@@ -564,6 +594,17 @@ class EvaluateSpec(_Stage):
                                 "side (checkpoint selection, early stopping); the rest train")
     sliding_window: SlidingWindow = Field(default_factory=SlidingWindow, description="sliding-window inference "
                                           "of validation, evaluation and the served model")
+    postprocess: Components = Field(
+        default_factory=list, description="MONAI array transforms applied in order to the label map (shape "
+        "(1, *spatial)) after the argmax, by name (KeepLargestConnectedComponent, FillHoles, RemoveSmallObjects) or "
+        "import path package.module:Class; stored with the registered model, so evaluation, the service, batch "
+        "prediction and MLflow serving give the same mask")
+
+    @field_validator("postprocess", mode="before")
+    @classmethod
+    def _postprocess(cls, value: Any) -> list[dict[str, dict[str, Any]]]:
+        return _mask_transforms(value, "evaluate.postprocess")
+
 
     @model_validator(mode="after")
     def _sides(self) -> EvaluateSpec:

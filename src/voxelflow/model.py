@@ -1,7 +1,8 @@
 """The deployable model: network spec + safetensors weights + the preprocessing it was trained with.
 
 :class:`Segmenter` takes a raw volume and its affine, applies its own preprocessing, runs
-sliding-window inference and maps the mask back to the input's grid. :class:`SegmentationModel`
+sliding-window inference, maps the mask back to the input's grid and post-processes it there (the
+model config's ``postprocess``, from the spec's ``evaluate.postprocess``). :class:`SegmentationModel`
 packages it as an MLflow pyfunc that loads weights without pickle.
 """
 
@@ -22,7 +23,7 @@ try:  # the library stays importable where only the client side of MLflow is mis
 except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[assignment,misc]
 
-from voxelflow.preprocess import build_transforms, to_meta
+from voxelflow.preprocess import _monai_transform, build_transforms, to_meta
 from voxelflow.train import autocast_for, load_network
 
 
@@ -36,6 +37,7 @@ class Segmenter:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.pre = build_transforms(config["transforms"], keys=("image",))
+        self.post = build_postprocess(config.get("postprocess") or [])  # older models: none
         window = config.get("sliding_window") or {"roi_size": config["spatial_size"]}  # older models: no window
         self.roi_size = tuple(window["roi_size"])
         self.window = {"overlap": window.get("overlap", 0.25), "sw_batch_size": window.get("sw_batch_size", 4),
@@ -93,7 +95,38 @@ class Segmenter:
             out = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False)(
                 {"pred": logits, "image": image}
             )
-        return torch.argmax(torch.as_tensor(out["pred"]), dim=0).to(torch.uint8).numpy()
+        labels = torch.argmax(torch.as_tensor(out["pred"]), dim=0).to(torch.uint8).as_subclass(torch.Tensor)
+        return self.postprocess(labels, affine)
+
+    def postprocess(self, labels, affine: np.ndarray):
+        """The model's post transforms on a label map (spatial shape, the input's grid): the uint8 mask."""
+        import torch
+
+        if self.post is None:
+            return labels.numpy()
+        from monai.data import MetaTensor
+
+        # a channel first, as MONAI's post transforms take it (a copy: some work in place); the affine gives those
+        # that measure in mm (RemoveSmallObjects with by_measure) the input's spacing
+        item = MetaTensor(labels[None].clone(), affine=torch.as_tensor(affine, dtype=torch.float64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-image's notices about renamed arguments
+            out = self.post(item)
+        return torch.as_tensor(out).as_subclass(torch.Tensor)[0].to(torch.uint8).numpy()
+
+
+def build_postprocess(transforms: list[dict[str, dict[str, Any]] | str]):
+    """A MONAI ``Compose`` of a model config's ``postprocess`` (array transforms by name or import path,
+    checked when the spec was loaded), or None when it lists none."""
+    from monai.transforms import Compose
+
+    out = []
+    for item in transforms:
+        for name, kwargs in ({item: {}} if isinstance(item, str) else item).items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                out.append(_monai_transform(name)(**dict(kwargs or {})))
+    return Compose(out) if out else None
 
 
 def stitch_device(grid_voxels: int, limit: int | None, device: str) -> str:

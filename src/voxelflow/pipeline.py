@@ -187,6 +187,7 @@ def model_config(spec: PipelineSpec) -> dict[str, Any]:
         "sliding_window": {"roi_size": list(roi), "overlap": window.overlap, "sw_batch_size": window.sw_batch_size,
                            "mode": window.mode},
         "precision": spec.train.precision,
+        "postprocess": spec.evaluate.postprocess,
     }
 
 

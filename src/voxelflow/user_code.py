@@ -25,17 +25,19 @@ def _paths(section: Mapping[str, Any] | list[Mapping[str, Any]] | None) -> list[
 
 def packages(config: Mapping[str, Any]) -> list[str]:
     """The top-level packages, other than voxelflow, MONAI and torch, that the import paths of a model
-    config (``network``, ``transforms``) or a spec's ``train`` and ``preprocess`` sections name."""
+    config (``network``, ``transforms``, ``postprocess``) or a spec's ``train``, ``preprocess`` and
+    ``evaluate.postprocess`` name."""
     names = [*_paths(config.get("network")), *_paths(config.get("loss")), *_paths(config.get("transforms")),
-             *_paths(config.get("augment"))]
+             *_paths(config.get("augment")), *_paths(config.get("postprocess"))]
     tops = (name.partition(":")[0].split(".")[0] for name in names)
     return sorted({t for t in tops if t not in CORE})
 
 
 def spec_packages(spec: Any) -> list[str]:
-    """:func:`packages` of a :class:`~voxelflow.config.PipelineSpec` (network, loss, transforms, augment)."""
+    """:func:`packages` of a :class:`~voxelflow.config.PipelineSpec` (network, loss, transforms, augment,
+    postprocess)."""
     return packages({"network": spec.train.network, "loss": spec.train.loss, "augment": spec.train.augment,
-                     "transforms": spec.preprocess.transforms})
+                     "transforms": spec.preprocess.transforms, "postprocess": spec.evaluate.postprocess})
 
 
 def source_of(package: str) -> Path:
