@@ -169,13 +169,58 @@ def run(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def validate(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
-    """Check a spec (and its overlays) without running anything; print the merged result."""
+    """Check a spec (and its overlays) without running anything; print the merged result, the migrations of an
+    older spec and the resolved step graph."""
     with reasons():
+        import warnings
+
         import yaml
 
-        loaded = load(spec, overlay, set_)
-        console.print(yaml.safe_dump(loaded.model_dump(mode="json"), sort_keys=False), highlight=False)
+        from voxelflow.spec_migrations import SpecMigrated
+        from voxelflow.stages import graph
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SpecMigrated)
+            loaded = load(spec, overlay, set_)
+        console.print(yaml.safe_dump(loaded.model_dump(mode="json", by_alias=True), sort_keys=False),
+                      highlight=False, markup=False)
+        for warning in caught:
+            if isinstance(warning.message, SpecMigrated):
+                err.print(f"warning: {warning.message}", highlight=False, markup=False, soft_wrap=True)
+        console.print("steps, in order:", highlight=False)
+        console.print(graph.build(loaded).tree(), highlight=False, markup=False)
         console.print(f"[green]ok[/] spec digest {loaded.digest()}")
+
+
+@app.command()
+def schema(
+    path: Annotated[Optional[Path], typer.Argument(help="with --markdown: the page to write "
+                                                   "(default docs/spec-reference.md)")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="write the reference page of every key "
+                                           "instead of the schema")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write the JSON Schema to this file "
+                                                   "instead of printing it")] = None,
+) -> None:
+    """Print the spec's JSON Schema (draft 2020-12), write it (--output), or write the reference of every
+    key (--markdown [PATH])."""
+    with reasons():
+        from voxelflow import spec_docs
+
+        if path is not None and not markdown:
+            fail("PATH is the reference page's (with --markdown); write the schema with --output PATH", 2)
+        if markdown and output is not None:
+            fail("--markdown and --output write different files: give one of them", 2)
+        if markdown:
+            target = path or spec_docs.MARKDOWN_PATH
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(spec_docs.markdown())
+            err.print(f"wrote {target}", highlight=False, markup=False)
+        elif output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(spec_docs.schema_text())
+            err.print(f"wrote {output}", highlight=False, markup=False)
+        else:
+            sys.stdout.write(spec_docs.schema_text())
 
 
 @app.command()

@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from voxelflow.step_spec import WORK_POOL, StepSpec, ValueAtKey
@@ -35,7 +43,7 @@ class _Stage(_Section):
         None,
         pattern=WORK_POOL,
         description="run this stage as its own flow run on this work pool (deployment STAGE/WORK_POOL); "
-        "unset: in the lifecycle's own process",
+        "unset: in the lifecycle's own process", examples=["gpu"],
     )
 
 
@@ -325,7 +333,8 @@ class DataSpec(_Stage):
         "before anything is stored; none: DICOM is kept as it arrived (needs deidentify_acknowledged; warns every run)")
     deidentify_acknowledged: str | None = Field(
         None, description="with deidentify: none, a statement that the data is already de-identified or that "
-        "consent covers it (recorded in the audit log at every ingest)")
+        "consent covers it (recorded in the audit log at every ingest)",
+        examples=["exported de-identified by the hospital's PACS gateway (DPA 2024-17)"])
 
     @property
     def needs_deid_key(self) -> bool:
@@ -411,7 +420,7 @@ class TrainSpec(_Stage):
         description="a torch.optim optimizer by name with its arguments; lr defaults to learning_rate")
     scheduler: Component | None = Field(
         None, description="a torch.optim.lr_scheduler by name with its arguments, stepped once per epoch; "
-        "null: a constant learning rate")
+        "null: a constant learning rate", examples=[{"CosineAnnealingLR": {"T_max": 50}}])
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed"] = Field(
         "auto", description="auto: bf16-mixed on a GPU with bf16 (else fp16-mixed), fp32 on a CPU, whose bf16 "
         "convolutions are emulated and slow; fp16-mixed needs a CUDA device (with a GradScaler), the CPU refuses it")
@@ -430,7 +439,7 @@ class TrainSpec(_Stage):
     val_every: int = Field(1, ge=1, description="validate (sliding window, on the validation cases) every this "
                            "many epochs; the best validation keeps its weights, which are what gets registered")
     patience: int | None = Field(None, ge=1, description="stop after this many validations without improvement; "
-                                 "null: train every epoch")
+                                 "null: train every epoch", examples=[10])
     devices: Literal["auto", "cpu"] | int = Field(
         "auto", description="auto: every GPU (DistributedDataParallel when there are several), else the CPU; "
         "cpu: one CPU process; N: N processes, one per GPU, or gloo processes on the CPU. Each step's batch "
@@ -543,10 +552,12 @@ class CustomMetric(_Section):
     value per class. ``include_background=False``, ``ignore_empty=False`` and the case's ``spacing``
     are passed where the signature takes them and ``args`` does not set them."""
 
-    function: str = Field(description="import path package.module:name of the function or class")
-    higher_is_better: bool = Field(description="the metric's direction, for gates and the champion comparison")
+    function: str = Field(description="import path package.module:name of the function or class",
+                          examples=["monai.metrics:compute_iou"])
+    higher_is_better: bool = Field(description="the metric's direction, for gates and the champion comparison",
+                                   examples=[True])
     args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments: the function's, or the "
-                                 "class's constructor's")
+                                 "class's constructor's", examples=[{"ignore_empty": False}])
 
     @model_validator(mode="after")
     def _resolves(self) -> CustomMetric:
@@ -605,7 +616,6 @@ class EvaluateSpec(_Stage):
     def _postprocess(cls, value: Any) -> list[dict[str, dict[str, Any]]]:
         return _mask_transforms(value, "evaluate.postprocess")
 
-
     @model_validator(mode="after")
     def _sides(self) -> EvaluateSpec:
         problem = sides_problem(self.test_fraction, self.val_fraction)
@@ -653,11 +663,12 @@ class Gates(_Section):
     min_test_cases: int = Field(5, ge=1, description="relative gate: fewer paired test cases than this fail it")
     absolute: dict[str, float] = Field(
         default_factory=dict, description="metric -> bound: at least for higher-is-better metrics (dice, dice_2), "
-        "at most for lower-is-better ones (hausdorff95 in mm)")
+        "at most for lower-is-better ones (hausdorff95 in mm); <step>.<metric>: an own step's metric that its "
+        "higher_is_better declares", examples=[{"dice_1": 0.7, "qc.outliers": 0}])
     flip_tolerance: float | None = Field(
         None, ge=0, le=1, description="run the behavioural checks on a held-out case: at most this fraction of "
         "voxels may change when the volume is mirrored left-right, an empty volume must give an empty mask, the "
-        "output must be finite; null: checks not run")
+        "output must be finite; null: checks not run", examples=[0.05])
     require_lineage: list[str] = Field(
         default_factory=lambda: ["dataset_digest", "spec_digest", "run_id"],
         description="lineage tags the version must carry to be promoted")
@@ -808,10 +819,8 @@ class PipelineSpec(_Section):
     @model_validator(mode="after")
     def _graph(self) -> PipelineSpec:
         # last: the graph of built-in and own steps (unknown ids, cycles, what each when reads, step gates)
-        try:
-            from voxelflow.stages import graph
-        except ImportError:  # the graph builder is not part of this voxelflow yet
-            return self
+        from voxelflow.stages import graph
+
         try:
             graph.build(self)
         except ValueError as exc:
