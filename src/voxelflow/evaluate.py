@@ -61,6 +61,8 @@ def direction(metric: str, directions: Mapping[str, bool] | None = None) -> bool
     """True when higher is better for a reported metric name (``dice``, ``dice_2``, ``hausdorff95_1``);
     ``directions`` adds a spec's custom metrics (:meth:`~voxelflow.config.EvaluateSpec.directions`)."""
     known = {**DIRECTIONS, **(directions or {})}
+    if metric in known:  # a name given whole (a step's metric such as qc.volume_1) before one class of a metric
+        return known[metric]
     base = metric.rsplit("_", 1)[0] if metric.rsplit("_", 1)[-1].isdigit() else metric
     if base not in known:
         raise KeyError(f"unknown metric {metric!r}; known: {sorted(known)}")

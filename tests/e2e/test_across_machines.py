@@ -64,7 +64,8 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
             with prefect_worker("cpu", cpu_env, tmp_path / "worker-cpu.log", REPO), \
                     prefect_worker("gpu", gpu_env, tmp_path / "worker-gpu.log", REPO):
                 run = run_cli(["prefect", "deployment", "run", "lifecycle/cpu",
-                               "--param", 'overlays=["deployments/params/gpu-pool.yaml", "deployments/params/quick.yaml"]',
+                               "--param", 'overlays=["deployments/params/gpu-pool.yaml", "deployments/params/quick.yaml", '
+                               '"tests/e2e/specs/step-on-gpu.yaml"]',
                                "--param", 'sets=["data.source=s3://voxelflow/incoming"]',
                                "--watch", "--watch-timeout", "420"], cli, timeout=480)
             logs = {p: (tmp_path / f"worker-{p}.log").read_text() for p in ("cpu", "gpu")}
@@ -72,6 +73,8 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
 
         # training ran on the gpu pool's worker, as a flow run of its own; the rest on the cpu pool's
         assert "train" in logs["gpu"] and "Completed" in logs["gpu"], logs["gpu"][-3000:]
+        # the spec's own step placed on the gpu pool ran there, as a flow run of its own (step/gpu)
+        assert "label_check" in logs["gpu"], logs["gpu"][-3000:]
         assert "HTTP prediction dice" in logs["cpu"], logs["cpu"][-3000:]
 
         # everything a later stage needs is in the store and the database

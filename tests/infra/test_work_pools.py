@@ -38,7 +38,8 @@ KUBERNETES_POOLS = {"k8s-cpu": TEMPLATES / "k8s-cpu-job-template.json",
 # The lifecycle's stages (flow names, as flows/lifecycle.py calls them) and the spec section that places each.
 SPEC_SECTION = {"ingest": "data", "preprocess": "preprocess", "train": "train", "evaluate": "evaluate",
                 "register-and-promote": "promote", "deploy": "deploy"}
-GPU_STAGES = {"preprocess", "train", "evaluate"}
+GPU_STAGES = {"preprocess", "train", "evaluate", "step"}
+PLACED = {**SPEC_SECTION, "step": "steps"}  # the placed flows: the stages, and a step of the spec's own (step/POOL)
 RUNTIME_ENV = ("VOXELFLOW_STORE", "VOXELFLOW_DATABASE_URL", "VOXELFLOW_MLFLOW_TRACKING_URI")
 SPOT_SELECTORS = {("karpenter.sh/capacity-type", "spot"), ("cloud.google.com/gke-spot", "true")}
 
@@ -92,16 +93,16 @@ def test_entrypoint_is_a_flow_of_the_lifecycle(d):
     assert (REPO / path).is_file(), path
     flow = flow_of(d["entrypoint"])
     assert isinstance(flow, Flow), f"{d['entrypoint']} is not a @flow"
-    assert flow.name in {"lifecycle", *ARRIVAL_FLOWS, *SPEC_SECTION}, flow.name
+    assert flow.name in {"lifecycle", *ARRIVAL_FLOWS, *PLACED}, flow.name
     assert d.get("work_pool", {}).get("name"), f"{full_name(d)} has no work pool"
 
 
 def test_stage_flow_names_are_the_ones_the_lifecycle_calls():
     from flows.stages import RESULTS
 
-    assert set(RESULTS) == set(SPEC_SECTION)
+    assert set(RESULTS) == set(PLACED)
     stage_flows = {flow_of(d["entrypoint"]).name for d in DEPLOYMENTS} - {"lifecycle", *ARRIVAL_FLOWS}
-    assert stage_flows == set(SPEC_SECTION)
+    assert stage_flows == set(PLACED)
 
 
 def test_deployment_names_are_unique():
@@ -112,11 +113,11 @@ def test_deployment_names_are_unique():
 def test_stage_deployments_are_named_after_their_pool():
     """The lifecycle runs `work_pool: X` as STAGE/X: the deployment name must be the pool it runs on."""
     for d in DEPLOYMENTS:
-        if flow_of(d["entrypoint"]).name in SPEC_SECTION:
+        if flow_of(d["entrypoint"]).name in PLACED:
             assert d["name"] == d["work_pool"]["name"], full_name(d)
 
 
-@pytest.mark.parametrize("stage", list(SPEC_SECTION))
+@pytest.mark.parametrize("stage", list(PLACED))
 def test_every_stage_has_process_and_kubernetes_deployments(stage):
     names = by_name()
     assert f"{stage}/cpu" in names and f"{stage}/k8s-cpu" in names
@@ -190,6 +191,9 @@ def test_lifecycle_places_stages_on_deployed_pools(d):
     for stage, pool in placed.items():
         if pool is not None:
             assert f"{stage}/{pool}" in by_name(), f"{full_name(d)} places {stage} on {pool!r}: no {stage}/{pool}"
+    for step in spec.steps:
+        if step.work_pool is not None:
+            assert f"step/{step.work_pool}" in by_name(), f"{full_name(d)} places step {step.id}: no step/{step.work_pool}"
     expected_train = {"cpu": "gpu", "k8s-cpu": "k8s-gpu"}.get(d["name"])
     assert placed["train"] == expected_train
 

@@ -329,8 +329,10 @@ def test_an_unreachable_webhook_is_transient(layout, tmp_path):
 
 def test_an_unset_webhook_url_is_a_clear_error(layout, tmp_path, monkeypatch):
     monkeypatch.delenv("VOXELFLOW_WEBHOOK_URL", raising=False)
+    unsent = notify_webhook(webhook_context(layout, tmp_path, None))  # a warning: nothing sent, said so
+    assert unsent.passed is False and "VOXELFLOW_WEBHOOK_URL is not set" in unsent.reason
     with pytest.raises(ValueError, match="VOXELFLOW_WEBHOOK_URL is not set"):
-        notify_webhook(webhook_context(layout, tmp_path, None))
+        notify_webhook(webhook_context(layout, tmp_path, None), required=True)
     with pytest.raises(ValueError, match="VOXELFLOW_WEBHOOK_URL must be an http"):
         notify_webhook(webhook_context(layout, tmp_path, "ftp://example.org/x"))
     monkeypatch.setenv("VOXELFLOW_WEBHOOK_URL", "https://hooks.example.org/x?token=t")

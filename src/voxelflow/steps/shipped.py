@@ -234,10 +234,12 @@ class WebhookError(RuntimeError):
 
 
 @step(outputs=["status"])
-def notify_webhook(ctx: StepContext, timeout_s: float = 10.0, include_metrics: bool = True) -> StepResult:
+def notify_webhook(ctx: StepContext, timeout_s: float = 10.0, include_metrics: bool = True,
+                   required: bool = False) -> StepResult:
     """POST a JSON summary of the lifecycle to ``VOXELFLOW_WEBHOOK_URL``: pipeline, model version, the
     promotion decision, evaluate's metrics and the deployment; never a case id, a path or anything read
-    from an image. A 5xx, 429 or unreachable server raises a transient error (the step's ``retries``
+    from an image. Without the setting nothing is sent and the step does not pass (a warning, unless it is a
+    gate); with ``required: true`` that is an error. A 5xx, 429 or unreachable server raises a transient error (the step's ``retries``
     apply), any other refusal a lasting one. Errors and logs name only the server's scheme, host and port."""
     import httpx
 
@@ -247,7 +249,10 @@ def notify_webhook(ctx: StepContext, timeout_s: float = 10.0, include_metrics: b
     secret = getattr(ctx._settings, "webhook_url", None)
     url = (secret.get_secret_value() if hasattr(secret, "get_secret_value") else str(secret or "")).strip()
     if not url:
-        raise ValueError(f"{where}: VOXELFLOW_WEBHOOK_URL is not set: notify_webhook posts its summary there")
+        if required:
+            raise ValueError(f"{where}: VOXELFLOW_WEBHOOK_URL is not set: notify_webhook posts its summary there")
+        return StepResult(passed=False, reason="nothing sent: VOXELFLOW_WEBHOOK_URL is not set (with required: true "
+                          "this is an error)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{where}: VOXELFLOW_WEBHOOK_URL must be an http(s) URL with a host, got one with scheme "
