@@ -1,8 +1,10 @@
-"""Orchestration overhead: the demo lifecycle through Prefect ÷ the same library functions called directly.
+"""Orchestration overhead: the demo lifecycle through Prefect ÷ the same library functions called directly;
+and step_overhead: the demo lifecycle flow with three no-op user steps ÷ without.
 
 Both run in this process on the same synthetic data, each on a fresh VOXELFLOW_HOME, after one
 warm-up pass of each, in alternating order, with a Prefect server already up; the ratio of the
-medians is printed. Last line: one JSON object (metric, value, goal, higher_is_better).
+medians is printed. step_overhead is the median of ``--step-pairs`` paired ratios (default 5).
+Each metric ends as one JSON line (metric, value, goal, higher_is_better).
 """
 
 from __future__ import annotations
@@ -51,7 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="spec override key.path=value")
+    parser.add_argument("--step-pairs", type=int, default=5, help="paired runs for step_overhead (0: skip it)")
+    parser.add_argument("--only", choices=["all", "orchestration", "steps"], default="all")
     args = parser.parse_args()
+    import sys
+
+    sys.path.insert(0, str(REPO))  # benchmarks.noop_step, the no-op steps' function
+    os.environ["VOXELFLOW_ALLOWED_IMPORTS"] = "monai,torch,voxelflow,benchmarks"
     warnings.simplefilter("ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -100,7 +108,7 @@ def main() -> None:
                              sets=[*args.set, "train.epochs=1", "promote.gates.min_dice=0", f"data.source={data}"])
             for name, side in sides.items():
                 side(warm, f"warm-{name}")
-            for i in range(args.repeats):
+            for i in range(args.repeats if args.only != "steps" else 0):
                 order = ["direct", "flow"] if i % 2 == 0 else ["flow", "direct"]
                 line = []
                 for name in order:
@@ -112,8 +120,47 @@ def main() -> None:
                         stages[name][stage].append(sum(values))
                     line.append(f"{name} {seconds:.1f} s (dice {dice:.3f})")
                 print(f"repeat {i + 1}: " + ", ".join(line), flush=True)
+            steps = step_overhead(spec, flowed, args.step_pairs) if args.only != "orchestration" else None
             APILogHandler().flush()  # ship the last run's logs before the server stops
     shutil.rmtree(work, ignore_errors=True)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    if args.only != "steps":
+        report(times, stages)
+    if steps:
+        print(json.dumps(steps))
+
+
+def with_noop_steps(spec):
+    """The spec with three no-op steps: after preprocess, after evaluate, after deploy."""
+    from voxelflow.config import validate_spec
+
+    data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["steps"] = [{"id": f"noop_{i}", "uses": "benchmarks.noop_step:noop", "after": after}
+                     for i, after in enumerate(["preprocess", "evaluate", "deploy"])]
+    return validate_spec(data, "step_overhead")
+
+
+def step_overhead(spec, flowed, pairs: int) -> dict | None:
+    """The demo flow with three no-op steps ÷ without, ``pairs`` times in alternating order: the median ratio."""
+    if pairs <= 0:
+        return None
+    stepped = with_noop_steps(spec)
+    ratios, plain_s, stepped_s = [], [], []
+    for i in range(pairs):
+        got: dict[str, float] = {}
+        for name in (["plain", "steps"] if i % 2 == 0 else ["steps", "plain"]):
+            got[name], _ = flowed(spec if name == "plain" else stepped, f"steps-{name}-{i}")
+        plain_s.append(got["plain"])
+        stepped_s.append(got["steps"])
+        ratios.append(got["steps"] / got["plain"])
+        print(f"step pair {i + 1}: without steps {got['plain']:.1f} s, with three no-op steps {got['steps']:.1f} s",
+              flush=True)
+    return {"metric": "step_overhead", "value": round(statistics.median(ratios), 4), "goal": 1.02,
+            "higher_is_better": False, "paired_ratios": [round(r, 3) for r in ratios],
+            "without_s": [round(t, 2) for t in plain_s], "with_s": [round(t, 2) for t in stepped_s]}
+
+
+def report(times: dict[str, list[float]], stages: dict[str, dict[str, list[float]]]) -> None:
     print(f"{'stage (median s)':<18} {'direct':>8} {'flow':>8}")
     for stage in stages["flow"]:
         d = statistics.median(stages["direct"].get(stage, [0.0]))
@@ -121,7 +168,6 @@ def main() -> None:
         print(f"{stage:<18} {d:8.2f} {f:8.2f}")
     ratio = statistics.median(times["flow"]) / statistics.median(times["direct"])
     paired = [f / d for f, d in zip(times["flow"], times["direct"])]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(json.dumps({
         "metric": "orchestration_overhead",
         "value": round(ratio, 4),
