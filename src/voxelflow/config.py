@@ -444,6 +444,15 @@ class TrainSpec(_Stage):
         "auto", description="auto: every GPU (DistributedDataParallel when there are several), else the CPU; "
         "cpu: one CPU process; N: N processes, one per GPU, or gloo processes on the CPU. Each step's batch "
         "is split between the processes (batch_size must be a multiple of N) and an epoch takes full batches")
+    collective_timeout_s: int = Field(
+        300, ge=1, le=1800, description="with several processes: longest a training step's collective (gradient "
+        "all-reduce, loss) may wait for the other processes before the training fails; the rendezvous and the wait "
+        "for rank 0's validation keep torch's 30 minutes")
+    deterministic: bool = Field(
+        False, description="on CUDA: deterministic cuDNN algorithms, no cuDNN autotuning, TF32 off, torch's "
+        "deterministic algorithms (warn only) and CUBLAS_WORKSPACE_CONFIG=:4096:8, so a resumed run ends with the "
+        "uninterrupted one's weights bit for bit (slower); false: a resumed run matches to float tolerance. The CPU "
+        "is deterministic either way")
 
     @field_validator("devices")
     @classmethod

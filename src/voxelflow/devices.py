@@ -5,11 +5,16 @@ largest number of GPUs that divides the batch (one process each; the CPU when th
 ``N`` runs N processes, one per GPU, or N gloo processes on a machine without GPUs. ``train.precision:
 auto`` is bf16-mixed on a GPU with native bf16, fp16-mixed (with a GradScaler) on one without (V100,
 T4: torch's ``is_bf16_supported()`` counts emulation unless told not to), and fp32 on a CPU.
+``train.deterministic`` makes training on CUDA bit for bit repeatable (:func:`deterministic_cuda`); without
+it a resumed run there matches an uninterrupted one to float tolerance (:func:`determinism` says which).
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator, MutableMapping
 
 
 @dataclass(frozen=True)
@@ -104,3 +109,53 @@ def free_gpu_bytes() -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info()
     return int(free)
+
+
+#: cuBLAS's workspace for repeatable results (torch's reproducibility notes): 8 buffers of 4 MiB
+CUBLAS_WORKSPACE = ":4096:8"
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def determinism(deterministic: bool, kind: str) -> str:
+    """What a training on a ``kind`` device (``cpu``, ``cuda``) with ``train.deterministic`` promises of a
+    resumed run; logged and returned with the result, as the placement is."""
+    if kind != "cuda":
+        return "bit for bit (the CPU)"
+    if deterministic:
+        return ("bit for bit (train.deterministic: cuDNN deterministic, no autotuning, TF32 off, "
+                f"CUBLAS_WORKSPACE_CONFIG={CUBLAS_WORKSPACE})")
+    return "to float tolerance (cuDNN's default algorithms and TF32 convolutions; train.deterministic: false)"
+
+
+def cublas_workspace(environ: MutableMapping[str, str] | None = None) -> str:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS unless it already has one of the two values
+    torch accepts; returns the value. cuBLAS reads it once, at a process's first matmul on a GPU, and the
+    training processes started afterwards inherit it."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CUBLAS_WORKSPACE_CONFIG") not in _CUBLAS_DETERMINISTIC:
+        environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    return environ["CUBLAS_WORKSPACE_CONFIG"]
+
+
+@contextmanager
+def deterministic_cuda(on: bool = True) -> Iterator[None]:
+    """torch's deterministic settings for CUDA within the block, restored after it (they are process-wide):
+    deterministic cuDNN algorithms, no cuDNN autotuning, no TF32 in matmuls and convolutions, and
+    ``torch.use_deterministic_algorithms`` in warn-only mode (an operation with no deterministic CUDA
+    kernel warns instead of failing the training). ``on=False``: nothing changes."""
+    import torch
+
+    if not on:
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    cublas_workspace()
+    saved = (cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = True, False, False, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])

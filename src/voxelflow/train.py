@@ -14,7 +14,8 @@ are what training returns, and ``patience`` stops a run that no longer improves.
 A retry resumes from the newest checkpoint: the data order is a pure function of the seed and
 the epoch, each case's augmentation one of the seed, the epoch and the case, and the torch RNG
 is checkpointed, so a resumed run sees the same batches and ends with the same weights as an
-uninterrupted one.
+uninterrupted one: bit for bit on the CPU and, with ``train.deterministic``, on CUDA; to float
+tolerance on CUDA without it (cuDNN's default algorithms and TF32 convolutions).
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class TrainResult:
     best_epoch: int | None = None  # the validation whose weights these are (None: no validation ran)
     best_metric: float | None = None
     stopped_early: bool = False
+    determinism: str = ""  # what a resume of it promises (voxelflow.devices.determinism)
 
 
 @dataclass(frozen=True)
@@ -578,7 +580,10 @@ def train(
     whole batch. Rank 0 alone validates, checkpoints and calls back.
     """
     where = devices.placement(spec.devices, devices.visible_gpus(), spec.batch_size, device)
-    log.info("training on %s (train.devices: %s)", where.describe(), spec.devices)
+    if spec.deterministic and where.kind == "cuda":
+        devices.cublas_workspace()  # before this process's first matmul; the ranks started below inherit it
+    log.info("training on %s (train.devices: %s); a resume matches %s", where.describe(), spec.devices,
+             devices.determinism(spec.deterministic, where.kind))
     device, world = device or where.device, where.processes  # devices: cpu is the CPU, GPUs or not
     if world == 1:
         return _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device)
@@ -664,7 +669,8 @@ class _Supervisor:
                     proc.join(timeout=5)  # it reported its error and is exiting
                     code = proc.exitcode
                 killed = code is not None and code < 0
-                how = f"killed by signal {-code}" if killed else f"exit code {code}"
+                how = (f"killed by signal {-code}" if killed else f"exit code {code}" if code is not None
+                       else "raised, still exiting")
                 self.dead = RankFailed(f"training process {rank} failed ({how}): "
                                        f"{self.messages.get(rank, 'no error reported')}", killed=killed)
                 return True
@@ -731,6 +737,12 @@ def _rank(rank: int, world: int, port: int, spec: TrainSpec, cases, checkpoints:
         raise
 
 
+#: the process group's own timeout: the rendezvous (each rank starts, reading its cache, before it joins)
+#: and the other ranks' wait at the end of an epoch while rank 0 validates. The steps' collectives have
+#: ``train.collective_timeout_s``.
+SETUP_TIMEOUT_S = 1800
+
+
 def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, group=None) -> TrainResult:
     import datetime
 
@@ -741,6 +753,7 @@ def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device
     if len(cases) == 0:
         raise ValueError("no training cases: ingest data first")
     dev = device_for(device)
+    steps = None
     if world > 1:
         if dev.type == "cuda":
             dev = torch.device("cuda", rank)
@@ -748,15 +761,20 @@ def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device
         else:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+                                rank=rank, world_size=world, timeout=datetime.timedelta(seconds=SETUP_TIMEOUT_S))
+        # the steps' collectives in a group of their own, with the short timeout: a rank that stops taking
+        # part (alive, so the supervisor sees nothing) fails the others within it instead of 30 minutes
+        steps = dist.new_group(timeout=datetime.timedelta(seconds=spec.collective_timeout_s))
     try:
-        return _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank, world)
+        with devices.deterministic_cuda(spec.deterministic and dev.type == "cuda"):
+            return _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank, world, steps)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank: int, world: int) -> TrainResult:
+def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank: int, world: int,
+          steps=None) -> TrainResult:
     import torch
     import torch.distributed as dist
 
@@ -777,7 +795,10 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
         from torch.nn.parallel import DistributedDataParallel
 
         model = sync_batch_norms(model, dev.type)
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # every rank has built its network (on the group's timeout) before the steps' short one counts
+        dist.barrier(device_ids=[dev.index] if dev.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                      process_group=steps)
     loss_fn = build_loss(spec.loss)
     opt = build_optimizer(spec.optimizer, net.parameters(), spec.learning_rate)
     sched = build_scheduler(spec.scheduler, opt)
@@ -833,7 +854,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
         scaler.update()
         value = loss.detach().float()
         if world > 1:  # the step's loss over the whole batch: the mean of the ranks' equal shares
-            dist.all_reduce(value)
+            dist.all_reduce(value, group=steps)
             value /= world
         running.append(float(value))
         samples += len(x) * world
@@ -856,7 +877,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
                 if on_validation:
                     on_validation(epoch, scores, sample)
                 stopped = validation.patience is not None and best["stale"] >= validation.patience
-            if world > 1:  # rank 0 alone validates: every rank learns whether to stop
+            if world > 1:  # rank 0 alone validates (the others wait here, on the group's timeout): whether to stop
                 flag = torch.tensor([float(stopped)], device=dev)
                 dist.broadcast(flag, src=0)
                 stopped = bool(flag.item())
@@ -883,6 +904,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
         best_epoch=best["epoch"],
         best_metric=best["metric"],
         stopped_early=bool(stopped) and step < total,
+        determinism=devices.determinism(spec.deterministic, dev.type),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from voxelflow.devices import Placement, placement, precision
@@ -91,3 +93,85 @@ def test_the_cache_is_budgeted_against_free_gpu_memory_and_kept_on_the_cpu_for_w
     assert cache_placement(4 * gib, gpu, 0, 80 * gib) == ("cuda:0", 4 * gib)  # fits: as asked
     assert cache_placement(64 * gib, gpu, 0, 20 * gib) == ("cuda:0", 8 * gib)  # 40 % of what is free
     assert cache_placement(64 * gib, gpu, 4, 20 * gib) == ("cpu", 64 * gib)  # train.workers: CPU side
+
+
+def test_determinism_says_what_a_resume_promises_on_each_device():
+    from voxelflow.devices import determinism
+
+    assert determinism(False, "cpu") == determinism(True, "cpu") == "bit for bit (the CPU)"
+    assert determinism(True, "cuda").startswith("bit for bit (train.deterministic")
+    assert determinism(False, "cuda").startswith("to float tolerance")
+
+
+def test_the_cublas_workspace_is_set_unless_already_deterministic():
+    from voxelflow.devices import CUBLAS_WORKSPACE, cublas_workspace
+
+    assert cublas_workspace(env := {}) == CUBLAS_WORKSPACE and env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert cublas_workspace({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == ":16:8"  # the other value torch accepts
+    assert cublas_workspace({"CUBLAS_WORKSPACE_CONFIG": ":1024:2"}) == CUBLAS_WORKSPACE  # not a repeatable one
+
+
+def test_deterministic_cuda_sets_torchs_flags_for_the_block_and_restores_them(monkeypatch):
+    """The flags are torch's own, settable without a GPU; the block changes them and puts them back."""
+    import torch
+
+    from voxelflow.devices import deterministic_cuda
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+
+    def flags():
+        return (cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32,
+                torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+
+    before = flags()
+    with deterministic_cuda(False):
+        assert flags() == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    with deterministic_cuda():
+        assert flags() == (True, False, False, False, True, True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert flags() == before
+    with pytest.raises(RuntimeError, match="inside"), deterministic_cuda():
+        raise RuntimeError("inside")
+    assert flags() == before  # restored when the training raises too
+
+
+def test_deterministic_is_accepted_and_changes_nothing_on_the_cpu(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from voxelflow.config import TrainSpec
+    from voxelflow.storage import Store
+    from voxelflow.train import ArrayCases, Checkpoints, train
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.set_num_threads(1)
+    images = np.random.default_rng(4).random((4, 1, 16, 16, 16), dtype=np.float32)
+    cases = ArrayCases(images, (images > 0.6).astype(np.uint8))
+    spec = dict(network={"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8],
+                                  "strides": [2], "num_res_units": 0}},
+                epochs=2, batch_size=2, precision="fp32", seed=1, devices="cpu")
+    seen = []
+
+    def flags(epoch, metrics):
+        seen.append((torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()))
+
+    plain = train(TrainSpec(**spec), cases, Checkpoints(Store(tmp_path), "plain"))
+    det = train(TrainSpec(**spec, deterministic=True), cases, Checkpoints(Store(tmp_path), "det"), on_epoch=flags)
+    assert det.weights == plain.weights and det.history == plain.history
+    assert det.determinism == plain.determinism == "bit for bit (the CPU)"
+    assert seen == [(False, False)] * 2  # the CUDA settings are for CUDA: the CPU's stay as they were
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+@pytest.mark.parametrize("value", [0, 1801])
+def test_the_collective_timeout_is_bounded_and_named(value):
+    from pydantic import ValidationError
+
+    from voxelflow.config import TrainSpec
+
+    net = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]}}
+    with pytest.raises(ValidationError, match="collective_timeout_s"):
+        TrainSpec(network=net, collective_timeout_s=value)
+    assert TrainSpec(network=net).collective_timeout_s == 300

@@ -33,6 +33,59 @@ def test_training_on_the_gpu(tiny_spec, tmp_path, precision):
     assert all(np.isfinite(h["train_loss"]) for h in result.history)
 
 
+def test_deterministic_training_on_the_gpu_sets_torchs_flags_and_resumes_bit_for_bit(tiny_spec, tmp_path,
+                                                                                      monkeypatch):
+    """train.deterministic on CUDA: cuDNN deterministic, no autotuning, TF32 off, deterministic algorithms
+    (warn only) and CUBLAS_WORKSPACE_CONFIG while the loop runs, torch's flags back afterwards; two runs,
+    and a run resumed from its checkpoint, end with the same bytes."""
+    import os
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+
+    def flags():
+        return (cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32,
+                torch.are_deterministic_algorithms_enabled())
+
+    before, seen = flags(), []
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 1, 16, 16, 16), dtype=np.float32)
+    cases = train.ArrayCases(images, (images > 0.5).astype(np.float32))
+    spec = tiny_spec.train.model_copy(update={"epochs": 2, "deterministic": True})
+    store = Store(tmp_path)
+    first = train.train(spec, cases, train.Checkpoints(store, "a"), device="cuda",
+                        on_epoch=lambda epoch, metrics: seen.append(flags()))
+    assert seen == [(True, False, False, False, True)] * 2
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert flags() == before  # process-wide settings: put back for what runs next in the process
+    assert first.determinism.startswith("bit for bit (train.deterministic")
+    again = train.train(spec, cases, train.Checkpoints(store, "b"), device="cuda")
+    assert again.weights == first.weights
+    train.train(spec.model_copy(update={"epochs": 1}), cases, train.Checkpoints(store, "c"), device="cuda")
+    resumed = train.train(spec, cases, train.Checkpoints(store, "c"), device="cuda")
+    assert resumed.resumed_from is not None and resumed.weights == first.weights
+
+
+def test_without_deterministic_a_resumed_gpu_run_matches_to_the_readmes_tolerance(tiny_spec, tmp_path):
+    """train.deterministic: false (cuDNN's default algorithms, TF32 convolutions): a run resumed from its
+    checkpoint ends within 1e-3 of the uninterrupted one, the tolerance the README states."""
+    from safetensors.torch import load
+
+    rng = np.random.default_rng(0)
+    images = rng.random((4, 1, 16, 16, 16), dtype=np.float32)
+    cases = train.ArrayCases(images, (images > 0.5).astype(np.float32))
+    spec = tiny_spec.train.model_copy(update={"epochs": 4})
+    store = Store(tmp_path)
+    whole = train.train(spec, cases, train.Checkpoints(store, "whole"), device="cuda")
+    assert whole.determinism.startswith("to float tolerance")
+    train.train(spec.model_copy(update={"epochs": 2}), cases, train.Checkpoints(store, "cut"), device="cuda")
+    resumed = train.train(spec, cases, train.Checkpoints(store, "cut"), device="cuda")
+    assert resumed.resumed_from is not None
+    expected, got = load(whole.weights), load(resumed.weights)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, atol=1e-3, rtol=1e-3, msg=name)
+
+
 def test_segmenter_on_the_gpu(tiny_model_config, tiny_weights):
     seg = Segmenter(tiny_model_config, tiny_weights[0], device="cuda")
     volume = np.random.default_rng(0).random((20, 18, 16), dtype=np.float32)
