@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, within 6 minutes on one GPU: benchmarks/gpu_train.py (samples/s, busy
-# fraction and bf16 MFU of voxelflow's own training loop), benchmarks/gpu_preprocess.py (a
+# fraction and bf16 MFU of voxelflow's own training loop, and the slowdown of train.deterministic on
+# the same run: what exact resume on CUDA costs), benchmarks/gpu_preprocess.py (a
 # LocalCUDACluster against the CPU cluster of the same node) and the tests marked gpu; a short
 # table of the metrics comes last. Each part has a time limit of its own; one that fails or runs
 # out of time is reported in the table and the others still run.
@@ -82,12 +83,13 @@ for name in ("gpu_train", "gpu_preprocess"):
     for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
         if line.startswith("{") and '"metric"' in line:
             m = json.loads(line)
-            if name == "gpu_train" and m["metric"] not in ("gpu_samples_per_s", "gpu_busy_fraction", "gpu_mfu_bf16"):
+            if name == "gpu_train" and m["metric"] not in ("gpu_samples_per_s", "gpu_busy_fraction", "gpu_mfu_bf16",
+                                                           "gpu_deterministic_slowdown"):
                 continue  # the other networks and sizes: printed above
             value, goal = m["value"], m["goal"]
             met = "-" if value is None or goal is None else (
                 "yes" if (value >= goal if m["higher_is_better"] else value <= goal) else "no")
-            note = m.get("reason") or m.get("skipped") or m.get("gpu") or ""
+            note = m.get("reason") or m.get("skipped") or "; ".join(filter(None, (m.get("gpu"), m.get("note"))))
             rows.append((m["metric"], "null" if value is None else f"{value:g}", "-" if goal is None else f"{goal:g}",
                          met, note))
 tests = logs / "gpu_tests.log"

@@ -20,6 +20,10 @@ wrapper around the loader and an optimizer step hook); the first ``--warmup`` st
   ÷ the span, ÷ the bf16 matmul peak measured here (8192² ``torch.matmul``, ``--peak-seconds`` ≥ 2 s
   after a warm-up, so the clocks have ramped).
 
+* ``gpu_deterministic_slowdown``: the cost of ``train.deterministic`` (deterministic cuDNN, no
+  autotuning, TF32 off): the headline run's samples/s ÷ those of the same run with it, measured
+  right after the headline (``gpu_samples_per_s_deterministic``); ``--no-deterministic`` skips it.
+
 The headline metrics are SegResNet's at the largest size (goals: MFU ≥ 0.30, busy ≥ 0.95), run
 first and printed as soon as they are measured; the other runs print as ``gpu_*_<network>_<size>``. Without a CUDA device (``--cpu`` forces it) the same
 measurement runs on the CPU on a tiny network in fp32, every line labelled as a CPU smoke run, and
@@ -228,8 +232,9 @@ def stage_cases(root: Path, size: int, n: int = 4):
 
 
 def run(network: dict, size: int, steps: int, warmup: int, batch: int, samples: int, precision: str, device,
-        root: Path) -> dict[str, Any]:
-    """One network trained by ``voxelflow.train.train`` for ``warmup + steps`` steps (whole epochs)."""
+        root: Path, deterministic: bool = False) -> dict[str, Any]:
+    """One network trained by ``voxelflow.train.train`` for ``warmup + steps`` steps (whole epochs), with
+    ``train.deterministic`` as given."""
     import torch
 
     from voxelflow import devices, train
@@ -242,7 +247,8 @@ def run(network: dict, size: int, steps: int, warmup: int, batch: int, samples: 
     per_epoch = math.ceil(len(ids) / batch)
     epochs = math.ceil((warmup + steps) / per_epoch)
     spec = TrainSpec(network=network, loss=LOSS, batch_size=batch, precision=precision, epochs=epochs,
-                     augment=augment, checkpoint_every_steps=10**6, seed=0, devices=1, workers=0)
+                     augment=augment, checkpoint_every_steps=10**6, seed=0, devices=1, workers=0,
+                     deterministic=deterministic)
     where = devices.placement(spec.devices, devices.visible_gpus(), spec.batch_size, str(device))
     cache_device, budget = devices.cache_placement(spec.cache_mb * 2**20, where, spec.workers,
                                                    devices.free_gpu_bytes() if where.kind == "cuda" else None)
@@ -267,10 +273,29 @@ def run(network: dict, size: int, steps: int, warmup: int, batch: int, samples: 
     out = {"steps_total": result.steps, "steps_timed": figures["steps"], "patches_timed": timer.samples,
            "batch_shapes": sorted(timer.batch_shapes), "cached_cases": cases.cached,
            "step_gflop": flops / 1e9, "span_s": figures["span_s"], "samples_per_s": figures["samples_per_s"],
-           "busy": figures["busy"], "achieved_tflops": flops * figures["steps"] / figures["span_s"] / 1e12}
+           "busy": figures["busy"], "achieved_tflops": flops * figures["steps"] / figures["span_s"] / 1e12,
+           "determinism": result.determinism}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def deterministic_cost(plain: dict[str, Any] | None, network: dict, size: int, steps: int, warmup: int, batch: int,
+                       samples: int, precision: str, device, root: Path, gpu: str, label: str) -> None:
+    """The run of ``plain`` again with ``train.deterministic``: its samples/s and the slowdown (plain ÷ it)."""
+    what = f"samples/s of train.deterministic false / true, {next(iter(network))} at {size}^3"
+    try:
+        r = run(network, size, steps, warmup, batch, samples, precision, device, root, deterministic=True)
+    except Exception as exc:  # noqa: BLE001 - reported; the other runs go on
+        note({"run": label, "size": size, "deterministic": True, "error": f"{type(exc).__name__}: {exc}"})
+        r = None
+    if r is not None:
+        note({"run": label, "network": f"{next(iter(network)).lower()} (deterministic)", "size": size,
+              "precision": precision, **r})
+    why = {} if r and plain else {"reason": "the plain or the deterministic run failed (see above)"}
+    metric("gpu_samples_per_s_deterministic", r and r["samples_per_s"], None, gpu=gpu, **why)
+    slowdown = plain["samples_per_s"] / r["samples_per_s"] if r and plain else None
+    metric("gpu_deterministic_slowdown", slowdown, None, higher=False, gpu=gpu, note=what, **why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"timed seconds of the matmul peak (at least {MIN_PEAK_SECONDS} on a GPU)")
     parser.add_argument("--networks", nargs="+", default=None, help="of: " + " ".join(NETWORKS))
     parser.add_argument("--cpu", action="store_true", help="the CPU smoke run even where there is a GPU")
+    parser.add_argument("--no-deterministic", action="store_true",
+                        help="skip the headline's second run with train.deterministic (its cost)")
     args = parser.parse_args(argv)
     import torch
 
@@ -349,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
             metric(f"gpu_busy_fraction{suffix}", r and r["busy"], GOALS["busy"], gpu=name, **why)
             metric(f"gpu_mfu_bf16{suffix}", r and r["mfu"], GOALS["mfu"], gpu=name, **why)
             got_head = got_head or not suffix
+            if not suffix and not args.no_deterministic:  # the cost of train.deterministic, on the headline
+                deterministic_cost(r, networks[net_name], size, steps, warmup, args.batch, samples, precision,
+                                   device, Path(tmp) / f"{net_name}-{size}-deterministic", name, label)
     if not gpu:
+        metric("gpu_deterministic_slowdown", None, None, higher=False, reason=reason)
         for name_, goal in (("gpu_samples_per_s", None), ("gpu_busy_fraction", GOALS["busy"]),
                             ("gpu_mfu_bf16", GOALS["mfu"])):
             metric(name_, None, goal, reason=reason)
