@@ -74,7 +74,9 @@ def render_for(pipeline: str, model_name: str, deploy: DeploySpec) -> list[dict[
         # never a VOXELFLOW_STORE / _DATABASE_URL / _MLFLOW_TRACKING_URI here: env wins over envFrom
         "env": [{"name": "VOXELFLOW_HOME", "value": "/tmp/voxelflow"},
                 {"name": "HOME", "value": "/tmp"},  # read-only root filesystem: caches (torch, matplotlib) in /tmp
-                {"name": "VOXELFLOW_SERVE_WORKERS", "value": str(max(1, k.gpu or int(cpu_cores(k.cpu_request))))}],
+                # on GPU pods none: the service runs its visible GPUs x VOXELFLOW_SERVE_PER_GPU (voxelflow.serve_gpu)
+                *([] if k.gpu else [{"name": "VOXELFLOW_SERVE_WORKERS",
+                                     "value": str(max(1, int(cpu_cores(k.cpu_request))))}])],
         "resources": {"requests": {"cpu": k.cpu_request, "memory": k.memory_request}, "limits": limits},
         "startupProbe": {**probe, "failureThreshold": 60},
         "livenessProbe": probe,

@@ -124,3 +124,24 @@ def test_flow_run_jobs_still_reach_mlflow():
     mlflow = rendered()["NetworkPolicy/demo-spheres-mlflow-clients"]["spec"]
     peers = mlflow["ingress"][0]["from"]
     assert {"podSelector": {"matchExpressions": [{"key": k8s_deploy.JOB_POD, "operator": "Exists"}]}} in peers
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 2])
+@pytest.mark.parametrize("per_gpu", [1, 2])
+def test_the_rendered_env_gives_the_service_the_workers_its_gpus_and_per_gpu_setting_make(gpus, per_gpu, monkeypatch):
+    """GPU pods carry no VOXELFLOW_SERVE_WORKERS: the service runs one worker per GPU slot (the pod's GPUs x
+    VOXELFLOW_SERVE_PER_GPU, from the Secret); CPU pods one per requested core."""
+    from voxelflow import serve_gpu
+    from voxelflow.config import Settings
+
+    dep = rendered(f"deploy.kubernetes.gpu={gpus}", "deploy.kubernetes.cpu_request=3000m")
+    (c,) = dep["Deployment/demo-spheres-inference"]["spec"]["template"]["spec"]["containers"]
+    for name in ("VOXELFLOW_SERVE_WORKERS", "VOXELFLOW_SERVE_PER_GPU"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VOXELFLOW_SERVE_PER_GPU", str(per_gpu))  # as the Secret (envFrom) may set it
+    for e in c["env"]:
+        monkeypatch.setenv(e["name"], e["value"])
+    settings = Settings()
+    placed = serve_gpu.plan(gpus, settings.serve_per_gpu, settings.serve_workers, cores=16)
+    assert placed.workers == (gpus * per_gpu if gpus else 3)
+    assert placed.slots == gpus * per_gpu
