@@ -62,7 +62,16 @@ def reasons():
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per failure
         if os.environ.get("VOXELFLOW_DEBUG"):
             raise
-        fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        fail(bad_settings(exc) or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def bad_settings(exc: BaseException) -> str | None:
+    """Settings() refused the environment: each bad setting by its variable's name, never its value."""
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError) or exc.title != "Settings":
+        return None
+    return "; ".join(f"VOXELFLOW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
 
 
 @contextlib.contextmanager

@@ -23,6 +23,14 @@ def test_bad_spec_fails_with_one_line(tmp_path):
     assert str(bad) in proc.stderr.replace("\n", "")
 
 
+def test_a_bad_setting_is_named_by_its_variable_not_its_value(tmp_path):
+    env = {**os.environ, "VOXELFLOW_HOME": str(tmp_path), "VOXELFLOW_SERVE_PORT": "70123"}
+    proc = run_cli(["voxelflow", "ledger"], env)
+    assert proc.returncode == 1
+    assert "VOXELFLOW_SERVE_PORT: Input should be less than or equal to 65535" in proc.stderr
+    assert "70123" not in proc.stderr and "ValidationError" not in proc.stderr
+
+
 def test_validate_merges_overlay_and_set():
     proc = run_cli(["voxelflow", "validate", "deployments/specs/demo.yaml", "--overlay",
                     "deployments/params/quick.yaml", "--set", "train.batch_size=4"], dict(os.environ))
