@@ -758,6 +758,12 @@ class DeploySpec(_Stage):
         return self
 
 
+# Keys added to the spec after its digests were first recorded: at these defaults they are left out of the digest,
+# so a spec that does not use them keeps the digest its earlier runs recorded in lineage.
+LATER_KEYS: list[tuple[str, str, Any]] = [("evaluate", "postprocess", []), ("train", "collective_timeout_s", 300),
+                                         ("train", "deterministic", False)]
+
+
 class PipelineSpec(_Section):
     """One lifecycle: each stage reads only its own section; ``steps`` adds the user's own."""
 
@@ -860,6 +866,9 @@ class PipelineSpec(_Section):
             del dumped["steps"]
         if dumped["version"] == 1:
             del dumped["version"]
+        for section, key, default in LATER_KEYS:  # keys added later, at their defaults: hashed as before them
+            if dumped[section].get(key) == default:
+                del dumped[section][key]
         blob = json.dumps(dumped, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

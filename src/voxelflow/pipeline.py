@@ -202,7 +202,9 @@ def train_stage(
     where = devices.placement(tspec.devices, devices.visible_gpus(), tspec.batch_size)
     device, budget = devices.cache_placement(tspec.cache_mb * 2**20, where, tspec.workers,
                                              devices.free_gpu_bytes() if where.kind == "cuda" else None)
-    registry.client(ctx.tracking_uri).set_tag(run_id, "voxelflow.train_placement", where.describe())
+    mc = registry.client(ctx.tracking_uri)
+    mc.set_tag(run_id, "voxelflow.train_placement", where.describe())
+    mc.set_tag(run_id, "voxelflow.train_determinism", devices.determinism(tspec.deterministic, where.kind))
     cases = train.StoreCases(out, train_ids, budget, device)
     validation, val_cases = None, None
     if val_ids:
