@@ -81,7 +81,7 @@ def started_runs(api_url: str) -> dict[str, tuple[float, float]]:
 
 def rounds(api_url: str, env: dict[str, str], work: Path, worker_env: dict[str, str], label: str, n: int,
            first_case: int) -> list[float]:
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     incoming = work / f"incoming-{label}"
     incoming.mkdir()
@@ -196,7 +196,7 @@ def served_model(url: str, key: str) -> dict:
 def serving(work: Path, timeout: float) -> dict:
     """One arrival of the demo's data set, timed to the service answering with the newly promoted version."""
     from flows.server import free_port, local_prefect_server
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     home, incoming = work / "serving-home", work / "serving-incoming"
     incoming.mkdir()

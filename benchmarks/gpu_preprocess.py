@@ -2,7 +2,7 @@
 
 The same synthetic raw cases (256³ float32 at 1 mm, LPS, with a label) are preprocessed
 (Orientationd RAS, Spacingd 1.5 mm, ScaleIntensityRanged) twice on this machine, by
-``voxelflow.preprocess.preprocess``:
+``voxelflow.data.preprocess.preprocess``:
 
 * cpu: a CPU LocalCluster, one single-threaded worker per core, transforms on the CPU;
 * gpu: a LocalCUDACluster (one worker per GPU, a few threads each), transforms on the GPU.
@@ -89,8 +89,8 @@ def make_raw(raw, n: int, shape: tuple[int, int, int]) -> list[str]:
 
 
 def side(name: str, client, spec, raw, ids, store, repeats: int) -> tuple[list[float], object]:
-    from voxelflow.preprocess import preprocess
-    from voxelflow.storage import CaseStore
+    from voxelflow.core.storage import CaseStore
+    from voxelflow.data.preprocess import preprocess
 
     workers = client.scheduler_info()["workers"]
     t = time.perf_counter()
@@ -114,7 +114,7 @@ def side(name: str, client, spec, raw, ids, store, repeats: int) -> tuple[list[f
 def compare(cpu_out, gpu_out, ids: list[str]) -> dict:
     import numpy as np
 
-    from voxelflow.preprocess import load_case_arrays
+    from voxelflow.data.preprocess import load_case_arrays
 
     worst, differing, voxels = 0.0, 0, 0
     for cid in ids:
@@ -147,8 +147,8 @@ def main() -> int:
 
     import torch
 
-    from voxelflow.cluster import dask_client
-    from voxelflow.storage import CaseStore, Store
+    from voxelflow.core.storage import CaseStore, Store
+    from voxelflow.data.cluster import dask_client
 
     tmp = Path(tempfile.mkdtemp(prefix="voxelflow-gpu-bench-"))
     try:

@@ -1,8 +1,8 @@
 """GPU training: samples/s, model-FLOPs utilisation and the GPU-busy fraction of voxelflow's own training loop.
 
 Each network (SegResNet and UNet) at each ``--size`` (default 96 and 128) trains through
-``voxelflow.train.train`` itself, on preprocessed cases staged in a case store (cached on the GPU
-within the budget the pipeline gives it, ``voxelflow.devices.cache_placement``), with
+``voxelflow.learn.train.train`` itself, on preprocessed cases staged in a case store (cached on the GPU
+within the budget the pipeline gives it, ``voxelflow.learn.devices.cache_placement``), with
 ``RandCropByPosNegLabeld`` drawing ``--samples`` patches of ``--size``³ per case and ``--batch``
 cases a step, in bf16-mixed: the loop with its per-step loss read-back, GradScaler, loader thread
 and epoch bookkeeping, not a loop of this script's own. The script only watches it: a CUDA event
@@ -112,7 +112,7 @@ def step_flops(net, loss_fn, x, y, precision: str) -> int:
     matmuls, the work MFU is about), under the step's autocast."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from voxelflow.train import autocast_for
+    from voxelflow.learn.train import autocast_for
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -197,7 +197,7 @@ class _Watched:
 @contextmanager
 def watching(timer: StepTimer):
     """voxelflow's loop, unchanged, with the timer's marks: its loader wrapped, its optimizer hooked."""
-    from voxelflow import train
+    from voxelflow.learn import train
 
     make_loader, build_optimizer = train.make_loader, train.build_optimizer
 
@@ -218,8 +218,8 @@ def watching(timer: StepTimer):
 
 def stage_cases(root: Path, size: int, n: int = 4):
     """``n`` preprocessed cases of 1.5 × ``size`` a side in a case store, so patches are really sampled."""
-    from voxelflow.preprocess import case_dataset
-    from voxelflow.storage import CaseStore, Store
+    from voxelflow.core.storage import CaseStore, Store
+    from voxelflow.data.preprocess import case_dataset
 
     full = size + size // 2
     out = CaseStore(Store(root), "pre/bench")
@@ -233,12 +233,12 @@ def stage_cases(root: Path, size: int, n: int = 4):
 
 def run(network: dict, size: int, steps: int, warmup: int, batch: int, samples: int, precision: str, device,
         root: Path, deterministic: bool = False) -> dict[str, Any]:
-    """One network trained by ``voxelflow.train.train`` for ``warmup + steps`` steps (whole epochs), with
+    """One network trained by ``voxelflow.learn.train.train`` for ``warmup + steps`` steps (whole epochs), with
     ``train.deterministic`` as given."""
     import torch
 
-    from voxelflow import devices, train
-    from voxelflow.config import TrainSpec
+    from voxelflow.learn import devices, train
+    from voxelflow.spec.config import TrainSpec
 
     store, ids = stage_cases(root, size)
     augment = [{"RandCropByPosNegLabeld": {"keys": ["image", "label"], "label_key": "label",
@@ -266,7 +266,7 @@ def run(network: dict, size: int, steps: int, warmup: int, batch: int, samples: 
 
     timer = StepTimer(device, warmup)
     with watching(timer), tempfile.TemporaryDirectory() as tmp:
-        from voxelflow.storage import Store
+        from voxelflow.core.storage import Store
 
         result = train.train(spec, cases, train.Checkpoints(Store(tmp), "ck"), device=str(device))
     figures = span_figures(timer.spans(), timer.samples)
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from voxelflow import devices
+    from voxelflow.learn import devices
 
     reason = None
     if args.cpu:

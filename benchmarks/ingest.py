@@ -95,12 +95,12 @@ def baseline(nifti: Path, dicom_root: Path, out: Path) -> None:
 
 
 def voxelflow_ingest(nifti: Path, dicom_root: Path, home: Path) -> int:
-    from voxelflow.config import DataSpec
-    from voxelflow.db import Database
-    from voxelflow.ingest import ingest
-    from voxelflow.storage import Layout, Store
+    from voxelflow.core.db import Database
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data.ingest import ingest
+    from voxelflow.spec.config import DataSpec
 
-    layout, db = Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.db")
+    layout, db = Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.core.db")
     a = ingest(DataSpec(source=str(nifti), max_voxels=1024**3), layout, db, str(nifti))
     b = ingest(DataSpec(source=str(dicom_root), layout="dicom", max_voxels=1024**3), layout, db, str(dicom_root),
                deid_key="benchmark-key")
@@ -113,10 +113,10 @@ def runner_flows():
     from prefect.cache_policies import NO_CACHE
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from voxelflow import ingest as vi
-    from voxelflow.config import DataSpec
-    from voxelflow.db import Database
-    from voxelflow.storage import Layout, Store
+    from voxelflow.core.db import Database
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data import ingest as vi
+    from voxelflow.spec.config import DataSpec
 
     workers = min(4, os.cpu_count() or 1)  # what the library's own pool uses
 
@@ -125,7 +125,7 @@ def runner_flows():
                 (DataSpec(source=dicom_root, layout="dicom", max_voxels=1024**3), dicom_root, "benchmark-key")]
 
     def place(home: str):
-        return Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.db")
+        return Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.core.db")
 
     @task(name="ingest-batch", cache_policy=NO_CACHE)
     def ingest_batch(data, layout, db, source, key) -> vi.IngestReport:

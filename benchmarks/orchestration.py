@@ -69,8 +69,8 @@ def main() -> None:
     from flows.lifecycle import lifecycle
     from flows.server import local_prefect_server
     from voxelflow import pipeline
-    from voxelflow.config import Settings, load_spec
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
+    from voxelflow.spec.config import Settings, load_spec
 
     spec = load_spec(REPO / "deployments/specs/demo.yaml", sets=args.set)
     work = Path(tempfile.mkdtemp(prefix="voxelflow-bench-"))
@@ -132,7 +132,7 @@ def main() -> None:
 
 def with_noop_steps(spec):
     """The spec with three no-op steps: after preprocess, after evaluate, after deploy."""
-    from voxelflow.config import validate_spec
+    from voxelflow.spec.config import validate_spec
 
     data = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     data["steps"] = [{"id": f"noop_{i}", "uses": "benchmarks.noop_step:noop", "after": after}

@@ -16,7 +16,7 @@ CPU time other processes took during each run. The runs alternate; the ratio of 
 speed-up. While voxelflow runs, this process's RSS is sampled every 10 ms: its peak growth ÷ the
 bytes written is ``preprocess_driver_memory_ratio`` (no array passes through the driver).
 
-Part of voxelflow's gain is its workers' C allocator settings (``voxelflow.cluster.WORKER_ENV``: a
+Part of voxelflow's gain is its workers' C allocator settings (``voxelflow.data.cluster.WORKER_ENV``: a
 case no longer page-faults through freshly mapped memory), which a plain process does not have. So,
 for information, the same sequential loop also runs in a fresh process started with those settings
 (``speedup_vs_tuned_sequential`` in the summary line): that ratio is the gain from running the cases
@@ -191,7 +191,7 @@ def _rss() -> int:
 
 
 def same_arrays(a, b, ids: list[str]) -> bool:
-    from voxelflow.preprocess import load_case_arrays
+    from voxelflow.data.preprocess import load_case_arrays
 
     for cid in ids:
         x, y = load_case_arrays(a, cid), load_case_arrays(b, cid)
@@ -212,7 +212,7 @@ def wait_until_idle(limit: float = 120.0, busy: float = 25.0) -> float:
 
 def child_sequential(url: str, ids: list[str], prefix: str, tuned: bool) -> dict:
     """The sequential loop in a fresh process: plain (no allocator variables) or with voxelflow's worker settings."""
-    from voxelflow.cluster import WORKER_ENV
+    from voxelflow.data.cluster import WORKER_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in WORKER_ENV}  # Dask's nannies copy theirs in here
     if tuned:
@@ -223,7 +223,7 @@ def child_sequential(url: str, ids: list[str], prefix: str, tuned: bool) -> dict
 
 
 def child_main(url: str, prefix: str, ids: list[str]) -> None:
-    from voxelflow.storage import CaseStore, Store
+    from voxelflow.core.storage import CaseStore, Store
 
     raw = CaseStore(Store(url), "raw")
     sequential(raw, ids[:1], CaseStore(Store(url), f"{prefix}-warm"))  # the process's first case, untimed
@@ -242,10 +242,10 @@ def main() -> None:
                         help="skip the informational sequential run with voxelflow's worker allocator settings")
     args = parser.parse_args()
 
-    from voxelflow.cluster import dask_client
-    from voxelflow.config import PreprocessSpec
-    from voxelflow.preprocess import preprocess
-    from voxelflow.storage import CaseStore, Store
+    from voxelflow.core.storage import CaseStore, Store
+    from voxelflow.data.cluster import dask_client
+    from voxelflow.data.preprocess import preprocess
+    from voxelflow.spec.config import PreprocessSpec
 
     tmp = Path(tempfile.mkdtemp(prefix="voxelflow-bench-"))
     try:

@@ -1,7 +1,7 @@
 """Serving overhead: HTTP latency of `POST /v1/segment` ÷ the same inference called in-process.
 
 One run, side by side: the demo spec's network (untrained weights: latency does not depend on
-them) segments a 96³ volume in this process, then the service (``voxelflow.serve.create_app`` under
+them) segments a 96³ volume in this process, then the service (``voxelflow.serving.serve.create_app`` under
 uvicorn, in a process of its own, as it is deployed) answers the same volume sent as ``.npy``
 over loopback, one request at a time; then N clients at once measure requests/s at saturation
 against in-process volumes/s with the same number of inference workers.
@@ -34,15 +34,15 @@ SERVER = r"""
 import sys, json
 from pathlib import Path
 import uvicorn
-from voxelflow.db import Database
-from voxelflow.model import Segmenter
-from voxelflow.serve import KeyStore, ModelHolder, create_app, proxy_options
+from voxelflow.core.db import Database
+from voxelflow.learn.model import Segmenter
+from voxelflow.serving.serve import KeyStore, ModelHolder, create_app, proxy_options
 work, port, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = json.loads((work / "model.json").read_text())
 seg = Segmenter(config, (work / "weights.safetensors").read_bytes(), device="cpu")
 holder = ModelHolder(lambda: (seg, "1"))
 holder.reload()
-db = Database(f"sqlite:///{work}/voxelflow.db")
+db = Database(f"sqlite:///{work}/voxelflow.core.db")
 app = create_app(holder, KeyStore(db), db=db, workers=workers, queue=64, rate=1e6, burst=10**6)
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **proxy_options(""))  # as `voxelflow serve`
 """
@@ -124,12 +124,12 @@ def main() -> None:
     import torch
 
     from flows.server import free_port
-    from voxelflow.config import load_spec
-    from voxelflow.db import Database
-    from voxelflow.model import Segmenter
+    from voxelflow.core.db import Database
+    from voxelflow.learn.model import Segmenter
+    from voxelflow.learn.train import build_network, state_dict_bytes
     from voxelflow.pipeline import model_config
-    from voxelflow.serve import KeyStore
-    from voxelflow.train import build_network, state_dict_bytes
+    from voxelflow.serving.serve import KeyStore
+    from voxelflow.spec.config import load_spec
 
     spec = load_spec(REPO / "deployments/specs/demo.yaml")
     config = model_config(spec)
@@ -151,7 +151,7 @@ def main() -> None:
         local, local_rps = in_process(Segmenter(config, weights, device="cpu"), volume, affine, args.requests,
                                       workers)
 
-    key = KeyStore(Database(f"sqlite:///{work}/voxelflow.db")).create("bench", ["predictor"])
+    key = KeyStore(Database(f"sqlite:///{work}/voxelflow.core.db")).create("bench", ["predictor"])
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(work), str(port), str(workers)], env=env,
@@ -223,7 +223,7 @@ def over_http(url: str, key: str, body: bytes, shape, requests: int, clients: in
     import httpx
     import numpy as np
 
-    from voxelflow.serve import NPY
+    from voxelflow.serving.serve import NPY
 
     headers = {"X-API-Key": key, "Content-Type": NPY}
     with httpx.Client(timeout=120) as client:

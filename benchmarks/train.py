@@ -60,8 +60,8 @@ def make_data(root: Path, cases: int, size: int):
     """NIfTI files (for the MONAI baseline) and the same cases preprocessed into a store (for voxelflow)."""
     from monai.data import create_test_image_3d
 
-    from voxelflow.preprocess import build_transforms, case_dataset, preprocess_case
-    from voxelflow.storage import CaseStore, Store
+    from voxelflow.core.storage import CaseStore, Store
+    from voxelflow.data.preprocess import build_transforms, case_dataset, preprocess_case
 
     out = CaseStore(Store(root / "store"), "pre/bench")
     transforms = build_transforms(PREPROCESS)
@@ -82,7 +82,7 @@ def make_data(root: Path, cases: int, size: int):
 
 
 def train_spec(steps_per_epoch: int, epochs: int, patch: int, precision: str, **over):
-    from voxelflow.config import TrainSpec
+    from voxelflow.spec.config import TrainSpec
 
     return TrainSpec(network=NETWORK, epochs=epochs, batch_size=2, learning_rate=1e-3, precision=precision,
                      checkpoint_every_steps=10**6, seed=0, augment=patches(patch), **over)
@@ -94,8 +94,8 @@ def staged_vs_loader(store, ids, patch: int, steps: int, device: str) -> tuple[f
     step's loss read back, a GradScaler for fp16)."""
     import torch
 
-    from voxelflow import train
-    from voxelflow.storage import Store
+    from voxelflow.core.storage import Store
+    from voxelflow.learn import train
 
     epochs = max(1, steps // (len(ids) // 2))
     spec = train_spec(len(ids) // 2, epochs, patch, "auto")
@@ -126,8 +126,8 @@ def staged_vs_loader(store, ids, patch: int, steps: int, device: str) -> tuple[f
 
 
 def voxelflow_rate(store, ids, patch: int, steps: int, workers: int, device: str) -> float:
-    from voxelflow import train
-    from voxelflow.storage import Store
+    from voxelflow.core.storage import Store
+    from voxelflow.learn import train
 
     epochs = max(1, steps // (len(ids) // 2))
     spec = train_spec(len(ids) // 2, epochs, patch, "auto", workers=workers)
@@ -144,8 +144,8 @@ def monai_rate(files, patch: int, steps: int, workers: int, device: str) -> floa
     from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    from voxelflow import train
-    from voxelflow.preprocess import build_transforms
+    from voxelflow.data.preprocess import build_transforms
+    from voxelflow.learn import train
 
     transform = Compose([LoadImaged(keys=["image", "label"]), EnsureChannelFirstd(keys=["image", "label"]),
                          *build_transforms(PREPROCESS).transforms, *build_transforms(patches(patch)).transforms])
@@ -172,10 +172,11 @@ def monai_rate(files, patch: int, steps: int, workers: int, device: str) -> floa
 def tracking(root: Path, store, ids, patch: int, steps: int, device: str) -> tuple[float, float]:
     """The pipeline's training stage (MLflow on SQLite) against the same training with no tracking, both
     on ``device`` (``train.devices``: cpu, or 1 GPU), the cache placed as the stage places it."""
-    from voxelflow import devices, pipeline, train
-    from voxelflow.config import Settings, load_spec
-    from voxelflow.preprocess import open_case, transform_digest
-    from voxelflow.storage import Store
+    from voxelflow import pipeline
+    from voxelflow.core.storage import Store
+    from voxelflow.data.preprocess import open_case, transform_digest
+    from voxelflow.learn import devices, train
+    from voxelflow.spec.config import Settings, load_spec
 
     epochs = max(2, steps // (len(ids) // 2))
     settings = Settings(home=root / "home")
@@ -213,9 +214,9 @@ def tracking(root: Path, store, ids, patch: int, steps: int, device: str) -> tup
 RSS_CHILD = """
 import json, sys, tempfile
 sys.path[:0] = {paths!r}
-from voxelflow import train
-from voxelflow.storage import CaseStore, Store
-from voxelflow.config import TrainSpec
+from voxelflow.learn import train
+from voxelflow.core.storage import CaseStore, Store
+from voxelflow.spec.config import TrainSpec
 store = CaseStore(Store({store!r}), {prefix!r})
 spec = TrainSpec(**json.loads({spec!r}))
 import torch, monai.networks.nets  # noqa: F401 - what any training process holds, before data
@@ -250,7 +251,7 @@ def peak_rss(store, ids, patch: int, device: str) -> dict:
 
 
 def train_shape(store, cid):
-    from voxelflow.preprocess import open_case
+    from voxelflow.data.preprocess import open_case
 
     return open_case(store, cid)["image"].shape
 

@@ -203,8 +203,9 @@ def voxelflow_side(cfg: dict) -> dict:
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    from voxelflow import ingest, pipeline
-    from voxelflow.config import Settings, load_spec
+    from voxelflow import pipeline
+    from voxelflow.data import ingest
+    from voxelflow.spec.config import Settings, load_spec
 
     home = Path(cfg["home"])
     shutil.rmtree(home, ignore_errors=True)
@@ -425,7 +426,7 @@ def score(cfg: dict, vf: dict, monai_weights: str, cache: Path) -> dict[str, dic
     import torch
     from monai.transforms import Compose
 
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     torch.set_num_threads(cfg["threads"])
     segmenter = registry.load_version(vf["tracking_uri"], vf["model"], vf["version"], cache)
@@ -456,7 +457,7 @@ def score(cfg: dict, vf: dict, monai_weights: str, cache: Path) -> dict[str, dic
 
 def settings_from_spec(epochs: int, threads: int, seed: int) -> dict:
     """What both sides share, read from the voxelflow spec so the two cannot drift apart."""
-    from voxelflow.config import load_spec
+    from voxelflow.spec.config import load_spec
 
     spec = load_spec(SPEC, sets=[f"train.epochs={epochs}"])
     (net_name, network), = spec.train.network.items()

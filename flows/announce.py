@@ -4,8 +4,8 @@
 sent. :func:`send` posts it to the API's ``/events`` and returns once the server answered that it was
 published (a websocket's answered ping would only say it was received: closing the socket right after
 was seen to lose it), raising when it was not: the caller records the
-announcement only after ``send`` returned (:mod:`voxelflow.watch`). The event's id is the caller's
-(:func:`voxelflow.watch.announcement_id`), so a retry sends the same one again, and Prefect's trigger
+announcement only after ``send`` returned (:mod:`voxelflow.data.watch`). The event's id is the caller's
+(:func:`voxelflow.data.watch.announcement_id`), so a retry sends the same one again, and Prefect's trigger
 service, which remembers the ids it has seen, starts no second run for it.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from voxelflow.watch import resource_id
+from voxelflow.data.watch import resource_id
 
 
 def event_for(event: str, pipeline: str, payload: dict[str, Any], event_id: UUID):

@@ -40,7 +40,7 @@ def demo_spec() -> Path:
 def fail(message: str, code: int = 1) -> None:
     from rich.markup import escape
 
-    from voxelflow.redact import redact
+    from voxelflow.core.redact import redact
 
     err.print(f"[red]error:[/] {escape(redact(message))}", highlight=False)
     raise typer.Exit(code)
@@ -49,7 +49,7 @@ def fail(message: str, code: int = 1) -> None:
 @contextlib.contextmanager
 def reasons():
     """Turn any failure into one line on stderr and a non-zero exit."""
-    from voxelflow.config import SpecError
+    from voxelflow.spec.config import SpecError
 
     try:
         yield
@@ -110,9 +110,9 @@ def run_lifecycle(spec) -> dict:
 def show(result: dict, name: str) -> None:
     from rich.markdown import Markdown
 
-    from voxelflow.config import Settings
+    from voxelflow.core.storage import Store
     from voxelflow.pipeline import LifecycleResult, markdown
-    from voxelflow.storage import Store
+    from voxelflow.spec.config import Settings
 
     console.print(Markdown(markdown(LifecycleResult(**result), name)))
     store = Store(Settings().store_url)
@@ -127,8 +127,8 @@ def demo(
 ) -> None:
     """Synthesize a small labelled dataset and run the whole lifecycle on the demo spec."""
     with reasons():
-        from voxelflow.config import Settings, load_spec
-        from voxelflow.synthetic import make_decathlon
+        from voxelflow.data.synthetic import make_decathlon
+        from voxelflow.spec.config import Settings, load_spec
 
         settings = Settings()
         dest = make_decathlon(settings.root / "incoming", n_cases=cases)
@@ -142,7 +142,7 @@ def demo(
         if deployment is None:
             fail("the candidate did not pass the gates, so nothing was served: " + "; ".join(result["promotion"]["reasons"]))
         console.print(f"[bold green]HTTP prediction dice: {deployment['dice']:.4f}[/]")
-        from voxelflow.redact import redact
+        from voxelflow.core.redact import redact
 
         console.print(redact(
             "\nwhere to look:\n"
@@ -160,7 +160,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="key.path=val
 
 
 def load(spec: Path, overlay: list[Path] | None, set_: list[str] | None):
-    from voxelflow.config import load_spec
+    from voxelflow.spec.config import load_spec
 
     return load_spec(spec, overlays=list(overlay or []), sets=list(set_ or []))
 
@@ -185,8 +185,8 @@ def validate(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> 
 
         import yaml
 
-        from voxelflow.spec_migrations import SpecMigrated
-        from voxelflow.stages import graph
+        from voxelflow.spec import graph
+        from voxelflow.spec.migrations import SpecMigrated
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SpecMigrated)
@@ -213,7 +213,7 @@ def schema(
     """Print the spec's JSON Schema (draft 2020-12), write it (--output), or write the reference of every
     key (--markdown [PATH])."""
     with reasons():
-        from voxelflow import spec_docs
+        from voxelflow.spec import docs as spec_docs
 
         if path is not None and not markdown:
             fail("PATH is the reference page's (with --markdown); write the schema with --output PATH", 2)
@@ -246,8 +246,8 @@ def ingest(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
         from rich.table import Table
 
-        from voxelflow.config import Settings, load_spec
         from voxelflow.pipeline import Context, ingest_stage
+        from voxelflow.spec.config import Settings, load_spec
 
         sets = [f"data.source={source}"] + ([f"data.layout={layout}"] if layout else [])
         loaded = load_spec(spec or demo_spec(), sets=sets)
@@ -294,9 +294,9 @@ def predict(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from voxelflow import predict as batch
-        from voxelflow.config import Settings, load_spec
         from voxelflow.pipeline import Context, ingest_stage
+        from voxelflow.serving import predict as batch
+        from voxelflow.spec.config import Settings, load_spec
 
         sets = [f"data.source={source}"] + ([f"data.layout={layout}"] if layout else [])
         loaded = load_spec(spec or demo_spec(), sets=sets)
@@ -355,9 +355,9 @@ def watch(
         import threading
 
         from flows.announce import send
-        from voxelflow.config import Settings, load_spec
-        from voxelflow.db import connect
-        from voxelflow.watch import DATA_ARRIVED, Watcher
+        from voxelflow.core.db import connect
+        from voxelflow.data.watch import DATA_ARRIVED, Watcher
+        from voxelflow.spec.config import Settings, load_spec
 
         loaded = load_spec(spec, sets=[f"data.source={source}"])
 
@@ -373,7 +373,7 @@ def watch(
         console.print(f"watching {source} for {loaded.name} (settle {settle:g} s); Ctrl-C stops", highlight=False)
 
         def retry(exc: Exception) -> None:
-            from voxelflow.redact import redact
+            from voxelflow.core.redact import redact
 
             err.print(f"not announced, trying again in {poll:g} s: {redact(f'{type(exc).__name__}: {exc}')}",
                       highlight=False, markup=False)
@@ -393,9 +393,9 @@ def ledger(
 
         from rich.table import Table
 
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
-        from voxelflow.ingest import read_ledger
+        from voxelflow.core.db import connect
+        from voxelflow.data.ingest import read_ledger
+        from voxelflow.spec.config import Settings
 
         if state not in (None, "ingested", "duplicate", "quarantined"):
             fail(f"--state must be ingested, duplicate or quarantined, not {state!r}", 2)
@@ -429,12 +429,13 @@ def serve(
         import uvicorn
         from pydantic import ValidationError
 
-        from voxelflow import registry, serve_gpu
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
-        from voxelflow.devices import visible_gpus
-        from voxelflow.redact import redact
-        from voxelflow.serve import KeyStore, ModelHolder, create_app, proxy_options
+        from voxelflow.core.db import connect
+        from voxelflow.core.redact import redact
+        from voxelflow.learn.devices import visible_gpus
+        from voxelflow.release import registry
+        from voxelflow.serving import serve_gpu
+        from voxelflow.serving.serve import KeyStore, ModelHolder, create_app, proxy_options
+        from voxelflow.spec.config import Settings
 
         try:
             settings = Settings()
@@ -478,7 +479,7 @@ def serve(
 def deploy_render(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
     """Print the Kubernetes manifests of a spec with deploy.target: kubernetes (apply them with kubectl)."""
     with reasons():
-        from voxelflow import k8s_deploy
+        from voxelflow.serving import k8s_deploy
 
         print(k8s_deploy.to_yaml(k8s_deploy.render(load(spec, overlay, set_))), end="")
 
@@ -492,10 +493,10 @@ def keys_create(
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
     with reasons():
-        from voxelflow import audit
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
-        from voxelflow.serve import KeyStore
+        from voxelflow.core import audit
+        from voxelflow.core.db import connect
+        from voxelflow.serving.serve import KeyStore
+        from voxelflow.spec.config import Settings
 
         db = connect(Settings().database)
         key = KeyStore(db).create(name, role, expires)
@@ -510,9 +511,9 @@ def keys_list() -> None:
     with reasons():
         from rich.table import Table
 
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
-        from voxelflow.serve import KeyStore
+        from voxelflow.core.db import connect
+        from voxelflow.serving.serve import KeyStore
+        from voxelflow.spec.config import Settings
 
         table = Table("name", "roles", "created", "expires")
         for k in KeyStore(connect(Settings().database)).list():
@@ -525,10 +526,10 @@ def keys_list() -> None:
 def keys_revoke(name: Annotated[str, typer.Argument(help="whose keys to remove (all of them)")]) -> None:
     """Revoke every key of NAME at once; exit 1 when there was none."""
     with reasons():
-        from voxelflow import audit
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
-        from voxelflow.serve import KeyStore
+        from voxelflow.core import audit
+        from voxelflow.core.db import connect
+        from voxelflow.serving.serve import KeyStore
+        from voxelflow.spec.config import Settings
 
         db = connect(Settings().database)
         n = KeyStore(db).revoke_name(name)
@@ -545,9 +546,9 @@ def audit_verify(
 ) -> None:
     """Check the audit log's hash chain and its newest anchor; exit 1 and name the first problem."""
     with reasons():
-        from voxelflow import audit
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
+        from voxelflow.core import audit
+        from voxelflow.core.db import connect
+        from voxelflow.spec.config import Settings
 
         settings = Settings()
         db = connect(settings.database)
@@ -573,9 +574,9 @@ def rollback(
         import getpass
         import uuid
 
-        from voxelflow import registry
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
+        from voxelflow.core.db import connect
+        from voxelflow.release import registry
+        from voxelflow.spec.config import Settings
 
         settings, op = Settings(), operation.strip() or uuid.uuid4().hex
         try:
@@ -604,9 +605,9 @@ def approve(
     with reasons():
         import getpass
 
-        from voxelflow import promotion
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
+        from voxelflow.core.db import connect
+        from voxelflow.release import promotion
+        from voxelflow.spec.config import Settings
 
         settings = Settings()
         try:
@@ -627,9 +628,9 @@ def lineage(
     with reasons():
         import json
 
-        from voxelflow import lineage as lineage_
-        from voxelflow.config import Settings
-        from voxelflow.db import connect
+        from voxelflow.core.db import connect
+        from voxelflow.release import lineage as lineage_
+        from voxelflow.spec.config import Settings
 
         settings = Settings()
         trace = lineage_.trace(settings.tracking_uri, connect(settings.database), settings.store_url, ref)

@@ -3,7 +3,7 @@
 ``voxelflow watch`` emits ``voxelflow.data.arrived`` for each settled batch; the deployment's trigger
 runs this flow with the deployment's own spec (a parameter fixed when the deployment was made),
 the event's source and the event as ``announcement``, which is refused when it concerns another
-pipeline or its payload carries more than data references (:func:`voxelflow.watch.accept_announcement`).
+pipeline or its payload carries more than data references (:func:`voxelflow.data.watch.accept_announcement`).
 It ingests, leaves a table artifact of every object's fate (hashes and case ids only, never file
 names), and, when the dataset grew by ``data.retrain_after`` cases since it was last announced,
 emits ``voxelflow.dataset.updated``, which triggers the ``lifecycle/on-update`` deployment. When it
@@ -21,10 +21,8 @@ from prefect.artifacts import create_table_artifact
 from flows.announce import send
 from tasks.ingest import ingest_arrived
 from tasks.settings import run_settings
-from voxelflow.config import load_spec
-from voxelflow.ingest import read_ledger
-from voxelflow.pipeline import Context
-from voxelflow.watch import (
+from voxelflow.data.ingest import read_ledger
+from voxelflow.data.watch import (
     CASES_UNLABELLED,
     DATA_ARRIVED,
     DATASET_UPDATED,
@@ -32,6 +30,8 @@ from voxelflow.watch import (
     dataset_update,
     unlabelled_update,
 )
+from voxelflow.pipeline import Context
+from voxelflow.spec.config import load_spec
 
 
 @flow(name="ingest-arrived", log_prints=False)

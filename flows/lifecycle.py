@@ -27,15 +27,15 @@ from tasks.registry import register_and_promote
 from tasks.settings import run_settings
 from tasks.steps import for_step
 from tasks.train import mlflow_run, train
-from voxelflow.config import PipelineSpec, load_spec
+from voxelflow.core.redact import install_log_filter
+from voxelflow.data.watch import DATASET_UPDATED, accept_announcement
 from voxelflow.pipeline import Context, markdown, steps_markdown
-from voxelflow.redact import install_log_filter
-from voxelflow.stages.contracts import STAGES, as_json
+from voxelflow.spec.config import PipelineSpec, load_spec
+from voxelflow.spec.contracts import STAGES, as_json
+from voxelflow.spec.graph import Node
 from voxelflow.stages.execute import GateFailed, Runner, State, execute
-from voxelflow.stages.graph import Node
 from voxelflow.stages.steps import StepRecord
 from voxelflow.steps.api import StepInputs
-from voxelflow.watch import DATASET_UPDATED, accept_announcement
 
 TASKS = {  # each built-in stage's task, called with the references its placed flow takes
     "ingest": lambda spec, ctx: ingest(spec.data, ctx),

@@ -5,7 +5,7 @@ When an ingest stores new unlabelled cases, ``flows/ingest.py`` emits ``voxelflo
 deployment's own spec and the event as ``announcement`` (refused, and audited, when it concerns another
 pipeline or its payload carries more than data references). It
 segments each with the registered model (default: the spec's ``promote.model_name@champion``),
-writes the masks as NIfTI next to a table of per-label volumes in mL (:mod:`voxelflow.predict`),
+writes the masks as NIfTI next to a table of per-label volumes in mL (:mod:`voxelflow.serving.predict`),
 records which version produced each mask, and leaves a progress artifact and a table artifact
 (case ids and volumes only, never file names). Without ``cases`` it segments every unlabelled case
 of the pipeline that the model's version has not segmented yet; with ``source`` it ingests that
@@ -20,10 +20,10 @@ from prefect.artifacts import create_table_artifact
 from tasks.ingest import ingest_arrived
 from tasks.predict import predict_cases
 from tasks.settings import run_settings
-from voxelflow.config import load_spec
+from voxelflow.data.watch import CASES_UNLABELLED, accept_announcement
 from voxelflow.pipeline import Context
-from voxelflow.predict import ModelRef, default_destination
-from voxelflow.watch import CASES_UNLABELLED, accept_announcement
+from voxelflow.serving.predict import ModelRef, default_destination
+from voxelflow.spec.config import load_spec
 
 
 @flow(name="predict", log_prints=False)

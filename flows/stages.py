@@ -22,11 +22,11 @@ from tasks.preprocess import preprocess
 from tasks.registry import register_and_promote
 from tasks.settings import run_settings
 from tasks.train import train
-from voxelflow import addresses
-from voxelflow.config import PipelineSpec, Settings
-from voxelflow.ingest import IngestReport
+from voxelflow.core import addresses
+from voxelflow.data.ingest import IngestReport
+from voxelflow.data.preprocess import PreprocessReport
 from voxelflow.pipeline import Context, Deployment, Evaluation, Promotion, TrainOutcome, from_dict
-from voxelflow.preprocess import PreprocessReport
+from voxelflow.spec.config import PipelineSpec, Settings
 from voxelflow.stages.steps import StepRecord
 
 T = TypeVar("T")

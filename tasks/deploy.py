@@ -5,9 +5,9 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from voxelflow.config import DeploySpec
+from voxelflow.core.transient import is_transient
 from voxelflow.pipeline import Context, Deployment, deploy_stage
-from voxelflow.transient import is_transient
+from voxelflow.spec.config import DeploySpec
 
 ATTEMPTS, FIRST_DELAY_S = 3, 5.0
 

@@ -5,8 +5,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.retry import transient_only
-from voxelflow.config import EvaluateSpec
 from voxelflow.pipeline import Context, Evaluation, TrainOutcome, evaluate_stage
+from voxelflow.spec.config import EvaluateSpec
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)

@@ -5,9 +5,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
 from tasks.retry import transient_only
-from voxelflow.config import DataSpec
-from voxelflow.ingest import IngestReport
+from voxelflow.data.ingest import IngestReport
 from voxelflow.pipeline import Context, ingest_stage
+from voxelflow.spec.config import DataSpec
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)

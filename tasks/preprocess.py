@@ -5,9 +5,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
 from tasks.retry import transient_only
-from voxelflow.config import PreprocessSpec
+from voxelflow.data.preprocess import PreprocessReport
 from voxelflow.pipeline import Context, preprocess_stage
-from voxelflow.preprocess import PreprocessReport
+from voxelflow.spec.config import PreprocessSpec
 
 
 @task(name="preprocess", retries=2, retry_delay_seconds=5, timeout_seconds=3600, cache_policy=NO_CACHE,

@@ -8,9 +8,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
 from tasks.retry import transient_only
-from voxelflow.approval import Answer, answer_stage, awaiting
-from voxelflow.config import PromoteSpec
 from voxelflow.pipeline import Context, Evaluation, Promotion, TrainOutcome, register_stage
+from voxelflow.release.approval import Answer, answer_stage, awaiting
+from voxelflow.spec.config import PromoteSpec
 
 
 @task(name="register-and-promote", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE,
@@ -36,7 +36,7 @@ def rollback_champion(ctx: Context, model_name: str, actor: str, reason: str,
     rollback its first attempt started instead of rolling back a second time."""
     from prefect.runtime import flow_run, task_run
 
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     op = operation or f"{flow_run.get_id() or task_run.get_id()}:{model_name}"
     restored, replaced = registry.rollback(ctx.tracking_uri, ctx.db, model_name, actor, reason, operation=op)
@@ -65,8 +65,8 @@ def champion_moved(ctx: Context, model_name: str, version: str) -> str:
 def restore_aliases(txn: Transaction) -> None:
     """Put ``champion`` and ``previous`` back as they were before the promotion (unless something else
     moved ``champion`` since), and record it in the audit log with the failure that caused it."""
-    from voxelflow import registry
-    from voxelflow.db import connect
+    from voxelflow.core.db import connect
+    from voxelflow.release import registry
 
     moved = txn.get("promoted")
     # the failure: set by the release when it raised there; a failing task (deploy) rolls the

@@ -1,6 +1,6 @@
 """Retries for what a retry can fix: every retried task passes ``retry_condition_fn=transient_only``.
 
-The decision is the library's (:func:`voxelflow.transient.is_transient`); this says it in the task's log,
+The decision is the library's (:func:`voxelflow.core.transient.is_transient`); this says it in the task's log,
 so a run that was not retried shows why.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect.logging import get_logger
 
-from voxelflow.transient import is_transient, reason
+from voxelflow.core.transient import is_transient, reason
 
 logger = get_logger("voxelflow.retry")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
-from voxelflow.config import DataSpec, Settings
+from voxelflow.spec.config import DataSpec, Settings
 
 
 def run_settings(data: DataSpec | None = None) -> Settings:

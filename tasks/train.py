@@ -5,8 +5,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
 from tasks.retry import transient_only
-from voxelflow.config import PipelineSpec
 from voxelflow.pipeline import Context, Split, TrainOutcome, start_run, train_stage
+from voxelflow.spec.config import PipelineSpec
 
 
 @task(name="start-mlflow-run", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE,
@@ -16,7 +16,7 @@ def mlflow_run(spec: PipelineSpec, ctx: Context, dataset_digest: str, split: Spl
     this flow run's id so that the run and the flow run find each other."""
     from prefect.runtime import flow_run
 
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     run_id = start_run(spec, ctx, dataset_digest, split)
     if flow_run.get_id():

@@ -72,7 +72,7 @@ def fresh_postgres(admin_url: str) -> Iterator[str]:
     try:
         yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        from voxelflow import db as vdb
+        from voxelflow.core import db as vdb
 
         for url in [u for u in vdb._open if name in u]:  # engines that connect() pooled for this database
             vdb._open.pop(url).dispose()
@@ -101,7 +101,7 @@ def dask_cluster(workdir: Path, env: dict[str, str], n_workers: int = 2) -> Iter
             with open(log, "w") as fh:
                 procs.append(subprocess.Popen(
                     [str(BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                     "--nworkers", "1", "--dashboard-address", "127.0.0.1:0", "--preload", "voxelflow.dask_preload",
+                     "--nworkers", "1", "--dashboard-address", "127.0.0.1:0", "--preload", "voxelflow.data.dask_preload",
                      "--local-directory", str(workdir / f"dask-worker-{i}")],
                     env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir))
 

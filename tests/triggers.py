@@ -35,7 +35,7 @@ def trigger_deployment(flow, name: str, pipeline: str, spec: str | Path) -> Iter
     from prefect.events import DeploymentTriggerTypes
     from pydantic import TypeAdapter
 
-    from voxelflow.watch import resource_id
+    from voxelflow.data.watch import resource_id
 
     d = shipped(flow.fn.__name__, name)
     with get_client(sync_client=True) as client:

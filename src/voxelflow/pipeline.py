@@ -15,8 +15,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from voxelflow import audit, devices, evaluate, ingest, policy, preprocess, redact, registry, report, train
-from voxelflow.config import (
+from voxelflow.core import audit, redact
+from voxelflow.core.db import Database, connect
+from voxelflow.core.storage import Layout, Store
+from voxelflow.data import ingest, preprocess
+from voxelflow.learn import devices, evaluate, report, train
+from voxelflow.release import policy, registry
+from voxelflow.release.promotion import record_decision, settle
+from voxelflow.spec.config import (
     DataSpec,
     DeploySpec,
     EvaluateSpec,
@@ -25,9 +31,6 @@ from voxelflow.config import (
     PromoteSpec,
     Settings,
 )
-from voxelflow.db import Database, connect
-from voxelflow.promotion import record_decision, settle
-from voxelflow.storage import Layout, Store
 
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -81,7 +84,7 @@ def preprocess_stage(
     spec: PreprocessSpec, ctx: Context, case_ids: list[str], progress: Progress | None = None
 ) -> preprocess.PreprocessReport:
     """New cases only, shard by shard on a Dask cluster whose workers read and write the store themselves."""
-    from voxelflow.cluster import dask_client
+    from voxelflow.data.cluster import dask_client
 
     layout = ctx.layout
     out = layout.preprocessed(preprocess.transform_digest(spec))
@@ -127,7 +130,7 @@ def n_classes(network: dict[str, dict[str, Any]]) -> int:
 
 def lineage(spec: PipelineSpec, dataset_digest: str) -> dict[str, str]:
     """What ties a model version back to its data and its spec."""
-    from voxelflow import user_code
+    from voxelflow.core import user_code
 
     return {"dataset_digest": dataset_digest, "spec_digest": spec.digest(), "pipeline": spec.name,
             "preprocess_digest": preprocess.transform_digest(spec.preprocess), **user_code.lineage(spec)}
@@ -313,7 +316,7 @@ def evaluate_stage(
 ) -> Evaluation:
     """Score the candidate and the current champion case by case on the same test cases (the test side
     alone: the validation cases chose the checkpoint and are never scored here)."""
-    from voxelflow.model import Segmenter
+    from voxelflow.learn.model import Segmenter
 
     candidate = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
     raw = ctx.layout.raw
@@ -369,7 +372,7 @@ def candidate_behaviour(spec: PromoteSpec, ctx: Context, outcome: TrainOutcome,
     """Behaviour of the candidate on its first test case, when the gates ask for the checks."""
     if spec.gates.flip_tolerance is None or not evaluation.test_ids:
         return None
-    from voxelflow.model import Segmenter
+    from voxelflow.learn.model import Segmenter
 
     model = Segmenter(outcome.model_config, ctx.store.read_bytes(outcome.weights_key))
     case = ingest.load_case(ctx.layout.raw, evaluation.test_ids[0])
@@ -399,7 +402,7 @@ def register_stage(
 ) -> Promotion:
     """Log and register the candidate (once, even when retried), then move ``champion`` if the gates pass.
 
-    The move is a compare-and-set (:func:`voxelflow.promotion.settle`): the model's lock covers only
+    The move is a compare-and-set (:func:`voxelflow.release.promotion.settle`): the model's lock covers only
     reading, comparing and writing the aliases; if ``champion`` is no longer the version the candidate
     was compared with (another lifecycle promoted meanwhile), the candidate is scored against the new
     champion outside the lock and the gates are applied again. A retry that finds the candidate
@@ -421,7 +424,7 @@ def register_stage(
         decision = policy.decide(evaluation.candidate, champion_scores, spec.gates, behaviour, tags,
                                  evaluation.directions, evaluation.candidate_cases, champion_cases)
         awaiting = decision.promote and spec.approval == "manual"
-        if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.approval.answer_stage)
+        if awaiting:  # the lifecycle pauses for a person's answer (voxelflow.release.approval.answer_stage)
             decision.promote = False
             decision.reasons.append("approval is manual: it keeps `challenger` until a person answers the paused "
                                     "lifecycle in the Prefect UI (or runs `voxelflow approve MODEL VERSION`)")
@@ -457,7 +460,7 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
     import time
 
     if spec.target == "kubernetes":
-        from voxelflow import k8s_deploy
+        from voxelflow.serving import k8s_deploy
 
         applied = k8s_deploy.apply(k8s_deploy.render_for(ctx.pipeline, model_name, spec))
         version = registry.alias_version(ctx.tracking_uri, model_name) or ""
@@ -468,7 +471,7 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
 
     import httpx
 
-    from voxelflow.serve import NIFTI, KeyStore, ModelHolder, Server, create_app, decode_volume, nifti_gz
+    from voxelflow.serving.serve import NIFTI, KeyStore, ModelHolder, Server, create_app, decode_volume, nifti_gz
 
     keys = KeyStore(ctx.db)
     case = ingest.load_case(ctx.layout.raw, case_id)

@@ -18,7 +18,7 @@ from tests.services import dask_cluster, fresh_postgres, moto_s3, prefect_worker
 
 pytestmark = pytest.mark.slow
 
-PIPELINE_FILES = ("datasets", "checkpoints", "models", "reports", "runs", "voxelflow.db", "mlflow.db", "mlartifacts")
+PIPELINE_FILES = ("datasets", "checkpoints", "models", "reports", "runs", "voxelflow.core.db", "mlflow.db", "mlartifacts")
 
 
 @contextlib.contextmanager
@@ -30,13 +30,13 @@ def shared_database(tmp_path):
     else:
         shared = tmp_path / "shared-database"
         shared.mkdir()
-        yield f"sqlite:///{shared / 'voxelflow.db'}", f"sqlite:///{shared / 'mlflow.db'}"
+        yield f"sqlite:///{shared / 'voxelflow.core.db'}", f"sqlite:///{shared / 'mlflow.db'}"
 
 
 def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_path):
     import fsspec
 
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     homes = {name: tmp_path / f"home-{name}" for name in ("cli", "cpu", "gpu")}
     with moto_s3(tmp_path) as s3, shared_database(tmp_path) as (db_url, mlflow_url):
@@ -79,11 +79,12 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
 
         # everything a later stage needs is in the store and the database
         with scoped_environ(addresses):
-            from voxelflow import audit, registry
-            from voxelflow.config import Settings
-            from voxelflow.db import Database
-            from voxelflow.ingest import read_ledger
-            from voxelflow.storage import Store
+            from voxelflow.core import audit
+            from voxelflow.core.db import Database
+            from voxelflow.core.storage import Store
+            from voxelflow.data.ingest import read_ledger
+            from voxelflow.release import registry
+            from voxelflow.spec.config import Settings
 
             store = Store("s3://voxelflow/lifecycle")
             files = store.files()

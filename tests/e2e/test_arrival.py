@@ -42,7 +42,7 @@ def staged_source(layout: str, dest):
 
     ``mixed``: a Decathlon set (4 cases) and 4 labelled DICOM series, one folder, one spec.
     """
-    from voxelflow import synthetic
+    from voxelflow.data import synthetic
 
     synthetic.make_decathlon(dest, n_cases=4, size=24)
     if layout == "decathlon":
@@ -63,9 +63,9 @@ def three_sides(decathlon, scratch) -> dict[str, float]:
     """test_fraction and val_fraction that put one of the Decathlon set's four cases on the test side, one or two
     on the validation side and the rest on the training side (the cases' ids, their content hashes, decide:
     ingested into a scratch home to learn them). More cases, as in the mixed layout, only add to the sides."""
-    from voxelflow.config import DataSpec, Settings
-    from voxelflow.evaluate import split_position
+    from voxelflow.learn.evaluate import split_position
     from voxelflow.pipeline import Context, ingest_stage
+    from voxelflow.spec.config import DataSpec, Settings
 
     settings = Settings(home=scratch, store=None, database_url=None, mlflow_tracking_uri=None)
     ids = ingest_stage(DataSpec(source=str(decathlon), layout="decathlon"), Context(settings, "scratch")).case_ids
@@ -142,15 +142,15 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
         assert announced["event"] == event and announced["resource"] == "voxelflow.dataset.demo-spheres"
         assert "spec" not in announced["keys"], announced
 
-    from voxelflow.config import Settings
-    from voxelflow.db import connect
-    from voxelflow.ingest import read_ledger
+    from voxelflow.core.db import connect
+    from voxelflow.data.ingest import read_ledger
+    from voxelflow.spec.config import Settings
 
     home = tmp_path / "home"
     ledger = read_ledger(connect(Settings(home=home).database), "demo-spheres")
     assert len(ledger) == n_objects and {r["state"] for r in ledger} == {"ingested"}, ledger  # all seen, once
     assert len({r["case_id"] for r in ledger}) == n_cases
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     assert registry.alias_version(Settings(home=home).tracking_uri, "demo-spheres") == "1"
     # logs carry case ids and hashes only; nothing from a DICOM header is anywhere under the home, and file names
@@ -161,5 +161,5 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
         if path.is_file():
             blob = path.read_bytes()
             assert not [w for w in secrets if w.encode() in blob], path
-            if not path.name.startswith("voxelflow.db"):
+            if not path.name.startswith("voxelflow.core.db"):
                 assert not [w for w in names if w.encode() in blob], path

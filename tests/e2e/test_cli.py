@@ -41,9 +41,9 @@ def test_validate_merges_overlay_and_set():
 def test_audit_verify_detects_tampering(tmp_path):
     from sqlalchemy import update
 
-    from voxelflow import audit
-    from voxelflow.config import Settings
-    from voxelflow.db import audit_log, connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import audit_log, connect
+    from voxelflow.spec.config import Settings
 
     db = connect(Settings(home=tmp_path).database)
     audit.append(db, "model.promoted", "tester", version="1")
@@ -60,7 +60,7 @@ def test_ingest_and_ledger_as_json(tmp_path):
     """Counts in objects: arrived = ingested + duplicate + quarantined; a quarantine still exits 0."""
     import json
 
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     src = make_decathlon(tmp_path / "incoming", n_cases=4, size=16)
     (src / "imagesTr" / "synth_001.nii.gz").write_bytes(b"not a volume")  # that case is quarantined

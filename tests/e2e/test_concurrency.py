@@ -35,10 +35,10 @@ def database(kind: str, tmp_path: Path):
 
 
 def _ingest(source: str, store: str, db_url: str, start, out) -> None:
-    from voxelflow.config import DataSpec
-    from voxelflow.db import connect
-    from voxelflow.ingest import ingest
-    from voxelflow.storage import Layout, Store
+    from voxelflow.core.db import connect
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data.ingest import ingest
+    from voxelflow.spec.config import DataSpec
 
     db = connect(db_url)
     start.wait(60)
@@ -47,10 +47,10 @@ def _ingest(source: str, store: str, db_url: str, start, out) -> None:
 
 
 def _check_invariants(db_url: str, store: str, pipeline: str, n_objects: int) -> list[str]:
-    from voxelflow import audit
-    from voxelflow.db import Database
-    from voxelflow.ingest import ingested_cases, read_ledger
-    from voxelflow.storage import Layout, Store
+    from voxelflow.core import audit
+    from voxelflow.core.db import Database
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data.ingest import ingested_cases, read_ledger
 
     db = Database(db_url)
     rows = read_ledger(db, pipeline)
@@ -69,7 +69,7 @@ def _check_invariants(db_url: str, store: str, pipeline: str, n_objects: int) ->
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_two_ingests_of_one_source_at_once(kind, tmp_path):
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     source = make_decathlon(tmp_path / "incoming", n_cases=6, size=24)
     store = str(tmp_path / "store")
@@ -93,7 +93,7 @@ def test_two_ingests_of_one_source_at_once(kind, tmp_path):
 LIFECYCLE = """
 import json, sys
 from voxelflow import pipeline
-from voxelflow.config import Settings, validate_spec
+from voxelflow.spec.config import Settings, validate_spec
 
 if __name__ == "__main__":  # the local Dask cluster's workers re-import this module
     spec = validate_spec(json.loads(sys.argv[1]))
@@ -108,7 +108,7 @@ def test_two_lifecycles_of_one_pipeline_at_once(kind, tmp_path):
     import yaml
 
     from tests.conftest import REPO
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     demo_data = yaml.safe_load((REPO / "deployments" / "specs" / "demo.yaml").read_text())
 

@@ -47,11 +47,11 @@ def test_progress_artifacts_of_completed_steps_end_at_100(demo_run, prefect_api)
 
 
 def test_stores_exist(demo_run):
-    from voxelflow.config import Settings, load_spec
-    from voxelflow.db import connect
-    from voxelflow.ingest import read_ledger
-    from voxelflow.preprocess import transform_digest
-    from voxelflow.storage import Layout, Store
+    from voxelflow.core.db import connect
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data.ingest import read_ledger
+    from voxelflow.data.preprocess import transform_digest
+    from voxelflow.spec.config import Settings, load_spec
 
     _, home = demo_run
     settings = Settings(home=home)
@@ -66,8 +66,8 @@ def test_stores_exist(demo_run):
 
 
 def test_champion_registered_with_lineage(demo_run):
-    from voxelflow import registry
-    from voxelflow.config import Settings
+    from voxelflow.release import registry
+    from voxelflow.spec.config import Settings
 
     _, home = demo_run
     uri = Settings(home=home).tracking_uri
@@ -82,7 +82,7 @@ def test_champion_registered_with_lineage(demo_run):
     # the three sides are kept with the run, and they are the content-hash rule's
     import json
 
-    from voxelflow import evaluate
+    from voxelflow.learn import evaluate
 
     with tempfile.TemporaryDirectory() as tmp:
         split = json.loads(Path(registry.client(uri).download_artifacts(mv.run_id, "split.json", tmp)).read_text())
@@ -103,14 +103,15 @@ def test_trained_beats_untrained_over_http(demo_run):
     """The served champion clears the floor; the same network untrained does not."""
     import httpx
 
-    from voxelflow import evaluate, registry, train
-    from voxelflow.config import Settings, load_spec
-    from voxelflow.db import connect
-    from voxelflow.ingest import load_case
-    from voxelflow.model import Segmenter
+    from voxelflow.core.db import connect
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data.ingest import load_case
+    from voxelflow.learn import evaluate, train
+    from voxelflow.learn.model import Segmenter
     from voxelflow.pipeline import model_config
-    from voxelflow.serve import KeyStore, ModelHolder, Server, create_app
-    from voxelflow.storage import Layout, Store
+    from voxelflow.release import registry
+    from voxelflow.serving.serve import KeyStore, ModelHolder, Server, create_app
+    from voxelflow.spec.config import Settings, load_spec
 
     _, home = demo_run
     settings = Settings(home=home)
@@ -145,9 +146,9 @@ def test_audit_log_intact(demo_run, prefect_env):
     env = {**prefect_env, "VOXELFLOW_HOME": str(home)}
     proc = run_cli(["voxelflow", "audit", "verify"], env)
     assert proc.returncode == 0, proc.stderr
-    from voxelflow import audit
-    from voxelflow.config import Settings
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
+    from voxelflow.spec.config import Settings
 
     events = [e["event"] for e in audit.entries(connect(Settings(home=home).database))]
     assert events[:1] == ["data.ingested"] and "model.promoted" in events and "service.deployed" in events
@@ -162,8 +163,8 @@ def test_reports_are_pictures(demo_run):
 
 def test_second_run_reuses_data_and_gates_against_the_champion(demo_run, prefect_api, tmp_path):
     """A rerun ingests nothing new, preprocesses nothing, and a weaker candidate does not unseat the champion."""
-    from voxelflow import registry
-    from voxelflow.config import Settings
+    from voxelflow.release import registry
+    from voxelflow.spec.config import Settings
 
     _, home = demo_run
     env = {**client_env(prefect_api, tmp_path), "VOXELFLOW_HOME": str(home)}
@@ -179,8 +180,8 @@ def test_second_run_reuses_data_and_gates_against_the_champion(demo_run, prefect
     v2 = registry.client(uri).get_model_version("demo-spheres", "2")
     run = registry.client(uri).get_run(v2.run_id)
     assert run.data.metrics["champion_test_dice"] > run.data.metrics["test_dice"]
-    from voxelflow import audit
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
 
     entries = list(audit.entries(connect(Settings(home=home).database)))
     rejected = [e for e in entries if e["event"] == "model.rejected"]

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_clearly_better_second_model_is_promoted_on_the_test_side(prefect_api, tmp_path):
-    from voxelflow import evaluate, registry
-    from voxelflow.config import Settings
+    from voxelflow.learn import evaluate
+    from voxelflow.release import registry
+    from voxelflow.spec.config import Settings
 
     env = client_env(prefect_api, tmp_path)
     home = tmp_path / "home"

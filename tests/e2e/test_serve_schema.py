@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from voxelflow.serve import BODY_TYPES, NIFTI, NPY
+from voxelflow.serving.serve import BODY_TYPES, NIFTI, NPY
 
 #: examples per operation and generation mode; /v1/segment with valid requests, where the volumes are read, gets
 #: twice as many
@@ -172,9 +172,9 @@ def tiny_segmenter():
     import torch
 
     from tests.conftest import REPO
-    from voxelflow.config import validate_spec
-    from voxelflow.model import Segmenter
-    from voxelflow.train import build_network, state_dict_bytes
+    from voxelflow.learn.model import Segmenter
+    from voxelflow.learn.train import build_network, state_dict_bytes
+    from voxelflow.spec.config import validate_spec
 
     network = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
                         "num_res_units": 0}}
@@ -197,11 +197,11 @@ def tiny_segmenter():
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """The service on 127.0.0.1 with its OpenAPI document on, and a key with every role the routes need."""
-    from voxelflow.db import Database
-    from voxelflow.serve import KeyStore, ModelHolder, Server, create_app
+    from voxelflow.core.db import Database
+    from voxelflow.serving.serve import KeyStore, ModelHolder, Server, create_app
 
     segmenter = tiny_segmenter()
-    db = Database(f"sqlite:///{tmp_path_factory.mktemp('schema') / 'voxelflow.db'}")
+    db = Database(f"sqlite:///{tmp_path_factory.mktemp('schema') / 'voxelflow.core.db'}")
     keys = KeyStore(db)
     key = keys.create("schemathesis", ["predictor", "viewer", "operator"])
     holder = ModelHolder(lambda: (segmenter, "1"))

@@ -30,14 +30,14 @@ TINY_NETWORK = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
 
 
 def settings_for(home: str | Path):
-    from voxelflow.config import Settings
+    from voxelflow.spec.config import Settings
 
     return Settings(home=Path(home), store=None, database_url=None, mlflow_tracking_uri=None)
 
 
 def make_spec(model: str, promote: dict[str, Any] | None = None, deploy: dict[str, Any] | None = None):
     """The demo spec with a tiny UNet on 16^3 and the given ``promote`` and ``deploy`` sections merged in."""
-    from voxelflow.config import validate_spec
+    from voxelflow.spec.config import validate_spec
 
     data = yaml.safe_load((REPO / "deployments/specs/demo.yaml").read_text())
     data["name"] = PIPELINE
@@ -57,8 +57,8 @@ def candidate(ctx, spec, dice: float, champion: tuple[str, float] | None, val_id
     cases, compared with ``champion`` (version, its dice) or with none."""
     import torch
 
+    from voxelflow.learn.train import build_network, state_dict_bytes
     from voxelflow.pipeline import Evaluation, TrainOutcome, model_config, start_run
-    from voxelflow.train import build_network, state_dict_bytes
 
     torch.manual_seed(0)
     run_id = start_run(spec, ctx, "d" * 16)
@@ -115,9 +115,9 @@ def release_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def release_case(release_home) -> list[str]:
     """One synthetic case ingested into the home, for the deploy stage's smoke test: its id."""
-    from voxelflow.config import DataSpec
+    from voxelflow.data.synthetic import make_decathlon
     from voxelflow.pipeline import Context, ingest_stage
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.spec.config import DataSpec
 
     source = make_decathlon(release_home.parent / "incoming", n_cases=1, size=24)
     ctx = Context(settings_for(release_home), PIPELINE)

@@ -26,7 +26,7 @@ DATA_KEYS = ["cases", "dataset_digest", "new_cases", "source"]
 @pytest.fixture
 def pipeline(prefect_here, tmp_path, monkeypatch) -> tuple[str, str, str]:
     """(pipeline name, spec path, source) of two labelled cases, in a home of this test's own."""
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     monkeypatch.setenv("VOXELFLOW_HOME", str(tmp_path / "home"))
     source = make_decathlon(tmp_path / "incoming", n_cases=2, size=16)
@@ -53,7 +53,7 @@ def announced_ids(deployment_id) -> list[str]:
 def sentinel(pipeline: str, deployment_id) -> str:
     """Send one more voxelflow.dataset.updated and wait for its run: every event sent before it was handled."""
     from flows.announce import send
-    from voxelflow.watch import DATASET_UPDATED
+    from voxelflow.data.watch import DATASET_UPDATED
 
     event_id = uuid.uuid4()
     send(DATASET_UPDATED, pipeline, {"source": "sentinel", "new_cases": 0, "cases": 0, "dataset_digest": ""}, event_id)
@@ -65,14 +65,14 @@ def sentinel(pipeline: str, deployment_id) -> str:
 
 
 def db():
-    from voxelflow.config import Settings
-    from voxelflow.db import connect
+    from voxelflow.core.db import connect
+    from voxelflow.spec.config import Settings
 
     return connect(Settings().database)
 
 
 def check_the_one_lifecycle(pipeline: str, spec: str, source: str, deployment_id, before: str) -> None:
-    from voxelflow.watch import DATASET_UPDATED
+    from voxelflow.data.watch import DATASET_UPDATED
 
     deadline = time.monotonic() + 60  # the run of the dataset's event: not zero
     while len(announced_ids(deployment_id)) < 2:
@@ -121,7 +121,7 @@ def test_an_undelivered_announcement_fails_the_run_and_the_rerun_starts_one_life
 def test_a_run_that_dies_between_announcing_and_recording_is_rerun_into_one_lifecycle(pipeline, monkeypatch):
     from flows.ingest import ingest
     from flows.lifecycle import lifecycle
-    from voxelflow import watch
+    from voxelflow.data import watch
 
     name, spec, source = pipeline
     record = watch.set_cursor
@@ -148,9 +148,9 @@ def test_an_arrival_naming_a_spec_is_refused_and_audited(pipeline, tmp_path):
 
     from flows.announce import send
     from flows.ingest import ingest
-    from voxelflow import audit
-    from voxelflow.ingest import read_ledger
-    from voxelflow.watch import DATA_ARRIVED
+    from voxelflow.core import audit
+    from voxelflow.data.ingest import read_ledger
+    from voxelflow.data.watch import DATA_ARRIVED
 
     name, spec, source = pipeline
     evil = tmp_path / "evil.yaml"

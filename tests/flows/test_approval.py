@@ -15,7 +15,7 @@ MANUAL = {"approval": "manual", "approval_timeout_s": 120, "approval_poll_s": 0.
 
 def registered(home, model: str, versions: int):
     """``versions`` bare versions of ``model`` (no model files: they are never loaded here)."""
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     uri = settings_for(home).tracking_uri
     mc = registry.client(uri)
@@ -26,8 +26,8 @@ def registered(home, model: str, versions: int):
 
 
 def audit_of(home, model: str) -> list[dict]:
-    from voxelflow import audit
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
 
     return [e for e in audit.entries(connect(settings_for(home).database))
             if isinstance(e["details"], dict) and e["details"].get("model") == model]
@@ -36,8 +36,9 @@ def audit_of(home, model: str) -> list[dict]:
 def test_a_person_approves_in_the_paused_run_and_the_champion_moves(prefect_here, release_home, release_case):
     from prefect.flow_runs import resume_flow_run
 
-    from voxelflow import audit, registry
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
+    from voxelflow.release import registry
 
     model = f"approve-{uuid.uuid4().hex[:6]}"
     uri, mc = registered(release_home, model, 1)  # version 1 is champion; the candidate will be version 2
@@ -63,7 +64,7 @@ def test_a_person_approves_in_the_paused_run_and_the_champion_moves(prefect_here
     assert deployment["model_version"] == "2"  # the release went on to deploy what was approved
     tags = mc.get_model_version(model, "2").tags
     assert tags["voxelflow.decision"] == "promoted"
-    assert (tags["voxelflow.approval.decision"], tags["voxelflow.approval.by"], tags["voxelflow.approval.reason"]) \
+    assert (tags["voxelflow.release.approval.decision"], tags["voxelflow.release.approval.by"], tags["voxelflow.release.approval.reason"]) \
         == ("approved", "Dr. Ada", "overlays of 20 cases reviewed")
     events = audit_of(release_home, model)
     assert [e["event"] for e in events][:2] == ["model.awaiting_approval", "model.approved"]
@@ -76,7 +77,7 @@ def test_a_person_approves_in_the_paused_run_and_the_champion_moves(prefect_here
 def test_a_person_rejects_in_the_paused_run_and_nothing_moves(prefect_here, release_home):
     from prefect.flow_runs import resume_flow_run
 
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     model = f"reject-{uuid.uuid4().hex[:6]}"
     uri = settings_for(release_home).tracking_uri
@@ -94,14 +95,14 @@ def test_a_person_rejects_in_the_paused_run_and_nothing_moves(prefect_here, rele
     assert registry.alias_version(uri, model) is None
     tags = registry.client(uri).get_model_version(model, "1").tags
     assert tags["voxelflow.decision"] == "rejected"
-    assert (tags["voxelflow.approval.decision"], tags["voxelflow.approval.by"]) == ("rejected", "Dr. Grace")
+    assert (tags["voxelflow.release.approval.decision"], tags["voxelflow.release.approval.by"]) == ("rejected", "Dr. Grace")
     rejected = audit_of(release_home, model)[-1]
     assert rejected["event"] == "model.approval_rejected" and rejected["actor"] == "Dr. Grace"
     assert rejected["details"]["reason"] == "misses small lesions on scanner B"
 
 
 def test_no_answer_before_the_timeout_counts_as_rejected(prefect_here, release_home):
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     model = f"expire-{uuid.uuid4().hex[:6]}"
     uri = settings_for(release_home).tracking_uri
@@ -114,7 +115,7 @@ def test_no_answer_before_the_timeout_counts_as_rejected(prefect_here, release_h
     assert wait_for_state(name, "FAILED")
     assert registry.alias_version(uri, model) is None
     tags = registry.client(uri).get_model_version(model, "1").tags
-    assert (tags["voxelflow.decision"], tags["voxelflow.approval.decision"]) == ("rejected", "expired")
+    assert (tags["voxelflow.decision"], tags["voxelflow.release.approval.decision"]) == ("rejected", "expired")
     expired = audit_of(release_home, model)[-1]
     assert expired["event"] == "model.approval_expired" and expired["details"]["reason"] == "no answer within 2 s"
 
@@ -126,9 +127,9 @@ def test_no_answer_before_the_timeout_counts_as_rejected(prefect_here, release_h
 def test_an_approval_is_checked_against_the_champion_of_the_moment(release_home, new_champion_dice, promoted):
     """Another lifecycle made version 2 champion while version 3 waited for its approval (compared with
     version 1): the approval scores 3 against 2 and applies the gates again before anything moves."""
-    from voxelflow import registry
-    from voxelflow.approval import Answer, answer_stage
     from voxelflow.pipeline import Context, Promotion, lineage
+    from voxelflow.release import registry
+    from voxelflow.release.approval import Answer, answer_stage
 
     model = f"moved-{uuid.uuid4().hex[:6]}"
     spec = make_spec(model, MANUAL)
@@ -158,7 +159,7 @@ def test_an_approval_is_checked_against_the_champion_of_the_moment(release_home,
     assert result.promoted is promoted
     assert registry.alias_version(uri, model) == ("3" if promoted else "2")
     tags = mc.get_model_version(model, "3").tags
-    assert tags["voxelflow.compared_with"] == "2" and tags["voxelflow.approval.by"] == "Dr. Ada"
+    assert tags["voxelflow.compared_with"] == "2" and tags["voxelflow.release.approval.by"] == "Dr. Ada"
     assert tags["voxelflow.decision"] == ("promoted" if promoted else "rejected")
     assert tags["voxelflow.gate.vs_champion_dice"].startswith("pass" if promoted else "fail")
     last = audit_of(release_home, model)[-1]

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from voxelflow.config import DataSpec
+from voxelflow.spec.config import DataSpec
 
 
 @pytest.fixture

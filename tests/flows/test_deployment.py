@@ -38,7 +38,7 @@ def test_deployment_run_completes(prefect_env, tmp_path):
     assert "Completed" in run.stdout + run.stderr, run.stdout[-2000:]
     assert "HTTP prediction dice" in log
 
-    from voxelflow import registry
-    from voxelflow.config import Settings
+    from voxelflow.release import registry
+    from voxelflow.spec.config import Settings
 
     assert registry.alias_version(Settings(home=tmp_path / "home").tracking_uri, "demo-spheres") == "1"

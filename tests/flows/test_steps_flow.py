@@ -22,7 +22,7 @@ def test_steps_are_tasks_named_by_their_id_and_a_failed_gate_fails_the_flow(pref
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
     from flows.lifecycle import lifecycle
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     monkeypatch.setenv("VOXELFLOW_HOME", str(tmp_path / "home"))
     source = make_decathlon(tmp_path / "incoming", n_cases=12, size=16)

@@ -13,7 +13,7 @@ from tests.flows.conftest import release_flow, settings_for
 
 
 def bare_versions(home, model: str, n: int):
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     uri = settings_for(home).tracking_uri
     mc = registry.client(uri)
@@ -24,8 +24,8 @@ def bare_versions(home, model: str, n: int):
 
 
 def events_of(home, model: str) -> list[dict]:
-    from voxelflow import audit
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
 
     return [e for e in audit.entries(connect(settings_for(home).database))
             if isinstance(e["details"], dict) and e["details"].get("model") == model]
@@ -41,8 +41,9 @@ def test_a_failed_deployment_puts_the_aliases_back(prefect_here, release_home, n
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from voxelflow import audit, registry
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
+    from voxelflow.release import registry
 
     model = f"txn-{uuid.uuid4().hex[:6]}"
     uri, mc = bare_versions(release_home, model, 2)
@@ -78,8 +79,8 @@ def test_a_failed_deployment_puts_the_aliases_back(prefect_here, release_home, n
 
 
 def test_a_revert_moves_nothing_once_champion_moved_again_and_removes_an_alias_that_was_not_there(release_home):
-    from voxelflow import registry
-    from voxelflow.db import connect
+    from voxelflow.core.db import connect
+    from voxelflow.release import registry
 
     db = connect(settings_for(release_home).database)
     model = f"revert-{uuid.uuid4().hex[:6]}"

@@ -9,9 +9,9 @@ import pytest
 
 from flows.stages import context_for, peers_of
 from tests.flows.conftest import make_spec
-from voxelflow import addresses
-from voxelflow.config import Settings
+from voxelflow.core import addresses
 from voxelflow.pipeline import Context
+from voxelflow.spec.config import Settings
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, run_cli
-from voxelflow import k8s_deploy
-from voxelflow.config import SpecError, load_spec
+from voxelflow.serving import k8s_deploy
+from voxelflow.spec.config import SpecError, load_spec
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 K8S_VERSION = "1.33.0"  # as in test_manifests.py
@@ -110,10 +110,10 @@ def test_applying_without_a_cluster_says_so(monkeypatch, tmp_path):
 
 
 def test_the_shipped_inference_manifests_are_the_renderers_output():
-    """infra/kubernetes/inference.yaml is generated (`python -m voxelflow.k8s_deploy`), never edited by hand."""
+    """infra/kubernetes/inference.yaml is generated (`python -m voxelflow.serving.k8s_deploy`), never edited by hand."""
     shipped = REPO / "infra" / "kubernetes" / "inference.yaml"
     assert shipped.read_text() == k8s_deploy.shipped(REPO), (
-        "infra/kubernetes/inference.yaml is out of date: python -m voxelflow.k8s_deploy > infra/kubernetes/inference.yaml")
+        "infra/kubernetes/inference.yaml is out of date: python -m voxelflow.serving.k8s_deploy > infra/kubernetes/inference.yaml")
     path, sets = k8s_deploy.SHIPPED
     assert [d for d in yaml.safe_load_all(shipped.read_text()) if d] == k8s_deploy.render(load_spec(REPO / path,
                                                                                                      sets=sets))
@@ -131,8 +131,8 @@ def test_flow_run_jobs_still_reach_mlflow():
 def test_the_rendered_env_gives_the_service_the_workers_its_gpus_and_per_gpu_setting_make(gpus, per_gpu, monkeypatch):
     """GPU pods carry no VOXELFLOW_SERVE_WORKERS: the service runs one worker per GPU slot (the pod's GPUs x
     VOXELFLOW_SERVE_PER_GPU, from the Secret); CPU pods one per requested core."""
-    from voxelflow import serve_gpu
-    from voxelflow.config import Settings
+    from voxelflow.serving import serve_gpu
+    from voxelflow.spec.config import Settings
 
     dep = rendered(f"deploy.kubernetes.gpu={gpus}", "deploy.kubernetes.cpu_request=3000m")
     (c,) = dep["Deployment/demo-spheres-inference"]["spec"]["template"]["spec"]["containers"]

@@ -221,7 +221,7 @@ def resolved_env(c: dict) -> dict[str, str]:
 def test_inference_pods_take_store_database_and_mlflow_from_the_runtime_secret(monkeypatch):
     """Every pod opens the same database (API keys, audit log) and store: the values of the Secret, which
     nothing in ``env`` overrides; voxelflow's settings read them from that environment."""
-    from voxelflow.config import Settings
+    from voxelflow.spec.config import Settings
 
     c = container(INFERENCE)
     secret = find("Secret", "voxelflow-runtime")["stringData"]
@@ -603,6 +603,6 @@ def test_dockerfile_copies_exist_and_the_project_builds_from_them(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    for module in ("voxelflow/serve.py", "flows/cli.py", "flows/lifecycle.py", "tasks/__init__.py"):
+    for module in ("voxelflow/serving/serve.py", "flows/cli.py", "flows/lifecycle.py", "tasks/__init__.py"):
         assert module in names, f"{module} missing from the wheel built from the COPY set"
     assert re.search(r"^voxelflow\s*=\s*flows\.cli:app$", entry_points, re.M)

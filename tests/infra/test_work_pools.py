@@ -2,7 +2,7 @@
 
 Every deployment names a real flow; every stage the lifecycle can place has its per-pool deployments;
 the lifecycles queue rather than overlap. For each Kubernetes deployment the Job the worker would
-submit is rendered with prefect-kubernetes' own job configuration (and with voxelflow.k8s_jobs, which
+submit is rendered with prefect-kubernetes' own job configuration (and with voxelflow.serving.k8s_jobs, which
 must agree) and validated against the Kubernetes API schema with kubernetes-validate, like
 tests/infra/test_manifests.py does for infra/kubernetes/.
 """
@@ -24,7 +24,7 @@ import yaml
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 pytest.importorskip("prefect_kubernetes")
 
-from voxelflow import k8s_jobs  # noqa: E402
+from voxelflow.serving import k8s_jobs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -181,7 +181,7 @@ def test_lifecycles_queue_instead_of_overlapping(d):
 @pytest.mark.parametrize("d", [d for d in lifecycles() if "spec" in d["parameters"]], ids=lambda d: d["name"])
 def test_lifecycle_places_stages_on_deployed_pools(d):
     """Load the spec with the deployment's overlays: every `work_pool` it names must have STAGE/POOL."""
-    from voxelflow.config import load_spec
+    from voxelflow.spec.config import load_spec
 
     params = d["parameters"]
     for path in [params["spec"], *params.get("overlays", [])]:
@@ -227,8 +227,8 @@ def test_a_triggered_deployment_runs_its_own_spec_for_its_own_pipeline_only(d):
     only; the event reaches the run as `announcement` (id, event, resource, payload keys), which it checks."""
     import inspect
 
-    from voxelflow.config import load_spec
-    from voxelflow.watch import resource_id
+    from voxelflow.data.watch import resource_id
+    from voxelflow.spec.config import load_spec
 
     spec = load_spec(REPO / d["parameters"]["spec"])
     assert "announcement" in inspect.signature(flow_of(d["entrypoint"]).fn).parameters
@@ -260,7 +260,7 @@ def default_template() -> dict:
 
 @pytest.mark.parametrize("pool", list(KUBERNETES_POOLS))
 def test_shipped_template_is_derived_from_the_installed_default(pool):
-    """Regenerate with `python -m voxelflow.k8s_jobs` (see its docstring) after upgrading prefect-kubernetes."""
+    """Regenerate with `python -m voxelflow.serving.k8s_jobs` (see its docstring) after upgrading prefect-kubernetes."""
     assert template(pool) == k8s_jobs.job_template(default_template(), gpu=pool == "k8s-gpu")
 
 
@@ -299,7 +299,7 @@ def test_job_variables_pass_the_servers_validation(d):
 
 
 def worker_job(d: dict, pool: str | None = None) -> tuple[dict, dict]:
-    """(voxelflow.k8s_jobs' rendering, the Job prefect-kubernetes' worker submits for a flow run)."""
+    """(voxelflow.serving.k8s_jobs' rendering, the Job prefect-kubernetes' worker submits for a flow run)."""
     from prefect.client.schemas.objects import Flow, FlowRun
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
@@ -443,7 +443,7 @@ def test_gpu_pool_defaults_to_one_gpu_with_its_toleration():
     assert job["metadata"]["namespace"] == NAMESPACE
 
 
-# --------------------------------------------------------------------------- voxelflow.k8s_jobs
+# --------------------------------------------------------------------------- voxelflow.serving.k8s_jobs
 
 
 def test_render_job_follows_prefects_templating():

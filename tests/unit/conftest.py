@@ -43,7 +43,7 @@ def demo_data() -> dict:
 @pytest.fixture(scope="session")
 def tiny_spec():
     """The demo spec with a tiny UNet and a 16^3 spatial size, fp32."""
-    from voxelflow.config import validate_spec
+    from voxelflow.spec.config import validate_spec
 
     data = yaml.safe_load(DEMO_SPEC.read_text())
     for item in data["preprocess"]["transforms"]:
@@ -76,7 +76,7 @@ def tiny_weights():
     """Safetensors bytes of two untrained tiny UNets with different seeds."""
     import torch
 
-    from voxelflow.train import build_network, state_dict_bytes
+    from voxelflow.learn.train import build_network, state_dict_bytes
 
     out = []
     for seed in (1, 2):
@@ -88,7 +88,7 @@ def tiny_weights():
 @pytest.fixture(scope="module")
 def segmenter(tiny_model_config, tiny_weights):
     """The tiny network as the service's segmenter, on the CPU."""
-    from voxelflow.model import Segmenter
+    from voxelflow.learn.model import Segmenter
 
     return Segmenter(tiny_model_config, tiny_weights[0], device="cpu")
 
@@ -96,22 +96,22 @@ def segmenter(tiny_model_config, tiny_weights):
 @pytest.fixture(scope="session")
 def synth_source(tmp_path_factory) -> Path:
     """Three 24^3 labelled synthetic cases in the Decathlon layout (read-only for the tests)."""
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     return make_decathlon(tmp_path_factory.mktemp("synth") / "incoming", n_cases=3, size=24)
 
 
 @pytest.fixture(scope="session")
 def ingested(synth_source, tmp_path_factory):
-    """The synthetic cases ingested into a raw store (home/voxelflow.db holds the ledger); returns (layout, report)."""
-    from voxelflow.config import DataSpec
-    from voxelflow.db import Database
-    from voxelflow.ingest import ingest
-    from voxelflow.storage import Layout, Store
+    """The synthetic cases ingested into a raw store (home/voxelflow.core.db holds the ledger); returns (layout, report)."""
+    from voxelflow.core.db import Database
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data.ingest import ingest
+    from voxelflow.spec.config import DataSpec
 
     home = tmp_path_factory.mktemp("ingested") / "home"
     layout = Layout(Store(home), "p")
-    db = Database(f"sqlite:///{home / 'voxelflow.db'}")
+    db = Database(f"sqlite:///{home / 'voxelflow.core.db'}")
     report = ingest(DataSpec(source=str(synth_source), layout="decathlon"), layout, db, str(synth_source))
     db.dispose()
     assert len(report.ingested) == 3, report.summary()
@@ -126,13 +126,13 @@ PG_ENV = "VOXELFLOW_TEST_DATABASE_URL"
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
     """The URL of a fresh SQLite file (not created yet)."""
-    return f"sqlite:///{tmp_path / 'db' / 'voxelflow.db'}"
+    return f"sqlite:///{tmp_path / 'db' / 'voxelflow.core.db'}"
 
 
 @pytest.fixture
 def db(sqlite_url):
-    """A migrated :class:`~voxelflow.db.Database` on a fresh SQLite file."""
-    from voxelflow.db import Database
+    """A migrated :class:`~voxelflow.core.db.Database` on a fresh SQLite file."""
+    from voxelflow.core.db import Database
 
     database = Database(sqlite_url)
     yield database
@@ -174,8 +174,8 @@ def s3_store_url(tmp_path_factory) -> str:
 
 @pytest.fixture
 def s3_store(s3_store_url):
-    """A :class:`~voxelflow.storage.Store` under a prefix of its own in the session's bucket."""
-    from voxelflow.storage import Store
+    """A :class:`~voxelflow.core.storage.Store` under a prefix of its own in the session's bucket."""
+    from voxelflow.core.storage import Store
 
     return Store(f"{s3_store_url}/{uuid.uuid4().hex[:12]}")
 

@@ -10,8 +10,8 @@ import threading
 import pytest
 from sqlalchemy import delete, select, update
 
-from voxelflow import audit
-from voxelflow.db import Database, audit_log
+from voxelflow.core import audit
+from voxelflow.core.db import Database, audit_log
 
 
 @pytest.fixture
@@ -344,7 +344,7 @@ def test_an_empty_log_with_an_anchor_is_caught(db):
 @pytest.fixture
 def registry_uri(tmp_path) -> str:
     """A real MLflow registry (SQLite) holding model ``m`` with two versions."""
-    from voxelflow.registry import client
+    from voxelflow.release.registry import client
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mc = client(uri)
@@ -370,7 +370,7 @@ def test_anchors_written_to_mlflow_tags_catch_a_truncated_log(log, registry_uri)
 
 
 def test_a_malformed_anchor_is_an_error_not_ignored(registry_uri):
-    from voxelflow.registry import client
+    from voxelflow.release.registry import client
 
     client(registry_uri).set_model_version_tag("m", "1", audit.ANCHOR_SEQ, "three")
     with pytest.raises(ValueError, match="m version 1 carries a malformed audit anchor"):
@@ -393,9 +393,9 @@ def test_cli_verify_checks_the_newest_anchor(tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from voxelflow.config import Settings
-    from voxelflow.db import connect
-    from voxelflow.registry import client
+    from voxelflow.core.db import connect
+    from voxelflow.release.registry import client
+    from voxelflow.spec.config import Settings
 
     settings = Settings(home=tmp_path)
     db = connect(settings.database)

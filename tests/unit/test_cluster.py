@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from voxelflow.cluster import WORKER_ENV, cuda_plan, dask_client, gpu_count, has_dask_cuda, resolve_kind
+from voxelflow.data.cluster import WORKER_ENV, cuda_plan, dask_client, gpu_count, has_dask_cuda, resolve_kind
 
 
 def test_resolve_kind():
@@ -88,7 +88,7 @@ def test_local_cluster_binds_loopback_starts_warm_and_closes():
         assert all("voxelflow-warm" in names for names in client.run(lambda dask_worker: list(dask_worker.plugins)).values())
         assert list(client.run(_warm_state).values()) == [{"modules": True, "threads": 1}]
         assert client.submit(sum, [1, 2, 3]).result() == 6
-        # workers keep freed memory for the next case (no per-case mmap/munmap, see voxelflow.cluster)
+        # workers keep freed memory for the next case (no per-case mmap/munmap, see voxelflow.data.cluster)
         assert list(client.run(_malloc_env).values()) == [WORKER_ENV]
         assert logging.getLogger("distributed").level >= logging.WARNING
         cluster = client.cluster
@@ -98,7 +98,7 @@ def test_local_cluster_binds_loopback_starts_warm_and_closes():
 
 
 def test_adaptive_cluster_scales_up_and_late_workers_are_warm():
-    from voxelflow.config import Adaptive
+    from voxelflow.spec.config import Adaptive
 
     with dask_client("local", adaptive=Adaptive(minimum=1, maximum=2)) as client:
         assert len(client.scheduler_info()["workers"]) == 1
@@ -113,13 +113,13 @@ def test_adaptive_cluster_scales_up_and_late_workers_are_warm():
 
 
 def test_external_workers_warm_up_with_the_preload(tmp_path):
-    """`dask worker --preload voxelflow.dask_preload`, started as voxelflow.dask_preload says."""
+    """`dask worker --preload voxelflow.data.dask_preload`, started as voxelflow.data.dask_preload says."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster:
         worker = subprocess.Popen(
             [str(Path(sys.executable).parent / "dask"), "worker", cluster.scheduler_address, "--nthreads", "1",
-             "--host", "127.0.0.1", "--no-dashboard", "--preload", "voxelflow.dask_preload"],
+             "--host", "127.0.0.1", "--no-dashboard", "--preload", "voxelflow.data.dask_preload"],
             stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.log").open("w"),
             env={**os.environ, **WORKER_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )
@@ -145,7 +145,7 @@ def test_auto_with_cuda_transforms_starts_a_cuda_cluster():
 def test_sticky_cuda_errors_restart_the_worker_and_out_of_memory_does_not():
     import torch
 
-    from voxelflow.preprocess import sticky_cuda_error
+    from voxelflow.data.preprocess import sticky_cuda_error
 
     # the messages torch raises for a broken context
     assert sticky_cuda_error(RuntimeError("CUDA error: an illegal memory access was encountered\nCUDA kernel "

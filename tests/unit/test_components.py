@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from voxelflow.config import SpecError, validate_spec
+from voxelflow.spec.config import SpecError, validate_spec
 
 DANGEROUS = ["subprocess:Popen", "os:system", "builtins:eval"]
 

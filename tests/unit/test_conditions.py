@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from voxelflow.conditions import MAX_DEPTH, MAX_LENGTH, Condition, ConditionError, MissingOutput, parse
+from voxelflow.spec.conditions import MAX_DEPTH, MAX_LENGTH, Condition, ConditionError, MissingOutput, parse
 
 OUTPUTS = {
     "ingest": {"new_cases": 3, "source": "pacs", "empty": ""},

@@ -14,8 +14,8 @@ import time
 import pytest
 from sqlalchemy import create_engine, insert, inspect, select, text
 
-from voxelflow import db as vdb
-from voxelflow.db import Database, connect, cursors, locks, now
+from voxelflow.core import db as vdb
+from voxelflow.core.db import Database, connect, cursors, locks, now
 
 TABLES = {"ledger", "audit_log", "api_keys", "cursors", "locks", "predictions"}
 VERSION_TABLE = "voxelflow_alembic_version"
@@ -254,7 +254,7 @@ def test_database_pickles_as_its_url(db):
 
 
 def test_sqlite_file_and_folder_are_created(tmp_path):
-    path = tmp_path / "deep" / "er" / "voxelflow.db"
+    path = tmp_path / "deep" / "er" / "voxelflow.core.db"
     database = Database(f"sqlite:///{path}")
     assert path.exists()
     with database.engine.connect() as conn:

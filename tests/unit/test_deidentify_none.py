@@ -10,9 +10,9 @@ import yaml
 
 from tests.unit.test_dicom import KEY, SECRETS, write_series
 from tests.unit.test_ingest import home
-from voxelflow import audit
-from voxelflow.config import DataSpec, SpecError, validate_spec
-from voxelflow.ingest import ingest, read_ledger
+from voxelflow.core import audit
+from voxelflow.data.ingest import ingest, read_ledger
+from voxelflow.spec.config import DataSpec, SpecError, validate_spec
 
 ACK = "These scans were de-identified at the source hospital under protocol 2024-17."
 OFF = {"deidentify": "none", "deidentify_acknowledged": ACK}
@@ -60,10 +60,10 @@ def test_every_run_with_none_warns_and_is_audited(tmp_path, caplog):
     layout, db = home(tmp_path)
     data = DataSpec(source=str(src), layout="dicom", **OFF)
     reports = []
-    with caplog.at_level(logging.WARNING, logger="voxelflow.ingest"):
+    with caplog.at_level(logging.WARNING, logger="voxelflow.data.ingest"):
         for _ in range(2):  # the second run finds nothing new and still warns
             reports.append(ingest(data, layout, db, str(src)))  # no key needed: nothing is remapped
-    warned = [r for r in caplog.records if r.name == "voxelflow.ingest" and "NOT de-identified" in r.getMessage()]
+    warned = [r for r in caplog.records if r.name == "voxelflow.data.ingest" and "NOT de-identified" in r.getMessage()]
     assert len(warned) == 2 and ACK in warned[0].getMessage()
     assert all(len(r.warnings) == 1 and "NOT de-identified" in r.warnings[0] for r in reports)
     assert len(reports[0].ingested) == 1 and reports[1].seen == 3
@@ -76,9 +76,9 @@ def test_the_default_does_not_warn(tmp_path, caplog):
     src = tmp_path / "src"
     write_series(src, [0.0, 2.0, 4.0])
     layout, db = home(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="voxelflow.ingest"):
+    with caplog.at_level(logging.WARNING, logger="voxelflow.data.ingest"):
         report = ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)
-    assert not report.warnings and not [r for r in caplog.records if r.name == "voxelflow.ingest"]
+    assert not report.warnings and not [r for r in caplog.records if r.name == "voxelflow.data.ingest"]
     assert not [e for e in audit.entries(db) if e["event"] == "data.deidentify_off"]
 
 

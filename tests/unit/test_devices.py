@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from voxelflow.devices import Placement, placement, precision
+from voxelflow.learn.devices import Placement, placement, precision
 
 
 @pytest.mark.parametrize("gpus", range(0, 9))
@@ -54,7 +54,7 @@ def test_precision_auto_is_native_bf16_else_fp16_on_gpus_and_fp32_on_the_cpu():
 def test_a_scaler_state_is_restored_only_when_both_sides_have_one():
     import torch
 
-    from voxelflow.train import load_scaler
+    from voxelflow.learn.train import load_scaler
 
     disabled, enabled = torch.amp.GradScaler("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=True)
     load_scaler(enabled, disabled.state_dict())  # fp32 attempt, then fp16: torch raises on this load
@@ -69,7 +69,7 @@ def test_a_scaler_state_is_restored_only_when_both_sides_have_one():
 def test_batch_norms_are_synced_across_gpu_processes_and_load_back_into_the_plain_network():
     import torch
 
-    from voxelflow.train import build_network, sync_batch_norms
+    from voxelflow.learn.train import build_network, sync_batch_norms
 
     spec = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
                      "num_res_units": 1, "norm": "BATCH"}}
@@ -85,7 +85,7 @@ def test_batch_norms_are_synced_across_gpu_processes_and_load_back_into_the_plai
 
 
 def test_the_cache_is_budgeted_against_free_gpu_memory_and_kept_on_the_cpu_for_worker_processes():
-    from voxelflow.devices import cache_placement
+    from voxelflow.learn.devices import cache_placement
 
     gib = 2**30
     cpu, gpu = Placement("cpu", 1), Placement("cuda", 2)
@@ -96,7 +96,7 @@ def test_the_cache_is_budgeted_against_free_gpu_memory_and_kept_on_the_cpu_for_w
 
 
 def test_determinism_says_what_a_resume_promises_on_each_device():
-    from voxelflow.devices import determinism
+    from voxelflow.learn.devices import determinism
 
     assert determinism(False, "cpu") == determinism(True, "cpu") == "bit for bit (the CPU)"
     assert determinism(True, "cuda").startswith("bit for bit (train.deterministic")
@@ -104,7 +104,7 @@ def test_determinism_says_what_a_resume_promises_on_each_device():
 
 
 def test_the_cublas_workspace_is_set_unless_already_deterministic():
-    from voxelflow.devices import CUBLAS_WORKSPACE, cublas_workspace
+    from voxelflow.learn.devices import CUBLAS_WORKSPACE, cublas_workspace
 
     assert cublas_workspace(env := {}) == CUBLAS_WORKSPACE and env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     assert cublas_workspace({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == ":16:8"  # the other value torch accepts
@@ -115,7 +115,7 @@ def test_deterministic_cuda_sets_torchs_flags_for_the_block_and_restores_them(mo
     """The flags are torch's own, settable without a GPU; the block changes them and puts them back."""
     import torch
 
-    from voxelflow.devices import deterministic_cuda
+    from voxelflow.learn.devices import deterministic_cuda
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
@@ -141,9 +141,9 @@ def test_deterministic_is_accepted_and_changes_nothing_on_the_cpu(tmp_path, monk
     import numpy as np
     import torch
 
-    from voxelflow.config import TrainSpec
-    from voxelflow.storage import Store
-    from voxelflow.train import ArrayCases, Checkpoints, train
+    from voxelflow.core.storage import Store
+    from voxelflow.learn.train import ArrayCases, Checkpoints, train
+    from voxelflow.spec.config import TrainSpec
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     torch.set_num_threads(1)
@@ -169,7 +169,7 @@ def test_deterministic_is_accepted_and_changes_nothing_on_the_cpu(tmp_path, monk
 def test_the_collective_timeout_is_bounded_and_named(value):
     from pydantic import ValidationError
 
-    from voxelflow.config import TrainSpec
+    from voxelflow.spec.config import TrainSpec
 
     net = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]}}
     with pytest.raises(ValidationError, match="collective_timeout_s"):

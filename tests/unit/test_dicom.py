@@ -17,10 +17,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from tests.unit.test_ingest import home
-from voxelflow import dicom
-from voxelflow.config import DataSpec
-from voxelflow.formats import VolumeError
-from voxelflow.ingest import ingest, load_case, read_ledger
+from voxelflow.data import dicom
+from voxelflow.data.formats import VolumeError
+from voxelflow.data.ingest import ingest, load_case, read_ledger
+from voxelflow.spec.config import DataSpec
 
 KEY = "test-key-1"
 CT5N = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
@@ -224,7 +224,7 @@ def test_no_identifying_value_survives_anywhere_under_the_home(tmp_path):
         if path.is_file():
             blob = path.read_bytes()
             for word in words:
-                if path.name.startswith("voxelflow.db") and word in ("Smithereen", "Johanna"):
+                if path.name.startswith("voxelflow.core.db") and word in ("Smithereen", "Johanna"):
                     continue  # the ledger alone maps object keys (the arrived file names) to hashes
                 assert word.encode() not in blob, (path, word)
     for path in kept:
@@ -340,7 +340,7 @@ def test_a_mixed_source_holds_a_decathlon_set_and_dicom_series_side_by_side(tmp_
 def test_a_mixed_source_in_an_object_store_reads_as_the_same_folder_does(tmp_path, s3_store_url):
     import fsspec
 
-    from voxelflow.synthetic import make_decathlon, make_dicom
+    from voxelflow.data.synthetic import make_decathlon, make_dicom
 
     local = tmp_path / "drop"
     make_decathlon(local, n_cases=2, size=12)
@@ -400,7 +400,7 @@ def test_dicom_objects_without_pixels_are_never_copied(tmp_path):
     kept = {p.name for p in (tmp_path / "home").rglob("quarantine/*")}
     assert rows["DICOMDIR"]["sha256"] not in kept and rows["report.dcm"]["sha256"] not in kept
     for path in (tmp_path / "home").rglob("*"):
-        if path.is_file() and not path.name.startswith("voxelflow.db"):  # the ledger maps keys (paths) to hashes
+        if path.is_file() and not path.name.startswith("voxelflow.core.db"):  # the ledger maps keys (paths) to hashes
             blob = path.read_bytes()
             assert not [w for w in words if w.encode() in blob], path
 

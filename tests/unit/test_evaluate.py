@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from voxelflow import evaluate
+from voxelflow.learn import evaluate
 
 
 def ids(n: int, start: int = 0) -> list[str]:
@@ -120,7 +120,7 @@ def test_metric_names_and_directions():
 
 
 def test_a_spec_states_the_metric_names_it_computes(demo_data):
-    from voxelflow.config import PipelineSpec
+    from voxelflow.spec.config import PipelineSpec
 
     demo_data["train"]["network"]["UNet"]["out_channels"] = 3
     demo_data["evaluate"]["metrics"] = ["dice", "hausdorff95"]
@@ -137,7 +137,7 @@ def test_a_spec_states_the_metric_names_it_computes(demo_data):
 def test_gates_naming_a_metric_the_spec_does_not_compute_are_refused_at_load(demo_data, tmp_path, gates, named):
     import yaml
 
-    from voxelflow.config import SpecError, load_spec
+    from voxelflow.spec.config import SpecError, load_spec
 
     demo_data["evaluate"]["metrics"] = ["dice", "hausdorff95"]
     demo_data["promote"]["gates"].update(gates)
@@ -148,7 +148,7 @@ def test_gates_naming_a_metric_the_spec_does_not_compute_are_refused_at_load(dem
 
 
 def test_gates_on_a_computed_class_metric_load(demo_data):
-    from voxelflow.config import PipelineSpec
+    from voxelflow.spec.config import PipelineSpec
 
     demo_data["evaluate"]["metrics"] = ["dice", "hausdorff95"]
     demo_data["promote"]["gates"].update({"absolute": {"dice_1": 0.5, "hausdorff95_1": 20.0},
@@ -161,8 +161,8 @@ def test_gates_on_a_computed_class_metric_load(demo_data):
 
 
 def test_score_counts_every_case_and_reports_per_class(tmp_path):
-    from voxelflow.ingest import Volume, write_case
-    from voxelflow.storage import CaseStore, Store
+    from voxelflow.core.storage import CaseStore, Store
+    from voxelflow.data.ingest import Volume, write_case
 
     raw = CaseStore(Store(tmp_path), "raw")
     truth = np.zeros((6, 6, 6), np.uint8)
@@ -217,8 +217,8 @@ def user_metrics(tmp_path, monkeypatch):
 
 
 def _scored_cases(tmp_path):
-    from voxelflow.ingest import Volume, write_case
-    from voxelflow.storage import CaseStore, Store
+    from voxelflow.core.storage import CaseStore, Store
+    from voxelflow.data.ingest import Volume, write_case
 
     raw = CaseStore(Store(tmp_path / "store"), "raw")
     truth = np.zeros((6, 6, 6), np.uint8)
@@ -235,7 +235,7 @@ def _scored_cases(tmp_path):
 
 
 def test_custom_metrics_by_import_path_are_scored_per_class(tmp_path, user_metrics, demo_data):
-    from voxelflow.config import EvaluateSpec
+    from voxelflow.spec.config import EvaluateSpec
 
     spec = EvaluateSpec.model_validate({
         "metrics": ["dice", "iou", "miou", "volume_error"],
@@ -258,8 +258,8 @@ def test_custom_metrics_by_import_path_are_scored_per_class(tmp_path, user_metri
 
 
 def test_a_custom_metrics_direction_drives_its_gates(user_metrics):
-    from voxelflow import policy
-    from voxelflow.config import Gates
+    from voxelflow.release import policy
+    from voxelflow.spec.config import Gates
 
     directions = {"volume_error": False}
     gates = Gates(min_dice=None, absolute={"volume_error": 5.0}, relative_metric="volume_error",
@@ -281,7 +281,7 @@ def test_a_custom_metrics_direction_drives_its_gates(user_metrics):
 
 
 def test_a_spec_gating_on_a_custom_metric_loads(demo_data, user_metrics):
-    from voxelflow.config import PipelineSpec
+    from voxelflow.spec.config import PipelineSpec
 
     demo_data["evaluate"]["metrics"] = ["dice", "volume_error"]
     demo_data["evaluate"]["custom_metrics"] = {
@@ -318,14 +318,14 @@ def test_a_spec_gating_on_a_custom_metric_loads(demo_data, user_metrics):
 def test_bad_custom_metrics_are_refused_at_load(evaluate_spec, message, user_metrics):
     from pydantic import ValidationError
 
-    from voxelflow.config import EvaluateSpec
+    from voxelflow.spec.config import EvaluateSpec
 
     with pytest.raises(ValidationError, match=message):
         EvaluateSpec.model_validate(evaluate_spec)
 
 
 def test_a_custom_metric_returning_the_wrong_shape_is_a_clear_error(tmp_path, user_metrics):
-    from voxelflow.config import CustomMetric
+    from voxelflow.spec.config import CustomMetric
 
     raw, segment = _scored_cases(tmp_path)
     metric = CustomMetric(function=f"{user_metrics}:total", higher_is_better=True)  # one number, not one per class

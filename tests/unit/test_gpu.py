@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from voxelflow import train
-from voxelflow.model import Segmenter
-from voxelflow.storage import Store
+from voxelflow.core.storage import Store
+from voxelflow.learn import train
+from voxelflow.learn.model import Segmenter
 
 pytestmark = [
     pytest.mark.gpu,
@@ -94,7 +94,7 @@ def test_segmenter_on_the_gpu(tiny_model_config, tiny_weights):
 
 @pytest.mark.skipif(importlib.util.find_spec("dask_cuda") is None, reason="needs the gpu extra (dask-cuda)")
 def test_auto_cluster_is_cuda_for_gpu_transforms():
-    from voxelflow.cluster import dask_client, resolve_kind
+    from voxelflow.data.cluster import dask_client, resolve_kind
 
     assert resolve_kind("auto", None) == "local"  # CPU transforms keep a CPU cluster, GPU or not
     assert resolve_kind("auto", None, device="cuda") == "cuda"
@@ -105,9 +105,9 @@ def test_auto_cluster_is_cuda_for_gpu_transforms():
 def test_patch_training_with_the_cache_on_the_gpu(tmp_path):
     """Cases cached on the device, patches sampled there, sliding-window validation, bf16."""
     from tests.unit.test_train_patches import PATCHES, SHAPES, sphere_case
-    from voxelflow.config import TrainSpec
-    from voxelflow.preprocess import case_dataset
-    from voxelflow.storage import CaseStore
+    from voxelflow.core.storage import CaseStore
+    from voxelflow.data.preprocess import case_dataset
+    from voxelflow.spec.config import TrainSpec
 
     out = CaseStore(Store(tmp_path / "store"), "pre/gpu")
     for i, shape in enumerate(SHAPES):

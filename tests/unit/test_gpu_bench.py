@@ -110,8 +110,8 @@ def test_the_cpu_smoke_run_times_voxelflows_loop_and_prints_null_gpu_metrics():
 
 
 def test_the_gpu_scripts_and_what_they_import_need_no_prefect_or_mlflow():
-    code = BLOCK + ("import voxelflow.train, voxelflow.preprocess, voxelflow.storage, voxelflow.cluster, "
-                    "voxelflow.devices, voxelflow.model\n")
+    code = BLOCK + ("import voxelflow.learn.train, voxelflow.data.preprocess, voxelflow.core.storage, voxelflow.data.cluster, "
+                    "voxelflow.learn.devices, voxelflow.learn.model\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=REPO / "src")
     assert out.returncode == 0, out.stderr[-3000:]

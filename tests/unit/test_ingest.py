@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from voxelflow.config import DataSpec
-from voxelflow.db import Database
-from voxelflow.formats import scrub_nifti
-from voxelflow.ingest import (
+from voxelflow.core.db import Database
+from voxelflow.core.storage import Layout, Store
+from voxelflow.data.formats import scrub_nifti
+from voxelflow.data.ingest import (
     QuarantineError,
     decode_nifti,
     discover,
@@ -23,7 +23,7 @@ from voxelflow.ingest import (
     load_case,
     read_ledger,
 )
-from voxelflow.storage import Layout, Store
+from voxelflow.spec.config import DataSpec
 
 AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.25, 0, 4.0], [0, 0, 2.0, 7.5], [0, 0, 0, 1]])
 
@@ -80,7 +80,7 @@ def singular_affine_bytes() -> bytes:
 def home(tmp_path: Path) -> tuple[Layout, Database]:
     """A store and a database in a fresh home folder."""
     root = tmp_path / "home"
-    return Layout(Store(root), "p"), Database(f"sqlite:///{root / 'voxelflow.db'}")
+    return Layout(Store(root), "p"), Database(f"sqlite:///{root / 'voxelflow.core.db'}")
 
 
 def case_of(db: Database, tail: str) -> str:
@@ -199,7 +199,7 @@ def test_same_bytes_under_other_names_are_duplicates(synth_source, tmp_path):
 
 
 def test_new_case_changes_the_digest(tmp_path):
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     source = make_decathlon(tmp_path / "src", n_cases=2, size=12)
     layout, db = home(tmp_path)
@@ -447,8 +447,8 @@ def test_a_write_that_died_before_its_commit_is_redone(tmp_path):
     """Zarr objects without a commit marker and without ledger rows: the next ingest writes the case again."""
     from sqlalchemy import delete
 
-    from voxelflow.db import ledger
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.core.db import ledger
+    from voxelflow.data.synthetic import make_decathlon
 
     src = make_decathlon(tmp_path / "incoming", n_cases=2, size=16)
     layout, db = home(tmp_path)
@@ -468,8 +468,8 @@ def test_a_commit_without_ledger_rows_is_recorded_not_rewritten(tmp_path):
     """Killed after the commit marker, before the ledger rows: the case is there, so it is recorded as ingested."""
     from sqlalchemy import delete
 
-    from voxelflow.db import ledger
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.core.db import ledger
+    from voxelflow.data.synthetic import make_decathlon
 
     src = make_decathlon(tmp_path / "incoming", n_cases=2, size=16)
     layout, db = home(tmp_path)
@@ -491,12 +491,12 @@ def test_a_commit_without_ledger_rows_is_recorded_not_rewritten(tmp_path):
 KILL_SCRIPT = r"""
 import sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/src"]
-from voxelflow.config import DataSpec
-from voxelflow.db import Database
-from voxelflow.ingest import ingest
-from voxelflow.storage import Layout, Store
+from voxelflow.spec.config import DataSpec
+from voxelflow.core.db import Database
+from voxelflow.data.ingest import ingest
+from voxelflow.core.storage import Layout, Store
 root = sys.argv[3]
-layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.core.db")
 ingest(DataSpec(source=sys.argv[2]), layout, db, sys.argv[2], progress=lambda i, n: time.sleep(0.3))
 """
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from tests.unit.test_ingest import AFFINE, home, nifti_bytes, sphere, states_by_object, write_decathlon
-from voxelflow.config import DataSpec
-from voxelflow.formats import VolumeError, read_header, read_nifti
-from voxelflow.ingest import ingest, read_ledger
+from voxelflow.data.formats import VolumeError, read_header, read_nifti
+from voxelflow.data.ingest import ingest, read_ledger
+from voxelflow.spec.config import DataSpec
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -104,10 +104,10 @@ import gzip, resource, sys, zlib
 from pathlib import Path
 import numpy as np
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/src"]
-from voxelflow.config import DataSpec
-from voxelflow.db import Database
-from voxelflow.ingest import ingest, read_ledger
-from voxelflow.storage import Layout, Store
+from voxelflow.spec.config import DataSpec
+from voxelflow.core.db import Database
+from voxelflow.data.ingest import ingest, read_ledger
+from voxelflow.core.storage import Layout, Store
 src, kind = Path(sys.argv[2]), sys.argv[3]
 import nibabel as nib
 def member(shape, dtype, zeros):
@@ -126,7 +126,7 @@ else:                # a header that declares 30000^3 voxels
 (src / "imagesTr" / "x.nii.gz").write_bytes(blob)
 (src / "dataset.json").write_text('{"training": [{"image": "./imagesTr/x.nii.gz"}]}')
 root = src.parent / "home"
-layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.core.db")
 ingest(DataSpec(source=str(src)), layout, db, str(src))  # warm: imports and the database
 idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 (src / "dataset.json").write_text('{"training": [{"image": "./imagesTr/x.nii.gz"}, {"image": "./imagesTr/y.nii.gz"}]}')
@@ -155,14 +155,14 @@ import os, resource, sys
 from pathlib import Path
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/src"]
 from tests.unit.test_dicom import KEY, write_series
-from voxelflow.config import DataSpec
-from voxelflow.db import Database
-from voxelflow.ingest import ingest, read_ledger
-from voxelflow.storage import Layout, Store
+from voxelflow.spec.config import DataSpec
+from voxelflow.core.db import Database
+from voxelflow.data.ingest import ingest, read_ledger
+from voxelflow.core.storage import Layout, Store
 src = Path(sys.argv[2])
 write_series(src / "a", [0.0, 2.0, 4.0])
 root = src.parent / "home"
-layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.core.db")
 ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)  # warm
 idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for i in range(4):  # 4 x 160 MiB that are not DICOM: a video, an archive, someone's backup

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from voxelflow.evaluate import dice_per_class, hausdorff95_per_class, score_cases
-from voxelflow.storage import CaseStore, Store
-from voxelflow.train import label_problems, present_values
+from voxelflow.core.storage import CaseStore, Store
+from voxelflow.learn.evaluate import dice_per_class, hausdorff95_per_class, score_cases
+from voxelflow.learn.train import label_problems, present_values
 
 
 def ball(value: int) -> np.ndarray:

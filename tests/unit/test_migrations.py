@@ -8,8 +8,8 @@ import warnings
 import pytest
 import yaml
 
-from voxelflow.config import SpecError, load_spec, validate_spec
-from voxelflow.spec_migrations import CURRENT, MIGRATIONS, SpecMigrated, migrate
+from voxelflow.spec.config import SpecError, load_spec, validate_spec
+from voxelflow.spec.migrations import CURRENT, MIGRATIONS, SpecMigrated, migrate
 
 # migration name -> cases of (old shape's changes to the demo spec, the new shape's, the warning's text)
 CASES = {

@@ -27,8 +27,8 @@ import numpy as np
 import pytest
 import yaml
 
-from voxelflow import registry
-from voxelflow.config import Settings
+from voxelflow.release import registry
+from voxelflow.spec.config import Settings
 
 # A real scan shipped with nibabel: 33x41x25 int16, 2 mm voxels, x flipped (LAS). The model's
 # Orientationd turns it to RAS and Spacingd resamples it, so its affine changes the mask.
@@ -213,7 +213,7 @@ def test_logged_model_names_published_requirements_and_carries_its_code(champion
 def test_pyfunc_predict_with_the_affine_equals_the_segmenter(champion, case, expected):
     import mlflow
 
-    from voxelflow.model import SegmentationModel
+    from voxelflow.learn.model import SegmentationModel
 
     uri, name = champion
     mlflow.set_tracking_uri(uri)
@@ -246,7 +246,7 @@ def test_voxelflow_service_gives_the_same_mask(champion, expected, db, tmp_path)
 
     from fastapi.testclient import TestClient
 
-    from voxelflow.serve import KeyStore, ModelHolder, create_app
+    from voxelflow.serving.serve import KeyStore, ModelHolder, create_app
 
     uri, name = champion
     holder = ModelHolder(lambda: registry.load_segmenter(uri, name, tmp_path / "cache"))

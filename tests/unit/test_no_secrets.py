@@ -43,7 +43,7 @@ def assert_clean(where: str, text_: str) -> None:
 
 
 def test_no_password_in_cli_output_or_audit_after_failures(secret_env, tmp_path):
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     source = make_decathlon(tmp_path / "incoming", n_cases=1, size=16)
     commands = [
@@ -75,8 +75,10 @@ def test_no_password_in_cli_output_or_audit_after_failures(secret_env, tmp_path)
 
 def test_no_password_in_log_records_or_errors(secret_env, caplog, monkeypatch):
     """In process: a registry error, the warning about a run whose status cannot be recorded, a retry's reason."""
-    from voxelflow import pipeline, registry, transient
-    from voxelflow.config import Settings
+    from voxelflow import pipeline
+    from voxelflow.core import transient
+    from voxelflow.release import registry
+    from voxelflow.spec.config import Settings
 
     for name in ("VOXELFLOW_DATABASE_URL", "VOXELFLOW_MLFLOW_TRACKING_URI", "VOXELFLOW_STORE",
                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):

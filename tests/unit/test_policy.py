@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from voxelflow import policy
-from voxelflow.config import Gates, SpecError, load_spec
+from voxelflow.release import policy
+from voxelflow.spec.config import Gates, SpecError, load_spec
 
 LINEAGE = {"dataset_digest": "d" * 16, "spec_digest": "s" * 16, "run_id": "r" * 32}
 
@@ -305,7 +305,7 @@ def test_gates_on_hausdorff_need_it_computed(demo_spec_path, tmp_path):
 
 
 def test_measure_behaviour_of_a_real_segmenter(tiny_model_config, tiny_weights):
-    from voxelflow.model import Segmenter
+    from voxelflow.learn.model import Segmenter
 
     model = Segmenter(tiny_model_config, tiny_weights[0])
     rng = np.random.default_rng(0)

@@ -28,9 +28,10 @@ from scipy import ndimage
 
 from tests.unit.test_mlflow_serving import free_port, invoke, requirements_venv
 from tests.unit.test_predict import spec_data
-from voxelflow import pipeline, registry
-from voxelflow.config import Settings, SpecError, validate_spec
-from voxelflow.model import Segmenter
+from voxelflow import pipeline
+from voxelflow.learn.model import Segmenter
+from voxelflow.release import registry
+from voxelflow.spec.config import Settings, SpecError, validate_spec
 
 CASE = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"  # 33x41x25, 2 mm, LAS
 MODEL = "tiny-post"
@@ -71,7 +72,7 @@ def test_postprocess_by_name_or_mapping_is_accepted_and_reaches_the_model_config
                                        "(KeepLargestConnectedComponent)"),
     ("RandFlip", "is random"),
     ("LabelFilter", "needs the argument(s) applied_labels"),
-    ("voxelflow.model:Segmenter", "is not a MONAI transform"),
+    ("voxelflow.learn.model:Segmenter", "is not a MONAI transform"),
     ({"FillHoles": {}, "KeepLargestConnectedComponent": {}}, "one-key mapping"),
 ])
 def test_a_bad_postprocess_entry_is_refused_naming_the_key(item, message):
@@ -83,7 +84,7 @@ def test_a_bad_postprocess_entry_is_refused_naming_the_key(item, message):
 
 def test_a_users_transform_by_import_path_is_allowed_by_the_allow_list_and_travels_with_the_model(
         tmp_path, monkeypatch, tiny_weights):
-    from voxelflow import user_code
+    from voxelflow.core import user_code
 
     package = tmp_path / "vf_user_post"
     package.mkdir()
@@ -205,7 +206,7 @@ def test_evaluation_service_predict_and_mlflow_serving_give_the_same_post_proces
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from voxelflow.serve import KeyStore, ModelHolder, Server, create_app
+    from voxelflow.serving.serve import KeyStore, ModelHolder, Server, create_app
 
     uri, spec, config = registered
     img = nib.load(CASE)

@@ -1,4 +1,4 @@
-"""Batch inference on arrival (voxelflow.predict, flows/predict.py): unlabelled cases ingested from real
+"""Batch inference on arrival (voxelflow.serving.predict, flows/predict.py): unlabelled cases ingested from real
 NIfTI files are segmented by a model registered in a real MLflow on SQLite; masks are NIfTI on the input's
 grid next to volumes.csv, each recorded with the version that made it; reruns skip; a triggered flow run
 on the session's real Prefect server.
@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import yaml
 
-from voxelflow import predict as batch
-from voxelflow.predict import ModelRef
-from voxelflow.storage import Store
+from voxelflow.core.storage import Store
+from voxelflow.serving import predict as batch
+from voxelflow.serving.predict import ModelRef
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "tiny-predict"
@@ -54,9 +54,9 @@ def tiny_registry(tmp_path_factory) -> str:
     if not _REGISTRY:
         import torch
 
-        from voxelflow import registry
-        from voxelflow.config import Settings, validate_spec
-        from voxelflow.train import build_network, state_dict_bytes
+        from voxelflow.learn.train import build_network, state_dict_bytes
+        from voxelflow.release import registry
+        from voxelflow.spec.config import Settings, validate_spec
 
         settings = Settings(home=tmp_path_factory.mktemp("predict-mlflow"), mlflow_tracking_uri=None)
         spec = validate_spec(spec_data("tiny", "unused"), "tiny")
@@ -79,7 +79,7 @@ def tiny_registry(tmp_path_factory) -> str:
 
 def make_source(dest: Path, labelled: tuple[bool, ...], seed: int = 0) -> Path:
     """Cases in the folder layout (``NAME/image.nii.gz`` and, when labelled, ``label.nii.gz``), 24^3."""
-    from voxelflow.synthetic import make_case
+    from voxelflow.data.synthetic import make_case
 
     for i, has_label in enumerate(labelled):
         folder = dest / f"patient_{seed + i:02d}"
@@ -92,12 +92,12 @@ def make_source(dest: Path, labelled: tuple[bool, ...], seed: int = 0) -> Path:
 
 
 def ingest_source(home: Path, pipeline: str, source: Path):
-    from voxelflow.config import DataSpec
-    from voxelflow.db import connect
-    from voxelflow.ingest import ingest
-    from voxelflow.storage import Layout, Store
+    from voxelflow.core.db import connect
+    from voxelflow.core.storage import Layout, Store
+    from voxelflow.data.ingest import ingest
+    from voxelflow.spec.config import DataSpec
 
-    db, layout = connect(f"sqlite:///{home / 'voxelflow.db'}"), Layout(Store(home), pipeline)
+    db, layout = connect(f"sqlite:///{home / 'voxelflow.core.db'}"), Layout(Store(home), pipeline)
     report = ingest(DataSpec(source=str(source), layout="folder"), layout, db, str(source))
     assert not report.quarantined, report.quarantined
     return db, layout, report
@@ -106,7 +106,7 @@ def ingest_source(home: Path, pipeline: str, source: Path):
 def prediction_rows(db) -> list[dict]:
     from sqlalchemy import select
 
-    from voxelflow.db import predictions
+    from voxelflow.core.db import predictions
 
     with db.transaction() as conn:
         return [r._asdict() for r in conn.execute(select(predictions).order_by(predictions.c.id))]
@@ -132,7 +132,8 @@ def arrived(tmp_path_factory):
 
 def test_masks_on_the_input_grid_volumes_in_ml_and_the_version_recorded_and_reruns_skip(registered, arrived,
                                                                                           tmp_path):
-    from voxelflow import audit, registry
+    from voxelflow.core import audit
+    from voxelflow.release import registry
 
     home, db, layout, source = arrived
     dest = tmp_path / "masks"
@@ -143,7 +144,7 @@ def test_masks_on_the_input_grid_volumes_in_ml_and_the_version_recorded_and_reru
                                                               + ["volumes.csv"])  # case ids only, no file names
 
     # each mask is what the registered model gives for the source file, on its grid, with its affine
-    from voxelflow.ingest import read_ledger
+    from voxelflow.data.ingest import read_ledger
 
     case_of = {r["object"]: r["case_id"] for r in read_ledger(db, "predict-test")}  # the ledger alone maps them
     segmenter, _ = registry.load_segmenter(registered, MODEL, tmp_path / "cache")
@@ -308,9 +309,9 @@ def test_unlabelled_arrival_triggers_a_predict_run_with_artifacts(registered, pr
             time.sleep(0.2)
         assert len(runs) == 1, "the event did not create one predict run"
         run = runs[0]
-        from voxelflow.config import Settings
-        from voxelflow.ingest import ingested_cases
+        from voxelflow.data.ingest import ingested_cases
         from voxelflow.pipeline import Context
+        from voxelflow.spec.config import Settings
 
         name = yaml.safe_load(spec_path.read_text())["name"]
         ctx = Context(Settings(), name)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from voxelflow.config import PreprocessSpec, load_spec
-from voxelflow.preprocess import build_transforms, load_arrays, load_case_arrays, preprocess, transform_digest
-from voxelflow.storage import CaseStore, Layout, Store
+from voxelflow.core.storage import CaseStore, Layout, Store
+from voxelflow.data.preprocess import build_transforms, load_arrays, load_case_arrays, preprocess, transform_digest
+from voxelflow.spec.config import PreprocessSpec, load_spec
 
 # the demo's preprocessing as first written; the tests of trimming use it whatever the demo becomes
 DEMO_TRANSFORMS = [
@@ -196,7 +196,7 @@ class ResultSizes(SchedulerPlugin):
 @pytest.fixture(scope="module")
 def client():
     """One 2-worker LocalCluster (processes, 127.0.0.1) for this module's Dask tests."""
-    from voxelflow.cluster import dask_client
+    from voxelflow.data.cluster import dask_client
 
     with dask_client("local", n_workers=2) as c:
         plugin = ResultSizes(c.cluster.scheduler)  # the scheduler of a LocalCluster lives in this process
@@ -322,15 +322,15 @@ def test_cuda_device_gives_the_cpu_result(tmp_path):
 def test_cases_keep_their_own_shapes(tmp_path):
     import nibabel as nib
 
-    from voxelflow.config import DataSpec
-    from voxelflow.db import Database
-    from voxelflow.ingest import ingest
+    from voxelflow.core.db import Database
+    from voxelflow.data.ingest import ingest
+    from voxelflow.spec.config import DataSpec
 
     for name, size in (("a", 10), ("b", 16)):
         (tmp_path / "src" / name).mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.ones((size,) * 3, np.float32), np.eye(4)), tmp_path / "src" / name / "image.nii.gz")
     layout = Layout(Store(tmp_path / "home"), "p")
-    db = Database(f"sqlite:///{tmp_path / 'home' / 'voxelflow.db'}")
+    db = Database(f"sqlite:///{tmp_path / 'home' / 'voxelflow.core.db'}")
     report = ingest(DataSpec(source=str(tmp_path / "src"), layout="folder"), layout, db, str(tmp_path / "src"))
     assert len(report.ingested) == 2 and report.case_ids == []  # unlabelled: stored, never trained on
     spec = PreprocessSpec(transforms=[{"Spacingd": {"keys": "image", "pixdim": [2.0, 2.0, 2.0]}}])

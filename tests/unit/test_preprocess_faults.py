@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from voxelflow.config import PreprocessSpec
-from voxelflow.preprocess import load_case_arrays, preprocess
-from voxelflow.storage import CaseStore, Store
+from voxelflow.core.storage import CaseStore, Store
+from voxelflow.data.preprocess import load_case_arrays, preprocess
+from voxelflow.spec.config import PreprocessSpec
 
 TRANSFORMS = [
     {"Orientationd": {"keys": ["image", "label"], "axcodes": "RAS"}},
@@ -49,7 +49,7 @@ def files(out: CaseStore) -> dict[str, dict[str, bytes]]:
 
 def test_a_worker_killed_mid_run_changes_nothing(tmp_path):
     """SIGKILL one of two workers once the first shard is done: Dask reschedules its shard, output is bit-identical."""
-    from voxelflow.cluster import dask_client
+    from voxelflow.data.cluster import dask_client
 
     raw = CaseStore(Store(tmp_path), "raw")
     ids = [f"case-{i:03d}" for i in range(16)]
@@ -95,7 +95,7 @@ def test_a_poison_case_fails_alone_and_the_others_complete(tmp_path):
     """
     import dask
 
-    from voxelflow.cluster import dask_client
+    from voxelflow.data.cluster import dask_client
 
     raw = CaseStore(Store(tmp_path), "raw")
     good = [f"case-{i:03d}" for i in range(7)]

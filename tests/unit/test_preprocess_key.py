@@ -12,9 +12,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from voxelflow.config import PreprocessSpec
-from voxelflow.preprocess import load_case_arrays, preprocess, transform_digest, transform_key
-from voxelflow.storage import Layout, Store
+from voxelflow.core.storage import Layout, Store
+from voxelflow.data.preprocess import load_case_arrays, preprocess, transform_digest, transform_key
+from voxelflow.spec.config import PreprocessSpec
 
 TRANSFORMS = [
     {"Orientationd": {"keys": ["image", "label"], "axcodes": "RAS"}},
@@ -135,7 +135,7 @@ def test_the_key_names_the_store_and_the_cases(layout):
     raw, here, ids = layout
     spec = PreprocessSpec(transforms=TRANSFORMS)
     out, _ = _run(spec, raw, here, ids)
-    from voxelflow.preprocess import open_case
+    from voxelflow.data.preprocess import open_case
 
     assert out.prefix.endswith("/" + transform_digest(spec))
     assert open_case(out, ids[0]).attrs["transforms_digest"] == transform_digest(spec)

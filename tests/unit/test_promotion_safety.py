@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from voxelflow import registry
-from voxelflow.config import Settings
+from voxelflow.release import registry
+from voxelflow.spec.config import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -113,8 +113,8 @@ RACER = r"""
 import json, sys, time
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/src"]
 from pathlib import Path
-from voxelflow import registry
-from voxelflow.config import Settings, load_spec
+from voxelflow.release import registry
+from voxelflow.spec.config import Settings, load_spec
 from voxelflow.pipeline import Context, Evaluation, TrainOutcome, register_stage
 home, dice, start_at = Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 spec = load_spec(Path(sys.argv[1]) / "deployments/specs/demo.yaml", sets=["promote.gates.min_dice=0.1"])

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from voxelflow.config import TrainSpec
-from voxelflow.storage import Store
-from voxelflow.train import ArrayCases, Checkpoints, RankFailed, train
-from voxelflow.transient import is_transient
+from voxelflow.core.storage import Store
+from voxelflow.core.transient import is_transient
+from voxelflow.learn.train import ArrayCases, Checkpoints, RankFailed, train
+from voxelflow.spec.config import TrainSpec
 
 SPEC = dict(
     network={"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
@@ -75,7 +75,7 @@ def test_a_rank_that_stops_taking_part_fails_the_others_within_the_collective_ti
     timeout: the training goes on), then stalls in its epoch callback: rank 1, alive but alone in its
     gradient all-reduce, fails after the collective timeout, not torch's 30 minutes, and the training
     fails with rank 1's timeout."""
-    from voxelflow.train import Validation
+    from voxelflow.learn.train import Validation
 
     torch.set_num_threads(1)
     timeout = 5  # seconds: above the skew between the two processes on a loaded machine

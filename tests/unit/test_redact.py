@@ -1,7 +1,7 @@
 """redact masks credentials in URLs wherever they sit in a text."""
 import pytest
 
-from voxelflow.redact import redact, redact_exc
+from voxelflow.core.redact import redact, redact_exc
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -20,7 +20,7 @@ def test_credentials_masked(text, expected):
 
 @pytest.mark.parametrize("text", [
     "http://mlflow:5000/api/2.0/mlflow/runs/get and mail a@b.c",
-    "sqlite:////var/lib/voxelflow/voxelflow.db",
+    "sqlite:////var/lib/voxelflow/voxelflow.core.db",
     "file:///data/a:b@c",
     "s3://bucket/prefix/case-1.zarr",
     "",
@@ -35,7 +35,7 @@ def test_exception_text_redacted():
 
 
 def test_settings_keep_database_and_tracking_urls_secret(monkeypatch, tmp_path):
-    from voxelflow.config import Settings
+    from voxelflow.spec.config import Settings
 
     monkeypatch.setenv("VOXELFLOW_DATABASE_URL", "postgresql+psycopg://vf:dbpass123@db.example/vf")
     monkeypatch.setenv("VOXELFLOW_MLFLOW_TRACKING_URI", "https://ml:mlpass456@mlflow.example")
@@ -51,7 +51,7 @@ def test_settings_keep_database_and_tracking_urls_secret(monkeypatch, tmp_path):
 def test_scrub_masks_the_whole_chain_in_place_and_keeps_types():
     import traceback
 
-    from voxelflow.redact import scrub
+    from voxelflow.core.redact import scrub
 
     inner_secret, outer_secret = "inner-" + "secret", "outer-" + "secret"  # not spelled out in the traceback's source
     try:
@@ -69,7 +69,7 @@ def test_scrub_masks_the_whole_chain_in_place_and_keeps_types():
 def test_log_filter_masks_messages_and_tracebacks():
     import logging
 
-    from voxelflow.redact import RedactingFilter
+    from voxelflow.core.redact import RedactingFilter
 
     record = logging.LogRecord("x", logging.ERROR, __file__, 1, "cannot reach %s", ("redis://:pw123@cache:6379",),
                                None)

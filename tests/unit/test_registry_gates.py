@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voxelflow import registry
-from voxelflow.config import Gates, Settings
+from voxelflow.release import registry
+from voxelflow.spec.config import Gates, Settings
 
 # ---------------------------------------------------------------- should_promote
 
@@ -119,7 +119,7 @@ def test_log_metrics_skips_non_finite(mlflow_store):
 def test_log_bytes_stores_a_picture_as_a_run_artifact(mlflow_store, tmp_path):
     import mlflow
 
-    from voxelflow import report
+    from voxelflow.learn import report
 
     settings, run_id, _ = mlflow_store
     rng = np.random.default_rng(0)
@@ -145,7 +145,7 @@ def test_log_bytes_stores_a_picture_as_a_run_artifact(mlflow_store, tmp_path):
 
 def test_artifacts_go_to_the_store_when_it_is_s3(mlflow_store, tiny_spec, s3_store_url):
     """With VOXELFLOW_STORE on S3 the artifact root is a prefix there: every machine reads the same files."""
-    from voxelflow.storage import Store
+    from voxelflow.core.storage import Store
 
     local, _, _ = mlflow_store
     settings = Settings(home=local.home, store=f"{s3_store_url}/registry")
@@ -221,8 +221,8 @@ def test_each_decision_anchors_the_audit_chain_in_the_version_tags(tmp_path, tin
                                                                    tiny_weights):
     from sqlalchemy import delete
 
-    from voxelflow import audit
-    from voxelflow.db import audit_log
+    from voxelflow.core import audit
+    from voxelflow.core.db import audit_log
     from voxelflow.pipeline import Context, Evaluation, TrainOutcome, register_stage
 
     ctx = Context(Settings(home=tmp_path / "home"), tiny_spec.name)
@@ -261,8 +261,8 @@ def test_rollback_restores_previous_records_it_and_refuses_a_second_time(tmp_pat
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from voxelflow import audit
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
 
     settings = Settings(home=tmp_path)
     uri, mc = settings.tracking_uri, registry.client(settings.tracking_uri)
@@ -303,8 +303,8 @@ def test_a_person_approves_a_challenger_with_a_reason(tmp_path):
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from voxelflow import audit
-    from voxelflow.db import connect
+    from voxelflow.core import audit
+    from voxelflow.core.db import connect
 
     settings = Settings(home=tmp_path)
     uri, mc = settings.tracking_uri, registry.client(settings.tracking_uri)
@@ -330,7 +330,7 @@ def test_a_person_approves_a_challenger_with_a_reason(tmp_path):
     assert code == 0 and "champion is version 2 (previous: 1)" in out
     assert (registry.alias_version(uri, "m"), registry.alias_version(uri, "m", registry.PREVIOUS)) == ("2", "1")
     tags = mc.get_model_version("m", "2").tags
-    assert tags["voxelflow.approval"] == "approved" and tags["voxelflow.approval_reason"].startswith("reviewed")
+    assert tags["voxelflow.release.approval"] == "approved" and tags["voxelflow.approval_reason"].startswith("reviewed")
     assert tags["voxelflow.approved_by"]
     db = connect(settings.database)
     (entry,) = [e for e in audit.entries(db) if e["event"] == "model.approved"]
@@ -355,11 +355,12 @@ def test_lineage_follows_every_link_back_to_the_ledger_and_notices_a_broken_one(
     from typer.testing import CliRunner
 
     from flows.cli import app
-    from voxelflow import ingest, lineage, preprocess, synthetic
-    from voxelflow.db import ledger
+    from voxelflow.core.db import ledger
+    from voxelflow.data import ingest, preprocess, synthetic
     from voxelflow.pipeline import Context, Evaluation, TrainOutcome, ingest_stage, register_stage, split_stage
     from voxelflow.pipeline import lineage as lineage_tags
     from voxelflow.pipeline import start_run as open_run
+    from voxelflow.release import lineage
 
     home = tmp_path / "home"
     synthetic.make_decathlon(home / "incoming", n_cases=5, size=16)
@@ -395,7 +396,7 @@ def test_lineage_follows_every_link_back_to_the_ledger_and_notices_a_broken_one(
     by_version = lineage.trace(ctx.tracking_uri, ctx.db, ctx.settings.store_url, f"{name}/{promotion.version}")
     assert by_version == {**trace, "alias": None}
 
-    from voxelflow import audit
+    from voxelflow.core import audit
 
     audit.append(ctx.db, "service.deployed", "voxelflow", model=name, version=promotion.version,
                  endpoint="http://127.0.0.1:8123")

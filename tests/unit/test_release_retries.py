@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from voxelflow import audit, registry
-from voxelflow.config import Settings
+from voxelflow.core import audit
+from voxelflow.release import registry
+from voxelflow.spec.config import Settings
 
 WRITES = ("create_registered_model", "create_model_version", "set_registered_model_alias",
           "delete_registered_model_alias", "set_model_version_tag", "delete_model_version_tag")
@@ -255,7 +256,7 @@ def awaiting_version(ctx, name: str, version: str) -> None:
 
 
 def test_an_approval_cut_off_after_any_registry_write_and_retried_ends_as_one_clean_run(home, faults):
-    from voxelflow import promotion
+    from voxelflow.release import promotion
 
     ctx, uri = home, home.tracking_uri
 
@@ -289,7 +290,7 @@ def lock_free(db, name: str) -> bool:
     """Whether another connection can take the lock ``name`` right now (it does not wait for it)."""
     from sqlalchemy.exc import OperationalError
 
-    from voxelflow.db import Database
+    from voxelflow.core.db import Database
 
     other = Database(db.url)
     try:

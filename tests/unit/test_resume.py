@@ -13,9 +13,9 @@ import textwrap
 import numpy as np
 import torch
 
-from voxelflow.config import TrainSpec
-from voxelflow.storage import Store
-from voxelflow.train import ArrayCases, Checkpoints, Validation, train
+from voxelflow.core.storage import Store
+from voxelflow.learn.train import ArrayCases, Checkpoints, Validation, train
+from voxelflow.spec.config import TrainSpec
 
 SPEC = dict(
     network={"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2],
@@ -32,9 +32,9 @@ KILL_AFTER_STEP = 8  # 5 cases, batch 1: step 8 is the middle of epoch 1 (its 3r
 SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     import numpy as np, torch
-    from voxelflow.config import TrainSpec
-    from voxelflow.storage import Store
-    from voxelflow.train import ArrayCases, Checkpoints, Validation, train
+    from voxelflow.spec.config import TrainSpec
+    from voxelflow.core.storage import Store
+    from voxelflow.learn.train import ArrayCases, Checkpoints, Validation, train
 
     torch.set_num_threads(1)
     spec, root, kill_after = TrainSpec(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])

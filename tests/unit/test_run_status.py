@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from voxelflow import audit, pipeline, registry
-from voxelflow.config import Settings
+from voxelflow import pipeline
+from voxelflow.core import audit
+from voxelflow.release import registry
+from voxelflow.spec.config import Settings
 
 
 def status(settings: Settings, run_id: str) -> str:
@@ -54,8 +56,8 @@ def test_an_interrupted_lifecycle_kills_its_run(run):
 def test_whole_lifecycle_finished_then_failed_at_deploy(tiny_spec, tmp_path, monkeypatch):
     """A whole run completes (FINISHED, temporary smoke endpoint recorded); the next, whose deploy stage fails
     after its model was logged and registered (no Kubernetes cluster), leaves its run FAILED."""
-    from voxelflow.config import validate_spec
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
+    from voxelflow.spec.config import validate_spec
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))

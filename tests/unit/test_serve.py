@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from tests.unit.helpers import npy
-from voxelflow import audit
-from voxelflow.db import Database, api_keys
-from voxelflow.serve import NPY, KeyStore, ModelHolder, Throttle, create_app, decode_volume, encode_mask
+from voxelflow.core import audit
+from voxelflow.core.db import Database, api_keys
+from voxelflow.serving.serve import NPY, KeyStore, ModelHolder, Throttle, create_app, decode_volume, encode_mask
 
 VERSION = "7"
 
@@ -342,7 +342,7 @@ def test_denied_requests_are_audited_in_aggregate_and_lock_no_valid_key_out(make
 
 
 def test_denials_report_the_count_since_the_last_record(db):
-    from voxelflow.serve import Denials
+    from voxelflow.serving.serve import Denials
 
     denials = Denials(db, window_s=0.2)
     for _ in range(5):
@@ -443,7 +443,7 @@ def test_gzip_bomb_is_refused_before_inflating_it(make_client, predict_key):
     """A small gzip body whose header declares more voxels than allowed: 413 after inflating 540 bytes."""
     import nibabel as nib
 
-    from voxelflow.formats import VolumeError
+    from voxelflow.data.formats import VolumeError
 
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((512, 512, 512))
@@ -520,7 +520,7 @@ def test_under_load_a_full_queue_is_503_at_once_and_health_stays_fast(segmenter,
 
     import httpx
 
-    from voxelflow.serve import Server
+    from voxelflow.serving.serve import Server
 
     class Slow:  # the real segmenter on a volume, plus the time a bigger model would take
         def segment(self, volume, affine):

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from tests.unit.helpers import npy
-from voxelflow.db import api_keys, now
-from voxelflow.serve import NIFTI, NPY, KeyStore, ModelHolder, create_app
+from voxelflow.core.db import api_keys, now
+from voxelflow.serving.serve import NIFTI, NPY, KeyStore, ModelHolder, create_app
 
 MAX_BYTES = 64 * 1024
 

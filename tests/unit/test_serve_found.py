@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from voxelflow.serve import BODY_TYPES, NIFTI, KeyStore, ModelHolder, create_app, declared_volume
+from voxelflow.serving.serve import BODY_TYPES, NIFTI, KeyStore, ModelHolder, create_app, declared_volume
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from voxelflow import audit
-from voxelflow.serve import KeyStore, ModelHolder, Server, Throttle, create_app, proxy_options
+from voxelflow.core import audit
+from voxelflow.serving.serve import KeyStore, ModelHolder, Server, Throttle, create_app, proxy_options
 
 BAD = 300
 

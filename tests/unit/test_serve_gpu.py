@@ -16,10 +16,9 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.unit.helpers import npy
-from voxelflow.config import Settings
-from voxelflow.model import Segmenter, stitch_device
-from voxelflow.serve import NPY, KeyStore, ModelHolder, create_app
-from voxelflow.serve_gpu import (
+from voxelflow.learn.model import Segmenter, stitch_device
+from voxelflow.serving.serve import NPY, KeyStore, ModelHolder, create_app
+from voxelflow.serving.serve_gpu import (
     DEVICE_FRACTION,
     RETRY_AFTER_OOM,
     GpuSlots,
@@ -29,7 +28,8 @@ from voxelflow.serve_gpu import (
     plan,
     replicate,
 )
-from voxelflow.serve_volumes import device_working_set_bytes, model_grid_voxels, stitch_limit_voxels
+from voxelflow.serving.serve_volumes import device_working_set_bytes, model_grid_voxels, stitch_limit_voxels
+from voxelflow.spec.config import Settings
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -306,7 +306,7 @@ def test_stitching_on_the_cpu_gives_the_mask_with_less_device_memory_within_the_
 def test_the_service_spreads_requests_over_every_visible_gpu(segmenter, db):
     import httpx
 
-    from voxelflow.serve import Server
+    from voxelflow.serving.serve import Server
 
     placed = plan(torch.cuda.device_count(), 2, None, cores=16)
     holder = ModelHolder(lambda: (segmenter, "1"), replicate=placed.replicate)

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 
 from tests.unit.helpers import npy
-from voxelflow.serve import NPY, KeyStore, ModelHolder, Server, create_app
+from voxelflow.serving.serve import NPY, KeyStore, ModelHolder, Server, create_app
 
 THREADPOOL = 40  # anyio's default: the threads sync routes, key lookups and describe() share
 BOUND_S = 2.0  # generous: a probe on the event loop takes milliseconds; one queued behind the pool never comes

@@ -21,8 +21,8 @@ from sqlalchemy import update
 
 from tests.unit.helpers import npy
 from tests.unit.test_serve_bad_input import CASES, GOOD, MAX_BYTES
-from voxelflow.db import api_keys, now
-from voxelflow.serve import NPY, KeyStore, ModelHolder, Server, create_app
+from voxelflow.core.db import api_keys, now
+from voxelflow.serving.serve import NPY, KeyStore, ModelHolder, Server, create_app
 
 WORKERS, QUEUE = 2, 6
 CLIENTS = 4 * (WORKERS + QUEUE)  # 32

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from voxelflow.serve import NPY, KeyStore, ModelHolder, create_app, declared_volume, working_set_bytes
+from voxelflow.serving.serve import NPY, KeyStore, ModelHolder, create_app, declared_volume, working_set_bytes
 
 
 def npy_header_only(shape, dtype="<f4") -> bytes:
@@ -81,9 +81,9 @@ SERVER = textwrap.dedent("""
     import sys
     from pathlib import Path
 
-    from voxelflow.db import Database
-    from voxelflow.model import Segmenter
-    from voxelflow.serve import KeyStore, ModelHolder, Server, create_app
+    from voxelflow.core.db import Database
+    from voxelflow.learn.model import Segmenter
+    from voxelflow.serving.serve import KeyStore, ModelHolder, Server, create_app
 
     model_dir, db_url = sys.argv[1], sys.argv[2]
     seg = Segmenter.from_dir(model_dir, device="cpu")

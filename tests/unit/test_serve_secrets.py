@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from voxelflow import audit
-from voxelflow.serve import NPY, KeyStore, ModelHolder, create_app
+from voxelflow.core import audit
+from voxelflow.serving.serve import NPY, KeyStore, ModelHolder, create_app
 
 PASSWORDS = ("tr4ck-pw", "d4tabase-pw", "st0re-pw")
 TRACKING = f"postgresql+psycopg://mlflow:{PASSWORDS[0]}@mlflow-db.internal:5432/mlflow"
@@ -34,7 +34,7 @@ class Broken:
 
 
 def test_a_password_in_any_url_reaches_no_answer_log_or_audit_entry(db, caplog):
-    from voxelflow.registry import RegistryError
+    from voxelflow.release.registry import RegistryError
 
     loads = iter([RegistryError(f"cannot read demo@champion from the registry at {TRACKING}: timed out"),
                   (Broken(), "1"), OSError(f"cannot download models:/demo/2 from {STORE}")])
@@ -51,7 +51,7 @@ def test_a_password_in_any_url_reaches_no_answer_log_or_audit_entry(db, caplog):
     keys = KeyStore(db)
     admin = keys.create("ops", ["admin"])
     holder = ModelHolder(loader)
-    caplog.set_level(logging.INFO, logger="voxelflow.serve")
+    caplog.set_level(logging.INFO, logger="voxelflow.serving.serve")
     with pytest.raises(RegistryError):
         holder.reload()
     client = TestClient(create_app(holder, keys, db=db, describe=describe))

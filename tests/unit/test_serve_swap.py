@@ -9,8 +9,8 @@ import threading
 import httpx
 import numpy as np
 
-from voxelflow.model import Segmenter
-from voxelflow.serve import NPY, KeyStore, ModelHolder, Server, create_app
+from voxelflow.learn.model import Segmenter
+from voxelflow.serving.serve import NPY, KeyStore, ModelHolder, Server, create_app
 
 
 def test_no_request_fails_while_the_model_is_swapped_under_load(tiny_model_config, tiny_weights, db):
@@ -83,7 +83,7 @@ def test_a_failed_hot_swap_is_counted_and_explained_while_the_old_model_keeps_se
     client = TestClient(create_app(holder, keys, db=db))
     metrics = client.get("/metrics", headers={"X-API-Key": viewer}).text
     assert "voxelflow_model_swap_failures_total 0.0" in metrics
-    caplog.set_level(logging.WARNING, logger="voxelflow.serve")
+    caplog.set_level(logging.WARNING, logger="voxelflow.serving.serve")
     stop = holder.watch(lambda: alias["version"], interval=0.02)
     try:
         alias["version"] = "2"

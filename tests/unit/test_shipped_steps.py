@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from voxelflow.config import Settings
-from voxelflow.ingest import load_case, write_case
-from voxelflow.preprocess import case_dataset
+from voxelflow.core.storage import Layout, Store
+from voxelflow.core.transient import is_transient
+from voxelflow.data.ingest import load_case, write_case
+from voxelflow.data.preprocess import case_dataset
+from voxelflow.spec.config import Settings
 from voxelflow.steps import StepContext, StepInputs, intensity_stats, label_volume_check, notify_webhook, outputs
-from voxelflow.storage import Layout, Store
-from voxelflow.transient import is_transient
 
 DIGEST = "d" * 16
 
@@ -27,7 +27,7 @@ def affine_of(mm: float) -> np.ndarray:
 
 def raw_case(layout: Layout, cid: str, label: np.ndarray | None, mm: float = 1.0) -> None:
     """A case as ingestion stores it: image and label (x, y, z), the affine in the attributes."""
-    from voxelflow.formats import Volume
+    from voxelflow.data.formats import Volume
 
     shape = label.shape if label is not None else (4, 4, 4)
     image = Volume(np.zeros(shape, np.float32), affine_of(mm), (mm,) * 3)
@@ -179,7 +179,7 @@ def test_intensity_stats_need_preprocessed_cases(layout):
 
 def champion_with(settings: Settings, name: str, metrics: dict[str, float]) -> str:
     """A registered version whose training run carries ``metrics``, made ``name``'s champion."""
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     uri = settings.tracking_uri
     mc = registry.client(uri)

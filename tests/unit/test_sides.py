@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from voxelflow import evaluate
-from voxelflow.config import SpecError, load_spec
+from voxelflow.learn import evaluate
+from voxelflow.spec.config import SpecError, load_spec
 
 
 def ids(n: int, start: int = 0) -> list[str]:
@@ -61,8 +61,8 @@ def test_a_spec_that_would_test_on_cases_a_champion_trained_on_is_refused_naming
 
 
 def test_the_split_stage_and_its_defaults(demo_spec_path):
-    from voxelflow.config import EvaluateSpec
     from voxelflow.pipeline import split_stage
+    from voxelflow.spec.config import EvaluateSpec
 
     assert (EvaluateSpec().test_fraction, EvaluateSpec().val_fraction) == (0.2, 0.2)
     spec = load_spec(demo_spec_path)
@@ -78,9 +78,9 @@ def test_the_split_stage_and_its_defaults(demo_spec_path):
 @pytest.fixture
 def lifecycle_home(tmp_path, tiny_spec):
     """Twelve small synthetic cases ingested and preprocessed, and the tiny spec's three sides of them."""
-    from voxelflow import preprocess, synthetic
-    from voxelflow.config import Settings
+    from voxelflow.data import preprocess, synthetic
     from voxelflow.pipeline import Context, ingest_stage, split_stage
+    from voxelflow.spec.config import Settings
 
     home = tmp_path / "home"
     synthetic.make_decathlon(home / "incoming", n_cases=12, size=16)
@@ -96,7 +96,7 @@ def lifecycle_home(tmp_path, tiny_spec):
 def _register_as_before(ctx, spec, model_config, weights: bytes, split) -> str:
     """A champion registered the way versions were before the test side: a run whose split.json has
     train and val only, scores tagged as val_*, no per-case scores anywhere."""
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     uri, name = ctx.tracking_uri, spec.promote.model_name
     run_id = registry.start_run(uri, ctx.settings.artifact_root, spec, {"dataset_digest": "d" * 16})
@@ -111,8 +111,8 @@ def _register_as_before(ctx, spec, model_config, weights: bytes, split) -> str:
 
 def test_promotion_is_decided_on_test_cases_only(lifecycle_home, tiny_spec, tiny_model_config, tiny_weights,
                                                  monkeypatch):
-    from voxelflow import registry
     from voxelflow.pipeline import TrainOutcome, evaluate_stage, lineage, register_stage, score_version, start_run
+    from voxelflow.release import registry
 
     ctx, ingested, split = lifecycle_home
     uri, name = ctx.tracking_uri, tiny_spec.promote.model_name
@@ -162,8 +162,8 @@ def test_promotion_is_decided_on_test_cases_only(lifecycle_home, tiny_spec, tiny
 def test_too_few_test_cases_fail_the_relative_gate_in_the_lifecycle(lifecycle_home, tiny_spec, tiny_model_config,
                                                                     tiny_weights):
     """With the default min_test_cases (5), the few test cases of a small data set cannot unseat a champion."""
-    from voxelflow import registry
     from voxelflow.pipeline import TrainOutcome, evaluate_stage, lineage, register_stage, start_run
+    from voxelflow.release import registry
 
     ctx, ingested, split = lifecycle_home
     assert len(split.test) < 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import REPO
-from voxelflow.config import load_spec
+from voxelflow.spec.config import load_spec
 
 # the digests these specs had before steps, version, evaluate.postprocess, train.collective_timeout_s and
 # train.deterministic existed

@@ -13,8 +13,8 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from flows.cli import app
-from voxelflow import spec_docs
-from voxelflow.config import PipelineSpec, deep_merge
+from voxelflow.spec import docs as spec_docs
+from voxelflow.spec.config import PipelineSpec, deep_merge
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = sorted((REPO / "deployments" / "specs").glob("*.yaml"))
@@ -122,7 +122,7 @@ def test_the_reference_lists_every_key_and_the_built_in_outputs():
                 "steps[].higher_is_better"):
         assert f"| `{key}` |" in page, key
     assert "| `steps[].with` | mapping | `{}` |" in page and "`with: {min_ml: 20, max_ml: 900}`" in page
-    contracts = pytest.importorskip("voxelflow.stages.contracts")
+    contracts = pytest.importorskip("voxelflow.spec.contracts")
     for sid, stage in contracts.STAGES.items():
         for name in stage.outputs:
             assert f"| `{sid}.{name}` | `{stage.section}` |" in page
@@ -151,9 +151,9 @@ def test_voxelflow_validate_prints_migrations_and_the_graph(demo_data, tmp_path)
     assert done.exit_code == 0, done.output
     assert "warning: " in done.stderr and "data.deidentify: dicom-basic-profile is now called basic-profile" \
         in done.stderr
-    graph = pytest.importorskip("voxelflow.stages.graph")
-    from voxelflow.config import load_spec
-    from voxelflow.spec_migrations import SpecMigrated
+    graph = pytest.importorskip("voxelflow.spec.graph")
+    from voxelflow.spec.config import load_spec
+    from voxelflow.spec.migrations import SpecMigrated
 
     with pytest.warns(SpecMigrated):
         loaded = load_spec(spec)

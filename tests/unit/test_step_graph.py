@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from voxelflow import audit, pipeline, registry
-from voxelflow.config import Settings, SpecError, validate_spec
+from voxelflow import pipeline
+from voxelflow.core import audit
+from voxelflow.release import registry
+from voxelflow.spec.config import Settings, SpecError, validate_spec
+from voxelflow.spec.graph import build
 from voxelflow.stages.execute import GateFailed
-from voxelflow.stages.graph import build
 from voxelflow.stages.steps import StepTimeout, run_step
 from voxelflow.steps.api import StepInputs
 
@@ -156,7 +158,7 @@ def small(demo_data, source, steps, **sections):
 
 
 def test_a_failing_gate_stops_the_lifecycle_before_training(demo_data, home):
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     source = make_decathlon(home.home / "incoming", n_cases=12, size=24)
     steps = [{"id": "qc", "uses": "voxelflow.steps:label_volume_check", "after": "preprocess", "gate": True,
@@ -180,7 +182,7 @@ def test_steps_in_a_whole_lifecycle_and_a_late_gate_reverts_the_promotion(demo_d
     """One lifecycle with no orchestrator: a step whose `when` is false is skipped and so is what needs it; a
     branch runs beside training; a transient error is retried; a step that does not pass and is no gate is a
     warning; its metrics reach the run; a gate after promote that fails puts champion back."""
-    from voxelflow.synthetic import make_decathlon
+    from voxelflow.data.synthetic import make_decathlon
 
     source = make_decathlon(home.home / "incoming", n_cases=12, size=24)
     steps = [

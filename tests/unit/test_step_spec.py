@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from voxelflow.config import SpecError, validate_spec
-from voxelflow.step_spec import StepSpec
+from voxelflow.spec.config import SpecError, validate_spec
+from voxelflow.spec.step_spec import StepSpec
 
 QC = {"id": "qc", "uses": "voxelflow.steps:label_volume_check", "after": "preprocess",
       "with": {"min_ml": 20, "max_ml": 900}, "when": "ingest.new_cases > 0", "gate": True, "retries": 2,

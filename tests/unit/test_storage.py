@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from voxelflow.storage import COMMITTED, CaseStore, Layout, Store, digest_json, sha256_bytes
+from voxelflow.core.storage import COMMITTED, CaseStore, Layout, Store, digest_json, sha256_bytes
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -15,10 +15,10 @@ from pydicom.uid import generate_uid
 
 from tests.unit.test_dicom import KEY, make_slice, series_pixels
 from tests.unit.test_ingest import home, nifti_bytes, sphere, write_decathlon
-from voxelflow import audit
-from voxelflow.config import DataSpec
-from voxelflow.db import Database
-from voxelflow.ingest import ingest, ingested_cases, load_case, read_ledger
+from voxelflow.core import audit
+from voxelflow.core.db import Database
+from voxelflow.data.ingest import ingest, ingested_cases, load_case, read_ledger
+from voxelflow.spec.config import DataSpec
 
 
 def run(src, layout, db, kind="dicom"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from voxelflow.config import TrainSpec
-from voxelflow.storage import Store
-from voxelflow.train import ArrayCases, Checkpoints, epoch_order, load_network, train
+from voxelflow.core.storage import Store
+from voxelflow.learn.train import ArrayCases, Checkpoints, epoch_order, load_network, train
+from voxelflow.spec.config import TrainSpec
 
 NETWORK = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                     "channels": [4, 8], "strides": [2], "num_res_units": 0}}
@@ -71,7 +71,7 @@ def test_tiny_training(data, tmp_path):
     assert tuple(out.shape) == (1, 2, 16, 16, 16)
     # training changed the weights
     torch.manual_seed(3)
-    from voxelflow.train import build_network, state_dict_bytes
+    from voxelflow.learn.train import build_network, state_dict_bytes
 
     assert not same_weights(result.weights, state_dict_bytes(build_network(NETWORK)))
 
@@ -238,7 +238,7 @@ def test_resume_mid_epoch_restores_the_scheduler(data, tmp_path):
 def test_bad_component_arguments_are_refused_at_spec_load_naming_the_key(demo_data, tmp_path, over, message):
     import yaml
 
-    from voxelflow.config import SpecError, load_spec
+    from voxelflow.spec.config import SpecError, load_spec
 
     demo_data["train"].update(over)
     path = tmp_path / "spec.yaml"
@@ -330,7 +330,7 @@ def test_training_on_s3_checkpoints_resumes(data, s3_store):
 
 
 def test_auto_precision_is_fp32_on_a_cpu():
-    from voxelflow.train import resolve_precision
+    from voxelflow.learn.train import resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # emulated bf16 is ~10x slower there
     assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"  # asked for: done

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from voxelflow import train as training
-from voxelflow.config import TrainSpec
-from voxelflow.preprocess import case_dataset
-from voxelflow.storage import CaseStore, Store
-from voxelflow.train import (
+from voxelflow.core.storage import CaseStore, Store
+from voxelflow.data.preprocess import case_dataset
+from voxelflow.learn import train as training
+from voxelflow.learn.train import (
     Checkpoints,
     DrawError,
     IncompleteTraining,
@@ -23,6 +22,7 @@ from voxelflow.train import (
     pad_to_patch,
     train,
 )
+from voxelflow.spec.config import TrainSpec
 
 NETWORK = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                     "channels": [4, 8], "strides": [2], "num_res_units": 0}}

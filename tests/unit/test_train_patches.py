@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from voxelflow.config import SpecError, TrainSpec, load_spec, validate_spec
-from voxelflow.preprocess import case_dataset
-from voxelflow.storage import CaseStore, Store
-from voxelflow.train import (
+from voxelflow.core.storage import CaseStore, Store
+from voxelflow.data.preprocess import case_dataset
+from voxelflow.learn.train import (
     ArrayCases,
     Checkpoints,
     StoreCases,
@@ -23,6 +22,7 @@ from voxelflow.train import (
     load_network,
     train,
 )
+from voxelflow.spec.config import SpecError, TrainSpec, load_spec, validate_spec
 
 NETWORK = {"UNet": {"spatial_dims": 3, "in_channels": 1, "out_channels": 2,
                     "channels": [4, 8], "strides": [2], "num_res_units": 0}}

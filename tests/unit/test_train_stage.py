@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voxelflow import audit, pipeline, preprocess
-from voxelflow.config import Settings, load_spec
-from voxelflow.train import LabelValuesError
+from voxelflow import pipeline
+from voxelflow.core import audit
+from voxelflow.data import preprocess
+from voxelflow.learn.train import LabelValuesError
+from voxelflow.spec.config import Settings, load_spec
 
 SPLEEN = "deployments/specs/spleen.yaml"
 TINY = ["train.network.UNet.channels=[4, 8]", "train.network.UNet.strides=[2]", "train.network.UNet.num_res_units=0",

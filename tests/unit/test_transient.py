@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from voxelflow.transient import is_transient
+from voxelflow.core.transient import is_transient
 
 
 def raised(fn) -> BaseException:
@@ -222,8 +222,8 @@ def test_bad_data_spec_errors_and_a_missing_key_are_not_transient(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from voxelflow.config import load_spec
-    from voxelflow.formats import VolumeError, read_nifti
+    from voxelflow.data.formats import VolumeError, read_nifti
+    from voxelflow.spec.config import load_spec
 
     assert not is_transient(raised(lambda: gzip.decompress(b"not gzip at all")))  # BadGzipFile is an OSError
     truncated = tmp_path / "cut.nii"

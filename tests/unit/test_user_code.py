@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from voxelflow import user_code
+from voxelflow.core import user_code
 
 NETS = '''
 import torch
@@ -69,9 +69,9 @@ def test_a_model_with_a_users_classes_loads_where_their_package_is_not_installed
         user_package, tiny_model_config, tmp_path):
     from mlflow import MlflowClient
 
-    from voxelflow import registry
-    from voxelflow.config import validate_spec  # noqa: F401 - the spec machinery accepts these paths
-    from voxelflow.train import build_network, state_dict_bytes
+    from voxelflow.learn.train import build_network, state_dict_bytes
+    from voxelflow.release import registry
+    from voxelflow.spec.config import validate_spec  # noqa: F401 - the spec machinery accepts these paths
 
     config = copy.deepcopy(tiny_model_config)
     config["network"] = {"vf_usernet.nets:Net": {"in_channels": 1, "out_channels": 2}}
@@ -95,7 +95,7 @@ def test_a_model_with_a_users_classes_loads_where_their_package_is_not_installed
 
 def test_lineage_names_the_users_package_and_its_version(user_package, demo_data):
     from voxelflow import pipeline
-    from voxelflow.config import validate_spec
+    from voxelflow.spec.config import validate_spec
 
     demo_data["train"]["network"] = {"vf_usernet.nets:Net": {"out_channels": 2}}
     spec = validate_spec(demo_data, "demo")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from voxelflow.watch import Arrival, Watcher
+from voxelflow.data.watch import Arrival, Watcher
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ def test_run_wakes_on_local_changes(tmp_path, db, heard):
 
 
 def test_the_dataset_is_announced_when_enough_cases_are_new_by_id(db):
-    from voxelflow.watch import dataset_update
+    from voxelflow.data.watch import dataset_update
 
     sent = []
 
@@ -138,7 +138,7 @@ def test_the_dataset_is_announced_when_enough_cases_are_new_by_id(db):
 
 
 def test_an_announcement_that_fails_is_not_recorded_and_is_repeated_under_the_same_id(db):
-    from voxelflow.watch import DATASET_UPDATED, announcement_id, dataset_update
+    from voxelflow.data.watch import DATASET_UPDATED, announcement_id, dataset_update
 
     tried = []
 
@@ -155,7 +155,7 @@ def test_an_announcement_that_fails_is_not_recorded_and_is_repeated_under_the_sa
 
 
 def test_unlabelled_cases_are_announced_once_each_and_again_when_the_announcement_failed(db):
-    from voxelflow.watch import unlabelled_update
+    from voxelflow.data.watch import unlabelled_update
 
     sent = []
     assert unlabelled_update(db, "p", ["u2", "u1"], lambda i, cases: sent.append((i, cases))) == ["u1", "u2"]
@@ -180,7 +180,7 @@ def test_a_batch_announced_again_after_a_crash_keeps_its_event_id(tmp_path, db, 
     first.step(at=0.0)
     first.step(at=2.0)
     db_cursor = first.cursor
-    from voxelflow.watch import set_cursor
+    from voxelflow.data.watch import set_cursor
 
     set_cursor(db, db_cursor, {})  # the crash: sent, not recorded
     again = watcher(src, db, heard)
@@ -231,8 +231,8 @@ def announcement(**overrides):
 ])
 def test_an_announcement_with_more_than_data_references_or_for_another_pipeline_is_refused_and_audited(
         db, overrides, reason):
-    from voxelflow import audit
-    from voxelflow.watch import AnnouncementRefused, accept_announcement
+    from voxelflow.core import audit
+    from voxelflow.data.watch import AnnouncementRefused, accept_announcement
 
     accept_announcement(db, "p", announcement(), "voxelflow.data.arrived")  # data references only: accepted
     assert list(audit.entries(db)) == []

@@ -18,10 +18,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-from voxelflow import audit, pipeline, registry
-from voxelflow.conditions import MissingOutput
-from voxelflow.stages.contracts import STAGES
-from voxelflow.stages.graph import Graph, Node, build
+from voxelflow import pipeline
+from voxelflow.core import audit
+from voxelflow.release import registry
+from voxelflow.spec.conditions import MissingOutput
+from voxelflow.spec.contracts import STAGES
+from voxelflow.spec.graph import Graph, Node, build
 from voxelflow.stages.steps import StepRecord, run_step
 from voxelflow.steps.api import CandidateRef, StepInputs
 
@@ -146,7 +148,7 @@ def inputs_for(node: Node, state: State, spec: Any, graph: Graph, lifecycle_id: 
     candidate = None
     if state.outcome is not None:
         candidate = CandidateRef(weights_key=state.outcome.weights_key, config=state.outcome.model_config)
-    from voxelflow import preprocess
+    from voxelflow.data import preprocess
 
     return StepInputs(
         pipeline=spec.name, step_id=node.id, model_name=spec.promote.model_name, lifecycle_id=lifecycle_id or None,

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from voxelflow import registry, transient
+from voxelflow.core import transient
+from voxelflow.release import registry
 from voxelflow.steps.api import StepContext, StepInputs, normalise
 
 Status = Literal["passed", "warning", "failed", "skipped"]

@@ -136,7 +136,7 @@ class StepContext:
 
     def __init__(self, inputs: StepInputs, store: Any, settings: Any, logger: logging.Logger | None = None,
                  layout: Any | None = None) -> None:
-        from voxelflow.storage import Layout
+        from voxelflow.core.storage import Layout
 
         self.inputs = inputs
         self.step_id = inputs.step_id
@@ -157,7 +157,7 @@ class StepContext:
     @property
     def settings(self) -> dict[str, Any]:
         """The lifecycle's settings as plain values, secrets masked (``**********``) and URLs without passwords."""
-        from voxelflow.redact import redact
+        from voxelflow.core.redact import redact
 
         dumped = self._settings.model_dump(mode="json")
         return {k: redact(v) if isinstance(v, str) else v for k, v in dumped.items()}
@@ -165,7 +165,7 @@ class StepContext:
     def cases(self, kind: Kind = "raw") -> Iterator[Case]:
         """The dataset's cases as ingested (``raw``), after preprocessing (``preprocessed``), or the test
         side with the candidate's masks as ``label`` (``predicted``, once ``train`` has run)."""
-        from voxelflow.ingest import load_case
+        from voxelflow.data.ingest import load_case
 
         if kind == "raw":
             raw = self._layout.raw
@@ -183,7 +183,7 @@ class StepContext:
             if self.inputs.candidate is None:
                 raise ValueError(f"step {self.step_id}: predicted cases exist once train has run: place the step "
                                  "after train")
-            from voxelflow.model import Segmenter
+            from voxelflow.learn.model import Segmenter
 
             model = Segmenter(self.inputs.candidate.config, self.store.read_bytes(self.inputs.candidate.weights_key))
             raw = self._layout.raw

@@ -203,7 +203,7 @@ def _champion_metrics(ctx: StepContext) -> tuple[str, dict[str, float]] | None:
     """The champion's version and the metrics of the MLflow run it was trained in; None without one."""
     if not ctx.model_name:
         return None
-    from voxelflow import registry
+    from voxelflow.release import registry
 
     uri = ctx._settings.tracking_uri  # a secret (it may carry a password): never put into messages
     version = registry.alias_version(uri, ctx.model_name, registry.CHAMPION)
@@ -223,7 +223,7 @@ def _champion_metrics(ctx: StepContext) -> tuple[str, dict[str, float]] | None:
 
 class WebhookError(RuntimeError):
     """The webhook refused the summary or could not be reached; ``transient`` says whether a retry may help
-    (read by :func:`voxelflow.transient.is_transient`)."""
+    (read by :func:`voxelflow.core.transient.is_transient`)."""
 
     def __init__(self, message: str, transient: bool, status: int | None = None) -> None:
         super().__init__(message)
@@ -269,7 +269,7 @@ def notify_webhook(ctx: StepContext, timeout_s: float = 10.0, include_metrics: b
                               headers={"User-Agent": "voxelflow"})
     except httpx.TransportError as exc:  # refused, reset, timed out, DNS: the network, worth another attempt
         text = str(exc).replace(url, shown)
-        from voxelflow.redact import redact
+        from voxelflow.core.redact import redact
 
         raise WebhookError(f"{where}: the webhook at {shown} could not be reached: {type(exc).__name__}: "
                            f"{redact(text)[:300]}", transient=True) from None  # httpx's error carries the URL
@@ -286,7 +286,7 @@ def notify_webhook(ctx: StepContext, timeout_s: float = 10.0, include_metrics: b
 
 def summary(ctx: StepContext, include_metrics: bool = True) -> dict[str, Any]:
     """What :func:`notify_webhook` posts: the lifecycle's outcome, nothing about any case."""
-    from voxelflow.redact import redact
+    from voxelflow.core.redact import redact
 
     outputs = ctx.outputs
     promote, deploy, evaluate = (outputs.get(k) or {} for k in ("promote", "deploy", "evaluate"))

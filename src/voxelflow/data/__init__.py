@@ -1,0 +1,1 @@
+"""Data in: formats, DICOM, ingestion and its ledger, arrival watching, preprocessing on Dask."""

@@ -1,0 +1,1 @@
+"""Training, evaluation, the segmenter, devices and pictures."""

@@ -1,0 +1,1 @@
+"""The MLflow registry, the promotion policy, approval and lineage."""

@@ -1,0 +1,1 @@
+"""The inference service, batch prediction and Kubernetes rendering."""
