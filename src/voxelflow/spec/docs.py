@@ -42,7 +42,7 @@ def schema_text() -> str:
 
 
 def _component_anyof() -> list[dict[str, Any]]:
-    from voxelflow.spec.config import _COMPONENT
+    from voxelflow.spec.components import _COMPONENT
 
     return _COMPONENT["anyOf"]
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from voxelflow.spec.config import SpecError
+from voxelflow.spec.components import SpecError
 
 CURRENT = 1
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from voxelflow.spec.components import _check_kwargs, _check_types, allowed_imports, resolve_callable
+
 BUILTIN_STEPS = ("ingest", "preprocess", "train", "evaluate", "promote", "deploy")
 STEP_ID = r"^[a-z][a-z0-9_]*$"
 WORK_POOL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a Prefect work pool's name, as deployment names carry it
@@ -134,8 +136,6 @@ class StepSpec(BaseModel):
 def resolve_step_function(path: str) -> Callable[..., Any]:
     """The plain function at ``path``, from an allowed package, taking the context as its first positional
     parameter and nothing else positional-only."""
-    from voxelflow.spec.config import allowed_imports, resolve_callable
-
     fn = resolve_callable(path, "step function", allowed_imports())
     if inspect.isclass(fn):
         raise ValueError(f"step function {path!r} is a class; uses names a function fn(ctx, **with)")
@@ -155,8 +155,6 @@ def resolve_step_function(path: str) -> Callable[..., Any]:
 
 def check_arguments(fn: Callable[..., Any], path: str, kwargs: dict[str, Any]) -> None:
     """Refuse ``with`` arguments ``fn`` does not take, of the wrong type, or missing (no default), naming them."""
-    from voxelflow.spec.config import _check_kwargs, _check_types
-
     params = list(inspect.signature(fn).parameters.values())
     first, later = params[0], params[1:]
     try:
