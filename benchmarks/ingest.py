@@ -100,7 +100,7 @@ def voxelflow_ingest(nifti: Path, dicom_root: Path, home: Path) -> int:
     from voxelflow.data.ingest import ingest
     from voxelflow.spec.config import DataSpec
 
-    layout, db = Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.core.db")
+    layout, db = Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.db")
     a = ingest(DataSpec(source=str(nifti), max_voxels=1024**3), layout, db, str(nifti))
     b = ingest(DataSpec(source=str(dicom_root), layout="dicom", max_voxels=1024**3), layout, db, str(dicom_root),
                deid_key="benchmark-key")
@@ -125,7 +125,7 @@ def runner_flows():
                 (DataSpec(source=dicom_root, layout="dicom", max_voxels=1024**3), dicom_root, "benchmark-key")]
 
     def place(home: str):
-        return Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.core.db")
+        return Layout(Store(home), "bench"), Database(f"sqlite:///{home}/voxelflow.db")
 
     @task(name="ingest-batch", cache_policy=NO_CACHE)
     def ingest_batch(data, layout, db, source, key) -> vi.IngestReport:

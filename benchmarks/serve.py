@@ -42,7 +42,7 @@ config = json.loads((work / "model.json").read_text())
 seg = Segmenter(config, (work / "weights.safetensors").read_bytes(), device="cpu")
 holder = ModelHolder(lambda: (seg, "1"))
 holder.reload()
-db = Database(f"sqlite:///{work}/voxelflow.core.db")
+db = Database(f"sqlite:///{work}/voxelflow.db")
 app = create_app(holder, KeyStore(db), db=db, workers=workers, queue=64, rate=1e6, burst=10**6)
 uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **proxy_options(""))  # as `voxelflow serve`
 """
@@ -151,7 +151,7 @@ def main() -> None:
         local, local_rps = in_process(Segmenter(config, weights, device="cpu"), volume, affine, args.requests,
                                       workers)
 
-    key = KeyStore(Database(f"sqlite:///{work}/voxelflow.core.db")).create("bench", ["predictor"])
+    key = KeyStore(Database(f"sqlite:///{work}/voxelflow.db")).create("bench", ["predictor"])
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(work), str(port), str(workers)], env=env,

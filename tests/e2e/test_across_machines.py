@@ -18,7 +18,7 @@ from tests.services import dask_cluster, fresh_postgres, moto_s3, prefect_worker
 
 pytestmark = pytest.mark.slow
 
-PIPELINE_FILES = ("datasets", "checkpoints", "models", "reports", "runs", "voxelflow.core.db", "mlflow.db", "mlartifacts")
+PIPELINE_FILES = ("datasets", "checkpoints", "models", "reports", "runs", "voxelflow.db", "mlflow.db", "mlartifacts")
 
 
 @contextlib.contextmanager
@@ -30,7 +30,7 @@ def shared_database(tmp_path):
     else:
         shared = tmp_path / "shared-database"
         shared.mkdir()
-        yield f"sqlite:///{shared / 'voxelflow.core.db'}", f"sqlite:///{shared / 'mlflow.db'}"
+        yield f"sqlite:///{shared / 'voxelflow.db'}", f"sqlite:///{shared / 'mlflow.db'}"
 
 
 def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_path):

@@ -161,5 +161,5 @@ def test_files_dropped_into_a_watched_folder_are_ingested_by_a_triggered_run(pre
         if path.is_file():
             blob = path.read_bytes()
             assert not [w for w in secrets if w.encode() in blob], path
-            if not path.name.startswith("voxelflow.core.db"):
+            if not path.name.startswith("voxelflow.db"):
                 assert not [w for w in names if w.encode() in blob], path

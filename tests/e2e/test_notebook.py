@@ -90,4 +90,4 @@ def test_walkthrough_notebook_runs(tmp_path: Path, kernel_name: str, monkeypatch
     markdown = [o.data["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert markdown, "no markdown output"
     assert "champion" in markdown[-1], markdown[-1]
-    assert (home / "voxelflow.core.db").exists() and (home / "datasets").is_dir(), "the notebook did not use VOXELFLOW_HOME"
+    assert (home / "voxelflow.db").exists() and (home / "datasets").is_dir(), "the notebook did not use VOXELFLOW_HOME"

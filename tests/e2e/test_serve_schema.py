@@ -201,7 +201,7 @@ def service(tmp_path_factory):
     from voxelflow.serving.serve import KeyStore, ModelHolder, Server, create_app
 
     segmenter = tiny_segmenter()
-    db = Database(f"sqlite:///{tmp_path_factory.mktemp('schema') / 'voxelflow.core.db'}")
+    db = Database(f"sqlite:///{tmp_path_factory.mktemp('schema') / 'voxelflow.db'}")
     keys = KeyStore(db)
     key = keys.create("schemathesis", ["predictor", "viewer", "operator"])
     holder = ModelHolder(lambda: (segmenter, "1"))

@@ -103,7 +103,7 @@ def synth_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ingested(synth_source, tmp_path_factory):
-    """The synthetic cases ingested into a raw store (home/voxelflow.core.db holds the ledger); returns (layout, report)."""
+    """The synthetic cases ingested into a raw store (home/voxelflow.db holds the ledger); returns (layout, report)."""
     from voxelflow.core.db import Database
     from voxelflow.core.storage import Layout, Store
     from voxelflow.data.ingest import ingest
@@ -111,7 +111,7 @@ def ingested(synth_source, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("ingested") / "home"
     layout = Layout(Store(home), "p")
-    db = Database(f"sqlite:///{home / 'voxelflow.core.db'}")
+    db = Database(f"sqlite:///{home / 'voxelflow.db'}")
     report = ingest(DataSpec(source=str(synth_source), layout="decathlon"), layout, db, str(synth_source))
     db.dispose()
     assert len(report.ingested) == 3, report.summary()
@@ -126,7 +126,7 @@ PG_ENV = "VOXELFLOW_TEST_DATABASE_URL"
 @pytest.fixture
 def sqlite_url(tmp_path) -> str:
     """The URL of a fresh SQLite file (not created yet)."""
-    return f"sqlite:///{tmp_path / 'db' / 'voxelflow.core.db'}"
+    return f"sqlite:///{tmp_path / 'db' / 'voxelflow.db'}"
 
 
 @pytest.fixture

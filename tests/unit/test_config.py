@@ -291,7 +291,7 @@ def test_settings_store_and_database_default_to_home(tmp_path, clean_env):
     settings = Settings(home=tmp_path)
     assert settings.store is None and settings.database_url is None
     assert settings.store_url == str(tmp_path.resolve())
-    assert settings.database == f"sqlite:///{tmp_path.resolve() / 'voxelflow.core.db'}"
+    assert settings.database == f"sqlite:///{tmp_path.resolve() / 'voxelflow.db'}"
     assert settings.database.startswith("sqlite:////")  # absolute, whatever the working directory
 
 
@@ -299,7 +299,7 @@ def test_settings_relative_home_gives_absolute_store_and_database(tmp_path, clea
     clean_env.chdir(tmp_path)
     settings = Settings(home=Path("rel-home"))
     assert settings.store_url == str(tmp_path.resolve() / "rel-home")
-    assert settings.database == f"sqlite:///{tmp_path.resolve() / 'rel-home' / 'voxelflow.core.db'}"
+    assert settings.database == f"sqlite:///{tmp_path.resolve() / 'rel-home' / 'voxelflow.db'}"
 
 
 def test_settings_store_and_database_from_environment(tmp_path, clean_env):

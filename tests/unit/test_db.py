@@ -254,7 +254,7 @@ def test_database_pickles_as_its_url(db):
 
 
 def test_sqlite_file_and_folder_are_created(tmp_path):
-    path = tmp_path / "deep" / "er" / "voxelflow.core.db"
+    path = tmp_path / "deep" / "er" / "voxelflow.db"
     database = Database(f"sqlite:///{path}")
     assert path.exists()
     with database.engine.connect() as conn:

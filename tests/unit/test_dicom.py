@@ -224,7 +224,7 @@ def test_no_identifying_value_survives_anywhere_under_the_home(tmp_path):
         if path.is_file():
             blob = path.read_bytes()
             for word in words:
-                if path.name.startswith("voxelflow.core.db") and word in ("Smithereen", "Johanna"):
+                if path.name.startswith("voxelflow.db") and word in ("Smithereen", "Johanna"):
                     continue  # the ledger alone maps object keys (the arrived file names) to hashes
                 assert word.encode() not in blob, (path, word)
     for path in kept:
@@ -400,7 +400,7 @@ def test_dicom_objects_without_pixels_are_never_copied(tmp_path):
     kept = {p.name for p in (tmp_path / "home").rglob("quarantine/*")}
     assert rows["DICOMDIR"]["sha256"] not in kept and rows["report.dcm"]["sha256"] not in kept
     for path in (tmp_path / "home").rglob("*"):
-        if path.is_file() and not path.name.startswith("voxelflow.core.db"):  # the ledger maps keys (paths) to hashes
+        if path.is_file() and not path.name.startswith("voxelflow.db"):  # the ledger maps keys (paths) to hashes
             blob = path.read_bytes()
             assert not [w for w in words if w.encode() in blob], path
 

@@ -68,7 +68,7 @@ from voxelflow.core.storage import Layout, Store
 src, kind = Path(sys.argv[2]), sys.argv[3]
 write_series(src / "small", [0.0, 2.0, 4.0])
 root = src.parent / "home"
-layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.core.db")
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
 ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)  # warm
 if kind == "headers":  # 20 000 header-only objects of one series, each declaring a 512 x 512 slice
     header_only(src / "many", 20000)
@@ -202,7 +202,7 @@ def test_an_enhanced_multi_frame_object_is_stacked_by_its_per_frame_positions(tm
     assert stored["attrs"]["spacing"] == [0.6, 0.8, 3.0]
     np.testing.assert_allclose(stored["affine"] @ [2, 3, 4, 1], [50 - 1.2, 40 - 2.4, 12.0, 1])
     for path in (tmp_path / "home").rglob("*"):
-        if path.is_file() and not path.name.startswith("voxelflow.core.db"):
+        if path.is_file() and not path.name.startswith("voxelflow.db"):
             assert b"Smithereen" not in path.read_bytes(), path
 
 

@@ -80,7 +80,7 @@ def singular_affine_bytes() -> bytes:
 def home(tmp_path: Path) -> tuple[Layout, Database]:
     """A store and a database in a fresh home folder."""
     root = tmp_path / "home"
-    return Layout(Store(root), "p"), Database(f"sqlite:///{root / 'voxelflow.core.db'}")
+    return Layout(Store(root), "p"), Database(f"sqlite:///{root / 'voxelflow.db'}")
 
 
 def case_of(db: Database, tail: str) -> str:
@@ -496,7 +496,7 @@ from voxelflow.core.db import Database
 from voxelflow.data.ingest import ingest
 from voxelflow.core.storage import Layout, Store
 root = sys.argv[3]
-layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.core.db")
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
 ingest(DataSpec(source=sys.argv[2]), layout, db, sys.argv[2], progress=lambda i, n: time.sleep(0.3))
 """
 

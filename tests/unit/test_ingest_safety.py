@@ -126,7 +126,7 @@ else:                # a header that declares 30000^3 voxels
 (src / "imagesTr" / "x.nii.gz").write_bytes(blob)
 (src / "dataset.json").write_text('{"training": [{"image": "./imagesTr/x.nii.gz"}]}')
 root = src.parent / "home"
-layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.core.db")
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
 ingest(DataSpec(source=str(src)), layout, db, str(src))  # warm: imports and the database
 idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 (src / "dataset.json").write_text('{"training": [{"image": "./imagesTr/x.nii.gz"}, {"image": "./imagesTr/y.nii.gz"}]}')
@@ -162,7 +162,7 @@ from voxelflow.core.storage import Layout, Store
 src = Path(sys.argv[2])
 write_series(src / "a", [0.0, 2.0, 4.0])
 root = src.parent / "home"
-layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.core.db")
+layout, db = Layout(Store(root), "p"), Database(f"sqlite:///{root}/voxelflow.db")
 ingest(DataSpec(source=str(src), layout="dicom"), layout, db, str(src), deid_key=KEY)  # warm
 idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for i in range(4):  # 4 x 160 MiB that are not DICOM: a video, an archive, someone's backup

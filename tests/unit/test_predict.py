@@ -97,7 +97,7 @@ def ingest_source(home: Path, pipeline: str, source: Path):
     from voxelflow.data.ingest import ingest
     from voxelflow.spec.config import DataSpec
 
-    db, layout = connect(f"sqlite:///{home / 'voxelflow.core.db'}"), Layout(Store(home), pipeline)
+    db, layout = connect(f"sqlite:///{home / 'voxelflow.db'}"), Layout(Store(home), pipeline)
     report = ingest(DataSpec(source=str(source), layout="folder"), layout, db, str(source))
     assert not report.quarantined, report.quarantined
     return db, layout, report

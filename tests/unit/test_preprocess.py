@@ -330,7 +330,7 @@ def test_cases_keep_their_own_shapes(tmp_path):
         (tmp_path / "src" / name).mkdir(parents=True)
         nib.save(nib.Nifti1Image(np.ones((size,) * 3, np.float32), np.eye(4)), tmp_path / "src" / name / "image.nii.gz")
     layout = Layout(Store(tmp_path / "home"), "p")
-    db = Database(f"sqlite:///{tmp_path / 'home' / 'voxelflow.core.db'}")
+    db = Database(f"sqlite:///{tmp_path / 'home' / 'voxelflow.db'}")
     report = ingest(DataSpec(source=str(tmp_path / "src"), layout="folder"), layout, db, str(tmp_path / "src"))
     assert len(report.ingested) == 2 and report.case_ids == []  # unlabelled: stored, never trained on
     spec = PreprocessSpec(transforms=[{"Spacingd": {"keys": "image", "pixdim": [2.0, 2.0, 2.0]}}])

@@ -20,7 +20,7 @@ def test_credentials_masked(text, expected):
 
 @pytest.mark.parametrize("text", [
     "http://mlflow:5000/api/2.0/mlflow/runs/get and mail a@b.c",
-    "sqlite:////var/lib/voxelflow/voxelflow.core.db",
+    "sqlite:////var/lib/voxelflow/voxelflow.db",
     "file:///data/a:b@c",
     "s3://bucket/prefix/case-1.zarr",
     "",

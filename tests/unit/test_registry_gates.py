@@ -330,7 +330,7 @@ def test_a_person_approves_a_challenger_with_a_reason(tmp_path):
     assert code == 0 and "champion is version 2 (previous: 1)" in out
     assert (registry.alias_version(uri, "m"), registry.alias_version(uri, "m", registry.PREVIOUS)) == ("2", "1")
     tags = mc.get_model_version("m", "2").tags
-    assert tags["voxelflow.release.approval"] == "approved" and tags["voxelflow.approval_reason"].startswith("reviewed")
+    assert tags["voxelflow.approval"] == "approved" and tags["voxelflow.approval_reason"].startswith("reviewed")
     assert tags["voxelflow.approved_by"]
     db = connect(settings.database)
     (entry,) = [e for e in audit.entries(db) if e["event"] == "model.approved"]

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         """The database's SQLAlchemy URL in plain text, for connecting (never for messages: see
         voxelflow.core.redact)."""
         url = self.database_url.get_secret_value() if self.database_url else ""
-        return self.expand(url) if url else f"sqlite:///{self.root / 'voxelflow.core.db'}"
+        return self.expand(url) if url else f"sqlite:///{self.root / 'voxelflow.db'}"
 
     @property
     def tracking_uri(self) -> str:

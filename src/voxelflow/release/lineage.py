@@ -43,8 +43,8 @@ def trace(tracking_uri: str, db: Database, store_url: str, ref: str) -> dict[str
         "decision": tags.get("voxelflow.decision"), "compared_with": tags.get("voxelflow.compared_with"),
         "gates": {k.removeprefix("voxelflow.gate."): v for k, v in sorted(tags.items())
                   if k.startswith("voxelflow.gate.")},
-        "approval": {k.removeprefix("voxelflow.release.approval."): v for k, v in sorted(tags.items())
-                     if k.startswith("voxelflow.release.approval.")},
+        "approval": {k.removeprefix("voxelflow.approval."): v for k, v in sorted(tags.items())
+                     if k.startswith("voxelflow.approval.")},
     }
     out["endpoints"] = sorted({e["details"].get("endpoint") for e in audit.entries(db)
                                if e["event"] == "service.deployed" and isinstance(e["details"], dict)

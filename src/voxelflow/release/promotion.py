@@ -25,7 +25,7 @@ from voxelflow.release.policy import Decision
 
 DECISION, GATE = "voxelflow.decision", "voxelflow.gate."
 DECIDED = ("model.promoted", "model.rejected", "model.awaiting_approval")
-OVERRIDE, OVERRIDDEN = "voxelflow.release.approval.override", "voxelflow.release.approval.overridden"
+OVERRIDE, OVERRIDDEN = "voxelflow.approval.override", "voxelflow.approval.overridden"
 
 
 @dataclass
@@ -106,10 +106,10 @@ class NotApprovable(ValueError):
 
 
 def approval_tags(decision: str, actor: str, reason: str, override: str | None = None) -> dict[str, str]:
-    """A person's answer on the version: ``voxelflow.release.approval.{decision,by,reason}`` (what lineage shows),
+    """A person's answer on the version: ``voxelflow.approval.{decision,by,reason}`` (what lineage shows),
     and ``.override`` (why) when the approval overrode the gates."""
-    tags = {"voxelflow.release.approval.decision": decision, "voxelflow.release.approval.by": actor[:250],
-            "voxelflow.release.approval.reason": reason[:5000]}
+    tags = {"voxelflow.approval.decision": decision, "voxelflow.approval.by": actor[:250],
+            "voxelflow.approval.reason": reason[:5000]}
     return {**tags, OVERRIDE: override[:5000]} if override else tags
 
 
@@ -140,7 +140,7 @@ def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: 
 
     Only the version holding ``challenger``, decided ``awaiting_approval`` with every gate passed, is
     accepted; anything else raises :class:`NotApprovable` with the reasons, unless ``override`` says
-    why to promote it anyway (kept as ``voxelflow.release.approval.override`` on the version and in the audit
+    why to promote it anyway (kept as ``voxelflow.approval.override`` on the version and in the audit
     record, with what it overrode). A version that does not exist, or is already champion, is refused
     either way. Under the model's lock: the old champion keeps ``previous``; the version is tagged with
     who approved it and why; ``model.approved`` goes to the audit log, anchored on the version. With
@@ -182,7 +182,7 @@ def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: 
                                                                           if override else {})})
             old = registry.promote(tracking_uri, name, version)
         registry.tag_version(tracking_uri, name, version, {
-            "voxelflow.release.approval": "approved", "voxelflow.approved_by": actor, "voxelflow.approval_reason": reason[:5000],
+            "voxelflow.approval": "approved", "voxelflow.approved_by": actor, "voxelflow.approval_reason": reason[:5000],
             DECISION: "promoted"})
     details: dict[str, Any] = {"model": name, "version": str(version), "previous": old, "reason": reason}
     if override:
@@ -204,7 +204,7 @@ def reject(tracking_uri: str, db, name: str, version: str, actor: str, reason: s
     with db.locked(f"register:{name}"):
         registry.retrying("read version", lambda: mc.get_model_version(name, version))  # it exists, or this raises
         registry.tag_version(tracking_uri, name, str(version), {
-            "voxelflow.release.approval": decision, **approval_tags(decision, actor, reason), DECISION: "rejected"})
+            "voxelflow.approval": decision, **approval_tags(decision, actor, reason), DECISION: "rejected"})
     entry = audit.append(db, f"model.approval_{decision}", actor, model=name, version=str(version), reason=reason)
     audit.anchor_in_mlflow(tracking_uri, name, str(version), entry)
 
