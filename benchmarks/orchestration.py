@@ -25,17 +25,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def clock_stages(into: dict[str, list[float]]) -> None:
-    """Time each library stage wherever it is called from: the direct chain or a Prefect task."""
+    """Time each library stage wherever it is called from: the direct chain (the executor calls each stage
+    through its module in ``voxelflow.stages``) or a Prefect task (which holds the function itself)."""
     import importlib
 
     from voxelflow import pipeline
 
     names = ["ingest_stage", "preprocess_stage", "start_run", "train_stage", "evaluate_stage",
              "register_stage", "deploy_stage"]
-    modules = [pipeline] + [importlib.import_module(f"tasks.{m}")
-                            for m in ("ingest", "preprocess", "train", "evaluate", "registry", "deploy")]
+    stages = [importlib.import_module(f"voxelflow.stages.{m}")
+              for m in ("ingest", "preprocess", "tracking", "train", "evaluate", "promote", "deploy")]
+    modules = [pipeline, *stages] + [importlib.import_module(f"tasks.{m}")
+                                     for m in ("ingest", "preprocess", "train", "evaluate", "registry", "deploy")]
     for name in names:
         original = getattr(pipeline, name)
+        if not any(getattr(module, name, None) is original for module in stages):
+            raise RuntimeError(f"{name} is not defined in voxelflow.stages: its time would not be measured")
 
         def timed(*args, _original=original, _name=name, **kwargs):
             start = time.perf_counter()

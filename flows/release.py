@@ -28,8 +28,8 @@ from flows.stages import placed
 from tasks.deploy import deploy
 from tasks.registry import answer_candidate, champion_moved, register_and_promote
 from voxelflow.pipeline import Context, Deployment, Evaluation, Promotion, TrainOutcome
-from voxelflow.release.approval import Answer, answer_stage, awaiting
 from voxelflow.spec.config import PipelineSpec, PromoteSpec
+from voxelflow.stages.approval import Answer, answer_stage, awaiting
 
 
 class ApprovalInput(RunInput):

@@ -6,8 +6,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from voxelflow.core.transient import is_transient
-from voxelflow.pipeline import Context, Deployment, deploy_stage
 from voxelflow.spec.config import DeploySpec
+from voxelflow.stages.context import Context
+from voxelflow.stages.deploy import Deployment, deploy_stage
 
 ATTEMPTS, FIRST_DELAY_S = 3, 5.0
 

@@ -5,8 +5,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.retry import transient_only
-from voxelflow.pipeline import Context, Evaluation, TrainOutcome, evaluate_stage
 from voxelflow.spec.config import EvaluateSpec
+from voxelflow.stages.context import Context
+from voxelflow.stages.evaluate import Evaluation, evaluate_stage
+from voxelflow.stages.train import TrainOutcome
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)

@@ -6,8 +6,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks.progress import reporter
 from tasks.retry import transient_only
 from voxelflow.data.ingest import IngestReport
-from voxelflow.pipeline import Context, ingest_stage
 from voxelflow.spec.config import DataSpec
+from voxelflow.stages.context import Context
+from voxelflow.stages.ingest import ingest_stage
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)

@@ -5,9 +5,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
 from tasks.retry import transient_only
-from voxelflow.pipeline import Context
 from voxelflow.serving import predict as batch
 from voxelflow.serving.predict import ModelRef, PredictReport
+from voxelflow.stages.context import Context
 
 
 @task(name="predict", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,

@@ -6,8 +6,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks.progress import reporter
 from tasks.retry import transient_only
 from voxelflow.data.preprocess import PreprocessReport
-from voxelflow.pipeline import Context, preprocess_stage
 from voxelflow.spec.config import PreprocessSpec
+from voxelflow.stages.context import Context
+from voxelflow.stages.preprocess import preprocess_stage
 
 
 @task(name="preprocess", retries=2, retry_delay_seconds=5, timeout_seconds=3600, cache_policy=NO_CACHE,

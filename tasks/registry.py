@@ -8,9 +8,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
 from tasks.retry import transient_only
-from voxelflow.pipeline import Context, Evaluation, Promotion, TrainOutcome, register_stage
-from voxelflow.release.approval import Answer, answer_stage, awaiting
 from voxelflow.spec.config import PromoteSpec
+from voxelflow.stages.approval import Answer, answer_stage, awaiting
+from voxelflow.stages.context import Context
+from voxelflow.stages.evaluate import Evaluation
+from voxelflow.stages.promote import Promotion, register_stage
+from voxelflow.stages.train import TrainOutcome
 
 
 @task(name="register-and-promote", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE,

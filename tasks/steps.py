@@ -4,7 +4,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from voxelflow.pipeline import Context
+from voxelflow.stages.context import Context
 from voxelflow.stages.steps import StepRecord, run_step
 from voxelflow.steps.api import StepInputs
 

@@ -5,8 +5,11 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.progress import reporter
 from tasks.retry import transient_only
-from voxelflow.pipeline import Context, Split, TrainOutcome, start_run, train_stage
 from voxelflow.spec.config import PipelineSpec
+from voxelflow.stages.context import Context
+from voxelflow.stages.split import Split
+from voxelflow.stages.tracking import start_run
+from voxelflow.stages.train import TrainOutcome, train_stage
 
 
 @task(name="start-mlflow-run", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE,

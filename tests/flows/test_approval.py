@@ -129,7 +129,7 @@ def test_an_approval_is_checked_against_the_champion_of_the_moment(release_home,
     version 1): the approval scores 3 against 2 and applies the gates again before anything moves."""
     from voxelflow.pipeline import Context, Promotion, lineage
     from voxelflow.release import registry
-    from voxelflow.release.approval import Answer, answer_stage
+    from voxelflow.stages.approval import Answer, answer_stage
 
     model = f"moved-{uuid.uuid4().hex[:6]}"
     spec = make_spec(model, MANUAL)

@@ -116,7 +116,7 @@ def test_the_paused_lifecycle_s_approval_of_a_version_no_longer_gated_is_refused
     """The lifecycle that registered version 1 waited; version 3 took `challenger` since: approving 1
     in its paused run moves nothing and says why."""
     from voxelflow.pipeline import Evaluation
-    from voxelflow.release.approval import Answer, answer_stage
+    from voxelflow.stages.approval import Answer, answer_stage
 
     ctx, spec, outcome, decided = lifecycle
     evaluation = Evaluation({"dice": 0.9}, None, None, "", CASES, ["dice"], 2)

@@ -18,12 +18,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-from voxelflow import pipeline
 from voxelflow.core import audit
 from voxelflow.release import registry
 from voxelflow.spec.conditions import MissingOutput
 from voxelflow.spec.contracts import STAGES
 from voxelflow.spec.graph import Graph, Node, build
+from voxelflow.stages import deploy, evaluate, ingest, preprocess, promote, summary, tracking, train
+from voxelflow.stages.context import Context
+from voxelflow.stages.split import Split, split_stage
 from voxelflow.stages.steps import StepRecord, run_step
 from voxelflow.steps.api import CandidateRef, StepInputs
 
@@ -57,15 +59,16 @@ class State:
     stop: threading.Event = field(default_factory=threading.Event)  # the lifecycle failed: start nothing more
 
 
+# each stage is called through its module's attribute, so that what replaces it there (a timer) is what runs
 STAGE_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "ingest": lambda spec, ctx: pipeline.ingest_stage(spec.data, ctx),
-    "preprocess": lambda spec, ctx, case_ids: pipeline.preprocess_stage(spec.preprocess, ctx, case_ids),
-    "train": lambda spec, ctx, train_ids, run_id, val_ids: pipeline.train_stage(spec, ctx, train_ids, run_id, val_ids),
-    "evaluate": lambda spec, ctx, outcome, test_ids, run_id: pipeline.evaluate_stage(
+    "ingest": lambda spec, ctx: ingest.ingest_stage(spec.data, ctx),
+    "preprocess": lambda spec, ctx, case_ids: preprocess.preprocess_stage(spec.preprocess, ctx, case_ids),
+    "train": lambda spec, ctx, train_ids, run_id, val_ids: train.train_stage(spec, ctx, train_ids, run_id, val_ids),
+    "evaluate": lambda spec, ctx, outcome, test_ids, run_id: evaluate.evaluate_stage(
         spec.evaluate, spec.promote.model_name, ctx, outcome, test_ids, run_id),
-    "promote": lambda spec, ctx, run_id, outcome, evaluation, tags: pipeline.register_stage(
+    "promote": lambda spec, ctx, run_id, outcome, evaluation, tags: promote.register_stage(
         spec.promote, ctx, run_id, outcome, evaluation, tags),
-    "deploy": lambda spec, ctx, case_id: pipeline.deploy_stage(spec.deploy, spec.promote.model_name, ctx, case_id),
+    "deploy": lambda spec, ctx, case_id: deploy.deploy_stage(spec.deploy, spec.promote.model_name, ctx, case_id),
 }
 
 
@@ -107,7 +110,7 @@ def _step_metrics(state: State) -> dict[str, float]:
 class Runner:
     """How each node runs; this one runs everything here, with no orchestrator."""
 
-    def __init__(self, spec: Any, ctx: pipeline.Context, lifecycle_id: str = "") -> None:
+    def __init__(self, spec: Any, ctx: Context, lifecycle_id: str = "") -> None:
         self.spec, self.ctx, self.lifecycle_id = spec, ctx, lifecycle_id
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="voxelflow-branch")
 
@@ -117,8 +120,8 @@ class Runner:
     def step(self, node: Node, inputs: StepInputs) -> StepRecord:
         return run_step(node.step, self.ctx, inputs)
 
-    def open_run(self, dataset_digest: str, split: pipeline.Split) -> str:
-        return pipeline.start_run(self.spec, self.ctx, dataset_digest, split)
+    def open_run(self, dataset_digest: str, split: Split) -> str:
+        return tracking.start_run(self.spec, self.ctx, dataset_digest, split)
 
     def approve(self, state: State) -> Any:
         """A promotion awaiting a person's answer (the flow pauses for it); with no orchestrator it stays so."""
@@ -148,19 +151,19 @@ def inputs_for(node: Node, state: State, spec: Any, graph: Graph, lifecycle_id: 
     candidate = None
     if state.outcome is not None:
         candidate = CandidateRef(weights_key=state.outcome.weights_key, config=state.outcome.model_config)
-    from voxelflow.data import preprocess
+    from voxelflow.data.preprocess import transform_digest
 
     return StepInputs(
         pipeline=spec.name, step_id=node.id, model_name=spec.promote.model_name, lifecycle_id=lifecycle_id or None,
         outputs={k: dict(v) for k, v in state.outputs.items() if k in graph.ancestors[node.id]},
         case_ids=list(state.ingested.case_ids) if state.ingested is not None else [],
         test_ids=list(state.split.test) if state.split is not None else [],
-        preprocess_digest=preprocess.transform_digest(spec.preprocess) if state.prep is not None else None,
+        preprocess_digest=transform_digest(spec.preprocess) if state.prep is not None else None,
         run_id=state.run_id, candidate=candidate,
         model_version=state.promotion.version if state.promotion is not None else None)
 
 
-def execute(spec: Any, runner: Runner) -> pipeline.LifecycleResult:
+def execute(spec: Any, runner: Runner) -> summary.LifecycleResult:
     """Run the graph of ``spec`` with ``runner``; the lifecycle's result, its steps' records included."""
     graph = build(spec)
     ctx, state = runner.ctx, State()
@@ -184,8 +187,8 @@ def execute(spec: Any, runner: Runner) -> pipeline.LifecycleResult:
     except BaseException:
         _settle(state, branches)
         raise
-    result = pipeline.summarise(state.ingested, state.prep, state.outcome, state.evaluation, state.promotion,
-                                state.deployment, state.run_id or "")
+    result = summary.summarise(state.ingested, state.prep, state.outcome, state.evaluation, state.promotion,
+                               state.deployment, state.run_id or "")
     result.steps = {sid: asdict(rec) for sid, rec in state.records.items()}
     return result
 
@@ -251,10 +254,10 @@ def _stage(sid: str, state: State, spec: Any, runner: Runner, stack: contextlib.
         state.ingested = result
     elif sid == "preprocess":
         state.prep = result
-        state.split = pipeline.split_stage(spec.evaluate, pipeline.usable_cases(state.ingested, result))
+        state.split = split_stage(spec.evaluate, preprocess.usable_cases(state.ingested, result))
         state.run_id = runner.open_run(state.ingested.dataset_digest, state.split)
         assert stack is not None
-        stack.enter_context(pipeline.closing_run(ctx, state.run_id))
+        stack.enter_context(tracking.closing_run(ctx, state.run_id))
         if state.unlogged:
             registry.log_metrics(ctx.tracking_uri, state.run_id, dict(state.unlogged))
             state.unlogged.clear()
@@ -262,7 +265,7 @@ def _stage(sid: str, state: State, spec: Any, runner: Runner, stack: contextlib.
         state.outcome = result
     elif sid == "evaluate":
         state.evaluation = result
-        state.tags = pipeline.lineage(spec, state.ingested.dataset_digest)
+        state.tags = tracking.lineage(spec, state.ingested.dataset_digest)
     elif sid == "promote":
         state.promotion = result
         state.promotion = runner.approve(state)
@@ -300,7 +303,7 @@ def _user(node: Node, state: State, graph: Graph, spec: Any, runner: Runner) -> 
         raise GateFailed(node.id, record.reason)
 
 
-def _stopped(ctx: pipeline.Context, spec: Any, state: State, exc: GateFailed) -> None:
+def _stopped(ctx: Context, spec: Any, state: State, exc: GateFailed) -> None:
     """A gate stopped the lifecycle: its reason in the audit log and on the MLflow run (when one is open)."""
     audit.append(ctx.db, "step.gate_failed", "voxelflow", pipeline=spec.name, step=exc.step_id,
                  reason=exc.reason[:2000], run_id=state.run_id or "")

@@ -16,10 +16,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from voxelflow.core import audit
-from voxelflow.pipeline import Context, Evaluation, Promotion, TrainOutcome, candidate_behaviour, rescored
 from voxelflow.release import policy, registry
 from voxelflow.release.promotion import NotApprovable, approval_tags, approve, decision_tags, reject
 from voxelflow.spec.config import PromoteSpec
+from voxelflow.stages.context import Context
+from voxelflow.stages.evaluate import Evaluation
+from voxelflow.stages.promote import Promotion, candidate_behaviour, rescored
+from voxelflow.stages.train import TrainOutcome
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,37 @@
+"""The preprocess stage: new cases through the spec's transforms on a Dask cluster; the cases left usable."""
+
+from __future__ import annotations
+
+from voxelflow.core import audit
+from voxelflow.data import ingest, preprocess
+from voxelflow.spec.config import PreprocessSpec
+from voxelflow.stages.context import Context, Progress
+
+
+def preprocess_stage(
+    spec: PreprocessSpec, ctx: Context, case_ids: list[str], progress: Progress | None = None
+) -> preprocess.PreprocessReport:
+    """New cases only, shard by shard on a Dask cluster whose workers read and write the store themselves."""
+    from voxelflow.data.cluster import dask_client
+
+    layout = ctx.layout
+    out = layout.preprocessed(preprocess.transform_digest(spec))
+    for cases in (layout.raw, out):  # attempts of crashed or outraced writers, once they are an hour old
+        swept = cases.sweep()
+        if swept:
+            audit.append(ctx.db, "store.swept", "voxelflow", pipeline=ctx.pipeline, prefix=cases.prefix,
+                         attempts=len(swept))
+    if not set(case_ids) - set(out.committed()):  # nothing new: no cluster needed
+        return preprocess.preprocess(spec, layout.raw, case_ids, out, progress=progress)
+    with dask_client(spec.cluster, ctx.settings.dask_scheduler, ctx.settings.dask_workers, device=spec.device,
+                     adaptive=spec.adaptive) as client:
+        report = preprocess.preprocess(spec, layout.raw, case_ids, out, client=client, progress=progress)
+    for failure in report.failed:
+        audit.append(ctx.db, "data.preprocess_failed", "voxelflow", pipeline=ctx.pipeline, **failure)
+    return report
+
+
+def usable_cases(ingested: ingest.IngestReport, prep: preprocess.PreprocessReport) -> list[str]:
+    """The dataset less the cases preprocessing could not handle."""
+    failed = {f["case"] for f in prep.failed}
+    return [c for c in ingested.case_ids if c not in failed]
