@@ -1,0 +1,124 @@
+"""The prediction route, ``POST /v1/segment`` (role predictor), and :class:`Inference`, the work one request
+hands to the inference pool: decode, segment (on the GPU running the fewest, with GPUs), encode or summarise.
+
+A request is answered by the first check it fails, in this order: the query (422), the key (401, 403, 429), the
+media type (415), the model loaded (503), the declared size (413), a worker or queue place (503), the body as it
+streams (413), the memory budgets (413, 422); then the inference, within the time limit (504).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from voxelflow.data.formats import VolumeError
+from voxelflow.serving.api.access import log
+from voxelflow.serving.api.deps import AUTH_ERRORS, Admission, Authentication, Limits, Ticket, refusal
+from voxelflow.serving.api.metrics import ServiceMetrics
+from voxelflow.serving.serve_gpu import RETRY_AFTER_OOM, GpuSlots, out_of_memory, recover
+from voxelflow.serving.serve_model import ModelHolder
+from voxelflow.serving.serve_volumes import BODY_TYPES, NIFTI, NPY, VOLUME_STATUS, decode_volume, encode_mask
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+class Inference:
+    """One volume's inference on a pool worker: the mask in the input's format and grid (``X-Model-Version``), or
+    with ``summary`` each label's volume in mL. A bad volume is answered as :data:`VOLUME_STATUS` says; one that
+    runs out of GPU memory 503 with Retry-After, its memory handed back before the worker takes the next."""
+
+    def __init__(self, holder: ModelHolder, metrics: ServiceMetrics, max_voxels: int,
+                 gpu_slots: GpuSlots | None = None) -> None:
+        self.holder, self.metrics, self.max_voxels, self.gpu_slots = holder, metrics, max_voxels, gpu_slots
+
+    def __call__(self, body: bytes, content_type: str, summary: bool) -> Response:
+        self.metrics.waiting.dec()
+        self.metrics.in_flight.inc()
+        try:
+            try:
+                return self.segment(body, content_type, summary)
+            except HTTPException as exc:
+                return Response(json.dumps({"detail": exc.detail}), status_code=exc.status_code,
+                                media_type="application/json")
+            except Exception as exc:
+                if not out_of_memory(exc):
+                    raise
+            # out of memory: the failed inference's tensors went with the traceback; its cached blocks go back
+            recover()
+            self.metrics.out_of_memory.inc()
+            log.warning(json.dumps({"event": "inference.out_of_memory", "model_version": self.holder.version}))
+            return Response(json.dumps({"detail": "the inference ran out of device memory; try again"}),
+                            status_code=503, media_type="application/json",
+                            headers={"Retry-After": str(RETRY_AFTER_OOM)})
+        finally:
+            self.metrics.in_flight.dec()
+
+    def segment(self, body: bytes, content_type: str, summary: bool) -> Response:
+        if not body:
+            raise HTTPException(400, "empty body: send a NIfTI (.nii/.nii.gz) or .npy volume")
+        try:
+            volume, affine, fmt = decode_volume(body, content_type, self.max_voxels)
+        except VolumeError as exc:  # the client's input: the header is checked before anything is allocated
+            raise HTTPException(VOLUME_STATUS.get(exc.reason, 400), f"cannot decode the volume: {exc}") from None
+        holder = self.holder
+        with holder.lock:
+            segmenter, version, replicas = holder.segmenter, holder.version, holder.replicas
+        start = time.perf_counter()
+        if self.gpu_slots is None or not replicas:
+            mask = segmenter.segment(volume, affine)
+        else:
+            with self.gpu_slots.take() as device:  # the GPU running the fewest inferences, its replica of the model
+                mask = replicas[device].segmenter.segment(volume, affine)
+        self.metrics.latency.observe(time.perf_counter() - start)
+        headers = {"X-Model-Version": str(version)}
+        if summary:
+            spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) if affine is not None else np.ones(3)
+            ml = float(np.prod(spacing)) / 1000.0
+            labels, counts = np.unique(mask, return_counts=True)
+            volumes = {str(int(v)): round(float(c) * ml, 3) for v, c in zip(labels, counts) if v != 0}
+            return Response(json.dumps({"model_version": version, "voxel_ml": ml, "volumes_ml": volumes,
+                                        "shape": list(mask.shape)}), media_type="application/json", headers=headers)
+        payload, media = encode_mask(mask, affine, fmt)
+        return Response(payload, media_type=media, headers=headers)
+
+
+async def segment_query(request: Request, summary: bool = False) -> None:
+    """The query, validated before anything else (a malformed one is answered 422, no key looked up). Its value
+    goes on the request's state: the route declares only the last of its chained checks, since FastAPI reports a
+    failing dependency's errors once for each path that reaches it."""
+    request.state.summary = summary
+
+
+def router(pool: ThreadPoolExecutor, inference: Inference, auth: Authentication, admission: Admission,
+           limits: Limits) -> APIRouter:
+    """``POST /v1/segment``: the checks in order, then ``inference`` on ``pool`` within ``limits.timeout_s``."""
+    routes = APIRouter()
+    authorized = auth.require("segment", after=segment_query)
+    typed = limits.media_type(after=authorized)
+    loaded = admission.loaded(after=typed)
+    sized = limits.declared_size(after=loaded)
+    admitted = admission.slot(after=sized)
+
+    @routes.post("/v1/segment", summary="segment a volume (role predictor)", responses={
+        200: {"description": "the mask in the input's format and grid; with summary=true, each label's volume in mL",
+              "content": {NPY: BINARY, NIFTI: BINARY, "application/json": {"schema": {"type": "object"}}}},
+        **AUTH_ERRORS, 400: refusal("not a volume"),
+        413: refusal("body, voxel count or memory budget over the limit"),
+        415: refusal("Content-Type is not a volume's"),
+        422: refusal("not a finite numeric 3-D volume, or a bad query parameter",
+                     {"anyOf": [{"type": "string"}, {"type": "array"}]}),
+        503: refusal("busy, loading or out of GPU memory (Retry-After)"), 504: refusal("over the time limit")},
+        openapi_extra={"requestBody": {"required": True, "description": "a NIfTI (.nii, .nii.gz) or .npy volume",
+                                       "content": {media: BINARY for media in BODY_TYPES}}})
+    async def segment(request: Request, ticket: Ticket = Depends(admitted)) -> Response:
+        body = await limits.body(request)
+        inference.metrics.waiting.inc()
+        future = pool.submit(inference, body, request.headers.get("content-type", ""), request.state.summary)
+        ticket.hand_over(future)
+        return await limits.in_time(future)
+
+    return routes
