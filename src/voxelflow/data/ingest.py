@@ -2,24 +2,23 @@
 
 Every arrived object ends in exactly one ledger state: ``ingested``, ``duplicate`` or
 ``quarantined`` (with a reason code). Ingestion is idempotent on content hashes.
+The cases under a source are found by :mod:`voxelflow.data.sources`; the ledger's rows are read and
+moved by :mod:`voxelflow.data.ledger`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import posixpath
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import fsspec
 import numpy as np
 import xarray as xr
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert
 
 from voxelflow.core import audit
 from voxelflow.core.db import Database, ledger, now
@@ -27,27 +26,12 @@ from voxelflow.core.storage import CaseStore, Layout, sha256_bytes
 from voxelflow.data import dicom, dicom_series
 from voxelflow.data.formats import NIFTI_SUFFIXES, Volume, read_nifti, scrub_nifti
 from voxelflow.data.formats import VolumeError as QuarantineError
+from voxelflow.data.ledger import case_ingested, dataset_digest, ingested_cases, known_hashes, rows_of, supersede
+from voxelflow.data.ledger import read_ledger as read_ledger  # imported from here
+from voxelflow.data.sources import SourceCase, discover
 from voxelflow.spec.config import DataSpec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SourceCase:
-    name: str
-    image: str
-    label: str | None = None
-    outside: str | None = None  # why an entry points outside the source: never read
-    series: tuple[str, ...] = ()  # dicom layout: every object of one series (or one object that is not DICOM)
-    not_dicom: bool = False  # dicom layout: a lone object whose first MiB is no DICOM header (hashed, never kept)
-    voxels: int = 0  # dicom layout: rows x columns x frames, summed over the series' headers
-    pixel_bytes: int = 0  # dicom layout: the pixel bytes those headers declare
-
-    @property
-    def objects(self) -> list[str]:
-        if self.series:
-            return [*self.series, *([self.label] if self.label else [])]
-        return [u for u in (self.image, self.label) if u]
 
 
 @dataclass
@@ -60,7 +44,7 @@ class IngestReport:
     unlabelled: list[str] = field(default_factory=list)  # stored, never used for training or evaluation
     objects: dict[str, int] = field(default_factory=dict)  # new ledger rows by state, in objects
     seen: int = 0  # objects the ledger had already accounted for (same key, same bytes)
-    superseded: list[dict[str, Any]] = field(default_factory=list)  # {case, by, regrouped}: see _supersede
+    superseded: list[dict[str, Any]] = field(default_factory=list)  # {case, by, regrouped}: see ledger.supersede
     arrived: int = 0  # objects found under the source: sum(objects.values()) + seen
     warnings: list[str] = field(default_factory=list)  # said at every run (e.g. de-identification is off)
 
@@ -79,134 +63,6 @@ class IngestReport:
         }
 
 
-def _join(base: str, rel: str) -> str:
-    rel = rel.removeprefix("./")
-    return posixpath.join(base.rstrip("/"), rel)
-
-
-def _escapes(rel: str) -> str | None:
-    """Why a manifest entry would leave the source (absolute, ``..``, encoded or not), or None."""
-    from urllib.parse import unquote
-
-    decoded = rel
-    for _ in range(3):  # %252e%252e is %2e%2e is ..
-        decoded = unquote(decoded)
-    for text in (rel, decoded):
-        text = text.replace("\\", "/")
-        if "://" in text or text.startswith("/") or (len(text) > 1 and text[1] == ":"):
-            return f"{rel!r} is an absolute path or URL"
-        if ".." in text.split("/"):
-            return f"{rel!r} climbs out of the source"
-    return None
-
-
-def _leaves_by_link(fs, root: str, path: str) -> bool:
-    """A local path whose real location (symlinks followed) is outside the real source folder."""
-    import os
-
-    if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-        return False  # object stores have no links
-    real_root = os.path.realpath(root)
-    return os.path.commonpath([real_root, os.path.realpath(path)]) != real_root
-
-
-def discover(source: str, layout: str) -> list[SourceCase]:
-    """List the cases under an fsspec URL, in a stable order."""
-    fs, root = fsspec.core.url_to_fs(source)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"data source {source!r} does not exist")
-    proto = source.split("://", 1)[0] + "://" if "://" in source else ""
-    url = lambda p: p if not proto or p.startswith(proto) else proto + p  # noqa: E731
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}")
-    cases: list[SourceCase] = []
-    named: set[str] = set()  # mixed: what dataset.json names (and itself) is not read as DICOM
-    if layout in ("decathlon", "mixed"):
-        manifest = _join(root, "dataset.json")
-        if fs.exists(manifest):
-            named.add(posixpath.normpath(manifest))
-            try:
-                meta = json.loads(fs.cat_file(manifest))
-            except ValueError as exc:
-                raise ValueError(f"{source}: dataset.json is not valid JSON ({exc})") from None
-        elif layout == "decathlon":
-            raise FileNotFoundError(f"{source}: decathlon layout needs a dataset.json")
-        else:
-            meta = {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"{source}: dataset.json must be an object whose training and test are lists")
-        # `training` entries are labelled cases; `test` entries (Decathlon's imagesTs) unlabelled ones
-        training, test = meta.get("training") or [], meta.get("test") or []
-        if not isinstance(training, list) or not isinstance(test, list):
-            raise ValueError(f"{source}: dataset.json must be an object whose training and test are lists")
-        entries = [*((f"training[{i}]", t) for i, t in enumerate(training)),
-                   *((f"test[{i}]", t) for i, t in enumerate(test))]
-        for i, (where, item) in enumerate(entries):
-            image = item.get("image") if isinstance(item, dict) else item
-            label = item.get("label") if isinstance(item, dict) else None
-            if not isinstance(image, str) or not image or not isinstance(label, (str, type(None))):
-                raise ValueError(f"{source}: dataset.json {where} needs an image path (a string) and at most "
-                                 "one label path")
-            label = label or None
-            name = Path(image).name
-            for suffix in NIFTI_SUFFIXES[::-1]:
-                name = name.removesuffix(suffix)
-            outside = next((why for why in map(_escapes, filter(None, (image, label))) if why), None)
-            if outside is None:
-                for rel in filter(None, (image, label)):
-                    named.add(posixpath.normpath(_join(root, rel)))
-                    if _leaves_by_link(fs, root, _join(root, rel)):
-                        outside = f"{rel!r} is a link to outside the source"
-            cases.append(
-                SourceCase(
-                    name=name or f"case{i}",
-                    # an entry outside the source is named as written and never joined, opened or read
-                    image=image if outside else url(_join(root, image)),
-                    label=(label if outside else url(_join(root, label))) if label else None,
-                    outside=outside,
-                )
-            )
-    if layout == "folder":
-        for entry in sorted(fs.ls(root, detail=False)):
-            if not fs.isdir(entry):
-                continue
-            files = {posixpath.basename(f): f for f in fs.ls(entry, detail=False)}
-            image = next((files[n] for n in ("image.nii.gz", "image.nii") if n in files), None)
-            label = next((files[n] for n in ("label.nii.gz", "label.nii") if n in files), None)
-            if image is None:
-                image = next((f for n, f in sorted(files.items()) if not n.startswith("label")), None)
-            if image:
-                links = [f for f in (image, label) if f and _leaves_by_link(fs, root, f)]
-                outside = f"{posixpath.basename(links[0])!r} is a link to outside the source" if links else None
-                cases.append(SourceCase(posixpath.basename(entry), url(image), url(label) if label else None,
-                                        outside))
-    if layout in ("dicom", "mixed"):
-        manifest = _join(root, dicom_series.LABELS_MANIFEST)
-        labels = dicom_series.labels(fs, manifest, source)  # SeriesInstanceUID -> label NIfTI, relative to the source
-        skip = {posixpath.normpath(_join(root, rel)) for rel in labels.values() if not _escapes(rel)}
-        skip |= {posixpath.normpath(manifest)} | named
-        inside = []
-        for path in sorted(fs.find(root)):
-            if posixpath.normpath(path) in skip:
-                continue
-            if _leaves_by_link(fs, root, path):
-                key = url(path)
-                cases.append(SourceCase(f"object{len(cases)}", key, None, "a link to outside the source", (key,)))
-            else:
-                inside.append(path)
-        groups = dicom_series.group(fs, inside, url)
-        for i, (uid, series) in enumerate(sorted(groups.items(), key=lambda kv: kv[1].keys[0])):
-            rel = labels.get(uid)
-            outside = _escapes(rel) if rel else None
-            if rel and outside is None and _leaves_by_link(fs, root, _join(root, rel)):
-                outside = f"{rel!r} is a link to outside the source"
-            label = (rel if outside else url(_join(root, rel))) if rel else None
-            cases.append(SourceCase(f"series{i}", series.keys[0], label, outside, tuple(series.keys),
-                                    series.not_dicom, series.voxels, series.pixel_bytes))
-    return cases
-
-
-LAYOUTS = typing.get_args(DataSpec.model_fields["layout"].annotation)  # the spec's Literal: one list
 
 
 def read_bytes(url: str) -> bytes:
@@ -318,44 +174,6 @@ def load_case(raw: CaseStore, case_id: str) -> dict[str, Any]:
 def has_label(raw: CaseStore, case_id: str) -> bool:
     """Whether a stored case has a label array (one metadata lookup, no voxel read)."""
     return raw.store.exists(f"{raw.key(case_id)}/label/zarr.json")
-
-
-def dataset_digest(case_ids: list[str]) -> str:
-    return sha256_bytes(*(c.encode() for c in sorted(case_ids)))[:16]
-
-
-def ingested_cases(db: Database, pipeline: str) -> list[str]:
-    """Every case the ledger says was ingested for ``pipeline``: the dataset."""
-    with db.transaction() as conn:
-        rows = conn.execute(
-            select(ledger.c.case_id).where(ledger.c.pipeline == pipeline, ledger.c.state == "ingested",
-                                           ledger.c.superseded_by.is_(None)).distinct()
-        ).all()
-    return sorted(r.case_id for r in rows)
-
-
-def _rows_of(conn, pipeline: str, objects: list[str], *columns) -> list:
-    """The ledger rows (``columns``, default all) of these object keys, one query per 500 keys."""
-    query = select(*columns) if columns else select(ledger)
-    rows: list = []
-    for i in range(0, len(objects), 500):
-        rows += conn.execute(query.where(ledger.c.pipeline == pipeline, ledger.c.object.in_(objects[i:i + 500])))
-    return rows
-
-
-def _known(conn, pipeline: str, objects: list[str]) -> dict[str, set[str]]:
-    """Object key -> the hashes the ledger holds for it."""
-    known: dict[str, set[str]] = {}
-    for r in _rows_of(conn, pipeline, objects, ledger.c.object, ledger.c.sha256):
-        known.setdefault(r.object, set()).add(r.sha256)
-    return known
-
-
-def _case_ingested(conn, pipeline: str, case_id: str) -> bool:
-    return conn.execute(
-        select(ledger.c.id).where(ledger.c.pipeline == pipeline, ledger.c.case_id == case_id,
-                                  ledger.c.state == "ingested").limit(1)
-    ).first() is not None
 
 
 @dataclass
@@ -501,66 +319,13 @@ def _of_blobs(*hexdigests: str) -> str:
     return h.hexdigest()
 
 
-def _supersede(conn, db: Database, prep: _Prepared, pipeline: str, rows: list, report: IngestReport) -> None:
-    """A new case that holds every object of earlier cases replaces them in the dataset.
-
-    That is a DICOM series whose slices arrived in two batches, a label that came after its image,
-    or a file replaced under its name: the earlier case would otherwise stay in the dataset beside
-    the new one (a half volume, an unlabelled copy, the old label). Rows of this case's objects
-    with the same bytes move to the new case (quarantined ones too: the grouping they were
-    quarantined in, a series with missing slices, is gone); the earlier cases' other rows (older
-    bytes under these names) stay as they were, marked ``superseded_by``, as do quarantined rows of
-    earlier bytes under these names (``missing-file`` before an object existed, ``truncated`` while it
-    was being copied). A case that shares only some objects with the new one (two raters' labels of
-    one image) is left alone. ``rows`` are the ledger's rows of this case's objects.
-    """
-    case, shas, new = prep.case, prep.shas, prep.case_id
-    earlier = sorted({r.case_id for r in rows if r.case_id and r.case_id != new and r.superseded_by is None})
-    members: dict[str, set[str]] = {}
-    if earlier:
-        for r in conn.execute(select(ledger.c.case_id, ledger.c.object).where(
-                ledger.c.pipeline == pipeline, ledger.c.case_id.in_(earlier))):
-            members.setdefault(r.case_id, set()).add(r.object)
-    replaced = {c for c, objects in members.items() if objects <= set(case.objects)}
-    moved: dict[str, int] = {}
-    for r in rows:
-        if shas.get(r.object) != r.sha256 or r.case_id == new:
-            continue
-        if r.case_id is None and r.state == "quarantined":
-            was = f"quarantined ({r.reason}) in an earlier grouping"
-        elif r.case_id in replaced:
-            was = f"case {r.case_id}"
-        else:
-            continue
-        conn.execute(update(ledger).where(ledger.c.id == r.id).values(
-            case_id=new, state="duplicate" if r.object in prep.dups else "ingested", reason=None,
-            detail=f"regrouped into {new}, was {was}"))
-        moved[r.case_id or "quarantine"] = moved.get(r.case_id or "quarantine", 0) + 1
-    if replaced:
-        conn.execute(update(ledger).where(ledger.c.pipeline == pipeline, ledger.c.case_id.in_(sorted(replaced)))
-                     .values(superseded_by=new))
-    # quarantined rows of earlier bytes under these names: named before they existed (missing-file), or
-    # caught half-copied (truncated); the whole object is here now, in this case
-    earlier_bytes = [r.id for r in rows if r.case_id is None and r.sha256 != shas.get(r.object)
-                     and r.superseded_by is None]
-    if earlier_bytes:
-        conn.execute(update(ledger).where(ledger.c.id.in_(earlier_bytes)).values(superseded_by=new))
-    changes = [{"case": old, "by": new, "regrouped": moved.get(old, 0)} for old in sorted(replaced)]
-    if moved.get("quarantine"):
-        changes.append({"case": None, "by": new, "regrouped": moved["quarantine"]})
-    if changes:
-        audit.append(db, "data.cases_superseded", "voxelflow", conn=conn, pipeline=pipeline, case=new,
-                     superseded=[c["case"] for c in changes if c["case"]],
-                     regrouped_objects=sum(c["regrouped"] for c in changes))
-        report.superseded += changes
-
 
 def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport) -> None:
     """Under the pipeline's ingest lock: each object not yet in the ledger gets its one state."""
     case, shas, problem, case_id = prep.case, prep.shas, prep.problem, prep.case_id
     pipeline = layout.pipeline
     with db.locked(f"ingest:{pipeline}") as conn:
-        held = _rows_of(conn, pipeline, case.objects)  # the case's rows, read once under the lock
+        held = rows_of(conn, pipeline, case.objects)  # the case's rows, read once under the lock
         seen = {r.object for r in held if shas.get(r.object) == r.sha256}
         fresh = [obj for obj in case.objects if obj not in seen]
         at = now()
@@ -570,14 +335,14 @@ def _decide(prep: _Prepared, layout: Layout, db: Database, report: IngestReport)
                 report.quarantined.append({"case": case_id, "reason": problem.reason, "detail": problem.detail})
         elif not layout.raw.is_committed(case_id):
             raise RuntimeError(f"case {case_id} was accepted but is not committed in the store")
-        elif _case_ingested(conn, pipeline, case_id):
+        elif case_ingested(conn, pipeline, case_id):
             state, cid = "duplicate", case_id
             if fresh:
                 report.duplicate.append(case_id)
         else:
             state, cid = "ingested", case_id
             report.ingested.append(case_id)
-            _supersede(conn, db, prep, pipeline, held, report)
+            report.superseded += supersede(conn, db, pipeline, case_id, case.objects, shas, prep.dups, held)
         rows = []
         for obj in fresh:
             st = "duplicate" if obj in prep.dups else state
@@ -633,7 +398,7 @@ def ingest_case(case: SourceCase, data: DataSpec, layout: Layout, db: Database, 
     the one :func:`begin` made and :func:`finish` it.
     """
     with db.transaction() as conn:
-        known = _known(conn, layout.pipeline, case.objects)
+        known = known_hashes(conn, layout.pipeline, case.objects)
     report = IngestReport()
     _record(_prepare(case, data, layout, max_object_bytes(data.max_voxels), deid_key, known), layout, db, report)
     return report
@@ -689,7 +454,7 @@ def ingest(
     cases, report = begin(data, layout, db, source, deid_key)
     limit = max_object_bytes(data.max_voxels)
     with db.transaction() as conn:
-        known = _known(conn, layout.pipeline, [o for c in cases for o in c.objects])
+        known = known_hashes(conn, layout.pipeline, [o for c in cases for o in c.objects])
     workers = max(1, workers or min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers, thread_name_prefix="voxelflow-ingest") as pool:
         pending = []
@@ -706,12 +471,3 @@ def ingest(
     return finish(report, layout, db)
 
 
-def read_ledger(db: Database, pipeline: str | None = None, state: str | None = None) -> list[dict[str, Any]]:
-    """Every object ever seen, oldest first, with its state and reason."""
-    query = select(ledger).order_by(ledger.c.id)
-    if pipeline:
-        query = query.where(ledger.c.pipeline == pipeline)
-    if state:
-        query = query.where(ledger.c.state == state)
-    with db.transaction() as conn:
-        return [{**r._asdict(), "at": r.at.isoformat() if r.at else None} for r in conn.execute(query)]
