@@ -64,7 +64,7 @@ def test_a_person_approves_in_the_paused_run_and_the_champion_moves(prefect_here
     assert deployment["model_version"] == "2"  # the release went on to deploy what was approved
     tags = mc.get_model_version(model, "2").tags
     assert tags["voxelflow.decision"] == "promoted"
-    assert (tags["voxelflow.release.approval.decision"], tags["voxelflow.release.approval.by"], tags["voxelflow.release.approval.reason"]) \
+    assert (tags["voxelflow.approval.decision"], tags["voxelflow.approval.by"], tags["voxelflow.approval.reason"]) \
         == ("approved", "Dr. Ada", "overlays of 20 cases reviewed")
     events = audit_of(release_home, model)
     assert [e["event"] for e in events][:2] == ["model.awaiting_approval", "model.approved"]
@@ -95,7 +95,7 @@ def test_a_person_rejects_in_the_paused_run_and_nothing_moves(prefect_here, rele
     assert registry.alias_version(uri, model) is None
     tags = registry.client(uri).get_model_version(model, "1").tags
     assert tags["voxelflow.decision"] == "rejected"
-    assert (tags["voxelflow.release.approval.decision"], tags["voxelflow.release.approval.by"]) == ("rejected", "Dr. Grace")
+    assert (tags["voxelflow.approval.decision"], tags["voxelflow.approval.by"]) == ("rejected", "Dr. Grace")
     rejected = audit_of(release_home, model)[-1]
     assert rejected["event"] == "model.approval_rejected" and rejected["actor"] == "Dr. Grace"
     assert rejected["details"]["reason"] == "misses small lesions on scanner B"
@@ -115,7 +115,7 @@ def test_no_answer_before_the_timeout_counts_as_rejected(prefect_here, release_h
     assert wait_for_state(name, "FAILED")
     assert registry.alias_version(uri, model) is None
     tags = registry.client(uri).get_model_version(model, "1").tags
-    assert (tags["voxelflow.decision"], tags["voxelflow.release.approval.decision"]) == ("rejected", "expired")
+    assert (tags["voxelflow.decision"], tags["voxelflow.approval.decision"]) == ("rejected", "expired")
     expired = audit_of(release_home, model)[-1]
     assert expired["event"] == "model.approval_expired" and expired["details"]["reason"] == "no answer within 2 s"
 
@@ -159,7 +159,7 @@ def test_an_approval_is_checked_against_the_champion_of_the_moment(release_home,
     assert result.promoted is promoted
     assert registry.alias_version(uri, model) == ("3" if promoted else "2")
     tags = mc.get_model_version(model, "3").tags
-    assert tags["voxelflow.compared_with"] == "2" and tags["voxelflow.release.approval.by"] == "Dr. Ada"
+    assert tags["voxelflow.compared_with"] == "2" and tags["voxelflow.approval.by"] == "Dr. Ada"
     assert tags["voxelflow.decision"] == ("promoted" if promoted else "rejected")
     assert tags["voxelflow.gate.vs_champion_dice"].startswith("pass" if promoted else "fail")
     last = audit_of(release_home, model)[-1]

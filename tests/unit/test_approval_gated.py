@@ -78,9 +78,9 @@ def test_the_gated_challenger_is_approved_and_then_cannot_be_approved_again(life
     code, out = cli(ctx, "3", "--reason", "reviewed the overlays of 20 cases")
     assert code == 0 and "champion is version 3 (previous: none)" in out
     tags = mc.get_model_version("m", "3").tags
-    assert (tags["voxelflow.decision"], tags["voxelflow.release.approval.decision"], tags["voxelflow.release.approval.by"]) == (
+    assert (tags["voxelflow.decision"], tags["voxelflow.approval.decision"], tags["voxelflow.approval.by"]) == (
         "promoted", "approved", "dr-reviewer")
-    assert "voxelflow.release.approval.override" not in tags
+    assert "voxelflow.approval.override" not in tags
     (entry,) = [e for e in audit.entries(ctx.db) if e["event"] == "model.approved"]
     assert entry["details"] == {"model": "m", "version": "3", "previous": None,
                                 "reason": "reviewed the overlays of 20 cases"}
@@ -100,15 +100,15 @@ def test_an_override_promotes_a_version_the_gates_rejected_and_says_who_why_and_
     assert code == 0 and "champion is version 2 (previous: none) by override" in out
     assert registry.alias_version(uri, "m") == "2"
     tags = mc.get_model_version("m", "2").tags
-    assert tags["voxelflow.release.approval.decision"] == "override" and tags["voxelflow.release.approval.by"] == "dr-reviewer"
-    assert tags["voxelflow.release.approval.override"] == "the dice gate is wrong for paediatric scans; board decision 14"
-    assert tags["voxelflow.release.approval.overridden"] == ("it does not hold 'challenger' (version 3 does); its decision "
+    assert tags["voxelflow.approval.decision"] == "override" and tags["voxelflow.approval.by"] == "dr-reviewer"
+    assert tags["voxelflow.approval.override"] == "the dice gate is wrong for paediatric scans; board decision 14"
+    assert tags["voxelflow.approval.overridden"] == ("it does not hold 'challenger' (version 3 does); its decision "
                                                      "is 'rejected', not 'awaiting_approval'; gate min_dice did not pass")
     assert tags["voxelflow.decision"] == "promoted"
     (entry,) = [e for e in audit.entries(ctx.db) if e["event"] == "model.approved"]
     assert entry["actor"] == "dr-reviewer"
     assert entry["details"]["override"] == "the dice gate is wrong for paediatric scans; board decision 14"
-    assert entry["details"]["overridden"] == tags["voxelflow.release.approval.overridden"].split("; ")
+    assert entry["details"]["overridden"] == tags["voxelflow.approval.overridden"].split("; ")
     assert audit.verify(ctx.db, audit.mlflow_anchors(uri)).anchor.seq == entry["seq"]  # anchored on version 2
 
 
