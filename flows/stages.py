@@ -72,7 +72,7 @@ def placed(stage: str, pool: str | None, ctx: Context, spec: PipelineSpec, lifec
     output = f"step-{refs['step_id']}" if stage == "step" else stage
     run = run_deployment(
         f"{stage}/{pool}",
-        parameters={"spec": spec.model_dump(mode="json"), "lifecycle_id": lifecycle_id, "store": ctx.store.url,
+        parameters={"spec": spec.model_dump(mode="json", by_alias=True), "lifecycle_id": lifecycle_id, "store": ctx.store.url,
                     "peers": peers_of(ctx), **refs},
         as_subflow=True,
         timeout=None,

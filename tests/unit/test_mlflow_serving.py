@@ -202,7 +202,7 @@ def test_logged_model_names_published_requirements_and_carries_its_code(champion
     for dist, pin in pinned.items():  # what resolved here, without local tags like +cpu that no index serves
         assert "+" not in pin and version(dist).split("+")[0] == pin, dist
     assert (local / "code" / "voxelflow" / "model.py").is_file()
-    assert (local / "code" / "voxelflow" / "mlflow_model.py").is_file()
+    assert (local / "code" / "voxelflow" / "release" / "mlflow_model.py").is_file()
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["code"] == "code"
     params = {p["name"]: p for p in json.loads(mlmodel["signature"]["params"])}
@@ -276,4 +276,4 @@ def test_mlflow_models_serve_answers_with_the_service_mask(served, case, expecte
     status, body = invoke(served, {"inputs": volume.tolist(), "params": {"affine": [1.0, 2.0]}})
     assert status == 400
     # the served code is the copy inside the model: voxelflow is not installed in the server's venv
-    assert re.search(r"code/voxelflow/model\.py.*16 numbers", body["stack_trace"], re.S), body["stack_trace"][-2000:]
+    assert re.search(r"code/voxelflow/learn/model\.py.*16 numbers", body["stack_trace"], re.S), body["stack_trace"][-2000:]

@@ -210,9 +210,11 @@ def test_an_mlflow_server_that_is_not_there_is_transient_a_missing_model_is_not(
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    away = MlflowClient(tracking_uri=f"http://127.0.0.1:{closed_port()}")
+    away_uri = f"http://127.0.0.1:{closed_port()}"
+    away = MlflowClient(tracking_uri=away_uri, registry_uri=away_uri)  # not the process's registry URI
     assert is_transient(raised(lambda: away.get_registered_model("m")))
-    here = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    here_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    here = MlflowClient(tracking_uri=here_uri, registry_uri=here_uri)
     assert not is_transient(raised(lambda: here.get_registered_model("never-registered")))
 
 
