@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.unit.helpers import serving_url
 from voxelflow.release import registry
 from voxelflow.spec.config import Settings
 
@@ -162,18 +162,7 @@ def server(champion, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(server) -> str:
     """The server's URL once `/ping` answers."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server["proc"].poll() is not None:
-            pytest.fail(f"mlflow models serve exited {server['proc'].returncode}:\n"
-                        f"{server['log'].read_text(errors='replace')[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{server['url']}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return server["url"]
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.25)
-    pytest.fail(f"mlflow models serve did not answer in 120 s:\n{server['log'].read_text(errors='replace')[-4000:]}")
+    return serving_url(server)
 
 
 def invoke(url: str, body: dict) -> tuple[int, dict]:

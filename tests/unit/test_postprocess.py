@@ -14,9 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import httpx
@@ -26,6 +23,7 @@ import pytest
 import yaml
 from scipy import ndimage
 
+from tests.unit.helpers import serving_url as wait_for
 from tests.unit.test_mlflow_serving import free_port, invoke, requirements_venv
 from tests.unit.test_predict import spec_data
 from voxelflow import pipeline
@@ -186,19 +184,6 @@ def mlflow_served(registered, tmp_path_factory):
     log.close()
 
 
-def wait_for(server: dict) -> str:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server["proc"].poll() is not None:
-            pytest.fail(f"mlflow models serve exited {server['proc'].returncode}:\n"
-                        f"{server['log'].read_text(errors='replace')[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{server['url']}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return server["url"]
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.25)
-    pytest.fail(f"mlflow models serve did not answer in 120 s:\n{server['log'].read_text(errors='replace')[-4000:]}")
 
 
 def test_evaluation_service_predict_and_mlflow_serving_give_the_same_post_processed_mask(
