@@ -103,7 +103,7 @@ def lifecycle(
         result = execute(spec, runner)
     except GateFailed as exc:
         lines = [f"# voxelflow lifecycle: {spec.name}", "", f"**Stopped by gate `{exc.step_id}`:** {exc.reason}"]
-        create_markdown_artifact("\n".join(lines + steps_markdown(getattr(exc, "records", {}))) + "\n", key=key,
+        create_markdown_artifact("\n".join(lines + steps_markdown(exc.records)) + "\n", key=key,
                                  description=f"stopped by gate {exc.step_id}")
         raise
     finally:

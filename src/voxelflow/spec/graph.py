@@ -53,23 +53,11 @@ class Graph:
         """Whether the node runs after ``promote``: inside the release transaction."""
         return "promote" in self.ancestors[node_id]
 
-    def needers(self, node_id: str) -> list[str]:
-        """The steps that ``needs`` this one, directly or through another step that needs it."""
-        out: list[str] = []
-        frontier = [node_id]
-        while frontier:
-            current = frontier.pop()
-            for n in self.nodes:
-                if n.step is not None and current in (n.step.needs or []) and n.id not in out:
-                    out.append(n.id)
-                    frontier.append(n.id)
-        return out
-
     def tree(self) -> str:
         """The resolved graph, one line a node, branches indented under the step they wait for."""
         lines = []
         for n in self.nodes:
-            indent = "  " * min(n.branch, 1) + ("  " if n.branch else "")
+            indent = "    " if n.branch else ""
             kind = "stage" if n.builtin else n.step.uses
             extra = []
             if n.step is not None and n.step.needs:

@@ -15,7 +15,7 @@ import contextvars
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from voxelflow.core import audit
@@ -38,6 +38,7 @@ class GateFailed(ValueError):
     def __init__(self, step_id: str, reason: str) -> None:
         super().__init__(f"gate {step_id} did not pass: {reason or 'no reason given'}")
         self.step_id, self.reason = step_id, reason
+        self.records: dict[str, dict[str, Any]] = {}  # every step's record when the lifecycle stopped
 
 
 @dataclass
@@ -97,8 +98,6 @@ def with_step_metrics(state: State, spec: Any) -> Any:
     extra = {m: v for m, v in _step_metrics(state).items() if m in spec.promote.gates.absolute}
     if not extra:
         return ev
-    from dataclasses import replace
-
     return replace(ev, candidate={**ev.candidate, **extra}, directions={**ev.directions, **spec.step_directions()})
 
 
@@ -181,7 +180,7 @@ def execute(spec: Any, runner: Runner) -> summary.LifecycleResult:
         _wait(branches, lambda n: True)
     except GateFailed as exc:
         _settle(state, branches)
-        exc.records = {sid: asdict(rec) for sid, rec in state.records.items()}  # type: ignore[attr-defined]
+        exc.records = {sid: asdict(rec) for sid, rec in state.records.items()}
         _stopped(ctx, spec, state, exc)
         raise
     except BaseException:
