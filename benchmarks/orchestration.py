@@ -1,10 +1,13 @@
 """Orchestration overhead: the demo lifecycle through Prefect ÷ the same library functions called directly;
-and step_overhead: the demo lifecycle flow with three no-op user steps ÷ without.
+step_overhead: the demo lifecycle flow with three no-op user steps ÷ without; and cached_rerun_ratio: an
+unchanged rerun of the demo lifecycle flow ÷ its first run.
 
 Both run in this process on the same synthetic data, each on a fresh VOXELFLOW_HOME, after one
 warm-up pass of each, in alternating order, with a Prefect server already up; the ratio of the
-medians is printed. step_overhead is the median of ``--step-pairs`` paired ratios (default 5).
-Each metric ends as one JSON line (metric, value, goal, higher_is_better).
+medians is printed. Every run of these two computes every step (``fresh``: nothing recorded is reused).
+step_overhead is the median of ``--step-pairs`` paired ratios (default 5). cached_rerun_ratio is the median
+of ``--reruns`` unchanged reruns (default 3) on the first run's home, which reuse its preprocessing, training
+and evaluation, ÷ that first run. Each metric ends as one JSON line (metric, value, goal, higher_is_better).
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="spec override key.path=value")
     parser.add_argument("--step-pairs", type=int, default=5, help="paired runs for step_overhead (0: skip it)")
-    parser.add_argument("--only", choices=["all", "orchestration", "steps"], default="all")
+    parser.add_argument("--reruns", type=int, default=3, help="unchanged reruns for cached_rerun_ratio (0: skip it)")
+    parser.add_argument("--only", choices=["all", "orchestration", "steps", "cached"], default="all")
     args = parser.parse_args()
     import sys
 
@@ -90,16 +94,20 @@ def main() -> None:
         # under the same path would be stale
         return Settings(home=work / tag)
 
-    def direct(run_spec, tag: str) -> tuple[float, float]:
+    reused: list[list[str]] = []  # each run's reused steps: the last one's is checked by cached_rerun
+
+    def direct(run_spec, tag: str, fresh: bool = True) -> tuple[float, float]:
         settings = fresh_home(tag)
         start = time.perf_counter()
-        result = pipeline.run(run_spec, settings)
+        result = pipeline.run(run_spec, settings, fresh=fresh)
+        reused.append(result.reused)
         return time.perf_counter() - start, result.metrics["dice"]
 
-    def flowed(run_spec, tag: str) -> tuple[float, float]:
+    def flowed(run_spec, tag: str, fresh: bool = True) -> tuple[float, float]:
         os.environ["VOXELFLOW_HOME"] = str(fresh_home(tag).home)
         start = time.perf_counter()
-        result = lifecycle(run_spec)
+        result = lifecycle(run_spec, fresh=fresh)
+        reused.append(result["reused"])
         return time.perf_counter() - start, result["metrics"]["dice"]
 
     sides = {"direct": direct, "flow": flowed}
@@ -112,8 +120,9 @@ def main() -> None:
             warm = load_spec(REPO / "deployments/specs/demo.yaml",
                              sets=[*args.set, "train.epochs=1", "promote.gates.min_dice=0", f"data.source={data}"])
             for name, side in sides.items():
-                side(warm, f"warm-{name}")
-            for i in range(args.repeats if args.only != "steps" else 0):
+                if args.only != "cached" or name == "flow":
+                    side(warm, f"warm-{name}")
+            for i in range(args.repeats if args.only in ("all", "orchestration") else 0):
                 order = ["direct", "flow"] if i % 2 == 0 else ["flow", "direct"]
                 line = []
                 for name in order:
@@ -125,15 +134,19 @@ def main() -> None:
                         stages[name][stage].append(sum(values))
                     line.append(f"{name} {seconds:.1f} s (dice {dice:.3f})")
                 print(f"repeat {i + 1}: " + ", ".join(line), flush=True)
-            steps = (step_overhead(spec, flowed, args.step_pairs, stage_s) if args.only != "orchestration"
+            steps = (step_overhead(spec, flowed, args.step_pairs, stage_s) if args.only in ("all", "steps")
                      else None)
+            cached = (cached_rerun(spec, flowed, args.reruns, stage_s, reused) if args.only in ("all", "cached")
+                      else None)
             APILogHandler().flush()  # ship the last run's logs before the server stops
     shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    if args.only != "steps":
+    if args.only in ("all", "orchestration"):
         report(times, stages)
     if steps:
         print(json.dumps(steps))
+    if cached:
+        print(json.dumps(cached))
 
 
 def with_noop_steps(spec):
@@ -173,6 +186,30 @@ def step_overhead(spec, flowed, pairs: int, stage_s: dict[str, list[float]]) -> 
             "without_s": [round(t, 2) for t in plain_s], "with_s": [round(t, 2) for t in stepped_s],
             "ratio_without_preprocess": round(statistics.median(steady), 4),
             "paired_ratios_without_preprocess": [round(r, 3) for r in steady]}
+
+
+def cached_rerun(spec, flowed, reruns: int, stage_s: dict[str, list[float]], reused: list[list[str]]) -> dict | None:
+    """The demo flow run once on a fresh home, then ``reruns`` times unchanged on that home (reuse on): the
+    median rerun ÷ the first run. Each rerun must have reused preprocessing, training and evaluation (else the
+    figure would not be a cached rerun's); the stages that still ran (ingest, promote, deploy) are timed."""
+    if reruns <= 0:
+        return None
+    stage_s.clear()
+    first, _ = flowed(spec, "cached", fresh=True)
+    again, left = [], collections.defaultdict(list)
+    for i in range(reruns):
+        stage_s.clear()
+        seconds, _ = flowed(spec, "cached", fresh=False)
+        if reused[-1] != ["preprocess", "train", "evaluate"]:
+            raise RuntimeError(f"rerun {i + 1} reused {reused[-1]}, not preprocess, train and evaluate: "
+                               "it is no cached rerun")
+        again.append(seconds)
+        for stage, values in stage_s.items():
+            left[stage].append(sum(values))
+        print(f"cached rerun {i + 1}: {seconds:.1f} s (first run {first:.1f} s)", flush=True)
+    return {"metric": "cached_rerun_ratio", "value": round(statistics.median(again) / first, 4), "goal": 0.15,
+            "higher_is_better": False, "first_s": round(first, 2), "rerun_s": [round(t, 2) for t in again],
+            "rerun_stage_s": {k: round(statistics.median(v), 2) for k, v in left.items()}}
 
 
 def report(times: dict[str, list[float]], stages: dict[str, dict[str, list[float]]]) -> None:

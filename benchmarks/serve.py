@@ -1,16 +1,23 @@
 """Serving overhead: HTTP latency of `POST /v1/segment` ÷ the same inference called in-process.
 
-One run, side by side: the demo spec's network (untrained weights: latency does not depend on
-them) segments a 96³ volume in this process, then the service (``voxelflow.serving.serve.create_app`` under
-uvicorn, in a process of its own, as it is deployed) answers the same volume sent as ``.npy``
-over loopback, one request at a time; then N clients at once measure requests/s at saturation
-against in-process volumes/s with the same number of inference workers.
-Prints ``serve_p50_ratio``, ``serve_p99_ratio`` and ``serve_saturation_ratio`` as JSON lines.
+Side by side, at each of ``--sizes`` (96³ and 160³): the demo spec's network (untrained weights: latency does not
+depend on them) segments a float32 volume in this process, and the service (``voxelflow.serving.serve.create_app``
+under uvicorn, in a process of its own, as it is deployed) answers the same volume sent as ``.npy`` over loopback,
+one request at a time; the two alternate request by request (in-process first on even requests, HTTP first on odd
+ones), so load from other jobs falls on both alike. Prints ``serve_p50_ratio`` (HTTP p50 ÷ in-process p50) and
+``serve_p99_ratio`` (HTTP p99 ÷ in-process p50) for each size, as JSON lines with a ``size`` field.
+
+Then saturation at ``--saturation-size``: ``--clients`` clients at once against the service, and as many threads
+in-process as the service has inference workers, in the order in-process, HTTP, HTTP, in-process
+(``--saturation-seconds`` each), so a drift in the machine's load cancels; prints ``serve_saturation_ratio``
+(requests/s ÷ volumes/s).
 
 Then liveness under load: 32 clients (a process of their own) send 64³ volumes as fast as they are
 answered while a probe asks ``/health/live`` every 50 ms on a new connection, as the kubelet does;
 prints ``serve_live_p99_ms`` (goal ≤ 100: far inside a probe's 1 s default timeout).
-``--live-only`` runs just that part (about ``--live-seconds`` plus the service's start).
+``--live-only`` runs just that part (about ``--live-seconds`` plus the service's start); ``--no-live`` skips it.
+``--http`` and ``--loop`` choose uvicorn's HTTP parser and event loop (default: uvicorn's ``auto``, httptools
+and uvloop when installed).
 """
 
 from __future__ import annotations
@@ -37,14 +44,15 @@ import uvicorn
 from voxelflow.core.db import Database
 from voxelflow.learn.model import Segmenter
 from voxelflow.serving.serve import KeyStore, ModelHolder, create_app, proxy_options
-work, port, workers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+work, port, workers, http, loop = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 config = json.loads((work / "model.json").read_text())
 seg = Segmenter(config, (work / "weights.safetensors").read_bytes(), device="cpu")
 holder = ModelHolder(lambda: (seg, "1"))
 holder.reload()
 db = Database(f"sqlite:///{work}/voxelflow.db")
 app = create_app(holder, KeyStore(db), db=db, workers=workers, queue=64, rate=1e6, burst=10**6)
-uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", **proxy_options(""))  # as `voxelflow serve`
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", http=http, loop=loop,
+            **proxy_options(""))  # as `voxelflow serve`
 """
 
 
@@ -108,143 +116,228 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--live-clients", type=int, default=32)
-    parser.add_argument("--live-size", type=int, default=64)
-    parser.add_argument("--live-seconds", type=float, default=20.0)
-    parser.add_argument("--live-only", action="store_true", help="measure serve_live_p99_ms alone")
-    args = parser.parse_args()
-
-    import httpx
-    import numpy as np
+def write_model(work: Path) -> Path:
+    """The demo spec's network (seeded, untrained) and its model config in ``work``."""
     import torch
 
-    from flows.server import free_port
-    from voxelflow.core.db import Database
-    from voxelflow.learn.model import Segmenter
     from voxelflow.learn.train import build_network, state_dict_bytes
     from voxelflow.pipeline import model_config
-    from voxelflow.serving.serve import KeyStore
     from voxelflow.spec.config import load_spec
 
     spec = load_spec(REPO / "deployments/specs/demo.yaml")
-    config = model_config(spec)
     torch.manual_seed(0)
-    weights = state_dict_bytes(build_network(spec.train.network))
-    work = Path(tempfile.mkdtemp(prefix="voxelflow-bench-serve-"))
-    (work / "model.json").write_text(json.dumps(config))
-    (work / "weights.safetensors").write_bytes(weights)
-    workers = max(1, os.cpu_count() or 1)
+    (work / "model.json").write_text(json.dumps(model_config(spec)))
+    (work / "weights.safetensors").write_bytes(state_dict_bytes(build_network(spec.train.network)))
+    return work
 
-    rng = np.random.default_rng(0)
-    volume = rng.random((args.size,) * 3, dtype=np.float32)
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+
+def segmenter(work: Path):
+    from voxelflow.learn.model import Segmenter
+
+    return Segmenter(json.loads((work / "model.json").read_text()), (work / "weights.safetensors").read_bytes(),
+                     device="cpu")
+
+
+def volume_of(size: int):
+    import numpy as np
+
+    return np.random.default_rng(size).random((size,) * 3, dtype=np.float32)
+
+
+def npy_body(size: int) -> bytes:
+    import numpy as np
+
     buf = io.BytesIO()
-    np.save(buf, volume, allow_pickle=False)
-    body = buf.getvalue()
+    np.save(buf, volume_of(size), allow_pickle=False)
+    return buf.getvalue()
 
-    if not args.live_only:
-        local, local_rps = in_process(Segmenter(config, weights, device="cpu"), volume, affine, args.requests,
-                                      workers)
 
-    key = KeyStore(Database(f"sqlite:///{work}/voxelflow.db")).create("bench", ["predictor"])
+def service_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
+
+
+def start_service(work: Path, code: str, workers: int, extra: list[str] = (), env: dict[str, str] | None = None
+                  ) -> tuple[subprocess.Popen, str, str]:
+    """The service (``code``) in a process of its own on a free port, ready; with a predictor key."""
+    import httpx
+
+    from flows.server import free_port
+    from voxelflow.core.db import Database
+    from voxelflow.serving.serve import KeyStore
+
+    db = Database(f"sqlite:///{work}/voxelflow.db")
+    key = KeyStore(db).create("bench", ["predictor"])
+    db.dispose()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")])}
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(work), str(port), str(workers)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", code, str(work), str(port), str(workers), *extra],
+                              env={**service_env(), **(env or {})}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return server, url, key
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"service did not start: {server.communicate()[1][-2000:]}")
+        time.sleep(0.2)
+
+
+def stop_service(server: subprocess.Popen) -> None:
+    server.terminate()
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"service did not start: {server.stderr.read()[-2000:]}")
-            time.sleep(0.2)
-        if not args.live_only:
-            remote, remote_rps, codes = over_http(url, key, body, volume.shape, args.requests, args.clients)
-        probes, live_codes = live_under_load(url, key, env, args.live_clients, args.live_seconds, args.live_size)
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
-
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    if not args.live_only:
-        p50_local = statistics.median(local)
-        print(f"in-process: p50 {p50_local * 1000:.1f} ms, p99 {percentile(local, 0.99) * 1000:.1f} ms, "
-              f"{local_rps:.2f} volumes/s with {workers} threads")
-        print(f"HTTP:       p50 {statistics.median(remote) * 1000:.1f} ms, p99 {percentile(remote, 0.99) * 1000:.1f} "
-              f"ms, {remote_rps:.2f} requests/s with {args.clients} clients (statuses {sorted(set(codes))}); "
-              f"{args.size}^3 float32 volume, {len(body) / 1e6:.1f} MB body")
-    print(f"/health/live: {len(probes)} probes every 50 ms, p50 {statistics.median(probes) * 1000:.1f} ms, "
-          f"max {max(probes) * 1000:.1f} ms, while {args.live_clients} clients sent {args.live_size}^3 volumes to "
-          f"{workers} workers (statuses {live_codes})")
-    if not args.live_only:
-        print(json.dumps({"metric": "serve_saturation_ratio", "value": round(remote_rps / local_rps, 4),
-                          "goal": None, "higher_is_better": True}))
-        print(json.dumps({"metric": "serve_p99_ratio", "value": round(percentile(remote, 0.99) / p50_local, 4),
-                          "goal": 1.3, "higher_is_better": False}))
-        print(json.dumps({"metric": "serve_p50_ratio", "value": round(statistics.median(remote) / p50_local, 4),
-                          "goal": 1.10, "higher_is_better": False}))
-    print(json.dumps({"metric": "serve_live_p99_ms", "value": round(percentile(probes, 0.99) * 1000, 1),
-                      "goal": 100, "higher_is_better": False}))
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
-def in_process(seg, volume, affine, requests: int, workers: int) -> tuple[list[float], float]:
-    """Per-volume latencies one at a time, then volumes/s with ``workers`` threads for 10 s."""
-    for _ in range(3):
-        seg.segment(volume, affine)
-    local = []
-    for _ in range(requests):
-        start = time.perf_counter()
-        seg.segment(volume, affine)
-        local.append(time.perf_counter() - start)
-    done = [0]
-    stop_at = time.perf_counter() + 10
-
-    def spin() -> None:
-        while time.perf_counter() < stop_at:
-            seg.segment(volume, affine)
-            done[0] += 1
-
-    return local, done[0] / in_threads(spin, workers)
-
-
-def over_http(url: str, key: str, body: bytes, shape, requests: int, clients: int) -> tuple[
-        list[float], float, list[int]]:
-    """The same volume over loopback one request at a time, then requests/s with ``clients`` at once for 10 s."""
+def paired(seg, url: str, key: str, size: int, requests: int) -> tuple[list[float], list[float]]:
+    """Latencies (s) of the same volume in-process and over HTTP, alternating request by request."""
     import httpx
     import numpy as np
 
     from voxelflow.serving.serve import NPY
 
+    volume, body = volume_of(size), npy_body(size)
+    affine = np.eye(4)
     headers = {"X-API-Key": key, "Content-Type": NPY}
-    with httpx.Client(timeout=120) as client:
-        for _ in range(3):
-            assert client.post(f"{url}/v1/segment", content=body, headers=headers).status_code == 200
-        remote = []
-        for _ in range(requests):
+    local, remote = [], []
+    with httpx.Client(timeout=300) as client:
+
+        def over_http() -> None:
             start = time.perf_counter()
             r = client.post(f"{url}/v1/segment", content=body, headers=headers)
             remote.append(time.perf_counter() - start)
             assert r.status_code == 200, r.text
-            assert np.load(io.BytesIO(r.content)).shape == shape
+            assert np.load(io.BytesIO(r.content)).shape == volume.shape
+
+        def here() -> None:
+            start = time.perf_counter()
+            seg.segment(volume, affine)
+            local.append(time.perf_counter() - start)
+
+        for _ in range(3):
+            here()
+            over_http()
+        local.clear()
+        remote.clear()
+        for i in range(requests):
+            for step in ((here, over_http) if i % 2 == 0 else (over_http, here)):
+                step()
+    return local, remote
+
+
+def saturation(seg, url: str, key: str, size: int, workers: int, clients: int, seconds: float) -> tuple[
+        float, float, list[int]]:
+    """Volumes/s in-process with ``workers`` threads and requests/s with ``clients`` over HTTP, in the order
+    in-process, HTTP, HTTP, in-process (``seconds`` each)."""
+    import httpx
+    import numpy as np
+
+    from voxelflow.serving.serve import NPY
+
+    volume, body, affine = volume_of(size), npy_body(size), np.eye(4)
+    headers = {"X-API-Key": key, "Content-Type": NPY}
     codes: list[int] = []
-    stop_at = time.perf_counter() + 10
 
-    def hammer() -> None:
-        with httpx.Client(timeout=120) as c:
+    def local_round() -> tuple[int, float]:
+        done = [0]
+        stop_at = time.perf_counter() + seconds
+
+        def spin() -> None:
             while time.perf_counter() < stop_at:
-                codes.append(c.post(f"{url}/v1/segment", content=body, headers=headers).status_code)
+                seg.segment(volume, affine)
+                done[0] += 1
 
-    return remote, codes.count(200) / in_threads(hammer, clients), codes
+        elapsed = in_threads(spin, workers)
+        return done[0], elapsed
+
+    def http_round() -> tuple[int, float]:
+        got: list[int] = []
+        stop_at = time.perf_counter() + seconds
+
+        def hammer() -> None:
+            with httpx.Client(timeout=300) as c:
+                while time.perf_counter() < stop_at:
+                    got.append(c.post(f"{url}/v1/segment", content=body, headers=headers).status_code)
+
+        elapsed = in_threads(hammer, clients)
+        codes.extend(got)
+        return got.count(200), elapsed
+
+    rounds = [local_round(), http_round(), http_round(), local_round()]
+    local = sum(n for n, _ in (rounds[0], rounds[3])) / sum(t for _, t in (rounds[0], rounds[3]))
+    remote = sum(n for n, _ in rounds[1:3]) / sum(t for _, t in rounds[1:3])
+    return local, remote, codes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=60, help="paired requests per size")
+    parser.add_argument("--sizes", default="96,160", help="comma-separated; empty: saturation (and liveness) only")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--saturation-size", type=int, default=96)
+    parser.add_argument("--saturation-seconds", type=float, default=6.0)
+    parser.add_argument("--http", default="auto", help="uvicorn's HTTP parser: auto, httptools, h11")
+    parser.add_argument("--loop", default="auto", help="uvicorn's event loop: auto, uvloop, asyncio")
+    parser.add_argument("--live-clients", type=int, default=32)
+    parser.add_argument("--live-size", type=int, default=64)
+    parser.add_argument("--live-seconds", type=float, default=20.0)
+    parser.add_argument("--live-only", action="store_true", help="measure serve_live_p99_ms alone")
+    parser.add_argument("--no-live", action="store_true", help="skip serve_live_p99_ms")
+    args = parser.parse_args()
+
+    work = write_model(Path(tempfile.mkdtemp(prefix="voxelflow-bench-serve-")))
+    workers = max(1, os.cpu_count() or 1)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if not args.live_only else []
+    seg = segmenter(work) if not args.live_only else None
+    server, url, key = start_service(work, SERVER, workers, extra=[args.http, args.loop])
+    pairs, saturated = {}, None
+    try:
+        for size in sizes:
+            pairs[size] = paired(seg, url, key, size, args.requests)
+        if not args.live_only:
+            saturated = saturation(seg, url, key, args.saturation_size, workers, args.clients,
+                                   args.saturation_seconds)
+        if not args.no_live:
+            probes, live_codes = live_under_load(url, key, service_env(), args.live_clients, args.live_seconds,
+                                                 args.live_size)
+    finally:
+        stop_service(server)
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"uvicorn http={args.http} loop={args.loop}; load average {os.getloadavg()[0]:.1f}")
+    metrics = []
+    for size, (local, remote) in pairs.items():
+        p50_local = statistics.median(local)
+        print(f"{size}^3 ({len(npy_body(size)) / 1e6:.1f} MB body), {args.requests} paired requests: "
+              f"in-process p50 {p50_local * 1000:.1f} ms, p99 {percentile(local, 0.99) * 1000:.1f} ms; "
+              f"HTTP p50 {statistics.median(remote) * 1000:.1f} ms, p99 {percentile(remote, 0.99) * 1000:.1f} ms")
+        metrics.append({"metric": "serve_p50_ratio", "size": size,
+                        "value": round(statistics.median(remote) / p50_local, 4), "goal": 1.10,
+                        "higher_is_better": False})
+        metrics.append({"metric": "serve_p99_ratio", "size": size,
+                        "value": round(percentile(remote, 0.99) / p50_local, 4), "goal": 1.3,
+                        "higher_is_better": False})
+    if saturated is not None:
+        local_rps, remote_rps, codes = saturated
+        print(f"saturation at {args.saturation_size}^3: in-process {local_rps:.2f} volumes/s with {workers} threads, "
+              f"HTTP {remote_rps:.2f} requests/s with {args.clients} clients (statuses "
+              f"{ {str(c): codes.count(c) for c in sorted(set(codes))} })")
+        metrics.append({"metric": "serve_saturation_ratio", "size": args.saturation_size,
+                        "value": round(remote_rps / local_rps, 4), "goal": 0.9, "higher_is_better": True})
+    if not args.no_live:
+        print(f"/health/live: {len(probes)} probes every 50 ms, p50 {statistics.median(probes) * 1000:.1f} ms, "
+              f"max {max(probes) * 1000:.1f} ms, while {args.live_clients} clients sent {args.live_size}^3 volumes "
+              f"to {workers} workers (statuses {live_codes})")
+        metrics.append({"metric": "serve_live_p99_ms", "value": round(percentile(probes, 0.99) * 1000, 1),
+                        "goal": 100, "higher_is_better": False})
+    for metric in metrics:
+        print(json.dumps(metric))
 
 
 def in_threads(fn, n: int) -> float:

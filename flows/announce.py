@@ -38,3 +38,68 @@ def post(events: list) -> None:
 def send(event: str, pipeline: str, payload: dict[str, Any], event_id: UUID) -> None:
     """Send one event and wait until the Prefect API accepted it; raise when it was not delivered."""
     post([event_for(event, pipeline, payload, event_id)])
+
+
+CHAMPION_MOVED = "voxelflow.model.champion"  # the registered model's champion alias points at another version
+
+
+def model_resource(model_name: str) -> str:
+    return f"voxelflow.model.{model_name}"
+
+
+def notify_champion(model_name: str, version: str | None) -> bool:
+    """Tell the services that follow ``model_name`` (``voxelflow serve`` with a Prefect API) that its
+    champion is now ``version``, so they swap it in at once instead of at their next poll. The poll stays
+    their fallback: a notice that was not delivered is logged (True when it was sent) and the run goes on."""
+    import logging
+    import uuid
+
+    from prefect.events import Event
+
+    from voxelflow.core.redact import redact
+
+    try:
+        post([Event(event=CHAMPION_MOVED, resource={"prefect.resource.id": model_resource(model_name),
+                                                    "voxelflow.model": model_name},
+                    payload={"version": version}, id=uuid.uuid4())])
+        return True
+    except Exception as exc:  # noqa: BLE001 - the services notice at their next poll
+        logging.getLogger(__name__).warning("the champion notice for %s was not sent (services see it at their "
+                                            "next poll): %s", model_name, redact(f"{type(exc).__name__}: {exc}"))
+        return False
+
+
+def follow_champion(model_name: str, on_notice, stop) -> None:
+    """Until ``stop`` (a threading.Event) is set, call ``on_notice(version)`` for each champion notice about
+    ``model_name`` from the Prefect API's event stream, reconnecting after an error (logged once per kind).
+    Runs in the calling thread: start it in one of its own."""
+    import asyncio
+    import logging
+
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    from voxelflow.core.redact import redact
+
+    log, last = logging.getLogger(__name__), None
+    wanted = EventFilter(event=EventNameFilter(name=[CHAMPION_MOVED]),
+                         resource=EventResourceFilter(id=[model_resource(model_name)]))
+
+    async def listen() -> None:
+        nonlocal last
+        while not stop.is_set():
+            try:
+                async with get_events_subscriber(filter=wanted, reconnection_attempts=0) as events:
+                    last = None
+                    async for event in events:
+                        on_notice(event.payload.get("version"))
+                        if stop.is_set():
+                            return
+            except Exception as exc:  # noqa: BLE001 - the poll carries on meanwhile
+                reason = redact(f"{type(exc).__name__}: {exc}")[:300]
+                if reason != last:
+                    log.warning("champion notices for %s paused, reconnecting: %s", model_name, reason)
+                last = reason
+                await asyncio.sleep(2)
+
+    asyncio.run(listen())

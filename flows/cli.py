@@ -97,14 +97,14 @@ def stage_bars():
             task_progress.listeners.remove(listener)
 
 
-def run_lifecycle(spec) -> dict:
+def run_lifecycle(spec, resume: bool = False, fresh: bool = False) -> dict:
     """Run the lifecycle flow in this process (Prefect's API or a temporary server)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.lifecycle import lifecycle
 
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), stage_bars():
-        return lifecycle(spec)
+        return lifecycle(spec, resume=resume, fresh=fresh)
 
 
 def show(result: dict, name: str) -> None:
@@ -120,12 +120,19 @@ def show(result: dict, name: str) -> None:
         console.print(f"picture: {store.url_of(picture)}", highlight=False)
 
 
+DEMO_MIN_CASES = 12
+
+
 @app.command()
 def demo(
-    cases: Annotated[int, typer.Option(min=4, help="how many synthetic cases to make")] = 12,
+    cases: Annotated[int, typer.Option(min=1, help="how many synthetic cases to make (to run the lifecycle, at "
+                                       "least the 12 the demo spec's split and gates need)")] = 12,
     data_only: Annotated[bool, typer.Option("--data-only", help="only synthesize the data")] = False,
 ) -> None:
     """Synthesize a small labelled dataset and run the whole lifecycle on the demo spec."""
+    if cases < DEMO_MIN_CASES and not data_only:
+        fail(f"--cases {cases}: the demo spec's split and gates need at least {DEMO_MIN_CASES} cases (3 on the test "
+             "side, 3 for validation); --data-only makes any number", 2)
     with reasons():
         from voxelflow.data.synthetic import make_decathlon
         from voxelflow.spec.config import Settings, load_spec
@@ -166,11 +173,20 @@ def load(spec: Path, overlay: list[Path] | None, set_: list[str] | None):
 
 
 @app.command()
-def run(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> None:
-    """Run the lifecycle on any spec, with overlays and --set overrides."""
+def run(
+    spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the latest failed lifecycle of this spec's "
+                                         "pipeline from its failed step (training from its newest checkpoint)")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="compute every step again, ignoring the results recorded by "
+                                        "earlier lifecycles with the same inputs")] = False,
+) -> None:
+    """Run the lifecycle on any spec, with overlays and --set overrides; finished work with the same inputs is
+    reused (--fresh: not), --resume continues a failed lifecycle."""
     with reasons():
+        if resume and fresh:
+            fail("--resume reuses the failed lifecycle's finished steps and --fresh ignores them: give one", 2)
         loaded = load(spec, overlay, set_)
-        result = run_lifecycle(loaded)
+        result = run_lifecycle(loaded, resume=resume, fresh=fresh)
         show(result, loaded.name)
         if result["deployment"]:
             console.print(f"[bold green]HTTP prediction dice: {result['deployment']['dice']:.4f}[/]")
@@ -198,6 +214,10 @@ def validate(spec: SpecArg, overlay: OverlayOpt = None, set_: SetOpt = None) -> 
                 err.print(f"warning: {warning.message}", highlight=False, markup=False, soft_wrap=True)
         console.print("steps, in order:", highlight=False)
         console.print(graph.build(loaded).tree(), highlight=False, markup=False)
+        if loaded.candidates is not None:
+            from voxelflow.spec.candidates import listing
+
+            console.print(listing(loaded), highlight=False, markup=False)
         console.print(f"[green]ok[/] spec digest {loaded.digest()}")
 
 
@@ -279,8 +299,14 @@ def ingest(
 
 @app.command()
 def predict(
-    source: Annotated[str, typer.Argument(help="folder or fsspec URL (s3://...) holding the arrived data")],
-    out: Annotated[str, typer.Option("--out", help="folder or fsspec URL the masks and volumes.csv go to")],
+    source: Annotated[Optional[str], typer.Argument(
+        help="folder or fsspec URL (s3://...) holding the arrived data; with --resend: the destination whose "
+        "pending results to send (default: every pending result, to the destination it was meant for)")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="folder or fsspec URL the masks and volumes.csv go "
+                                                             "to")] = None,
+    send: Annotated[Optional[str], typer.Option("--send", help="send the DICOM results (SEG, SR) to "
+                                                "dicom://AE_TITLE@host:port or dicomweb+http(s)://host/path")] = None,
+    resend: Annotated[bool, typer.Option("--resend", help="send the results whose send failed, then stop")] = False,
     model: Annotated[Optional[str], typer.Option(help="NAME@ALIAS or NAME/VERSION (default: the spec's "
                                                       "promote.model_name@champion)")] = None,
     spec: Annotated[Optional[Path], typer.Option(help="pipeline spec (default: the demo spec)")] = None,
@@ -290,6 +316,21 @@ def predict(
     """Ingest SOURCE, then segment each unlabelled case there with a registered model: NIfTI masks and volumes.csv."""
     with reasons():
         import json
+
+        from voxelflow.serving import dicom_send
+
+        if resend:
+            again = dicom_send.resend_command(send or source, console.print)
+            if again.pending or again.refused:
+                fail(dicom_send.unsent_message(again))
+            return
+        if source is None or out is None:
+            fail("predict needs SOURCE and --out (or --resend)", 2)
+        if send is not None:
+            try:  # before anything is read or written
+                dicom_send.Destination.parse(send)
+            except dicom_send.DestinationError as exc:
+                fail(str(exc), 2)
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
@@ -332,8 +373,12 @@ def predict(
                           f"{report.version}, {len(report.failed)} failed, {len(report.labelled)} labelled left alone;"
                           f" masks in {report.folder}" + (f", volumes in {report.table}" if report.table else ""),
                           highlight=False)
+        sent = dicom_send.send_command(send, loaded.name, report, console.print) if send else None
         if json_:
-            print(json.dumps({**report.summary(), "quarantined": len(arrived.quarantined)}))
+            print(json.dumps({**report.summary(), "quarantined": len(arrived.quarantined),
+                              **({"sent": sent.summary()} if sent else {})}))
+        if sent is not None and (sent.pending or sent.refused):
+            fail(dicom_send.unsent_message(sent))
         if report.failed:
             fail(f"{len(report.failed)} case(s) could not be segmented (the others were written): "
                  + "; ".join(f"{f['case']}: {f['reason']}" for f in report.failed[:3]))
@@ -341,9 +386,13 @@ def predict(
 
 @app.command()
 def watch(
-    source: Annotated[str, typer.Argument(help="folder or fsspec URL (s3://...) to watch")],
-    spec: Annotated[Path, typer.Option(help="pipeline spec the arriving data belongs to")],
-    settle: Annotated[float, typer.Option(help="seconds without change before a batch is announced")] = 2.0,
+    source: Annotated[Optional[str], typer.Argument(
+        help="folder or fsspec URL (s3://...) to watch, or a PACS's DICOMweb root (dicomweb+http(s)://host/path); "
+             "default: the spec's triggers.arrival.source, else its data.source")] = None,
+    spec: Annotated[Path, typer.Option(help="pipeline spec the arriving data belongs to")] = ...,
+    settle: Annotated[Optional[float], typer.Option(
+        help="seconds without change before a batch is announced; default: the spec's triggers.arrival.settle_s, "
+             "else 2")] = None,
     poll: Annotated[float, typer.Option(help="seconds between listings (object stores; folders wake at once)")] = 2.0,
 ) -> None:
     """Run until stopped: announce each settled batch under SOURCE as the Prefect event voxelflow.data.arrived.
@@ -359,6 +408,13 @@ def watch(
         from voxelflow.data.watch import DATA_ARRIVED, Watcher
         from voxelflow.spec.config import Settings, load_spec
 
+        settings = Settings()
+        base = load_spec(spec)
+        arrival = base.triggers.arrival
+        if source is None:
+            source = settings.expand(arrival.source if arrival and arrival.source else base.data.source)
+        if settle is None:
+            settle = arrival.settle_s if arrival else 2.0
         loaded = load_spec(spec, sets=[f"data.source={source}"])
 
         def emit(arrival) -> None:  # raises when the event was not delivered: the batch stays unannounced
@@ -366,7 +422,16 @@ def watch(
             console.print(f"announced {len(arrival.objects)} objects ({arrival.payload()['bytes']} bytes)",
                           highlight=False)
 
-        watcher = Watcher(source, connect(Settings().database), loaded.name, emit, settle_s=settle, poll_s=poll)
+        if source.startswith("dicomweb+"):  # a PACS: QIDO-RS polls, WADO-RS into the spool
+            from voxelflow.data.dicomweb_watch import DicomwebWatcher, dicomweb_spool
+
+            try:
+                watcher = DicomwebWatcher(source, connect(settings.database), loaded.name, dicomweb_spool(
+                    settings.store_url, loaded.name, settings.root), emit, settings, settle_s=settle, poll_s=poll)
+            except ValueError as exc:
+                fail(str(exc), 2)
+        else:
+            watcher = Watcher(source, connect(settings.database), loaded.name, emit, settle_s=settle, poll_s=poll)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -420,7 +485,8 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="bind address (default from settings: 127.0.0.1)")] = None,
     port: Annotated[Optional[int], typer.Option(help="port (default from settings: 8000)")] = None,
     poll_seconds: Annotated[float, typer.Option(help="how often to look for a moved alias (one registry "
-                                                  "lookup)")] = 5.0,
+                                                  "lookup); with a Prefect API a promotion's notice swaps the "
+                                                  "champion in at once")] = 5.0,
 ) -> None:
     """Serve a registered model over HTTP (API keys, throttling, health, metrics)."""
     with reasons():
@@ -456,6 +522,15 @@ def serve(
         except LookupError as exc:  # not promoted yet: stay up, not ready, and keep looking
             console.print(f"waiting for a model: {redact(str(exc))}", markup=False)
         holder.watch(lambda: registry.alias_version(settings.tracking_uri, model, alias), poll_seconds)
+        if alias == "champion" and os.environ.get("PREFECT_API_URL"):  # promotions are pushed: swap at once
+            import threading
+
+            from flows.announce import follow_champion
+
+            threading.Thread(target=follow_champion, args=(model, lambda _version: holder.nudge(), threading.Event()),
+                             name="voxelflow-champion-notices", daemon=True).start()
+            console.print("following champion notices from the Prefect API (and polling every "
+                          f"{poll_seconds:g} s)", highlight=False)
         def describe() -> dict:
             mv = registry.client(settings.tracking_uri).get_model_version(model, holder.version)
             return {"model": model, "alias": alias, "aliases": list(mv.aliases),
@@ -574,14 +649,16 @@ def rollback(
         import getpass
         import uuid
 
+        from voxelflow.core import audit
         from voxelflow.core.db import connect
         from voxelflow.release import registry
         from voxelflow.spec.config import Settings
 
         settings, op = Settings(), operation.strip() or uuid.uuid4().hex
         try:
-            restored, replaced = registry.rollback(settings.tracking_uri, connect(settings.database), model,
-                                                   getpass.getuser(), reason, operation=op)
+            db = connect(settings.database)
+            restored, replaced = registry.rollback(settings.tracking_uri, db, model, getpass.getuser(),
+                                                   audit.Sink(db, settings.tracking_uri), reason, operation=op)
         except (registry.NoPrevious, registry.AliasesMoved) as exc:
             fail(str(exc.args[0]))
         except Exception as exc:  # noqa: BLE001 - said with the id that completes it
@@ -648,9 +725,19 @@ def version() -> None:
     print(__version__)
 
 
+from flows.receive import receive as _receive  # noqa: E402 - the command lives in its own module
+
+app.command(name="receive")(_receive)
+
+from flows.up import down, up  # noqa: E402 - the commands' own module imports the CLI's helpers when called
+
+app.command()(up)
+app.command()(down)
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+

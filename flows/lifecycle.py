@@ -15,10 +15,11 @@ from dataclasses import asdict
 from typing import Any, Iterator
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.release import released, settled
-from flows.stages import current_lifecycle_id, placed
+from flows.stages import FLOW_NAMES, current_lifecycle_id, placed
+from flows.up import verify
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
@@ -38,7 +39,7 @@ from voxelflow.stages.steps import StepRecord
 from voxelflow.steps.api import StepInputs
 
 TASKS = {  # each built-in stage's task, called with the references its placed flow takes
-    "ingest": lambda spec, ctx: ingest(spec.data, ctx),
+    "ingest": lambda spec, ctx, dataset=None: ingest(spec.data, ctx, dataset),
     "preprocess": lambda spec, ctx, case_ids: preprocess(spec.preprocess, ctx, case_ids),
     "train": lambda spec, ctx, train_ids, run_id, val_ids: train(spec, ctx, train_ids, run_id, val_ids),
     "evaluate": lambda spec, ctx, outcome, test_ids, run_id: evaluate(spec.evaluate, spec.promote.model_name, ctx,
@@ -47,7 +48,6 @@ TASKS = {  # each built-in stage's task, called with the references its placed f
         spec.promote, ctx, run_id, outcome, evaluation, tags),
     "deploy": lambda spec, ctx, case_id: deploy(spec.deploy, spec.promote.model_name, ctx, case_id),
 }
-FLOW_NAMES = {"promote": "register-and-promote"}  # the stage flows' names, where they differ from the step id
 
 
 class FlowRunner(Runner):
@@ -71,6 +71,11 @@ class FlowRunner(Runner):
         return settled(self.spec, self.ctx, state.promotion, state.evaluation, state.outcome, state.run_id or "",
                        state.tags)
 
+    def candidates_table(self, rows: list[dict[str, Any]]) -> None:
+        key = "candidates-" + "".join(c if c.isalnum() else "-" for c in self.spec.name.lower())
+        create_table_artifact(rows, key=key, description="every candidate: overrides, validation scores, steps, "
+                              "time, chosen or why not")
+
     @contextlib.contextmanager
     def release(self, state: State) -> Iterator[None]:
         with released(self.ctx, self.spec.promote.model_name, state.promotion):
@@ -83,22 +88,32 @@ def lifecycle(
     overlays: list[str] | None = None,
     sets: list[str] | None = None,
     announcement: dict | None = None,
+    spec_digest: str | None = None,
+    resume: bool = False,
+    fresh: bool = False,
+    dataset: str | None = None,
 ) -> dict:
     """Run the whole life of a model.
 
     ``spec`` is the pipeline spec itself or the path of its YAML file; ``overlays`` (files) and ``sets``
-    (``key.path=value``) are merged over a spec file, as ``voxelflow run`` does.
+    (``key.path=value``) are merged over a spec file, as ``voxelflow run`` does. ``spec_digest`` (set by
+    ``voxelflow up``) refuses a spec file edited since the deployment was made. Steps whose inputs are those of a
+    result recorded by an earlier lifecycle reuse it unless ``fresh``; ``resume`` continues the pipeline's latest
+    failed lifecycle from its failed step (training from its newest checkpoint). ``dataset`` (a dataset digest,
+    what a ``voxelflow.dataset.updated`` trigger passes) starts from the dataset that ingest recorded instead of
+    ingesting the source again, while the ledger still holds that dataset.
     """
     install_log_filter()  # no log line of this run shows a password from a URL
     if isinstance(spec, str):
+        verify(spec, spec_digest)
         spec = load_spec(spec, overlays, sets)
     elif overlays or sets:
         raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
     ctx = Context(run_settings(spec.data), spec.name)
-    if announcement is not None:  # the triggering event (lifecycle/on-update): refused unless data references only
+    if announcement is not None:  # the triggering event (lifecycle/<pipeline>): refused unless data references only
         accept_announcement(ctx.db, spec.name, announcement, DATASET_UPDATED)
     key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
-    runner = FlowRunner(spec, ctx, current_lifecycle_id())
+    runner = FlowRunner(spec, ctx, current_lifecycle_id(), fresh=fresh, resume=resume, dataset=dataset)
     try:
         result = execute(spec, runner)
     except GateFailed as exc:

@@ -24,6 +24,7 @@ from prefect.input import RunInput
 from prefect.transactions import transaction
 from pydantic import Field
 
+from flows.announce import notify_champion
 from flows.stages import placed
 from tasks.deploy import deploy
 from tasks.registry import answer_candidate, champion_moved, register_and_promote
@@ -109,6 +110,8 @@ def released(ctx: Context, model_name: str, promotion: Promotion) -> Iterator[No
         except BaseException as exc:
             txn.set("failure", f"{type(exc).__name__}: {exc}"[:2000])
             raise
+    if promotion.promoted:  # committed: services following the champion swap it in now, not at their next poll
+        notify_champion(model_name, promotion.version)
 
 
 def release(spec: PipelineSpec, ctx: Context, lifecycle_id: str, run_id: str, outcome: TrainOutcome,

@@ -22,13 +22,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_prefect_server(home: Path | None = None, timeout: float = 90) -> Iterator[str]:
-    """Start a server with its own database under ``home``; yields its API URL."""
+def local_prefect_server(home: Path | None = None, timeout: float = 90,
+                        settings: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a server with its own database under ``home`` (and Prefect ``settings``, as variables); yields its
+    API URL."""
     home = Path(home or tempfile.mkdtemp(prefix="voxelflow-prefect-"))
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": ""}
+           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": "", **(settings or {})}
     exe = Path(sys.executable).parent / "prefect"
     with open(home / "server.log", "w") as log:
         proc = subprocess.Popen([str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -23,23 +23,18 @@ from tasks.registry import register_and_promote
 from tasks.settings import run_settings
 from tasks.train import train
 from voxelflow.core import addresses
-from voxelflow.data.ingest import IngestReport
-from voxelflow.data.preprocess import PreprocessReport
-from voxelflow.pipeline import Context, Deployment, Evaluation, Promotion, TrainOutcome, from_dict
+from voxelflow.pipeline import Context, Evaluation, TrainOutcome, from_dict
 from voxelflow.spec.config import PipelineSpec, Settings
+from voxelflow.spec.contracts import STAGES
+from voxelflow.stages.references import REFERENCES
 from voxelflow.stages.steps import StepRecord
 
 T = TypeVar("T")
 
-RESULTS: dict[str, type] = {
-    "ingest": IngestReport,
-    "preprocess": PreprocessReport,
-    "train": TrainOutcome,
-    "evaluate": Evaluation,
-    "register-and-promote": Promotion,
-    "deploy": Deployment,
-    "step": StepRecord,
-}
+FLOW_NAMES = {"promote": "register-and-promote"}  # the stage flows' names, where they differ from the stage id
+# what each stage flow leaves in the store: the reference its stage gives; a user's step leaves its StepRecord
+RESULTS: dict[str, type] = {FLOW_NAMES.get(stage_id, stage_id): REFERENCES[stage.gives]
+                            for stage_id, stage in STAGES.items()} | {"step": StepRecord}
 
 
 def peers_of(ctx: Context) -> dict[str, str]:
@@ -76,6 +71,7 @@ def placed(stage: str, pool: str | None, ctx: Context, spec: PipelineSpec, lifec
                     "peers": peers_of(ctx), **refs},
         as_subflow=True,
         timeout=None,
+        poll_interval=1,  # Prefect's default (5 s) leaves the lifecycle idle up to 5 s after each placed stage
     )
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "unknown"
@@ -88,10 +84,11 @@ def _keep(ctx: Context, lifecycle_id: str, stage: str, result: Any) -> None:
 
 
 @flow(name="ingest")
-def ingest_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str]) -> None:
-    """Ingest the spec's source (placed: ``data.work_pool``)."""
+def ingest_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str],
+                dataset: str | None = None) -> None:
+    """Ingest the spec's source, or take the recorded ``dataset`` (placed: ``data.work_pool``)."""
     ctx = context_for(spec, store, peers)
-    _keep(ctx, lifecycle_id, "ingest", ingest(spec.data, ctx))
+    _keep(ctx, lifecycle_id, "ingest", ingest(spec.data, ctx, dataset))
 
 
 @flow(name="preprocess")
@@ -153,9 +150,12 @@ def step_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str
 @flow(name="rollback")
 def rollback_flow(model_name: str, reason: str = "", actor: str = "prefect") -> dict[str, str]:
     """Move a model's ``champion`` back to ``previous``; a service watching the alias swaps back."""
+    from flows.announce import notify_champion
     from tasks.registry import rollback_champion
 
-    return rollback_champion(Context(Settings(), model_name), model_name, actor, reason)
+    done = rollback_champion(Context(Settings(), model_name), model_name, actor, reason)
+    notify_champion(model_name, done["champion"])  # services swap back at once
+    return done
 
 
 def current_lifecycle_id() -> str:

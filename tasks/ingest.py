@@ -12,9 +12,10 @@ from voxelflow.stages.ingest import ingest_stage
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=transient_only)
-def ingest(data: DataSpec, ctx: Context) -> IngestReport:
-    """Decode, check and store new cases as Zarr; every object gets a ledger state."""
-    return _said(ingest_stage(data, ctx, progress=reporter("ingest", f"ingesting {data.source}")))
+def ingest(data: DataSpec, ctx: Context, dataset: str | None = None) -> IngestReport:
+    """Decode, check and store new cases as Zarr; every object gets a ledger state. With ``dataset`` (the
+    digest a triggering ingest announced), the dataset it recorded, while the ledger still holds that one."""
+    return _said(ingest_stage(data, ctx, progress=reporter("ingest", f"ingesting {data.source}"), dataset=dataset))
 
 
 @task(name="ingest-arrived", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,

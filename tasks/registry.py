@@ -39,10 +39,12 @@ def rollback_champion(ctx: Context, model_name: str, actor: str, reason: str,
     rollback its first attempt started instead of rolling back a second time."""
     from prefect.runtime import flow_run, task_run
 
+    from voxelflow.core import audit
     from voxelflow.release import registry
 
     op = operation or f"{flow_run.get_id() or task_run.get_id()}:{model_name}"
-    restored, replaced = registry.rollback(ctx.tracking_uri, ctx.db, model_name, actor, reason, operation=op)
+    restored, replaced = registry.rollback(ctx.tracking_uri, ctx.db, model_name, actor,
+                                           audit.Sink(ctx.db, ctx.tracking_uri), reason, operation=op)
     return {"model": model_name, "champion": restored, "replaced": replaced, "operation": op}
 
 
@@ -68,6 +70,7 @@ def champion_moved(ctx: Context, model_name: str, version: str) -> str:
 def restore_aliases(txn: Transaction) -> None:
     """Put ``champion`` and ``previous`` back as they were before the promotion (unless something else
     moved ``champion`` since), and record it in the audit log with the failure that caused it."""
+    from voxelflow.core import audit
     from voxelflow.core.db import connect
     from voxelflow.release import registry
 
@@ -77,7 +80,8 @@ def restore_aliases(txn: Transaction) -> None:
     raised = sys.exc_info()[1]
     failure = txn.get("failure", None) or (f"{type(raised).__name__}: {raised}"[:2000] if raised
                                            else "the release failed after the promotion")
-    restored = registry.revert_promotion(moved["tracking_uri"], connect(moved["database"]), moved["model"],
-                                         moved["version"], "voxelflow", f"deployment failed: {failure}")
+    db = connect(moved["database"])
+    restored = registry.revert_promotion(moved["tracking_uri"], db, moved["model"], moved["version"], "voxelflow",
+                                         f"deployment failed: {failure}", audit.Sink(db, moved["tracking_uri"]))
     verdict = "restored" if restored else "left as they are: champion moved again meanwhile"
     txn.logger.warning("%s version %s: aliases %s", moved["model"], moved["version"], verdict)

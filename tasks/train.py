@@ -42,6 +42,6 @@ def train(spec: PipelineSpec, ctx: Context, train_ids: list[str], run_id: str,
         logger.info("epoch %d/%d train_loss %.4f%s", epoch + 1, epochs, metrics["train_loss"], extra)
 
     outcome = train_stage(spec, ctx, train_ids, run_id, val_ids, on_epoch=on_epoch)
-    if outcome.stopped_early:  # it ended before the last epoch, and the step is still done
+    if outcome.stopped_early or outcome.stopped_for_time:  # it ended before the last epoch, and the step is done
         report(epochs, epochs)
     return outcome

@@ -26,7 +26,10 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> str:
     """The API URL of a `prefect server start` that lives as long as the test session."""
-    with local_prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+    # a run waiting for its deployment's slot is tried again after 2 s, not Prefect's 30 s: queued lifecycles
+    # in the tests start soon after the one before them ends
+    with local_prefect_server(tmp_path_factory.mktemp("prefect-home"),
+                              settings={"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}) as url:
         yield url
 
 
@@ -51,3 +54,12 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 600, cwd: Pat
     """Run a console script of this venv and capture what it prints."""
     return subprocess.run([str(BIN / args[0]), *args[1:]], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real Orthanc PACS on loopback for one test module (tests/orthanc.py); skips where it is not installed."""
+    from tests.orthanc import running_orthanc
+
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:
+        yield pacs

@@ -29,10 +29,13 @@ __all__ = [
 ]
 
 
-def run(spec: PipelineSpec, settings: Settings) -> LifecycleResult:
+def run(spec: PipelineSpec, settings: Settings, fresh: bool = False, resume: bool = False,
+        dataset: str | None = None) -> LifecycleResult:
     """The whole lifecycle with no orchestrator: the spec's graph (:mod:`voxelflow.stages`) run here, the
-    baseline the flow is measured against."""
-    runner = Runner(spec, Context(settings, spec.name))
+    baseline the flow is measured against. Results recorded by earlier lifecycles with the same inputs are
+    reused (:mod:`voxelflow.stages.reuse`) unless ``fresh``; ``resume`` continues the latest failed lifecycle;
+    ``dataset`` (a digest) starts from the dataset an ingest recorded, while the ledger still holds it."""
+    runner = Runner(spec, Context(settings, spec.name), fresh=fresh, resume=resume, dataset=dataset)
     try:
         return execute(spec, runner)
     finally:

@@ -55,8 +55,10 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
             for pool in ("cpu", "gpu"):
                 made = run_cli(["prefect", "work-pool", "create", pool, "--type", "process"], cli)
                 assert made.returncode == 0 or "already exists" in made.stdout, made.stdout + made.stderr
+            # the deployments this lifecycle calls (the README deploys every */cpu and */gpu one: each costs
+            # seconds of flow loading, and tests/infra/test_work_pools.py checks them all offline)
             deployed = run_cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
-                                "--name", "*/cpu", "--name", "*/gpu"], cli)
+                                "--name", "lifecycle/cpu", "--name", "train_flow/gpu", "--name", "step_flow/gpu"], cli)
             assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
 
             cpu_env = {**base, "VOXELFLOW_HOME": str(homes["cpu"]), "VOXELFLOW_DASK_SCHEDULER": scheduler}
@@ -67,7 +69,7 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
                                "--param", 'overlays=["deployments/params/gpu-pool.yaml", "deployments/params/quick.yaml", '
                                '"tests/e2e/specs/step-on-gpu.yaml"]',
                                "--param", 'sets=["data.source=s3://voxelflow/incoming"]',
-                               "--watch", "--watch-timeout", "420"], cli, timeout=480)
+                               "--watch", "--watch-interval", "1", "--watch-timeout", "420"], cli, timeout=480)
             logs = {p: (tmp_path / f"worker-{p}.log").read_text() for p in ("cpu", "gpu")}
             assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + logs["cpu"][-4000:] + logs["gpu"][-4000:]
 

@@ -69,7 +69,12 @@ def test_https_with_a_self_signed_certificate_and_keys_from_the_cli(tmp_path):
         assert httpx.get(f"{url}/metrics", verify=str(cert), headers={"X-API-Key": viewer_key}).status_code == 200
         revoked = run_cli(["voxelflow", "keys", "revoke", "grafana"], env)
         assert revoked.returncode == 0
-        assert httpx.get(f"{url}/metrics", verify=str(cert), headers={"X-API-Key": viewer_key}).status_code == 401
+        # revoked in another process: refused once the service re-reads its copy of the keys (within 5 s)
+        refused_by = time.monotonic() + 8
+        while (status := httpx.get(f"{url}/metrics", verify=str(cert),
+                                   headers={"X-API-Key": viewer_key}).status_code) != 401:
+            assert status == 200 and time.monotonic() < refused_by, f"a revoked key still answered {status}"
+            time.sleep(0.25)
         assert run_cli(["voxelflow", "keys", "revoke", "grafana"], env).returncode == 1
     finally:
         proc.terminate()

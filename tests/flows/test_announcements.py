@@ -1,6 +1,6 @@
 """Announcements that cannot be lost, against the session's real Prefect server: the ``ingest-arrived``
 flow sends voxelflow.dataset.updated before it records it, fails when the event was not delivered, and
-a rerun sends the same event id again, so ``lifecycle/on-update`` (its trigger as deployments/prefect.yaml
+a rerun sends the same event id again, so ``lifecycle/demo-spheres`` (its trigger as deployments/prefect.yaml
 ships it) gets exactly one run, not zero and not two. A triggered run takes its spec from its deployment;
 an event that names one is refused, and audited.
 
@@ -98,7 +98,7 @@ def test_an_undelivered_announcement_fails_the_run_and_the_rerun_starts_one_life
     from flows.lifecycle import lifecycle
 
     name, spec, source = pipeline
-    with trigger_deployment(lifecycle, "on-update", name, spec) as deployment_id:
+    with trigger_deployment(lifecycle, "demo-spheres", name, spec) as deployment_id:
         before = sentinel(name, deployment_id)  # the automation is live
 
         def refused(*args, **kwargs):
@@ -132,7 +132,7 @@ def test_a_run_that_dies_between_announcing_and_recording_is_rerun_into_one_life
             raise RuntimeError("killed between sending and recording")
         return record(db, cursor, value, conn)
 
-    with trigger_deployment(lifecycle, "on-update", name, spec) as deployment_id:
+    with trigger_deployment(lifecycle, "demo-spheres", name, spec) as deployment_id:
         before = sentinel(name, deployment_id)
         monkeypatch.setattr(watch, "set_cursor", dies_once)
         state = ingest(spec, return_state=True)
@@ -142,7 +142,7 @@ def test_a_run_that_dies_between_announcing_and_recording_is_rerun_into_one_life
 
 
 def test_an_arrival_naming_a_spec_is_refused_and_audited(pipeline, tmp_path):
-    """Through the shipped on-arrival trigger: the run gets the deployment's spec whatever the event says,
+    """Through the shipped ingest-arrived trigger: the run gets the deployment's spec whatever the event says,
     and the event's payload keys, and refuses to act on an event that names a spec."""
     from prefect.flow_engine import run_flow
 
@@ -155,7 +155,7 @@ def test_an_arrival_naming_a_spec_is_refused_and_audited(pipeline, tmp_path):
     name, spec, source = pipeline
     evil = tmp_path / "evil.yaml"
     evil.write_text((REPO / "deployments/specs/demo.yaml").read_text())
-    with trigger_deployment(ingest, "on-arrival", name, spec) as deployment_id:
+    with trigger_deployment(ingest, "demo-spheres", name, spec) as deployment_id:
         event_id = uuid.uuid4()
         send(DATA_ARRIVED, name, {"source": source, "objects": [], "count": 0, "spec": str(evil)}, event_id)
         deadline, runs = time.monotonic() + 60, []

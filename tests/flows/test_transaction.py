@@ -79,6 +79,7 @@ def test_a_failed_deployment_puts_the_aliases_back(prefect_here, release_home, n
 
 
 def test_a_revert_moves_nothing_once_champion_moved_again_and_removes_an_alias_that_was_not_there(release_home):
+    from voxelflow.core import audit
     from voxelflow.core.db import connect
     from voxelflow.release import registry
 
@@ -86,12 +87,12 @@ def test_a_revert_moves_nothing_once_champion_moved_again_and_removes_an_alias_t
     model = f"revert-{uuid.uuid4().hex[:6]}"
     uri, mc = bare_versions(release_home, model, 3)
     registry.promote(uri, model, "1")  # the first champion: nothing before it
-    assert registry.revert_promotion(uri, db, model, "1", "voxelflow", "deployment failed: test")
+    assert registry.revert_promotion(uri, db, model, "1", "voxelflow", "deployment failed: test", audit.Sink(db, uri))
     assert registry.alias_version(uri, model) is None and registry.alias_version(uri, model, registry.PREVIOUS) is None
     registry.promote(uri, model, "1")
     registry.promote(uri, model, "2")
     registry.promote(uri, model, "3")  # another release moved champion on before 2's revert ran
-    assert not registry.revert_promotion(uri, db, model, "2", "voxelflow", "deployment failed: test")
+    assert not registry.revert_promotion(uri, db, model, "2", "voxelflow", "deployment failed: test", audit.Sink(db, uri))
     assert (registry.alias_version(uri, model), registry.alias_version(uri, model, registry.PREVIOUS)) == ("3", "2")
     last = events_of(release_home, model)[-1]
     assert last["event"] == "model.promotion_not_reverted" and last["details"]["champion"] == "3"

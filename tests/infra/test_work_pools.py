@@ -47,7 +47,8 @@ PREFECT_FILE = yaml.safe_load(PREFECT_YAML.read_text())
 DEPLOYMENTS = PREFECT_FILE["deployments"]
 
 
-ARRIVAL_FLOWS = {"ingest-arrived", "rollback", "predict"}  # flows that are neither the lifecycle nor its stages
+# flows that are neither the lifecycle nor its stages
+ARRIVAL_FLOWS = {"ingest-arrived", "rollback", "predict", "predict-arrived"}
 
 
 @cache
@@ -160,8 +161,8 @@ def lifecycles() -> list[dict]:
 
 def test_lifecycle_deployments():
     names = {d["name"]: d for d in lifecycles()}
-    assert set(names) == {"demo", "cpu", "k8s-cpu", "on-update"}
-    demo = names["demo"]
+    assert set(names) == {"demo-spheres", "cpu", "k8s-cpu"}
+    demo = names["demo-spheres"]
     assert demo["work_pool"]["name"] == "voxelflow-process"
     assert demo["parameters"] == {"spec": "deployments/specs/demo.yaml", "overlays": []}
     assert [s.get("active") for s in demo["schedules"]] == [False]
@@ -205,16 +206,78 @@ def test_rollback_has_a_deployment():
 
 
 def test_arrival_triggers_chain_ingest_and_lifecycle():
-    """watch -> voxelflow.data.arrived -> ingest-arrived/on-arrival -> voxelflow.dataset.updated -> lifecycle/on-update."""
+    """watch -> voxelflow.data.arrived -> ingest-arrived/demo-spheres -> voxelflow.dataset.updated ->
+    lifecycle/demo-spheres."""
     names = by_name()
-    arrival, update = names["ingest-arrived/on-arrival"], names["lifecycle/on-update"]
+    arrival, update = names["ingest-arrived/demo-spheres"], names["lifecycle/demo-spheres"]
     (a,) = arrival["triggers"]
     assert a["expect"] == ["voxelflow.data.arrived"]
     assert a["parameters"]["source"] == "{{ event.payload.source }}"
     (u,) = update["triggers"]
     assert u["expect"] == ["voxelflow.dataset.updated"]
     assert u["parameters"]["sets"] == ["data.source={{ event.payload.source }}"]
+    assert u["parameters"]["dataset"] == "{{ event.payload.dataset_digest }}"  # it starts from what ingest recorded
     assert update["concurrency_limit"]["collision_strategy"] == "ENQUEUE"  # repeated updates queue, never overlap
+
+
+DEMO_SPEC = "deployments/specs/demo.yaml"
+
+
+def up_shape(d: dict) -> dict:
+    """A shipped entry in the shape of flows.up.plan's, where the two can be compared."""
+    return {"flow": flow_of(d["entrypoint"]).name, "name": d["name"], "entrypoint": d["entrypoint"],
+            "tags": sorted(d.get("tags", [])), "description": d.get("description"),
+            "parameters": d.get("parameters", {}), "work_pool": d["work_pool"]["name"],
+            "concurrency_limit": d.get("concurrency_limit"), "triggers": d.get("triggers", []),
+            "schedules": [{"cron": s["cron"], "timezone": s.get("timezone", "UTC"), "active": s.get("active", True)}
+                          for s in d.get("schedules", [])]}
+
+
+def test_the_shipped_demo_deployments_are_what_voxelflow_up_makes():
+    """The demo pipeline's deployments in the file are `voxelflow up deployments/specs/demo.yaml`'s, under the
+    same names (so deploying both ways still leaves one lifecycle deployment), with every parameter, trigger,
+    limit and schedule equal. Only the spec's digest differs, on purpose: `up` records it (the parameter
+    spec_digest, which makes a run refuse a spec edited since, and a tag); the file leaves it out, since
+    `prefect deploy` cannot compute it and a pinned one would refuse `--param spec=PATH` and every edit of the
+    demo spec until the file is edited too (tests/unit/test_spec_digest.py pins the demo spec's digest)."""
+    from flows.up import plan
+    from voxelflow.data.watch import resource_id
+    from voxelflow.spec.config import load_spec
+
+    spec = load_spec(REPO / DEMO_SPEC)
+    digest = spec.digest()
+    want = {}
+    for d in plan(spec, DEMO_SPEC):
+        assert d["parameters"].pop("spec_digest") == digest
+        tags = sorted(d["tags"])
+        tags.remove(f"voxelflow.spec-digest:{digest}")
+        want[f"{d['flow']}/{d['name']}"] = {**d, "tags": tags}
+    assert set(want) == {f"{flow}/demo-spheres" for flow in ("lifecycle", "ingest-arrived", "predict",
+                                                             "predict-arrived")}  # the spec's triggers ask for all
+    got = {full_name(d): up_shape(d) for d in DEPLOYMENTS if d["name"] == spec.name}
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name] == want[name], (f"deployments/prefect.yaml's {name} is not what `voxelflow up {DEMO_SPEC}` "
+                                         "makes (flows/up.py): make them agree")
+    # and nothing else in the file is started by the pipeline's events: no second trigger, no generic deployment
+    others = [full_name(d) for d in DEPLOYMENTS if full_name(d) not in want
+              and any(tr["match"] == {"prefect.resource.id": resource_id(spec.name)} for tr in d.get("triggers", []))]
+    assert others == []
+
+
+def test_one_lifecycle_deployment_per_pipeline_starts_by_itself():
+    """Prefect's concurrency limit is per deployment: of a pipeline's lifecycle deployments in the file, one
+    alone has a schedule or a trigger. The others (the demo pipeline placed on other pools) start only when
+    someone runs them, as alternatives to it (infra/README.md)."""
+    from voxelflow.spec.config import load_spec
+
+    starting: dict[str, list[str]] = {}
+    for d in lifecycles():
+        params = d["parameters"]
+        name = load_spec(REPO / params["spec"], [REPO / o for o in params.get("overlays", [])]).name
+        if d.get("schedules") or d.get("triggers"):
+            starting.setdefault(name, []).append(full_name(d))
+    assert starting == {"demo-spheres": ["lifecycle/demo-spheres"]}
 
 
 def triggered() -> list[dict]:
@@ -240,7 +303,8 @@ def test_a_triggered_deployment_runs_its_own_spec_for_its_own_pipeline_only(d):
                                           "resource": "{{ event.resource.id }}", "keys": "{{ event.payload | list }}"}
         templated = yaml.safe_dump({k: v for k, v in params.items() if k != "announcement"})
         assert "event.payload" not in templated.replace("event.payload.source", "").replace(
-            "event.payload.cases", ""), f"{full_name(d)} takes more than data references from the event"
+            "event.payload.cases", "").replace("event.payload.dataset_digest", ""), \
+            f"{full_name(d)} takes more than data references from the event"
 
 
 # --------------------------------------------------------------------------- Kubernetes job templates

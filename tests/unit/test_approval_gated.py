@@ -88,7 +88,7 @@ def test_the_gated_challenger_is_approved_and_then_cannot_be_approved_again(life
     code, out = cli(ctx, "3", "--reason", "once more")
     assert code == 1 and "already champion" in out
     registry.promote(uri, "m", "1")  # champion 1, previous 3
-    registry.rollback(uri, ctx.db, "m", "ops", "bad on scanner B")  # 3 is champion again, 1 rolled back
+    registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad on scanner B")  # 3 is champion again, 1 rolled back
     code, out = cli(ctx, "1", "--reason", "again")
     assert code == 1 and "it was rolled back (replaced by 3: bad on scanner B)" in out
 

@@ -569,3 +569,42 @@ def test_a_malformed_dataset_json_is_a_clear_error_and_records_nothing(tmp_path,
     with pytest.raises(ValueError, match=message):
         ingest(DataSpec(source=str(src), layout="decathlon"), layout, db, str(src))
     assert read_ledger(db, "p") == []
+
+
+def test_a_lifecycle_given_the_announced_dataset_takes_it_as_recorded_and_reads_no_source(tmp_path):
+    """What a voxelflow.dataset.updated trigger passes (the dataset's digest) is taken from the ledger as it is;
+    once the ledger holds another dataset, the source is ingested as usual."""
+    import shutil
+
+    from voxelflow.core import audit
+    from voxelflow.data.synthetic import make_decathlon
+    from voxelflow.spec.config import Settings
+    from voxelflow.stages.context import Context
+    from voxelflow.stages.ingest import ingest_stage
+
+    source = make_decathlon(tmp_path / "src", n_cases=2, size=12)
+    ctx = Context(Settings(home=tmp_path / "home", store=str(tmp_path / "store")), "p")
+    data = DataSpec(source=str(source), layout="decathlon")
+    first = ingest_stage(data, ctx)
+    moved = shutil.move(source, tmp_path / "away")  # a source that is not there cannot have been read
+    taken = ingest_stage(data, ctx, dataset=first.dataset_digest)
+    assert taken.recorded and not first.recorded
+    assert (taken.case_ids, taken.dataset_digest) == (first.case_ids, first.dataset_digest)
+    assert taken.arrived == 0 and not taken.ingested and taken.summary()["recorded"] is True
+    assert [e["event"] for e in audit.entries(ctx.db)][-1] == "data.recorded"
+
+    shutil.move(moved, source)
+    make_decathlon(source, n_cases=3, size=12)
+    ingest_stage(data, ctx)  # another ingest grew the dataset since the announcement
+    again = ingest_stage(data, ctx, dataset=first.dataset_digest)
+    assert not again.recorded and again.arrived == 6 and len(again.case_ids) == 3
+
+
+def test_a_dataset_that_is_not_a_digest_is_refused(tmp_path):
+    from voxelflow.spec.config import Settings
+    from voxelflow.stages.context import Context
+    from voxelflow.stages.ingest import ingest_stage
+
+    ctx = Context(Settings(home=tmp_path / "home", store=str(tmp_path / "store")), "p")
+    with pytest.raises(ValueError, match="dataset digest"):
+        ingest_stage(DataSpec(source=str(tmp_path), layout="decathlon"), ctx, dataset="{{ event.payload }}")

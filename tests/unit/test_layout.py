@@ -95,3 +95,9 @@ def test_no_module_is_too_long(name):
 def test_the_library_never_imports_prefect():
     offenders = [n for n, p in modules().items() if any(i.split(".")[0] == "prefect" for i in imports(p))]
     assert not offenders, offenders
+
+
+def test_the_registry_is_given_an_audit_sink_and_never_imports_the_audit_log():
+    """voxelflow.release.registry records its moves through the AuditSink its caller gives it."""
+    found = imports(modules()["voxelflow.release.registry"])
+    assert not {t for t in found if t.startswith("voxelflow.core.audit") or t == "voxelflow.core.db.audit_log"}

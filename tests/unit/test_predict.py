@@ -266,14 +266,14 @@ def prefect_here(prefect_api):
 
 @pytest.fixture
 def predict_deployment(prefect_here, tmp_path):
-    """``predict/on-unlabelled`` with the trigger exactly as deployments/prefect.yaml defines it, made for this
+    """``predict/demo-spheres`` with the trigger exactly as deployments/prefect.yaml defines it, made for this
     test's pipeline and spec (its path), on no work pool: the server's automation creates the run and this test
     executes it, as a worker would. (deployment id, pipeline, spec path)."""
     from flows.predict import predict
     from tests.triggers import trigger_deployment
 
     name, spec_path = f"arrival-{uuid.uuid4().hex[:6]}", tmp_path / "spec.yaml"
-    with trigger_deployment(predict, "on-unlabelled", name, spec_path) as deployment_id:
+    with trigger_deployment(predict, "demo-spheres", name, spec_path) as deployment_id:
         yield deployment_id, name, spec_path
 
 
@@ -299,7 +299,7 @@ def test_unlabelled_arrival_triggers_a_predict_run_with_artifacts(registered, pr
     source = make_source(tmp_path / "incoming", (False,), seed=30)  # no labelled case: no dataset.updated event
     spec_path.write_text(yaml.safe_dump(spec_data(name, source)))
 
-    arrived = ingest(str(spec_path))  # the flow behind ingest-arrived/on-arrival: emits voxelflow.cases.unlabelled
+    arrived = ingest(str(spec_path))  # the flow behind ingest-arrived/<pipeline>: emits voxelflow.cases.unlabelled
     assert (arrived["unlabelled"], arrived["unlabelled_announced"], arrived["announced"]) == (1, 1, 0)
     with get_client(sync_client=True) as client:
         deadline, runs = time.monotonic() + 60, []

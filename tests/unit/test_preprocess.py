@@ -340,3 +340,37 @@ def test_cases_keep_their_own_shapes(tmp_path):
     assert "label" not in load_case_arrays(out, report.ingested[0])
     with pytest.raises(ValueError, match="differ in shape"):  # whole-volume training needs one shape
         load_arrays(out, report.ingested)
+
+
+def test_a_few_new_cases_are_processed_without_starting_a_cluster(demo_pre, tmp_path, monkeypatch):
+    """What an arrival or the demo adds (new cases of at most HERE_VOXELS voxels in all) is preprocessed in the
+    lifecycle's process under `cluster: auto`: a local cluster costs more to start than they take. More voxels, a
+    shared scheduler, an explicit cluster, adaptive scaling or the GPU keep the cluster."""
+    from voxelflow.data import cluster
+    from voxelflow.data.synthetic import make_decathlon
+    from voxelflow.spec.config import DataSpec, Settings
+    from voxelflow.spec.sections import Adaptive
+    from voxelflow.stages import preprocess as stage
+    from voxelflow.stages.context import Context
+    from voxelflow.stages.ingest import ingest_stage
+
+    source = make_decathlon(tmp_path / "src", n_cases=3, size=12)
+    ctx = Context(Settings(home=tmp_path / "home", store=str(tmp_path / "store"), dask_scheduler=None), "p")
+    ids = ingest_stage(DataSpec(source=str(source), layout="decathlon"), ctx).case_ids
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a few small new cases")
+
+    monkeypatch.setattr(cluster, "dask_client", no_cluster)
+    first = stage.preprocess_stage(demo_pre, ctx, ids[:2])
+    second = stage.preprocess_stage(demo_pre, ctx, ids)  # the one case the first left is the only new one
+    assert (first.processed, second.processed, second.skipped) == (2, 1, 2) and not second.failed
+
+    assert not stage.needs_cluster(demo_pre, ctx, []) and not stage.needs_cluster(demo_pre, ctx, ids)
+    monkeypatch.setattr(stage, "HERE_VOXELS", 2 * 12**3)  # the three 12^3 cases are over it, two are not
+    assert stage.needs_cluster(demo_pre, ctx, ids) and not stage.needs_cluster(demo_pre, ctx, ids[:2])
+    monkeypatch.setattr(stage, "HERE_VOXELS", 2**24)
+    for changed in ({"cluster": "local"}, {"device": "cuda"}, {"adaptive": Adaptive(minimum=1, maximum=2)}):
+        assert stage.needs_cluster(demo_pre.model_copy(update=changed), ctx, ids[:1]), changed
+    shared = Context(ctx.settings.model_copy(update={"dask_scheduler": "tcp://127.0.0.1:8786"}), "p")
+    assert stage.needs_cluster(demo_pre, shared, ids[:1])

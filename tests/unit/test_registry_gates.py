@@ -336,7 +336,7 @@ def test_a_person_approves_a_challenger_with_a_reason(tmp_path):
     (entry,) = [e for e in audit.entries(db) if e["event"] == "model.approved"]
     assert entry["details"]["version"] == "2" and entry["details"]["previous"] == "1"
     assert audit.verify(db, audit.mlflow_anchors(uri)).anchor.seq == entry["seq"]
-    registry.rollback(uri, db, "m", "ops", "bad on scanner B")  # 2 is rolled back: it cannot be approved again
+    registry.rollback(uri, db, "m", "ops", audit.Sink(db, uri), "bad on scanner B")  # 2 is rolled back: it cannot be approved again
     code, out = approve("2", "--reason", "again")
     assert code == 1 and "was rolled back" in out and registry.alias_version(uri, "m") == "1"
     code, out = approve("9", "--reason", "no such version")

@@ -201,7 +201,7 @@ def test_a_rollback_cut_off_after_any_registry_write_and_retried_ends_as_one_cle
 
     scenario("clean")
     faults.arm(None)
-    assert registry.rollback(uri, ctx.db, "clean", "ops", "worse on scanner B", operation="op-1") == ("2", "3")
+    assert registry.rollback(uri, ctx.db, "clean", "ops", audit.Sink(ctx.db, uri), "worse on scanner B", operation="op-1") == ("2", "3")
     count = faults.count
     expected = state(ctx, "clean")
     assert expected["aliases"] == {"champion": "2", "previous": None, "challenger": None}
@@ -215,13 +215,13 @@ def test_a_rollback_cut_off_after_any_registry_write_and_retried_ends_as_one_cle
     names = [f"cut-{k}" for k in range(1, count + 1)]
     for name in names:
         scenario(name)
-    cut = retried(faults, count, lambda k: registry.rollback(uri, ctx.db, names[k - 1], "ops", "worse on scanner B",
+    cut = retried(faults, count, lambda k: registry.rollback(uri, ctx.db, names[k - 1], "ops", audit.Sink(ctx.db, uri), "worse on scanner B",
                                                              operation="op-1"))
     assert any("set_registered_model_alias" in w for w in cut) and any("delete" in w for w in cut)
     for k, name in enumerate(names, 1):
         assert state(ctx, name) == expected, f"cut off after {cut[k - 1]}"
     # run once more after it completed: the same answer, nothing written twice
-    assert registry.rollback(uri, ctx.db, names[0], "ops", "worse on scanner B", operation="op-1") == ("2", "3")
+    assert registry.rollback(uri, ctx.db, names[0], "ops", audit.Sink(ctx.db, uri), "worse on scanner B", operation="op-1") == ("2", "3")
     assert state(ctx, names[0]) == expected
 
 
@@ -230,16 +230,16 @@ def test_a_rollback_retried_after_the_aliases_moved_again_changes_nothing(home):
     bare_model(ctx, "m", 4)
     for v in ("1", "2", "3"):
         registry.promote(uri, "m", v)
-    assert registry.rollback(uri, ctx.db, "m", "ops", "bad", operation="op-a") == ("2", "3")
+    assert registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad", operation="op-a") == ("2", "3")
     registry.promote(uri, "m", "4")  # champion 4, previous 2
     with pytest.raises(registry.AliasesMoved, match="op-a"):
-        registry.rollback(uri, ctx.db, "m", "ops", "bad", operation="op-a")
+        registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad", operation="op-a")
     assert (registry.alias_version(uri, "m"), registry.alias_version(uri, "m", registry.PREVIOUS)) == ("4", "2")
     with pytest.raises(registry.AliasesMoved, match="not 3, 2"):  # a compare-and-set on the pair
-        registry.rollback(uri, ctx.db, "m", "ops", "bad", expected=("3", "2"))
-    assert registry.rollback(uri, ctx.db, "m", "ops", "bad", expected=("4", "2")) == ("2", "4")
+        registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad", expected=("3", "2"))
+    assert registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad", expected=("4", "2")) == ("2", "4")
     with pytest.raises(ValueError, match="operation id"):
-        registry.rollback(uri, ctx.db, "m", "ops", "bad", operation="x' or name like '%")
+        registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad", operation="x' or name like '%")
     assert [e["event"] for e in audit.entries(ctx.db)].count("model.rolled_back") == 2
 
 
@@ -343,13 +343,13 @@ def test_a_rollback_cut_off_between_its_alias_writes_is_completed_by_a_plain_ret
         for v in ("1", "2", "3"):
             registry.promote(uri, name, v)
     faults.arm(None)
-    registry.rollback(uri, ctx.db, "probe", "ops", "bad")
+    registry.rollback(uri, ctx.db, "probe", "ops", audit.Sink(ctx.db, uri), "bad")
     move = next(i for i, w in enumerate(faults.writes, 1) if w.startswith("set_registered_model_alias"))
     faults.arm(move)  # cut off right after `champion` moved, before `previous` is removed
     with pytest.raises(InjectedFailure, match="set_registered_model_alias"):
-        registry.rollback(uri, ctx.db, "m", "ops", "bad")
+        registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad")
     faults.arm(None)
-    assert registry.rollback(uri, ctx.db, "m", "ops", "bad") == ("2", "3")
+    assert registry.rollback(uri, ctx.db, "m", "ops", audit.Sink(ctx.db, uri), "bad") == ("2", "3")
     assert (registry.alias_version(uri, "m"), registry.alias_version(uri, "m", registry.PREVIOUS)) == ("2", None)
     mc = registry.client(uri)
     assert registry.ROLLED_BACK not in mc.get_model_version("m", "2").tags

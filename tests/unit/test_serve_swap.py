@@ -38,7 +38,10 @@ def test_no_request_fails_while_the_model_is_swapped_under_load(tiny_model_confi
                     np.load(io.BytesIO(r.content))  # a whole mask, not a broken answer
                     served.add(r.headers["X-Model-Version"])
 
-    with Server(create_app(holder, KeyStore(db), db=db, workers=2, queue=16)) as server:
+    # the key's throttle is set out of reach: this test is about swaps, and four clients of a 16³ model send
+    # faster than the default 10 a second on a quick machine
+    app = create_app(holder, KeyStore(db), db=db, workers=2, queue=16, rate=1e6, burst=10**6)
+    with Server(app) as server:
         threads = [threading.Thread(target=client, args=(f"{server.url}/v1/segment",)) for _ in range(4)]
         for t in threads:
             t.start()
@@ -115,3 +118,48 @@ def body_of(shape) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.random.default_rng(1).random(shape, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
+
+
+def test_a_champion_notice_swaps_the_model_in_at_once_not_at_the_next_poll(tiny_model_config, tiny_weights,
+                                                                          prefect_api):
+    """`voxelflow serve` follows the Prefect API's champion notices (flows.announce): a notice about its model
+    makes it look at the alias now, though its poll is 10 minutes away."""
+    import time
+    import uuid
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.announce import follow_champion, notify_champion
+
+    alias = {"version": "1"}
+    holder = ModelHolder(lambda: (Segmenter(tiny_model_config, tiny_weights[int(alias["version"]) % 2], device="cpu"),
+                                  alias["version"]))
+    holder.reload()
+    stop_watch = holder.watch(lambda: alias["version"], interval=600)
+    name, heard, stop = f"notice-{uuid.uuid4().hex[:8]}", [], threading.Event()
+
+    def follow() -> None:
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            follow_champion(name, lambda version: (heard.append(version), holder.nudge()), stop)
+
+    listener = threading.Thread(target=follow, daemon=True)
+    listener.start()
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            deadline = time.monotonic() + 60
+            while not heard:  # the stream is open once a notice sent now comes back (the version stays 1)
+                assert time.monotonic() < deadline, "no champion notice came back from the Prefect API"
+                assert notify_champion(name, "1")
+                time.sleep(0.5)
+            assert notify_champion(f"{name}-other", "7")  # another model's notice is not this service's
+            alias["version"] = "2"
+            assert notify_champion(name, "2")
+            deadline = time.monotonic() + 20
+            while holder.version != "2":
+                assert time.monotonic() < deadline, f"still serving v{holder.version} after the notice"
+                time.sleep(0.05)
+        assert "7" not in heard and heard[-1] == "2"
+        assert holder.swaps == 1
+    finally:
+        stop.set()
+        stop_watch.set()

@@ -61,6 +61,40 @@ def append(db: Database, event: str, actor: str, conn: Connection | None = None,
         return _append(own, event, actor, details)
 
 
+def find(db: Database, events: tuple[str, ...], **match: Any) -> dict[str, Any] | None:
+    """The newest record of one of ``events`` whose details hold ``match``: how a retry finds the record an
+    earlier attempt of the same move wrote, so that it is written once."""
+    with db.transaction() as conn:
+        rows = conn.execute(select(audit_log).where(audit_log.c.event.in_(events))
+                            .order_by(audit_log.c.seq.desc())).all()
+    for row in rows:
+        try:
+            details = json.loads(row.details)
+        except ValueError:
+            continue
+        if isinstance(details, dict) and all(details.get(k) == v for k, v in match.items()):
+            return {**row._asdict(), "details": details}
+    return None
+
+
+@dataclass(frozen=True)
+class Sink:
+    """The audit log as a registry move records itself: the record appended once and anchored on the model
+    version it concerns. The registry is given one (:class:`voxelflow.release.registry.AuditSink`) and never
+    imports this module."""
+
+    db: Database
+    tracking_uri: str
+
+    def record(self, event: str, actor: str, anchor: str, once: dict[str, Any] | None = None,
+               **details: Any) -> dict[str, Any]:
+        """Append ``event`` (unless a record of it matching ``once`` exists: a retry's) and anchor the chain's
+        head on version ``anchor`` of ``details["model"]``."""
+        entry = (find(self.db, (event,), **once) if once else None) or append(self.db, event, actor, **details)
+        anchor_in_mlflow(self.tracking_uri, details["model"], anchor, entry)
+        return entry
+
+
 def entries(db: Database) -> Iterator[dict[str, Any]]:
     """Every record, oldest first; ``details`` stays text when it is not JSON (a tampered row)."""
     with db.transaction() as conn:

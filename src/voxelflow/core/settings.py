@@ -60,6 +60,46 @@ class Settings(BaseSettings):
         "(networks, losses, transforms, metrics); add your own package, e.g. monai,torch,voxelflow,mypackage")
     webhook_url: SecretStr | None = Field(
         None, description="where the notify_webhook step POSTs its JSON summary; a secret: it may carry a token")
+    dicom_callers: str = Field(
+        "", description="who may send to `voxelflow receive`: comma-separated AE_TITLE or AE_TITLE@host (that AE "
+        "title only from that host); empty: no one")
+    dicom_tls_cert: str | None = Field(None, description="PEM certificate: `voxelflow receive` speaks TLS when set "
+                                       "with dicom_tls_key")
+    dicom_tls_key: str | None = Field(None, description="PEM private key of dicom_tls_cert")
+    dicom_tls_ca: str | None = Field(None, description="PEM CA bundle: callers must present a certificate it signed")
+    dicom_max_pdu: int = Field(262144, ge=4096, lt=2**32, description="largest PDU a caller may send, in bytes "
+                               "(negotiated; a bigger one aborts the association)")
+    dicom_max_instances: int = Field(10000, ge=1, description="instances one association may send (then aborted)")
+    dicom_max_bytes: int = Field(4 << 30, ge=1, description="bytes one association may send (then aborted)")
+    dicom_max_associations: int = Field(4, ge=1, description="associations open at once (more are rejected)")
+    spool_max_bytes: int = Field(20 << 30, ge=1, description="bytes the DICOM spool may hold, instances in transit "
+                                 "included (an association that would go over is aborted)")
+    spool_retention_h: float = Field(
+        0.0, ge=0, description="hours a received series stays in the spool once it is done (its results "
+        "acknowledged by the destination, or it was ingested or skipped); 0: deleted at once. A series whose results "
+        "the destination has not acknowledged stays")
+    dicom_ae_title: str = Field(
+        "VOXELFLOW", min_length=1, max_length=16, description="voxelflow's own DICOM AE title: the calling AE "
+        "title of the results it sends (C-STORE)")
+    dicom_destination: str | None = Field(
+        None, description="where triggered predictions send their DICOM results: dicom://AE_TITLE@host:port "
+        "(C-STORE) or dicomweb+http(s)://host/path (STOW-RS); no credentials in it (they are dicomweb_*)")
+    dicom_send_tls_cert: str | None = Field(
+        None, description="PEM certificate voxelflow presents when sending over DICOM (TLS with dicom_send_tls_key)")
+    dicom_send_tls_key: str | None = Field(None, description="PEM private key of dicom_send_tls_cert")
+    dicom_send_tls_ca: str | None = Field(
+        None, description="PEM CA bundle a DICOM destination's certificate is checked against: sends over TLS when set")
+    dicom_send_attempts: int = Field(
+        3, ge=1, description="attempts at sending one object while the destination's errors are transient")
+    dicom_send_backoff_s: float = Field(
+        1.0, ge=0, description="seconds before the second attempt of a send, doubling for each later one")
+    dicom_send_timeout_s: float = Field(30.0, gt=0, description="longest wait for a DICOM or DICOMweb peer's answer")
+    dicomweb_username: str | None = Field(None, description="user of HTTP basic authentication at DICOMweb servers")
+    dicomweb_password: SecretStr | None = Field(None, description="password of dicomweb_username")
+    dicomweb_token: SecretStr | None = Field(
+        None, description="bearer token for DICOMweb servers (instead of dicomweb_username and dicomweb_password)")
+    dicomweb_ca: str | None = Field(None, description="PEM CA bundle HTTPS DICOMweb servers are checked against "
+                                    "(default: the system's)")
 
     @property
     def root(self) -> Path:

@@ -47,6 +47,7 @@ class IngestReport:
     superseded: list[dict[str, Any]] = field(default_factory=list)  # {case, by, regrouped}: see ledger.supersede
     arrived: int = 0  # objects found under the source: sum(objects.values()) + seen
     warnings: list[str] = field(default_factory=list)  # said at every run (e.g. de-identification is off)
+    recorded: bool = False  # the dataset an earlier ingest recorded, taken as it was: the source was not read
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class IngestReport:
             "cases": len(self.case_ids),
             "unlabelled": len(self.unlabelled),
             "dataset_digest": self.dataset_digest,
+            "recorded": self.recorded,
         }
 
 

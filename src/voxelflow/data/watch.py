@@ -145,27 +145,38 @@ class Watcher:
         if "file" in (self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)):
             threading.Thread(target=self._local_events, args=(stop, wake), daemon=True,
                              name="voxelflow-watch-events").start()
-        while not stop.is_set():
-            try:
-                self.step()
-            except Exception as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
-                stop.wait(self.poll_s)
-                continue
-            if self._pending:  # wake when the batch would be settled (earlier if something changes)
-                wait = min(self.poll_s, max(0.05, self._changed_at + self.settle_s - time.monotonic()))
-            else:
-                wait = self.poll_s
-            wake.wait(wait)
-            wake.clear()
+        run_steps(stop, self.step, on_error, pause_s=self._pause_s, retry_s=self.poll_s, wake=wake)
+
+    def _pause_s(self) -> float:
+        if self._pending:  # wake when the batch would be settled (earlier if something changes)
+            return min(self.poll_s, max(0.05, self._changed_at + self.settle_s - time.monotonic()))
+        return self.poll_s
 
     def _local_events(self, stop: threading.Event, wake: threading.Event) -> None:
         from watchfiles import watch
 
         for _ in watch(self.root, stop_event=stop, debounce=200, recursive=True):
             wake.set()
+
+
+def run_steps(stop: threading.Event, step: Callable[[], Any], on_error: Callable[[Exception], None] | None, *,
+              pause_s: Callable[[], float], retry_s: float, wake: threading.Event | None = None) -> None:
+    """The loop of a watcher or receiver: until ``stop`` is set, ``step()``, then wait ``pause_s()`` seconds
+    (cut short by ``wake``, cleared after each wait, when given; by ``stop`` otherwise). A step that raises
+    ends the loop with its error, or with ``on_error`` is reported to it and tried again ``retry_s`` later."""
+    wake = wake if wake is not None else stop
+    while not stop.is_set():
+        try:
+            step()
+        except Exception as exc:
+            if on_error is None:
+                raise
+            on_error(exc)
+            stop.wait(retry_s)
+            continue
+        wake.wait(pause_s())
+        if wake is not stop:
+            wake.clear()
 
 
 def get_cursor(db: Database, name: str, conn=None) -> Any:

@@ -11,6 +11,14 @@ it planned is an error, never a shorter training. Every
 ``val_every`` epochs a sliding-window validation scores the network; the best one's weights
 are what training returns, and ``patience`` stops a run that no longer improves.
 
+``train.max_seconds`` is a time budget (Lightning's ``max_time``): at the end of each epoch, training
+stops when one more epoch would pass it, an epoch taken as the mean training time of an epoch so far
+plus the mean validation time (a validation is due after it, on schedule or because it would be the
+last; before any validation, one is taken as long as an epoch). The epoch where it stops is validated if it was not, so the weights returned are the best of
+all the training done, and checkpointed; the result says it stopped for time. At least one epoch is
+trained; a resumed run goes on with the time its checkpoint had used, and a run stopped for time
+does not train on when retried.
+
 A retry resumes from the newest checkpoint: the data order is a pure function of the seed and
 the epoch, each case's augmentation one of the seed, the epoch and the case, and the torch RNG
 is checkpointed, so a resumed run sees the same batches and ends with the same weights as an
@@ -133,8 +141,9 @@ class TrainResult:
     device: str = "cpu"
     best_epoch: int | None = None  # the validation whose weights these are (None: no validation ran)
     best_metric: float | None = None
-    stopped_early: bool = False
+    stopped_early: bool = False  # patience stopped it before the last epoch
     determinism: str = ""  # what a resume of it promises (voxelflow.learn.devices.determinism)
+    stopped_for_time: bool = False  # train.max_seconds stopped it before the last epoch
 
 
 @dataclass
@@ -190,6 +199,7 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     on_validation: Callable[[int, dict[str, float], dict[str, np.ndarray]], None] | None = None,
     device: str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train ``spec.network`` on ``cases`` (:class:`StoreCases`, :class:`ArrayCases`); returns the weights
     of the best validation (the last epoch's without ``validation``).
@@ -197,7 +207,8 @@ def train(
     With ``train.devices`` above one, this process is rank 0 of a DistributedDataParallel group
     (NCCL on GPUs, gloo on CPUs) and starts the other ranks itself; each step's batch is split
     between the ranks and their gradients averaged, so the steps are those of one process with the
-    whole batch. Rank 0 alone validates, checkpoints and calls back.
+    whole batch. Rank 0 alone validates, checkpoints, calls back and decides, with ``train.max_seconds``,
+    when time is up (``clock``: the seconds it measures, read at the epochs' ends).
     """
     where = devices.placement(spec.devices, devices.visible_gpus(), spec.batch_size, device)
     if spec.deterministic and where.kind == "cuda":
@@ -206,14 +217,15 @@ def train(
              devices.determinism(spec.deterministic, where.kind))
     device, world = device or where.device, where.processes  # devices: cpu is the CPU, GPUs or not
     if world == 1:
-        return _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device)
+        return _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, clock=clock)
     # the other ranks run _train too: it is pickled by name, so it stays a function of this module
     return run_ranks(world, _train, (spec, cases, checkpoints, None, None, None, device),
                      lambda group: _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device,
-                                          group))
+                                          group, clock))
 
 
-def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, group=None) -> TrainResult:
+def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device, group=None,
+           clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     rank, world, port = group or (0, 1, 0)
     if len(cases) == 0:
         raise ValueError("no training cases: ingest data first")
@@ -223,14 +235,15 @@ def _train(spec, cases, checkpoints, validation, on_epoch, on_validation, device
         dev, steps = join_group(rank, world, port, dev, spec.collective_timeout_s)
     try:
         with devices.deterministic_cuda(spec.deterministic and dev.type == "cuda"):
-            return _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank, world, steps)
+            return _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank, world, steps,
+                         clock)
     finally:
         if world > 1:
             leave_group()
 
 
 def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, rank: int, world: int,
-          steps=None) -> TrainResult:
+          steps=None, clock: Callable[[], float] = time.perf_counter) -> TrainResult:
     import torch
     import torch.distributed as dist
 
@@ -268,6 +281,8 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
 
     step, history, resumed, running = 0, [], None, []
     best = {"metric": None, "epoch": None, "step": None, "stale": 0}
+    # train.max_seconds: the seconds used before this process (a resume), each epoch's training and validation
+    budget = {"used": 0.0, "epochs": [], "validations": [], "stopped": False}
     state = checkpoints.load_latest(dev)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -279,6 +294,7 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
         history = [dict(h) for h in state["history"]]
         running = [float(v) for v in state.get("running", [])]
         best = dict(state.get("best", best))
+        budget.update(state.get("budget", {}))
 
     def save(at: int) -> None:
         if rank != 0:
@@ -287,9 +303,11 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
                               "scaler": scaler.state_dict(),
                               "scheduler": sched.state_dict() if sched is not None else None,
                               "step": at, "history": history, "running": running, "best": dict(best),
-                              "rng": rng_state(dev)})
+                              "rng": rng_state(dev),
+                              **({"budget": {**budget, "used": budget["used"] + clock() - began}}
+                                 if spec.max_seconds is not None else {})})
 
-    start = time.perf_counter()
+    start, began = time.perf_counter(), clock()
     net.train()
     total = spec.epochs * steps_per_epoch
     dataset = TrainingSet(cases, spec.augment, spec.seed, spec.patch_size)
@@ -299,8 +317,31 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
         set_rng_state(state["rng"], dev)
     batches = iter(loader)
     stopped = validation is not None and validation.patience is not None and best["stale"] >= validation.patience
-    samples, step_start = 0, time.perf_counter()
-    for x, y in ([] if stopped else batches):
+    timed_out = bool(budget["stopped"])  # a run stopped for time does not train on when retried
+
+    def validate(epoch: int, metrics: dict[str, float]) -> None:
+        nonlocal stopped
+        at = clock()
+        scores, sample = validation.run(model, dev, precision)
+        metrics.update(scores)
+        if best["metric"] is None or scores["val_epoch_dice"] > best["metric"]:
+            best.update(metric=scores["val_epoch_dice"], epoch=epoch, step=step, stale=0)
+            checkpoints.save_best(state_dict_bytes(model))
+        else:
+            best["stale"] += 1
+        if on_validation:
+            on_validation(epoch, scores, sample)
+        stopped = validation.patience is not None and best["stale"] >= validation.patience
+        budget["validations"].append(clock() - at)
+
+    def out_of_time() -> bool:
+        """Whether one more epoch, and the validation due after it, would pass ``train.max_seconds``."""
+        train_s = float(np.mean(budget["epochs"]))
+        val_s = 0.0 if validation is None else float(np.mean(budget["validations"] or [train_s]))
+        return budget["used"] + clock() - began + train_s + val_s > spec.max_seconds
+
+    samples, step_start, epoch_start = 0, time.perf_counter(), clock()
+    for x, y in ([] if stopped or timed_out else batches):
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         opt.zero_grad(set_to_none=True)
         with autocast_for(precision, dev):
@@ -322,30 +363,29 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
                        "samples_per_s": samples / seconds if seconds > 0 else 0.0}
             if sched is not None:
                 sched.step()
-            if validation is not None and ((epoch + 1) % validation.every == 0 or step == total):
-                scores, sample = validation.run(model, dev, precision)
-                metrics.update(scores)
-                if best["metric"] is None or scores["val_epoch_dice"] > best["metric"]:
-                    best.update(metric=scores["val_epoch_dice"], epoch=epoch, step=step, stale=0)
-                    checkpoints.save_best(state_dict_bytes(model))
-                else:
-                    best["stale"] += 1
-                if on_validation:
-                    on_validation(epoch, scores, sample)
-                stopped = validation.patience is not None and best["stale"] >= validation.patience
+            budget["epochs"].append(clock() - epoch_start)
+            validated = validation is not None and ((epoch + 1) % validation.every == 0 or step == total)
+            if validated:
+                validate(epoch, metrics)
+            if rank == 0 and spec.max_seconds is not None and not stopped and step < total and out_of_time():
+                timed_out = budget["stopped"] = True
+                if validation is not None and not validated:  # the best weights consider the last training
+                    validate(epoch, metrics)
             if world > 1:  # rank 0 alone validates (the others wait here, on the group's timeout): whether to stop
-                flag = torch.tensor([float(stopped)], device=dev)
+                flag = torch.tensor([float(stopped or timed_out)], device=dev)
                 dist.broadcast(flag, src=0)
-                stopped = bool(flag.item())
+                if rank != 0:
+                    stopped = bool(flag.item())
             history.append({"epoch": epoch, **{k: v for k, v in metrics.items() if k != "samples_per_s"}})
             running, samples, step_start = [], 0, time.perf_counter()
             if on_epoch:
                 on_epoch(epoch, metrics)
-        if step % spec.checkpoint_every_steps == 0 or step == total or stopped:
+            epoch_start = clock()  # what the callback took counts toward the next epoch
+        if step % spec.checkpoint_every_steps == 0 or step == total or stopped or timed_out:
             save(step)
-        if stopped:
+        if stopped or timed_out:
             break
-    if step < total and not stopped:
+    if step < total and not stopped and not timed_out:
         raise IncompleteTraining(f"training ended after {step} of its {total} planned steps ({spec.epochs} epochs of "
                                  f"{steps_per_epoch}) with no error from its loader: no model comes of it")
     weights = checkpoints.load_best() if best["metric"] is not None else None
@@ -359,8 +399,9 @@ def _loop(spec, cases, checkpoints, validation, on_epoch, on_validation, dev, ra
         device=str(dev),
         best_epoch=best["epoch"],
         best_metric=best["metric"],
-        stopped_early=bool(stopped) and step < total,
+        stopped_early=bool(stopped) and not timed_out and step < total,  # time decides first: one reason
         determinism=devices.determinism(spec.deterministic, dev.type),
+        stopped_for_time=timed_out and step < total,
     )
 
 

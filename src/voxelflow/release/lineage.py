@@ -59,6 +59,13 @@ def trace(tracking_uri: str, db: Database, store_url: str, ref: str) -> dict[str
     rtags = run.data.tags
     out["run"] = {"id": mv.run_id, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
                   "code_version": rtags.get("voxelflow.code_version"), "spec_digest": rtags.get("voxelflow.spec_digest")}
+    parent_id = rtags.get("mlflow.parentRunId")  # a candidate's run: its split and the spec are its parent's
+    if parent_id:
+        ptags = mc.get_run(parent_id).data.tags
+        out["parent_run"] = {"id": parent_id, "spec_digest": ptags.get("voxelflow.spec_digest"),
+                             "candidate": rtags.get("voxelflow.candidate")}
+        if ptags.get("voxelflow.dataset_digest") != rtags.get("voxelflow.dataset_digest"):
+            problems.append(f"run {mv.run_id} and its parent run {parent_id} disagree on the dataset digest")
     pipeline, digest = rtags.get("voxelflow.pipeline"), rtags.get("voxelflow.dataset_digest")
     pre_digest = rtags.get("voxelflow.preprocess_digest")
     out.update(pipeline=pipeline, dataset_digest=digest, preprocess_digest=pre_digest)
@@ -68,6 +75,8 @@ def trace(tracking_uri: str, db: Database, store_url: str, ref: str) -> dict[str
     if tags.get("voxelflow.dataset_digest") not in (None, digest):
         problems.append(f"version {version} and its run disagree on the dataset digest")
     split = _split(tracking_uri, mv.run_id)
+    if split is None and parent_id:
+        split = _split(tracking_uri, parent_id)
     if split is None:
         problems.append(f"run {mv.run_id} keeps no split.json: its cases cannot be named")
         return out
@@ -123,6 +132,8 @@ def render(trace_: dict[str, Any]) -> str:
         run = t["run"]
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(run["metrics"].items()))
         lines += [f"  training run {run['id']} (code {run['code_version']}, {len(run['params'])} params; {metrics})",
+                  *([f"    candidate {t['parent_run']['candidate']} of lifecycle run {t['parent_run']['id']} (spec "
+                     f"digest {t['parent_run']['spec_digest']})"] if t.get("parent_run") else []),
                   f"    preprocessing digest {t.get('preprocess_digest')}",
                   f"    dataset digest {t.get('dataset_digest')} of pipeline {t.get('pipeline')}"]
     for case in t.get("cases", []):

@@ -92,7 +92,7 @@ def record_decision(db, tracking_uri: str, name: str, version: str, settled: Set
                                "metrics": metrics, "reasons": d.reasons}
     if d.promote:
         details["previous"] = settled.previous
-    entry = registry.logged(db, DECIDED, model=name, version=version) or audit.append(db, event, "voxelflow",
+    entry = audit.find(db, DECIDED, model=name, version=version) or audit.append(db, event, "voxelflow",
                                                                                        **details)
     audit.anchor_in_mlflow(tracking_uri, name, version, entry)  # the chain's head, where the log's writer cannot reach
     return entry
@@ -187,7 +187,7 @@ def approve(tracking_uri: str, db, name: str, version: str, actor: str, reason: 
     details: dict[str, Any] = {"model": name, "version": str(version), "previous": old, "reason": reason}
     if override:
         details.update(override=override, overridden=overridden)
-    entry = registry.logged(db, ("model.approved",), **details) or audit.append(db, "model.approved", actor,
+    entry = audit.find(db, ("model.approved",), **details) or audit.append(db, "model.approved", actor,
                                                                                  **details)
     audit.anchor_in_mlflow(tracking_uri, name, str(version), entry)
     return old

@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from voxelflow import __version__
 from voxelflow.core import redact, transient
@@ -360,41 +360,29 @@ def load_version(tracking_uri: str, name: str, version: str, cache_dir: Path, de
     return Segmenter.from_dir(local / "artifacts", device=device)
 
 
-def logged(db, events: tuple[str, ...], **match: Any) -> dict[str, Any] | None:
-    """The newest audit record of one of ``events`` whose details hold ``match``: how a retry finds the
-    record an earlier attempt of the same move wrote, so that it is written once."""
-    from sqlalchemy import select
-
-    from voxelflow.core.db import audit_log
-
-    with db.transaction() as conn:
-        rows = conn.execute(select(audit_log).where(audit_log.c.event.in_(events))
-                            .order_by(audit_log.c.seq.desc())).all()
-    for row in rows:
-        try:
-            details = json.loads(row.details)
-        except ValueError:
-            continue
-        if isinstance(details, dict) and all(details.get(k) == v for k, v in match.items()):
-            return {**row._asdict(), "details": details}
-    return None
-
-
 class NoPrevious(LookupError):
     """Nothing to roll back to."""
 
 
-def revert_promotion(tracking_uri: str, db, name: str, version: str, actor: str, reason: str) -> bool:
+class AuditSink(Protocol):
+    """Where a registry move records itself (:class:`voxelflow.core.audit.Sink` writes the audit log): the
+    registry is given one, it does not import the audit log."""
+
+    def record(self, event: str, actor: str, anchor: str, once: dict[str, Any] | None = None,
+               **details: Any) -> Any:
+        """Record ``event`` once (a record matching ``once`` is a retry's), anchored on version ``anchor``."""
+
+
+def revert_promotion(tracking_uri: str, db, name: str, version: str, actor: str, reason: str,
+                     sink: AuditSink) -> bool:
     """Undo the promotion of ``version``: ``champion`` and ``previous`` go back to what they were
     before it (kept on the version by :func:`promote`; an alias that did not exist is removed).
 
     A compare-and-set under the model's lock: only while ``champion`` is still ``version``. If it has
     moved since (another promotion, a rollback), nothing is changed and that is what gets recorded.
-    Either way the audit log says so (``model.promotion_reverted`` / ``model.promotion_not_reverted``),
+    Either way ``sink`` records it (``model.promotion_reverted`` / ``model.promotion_not_reverted``),
     anchored on the version. Returns whether the aliases were restored.
     """
-    from voxelflow.core import audit
-
     mc = client(tracking_uri)
     with db.locked(f"register:{name}"):
         current = alias_version(tracking_uri, name, CHAMPION)
@@ -413,13 +401,12 @@ def revert_promotion(tracking_uri: str, db, name: str, version: str, actor: str,
             tag_version(tracking_uri, name, version, {"voxelflow.decision": "reverted",
                                                       "voxelflow.reverted": reason[:5000]})
     if restored:
-        entry = audit.append(db, "model.promotion_reverted", actor, model=name, version=version,
+        sink.record("model.promotion_reverted", actor, version, model=name, version=version,
                              champion=None if before[CHAMPION] == "none" else before[CHAMPION],
                              previous=None if before[PREVIOUS] == "none" else before[PREVIOUS], reason=reason)
     else:
-        entry = audit.append(db, "model.promotion_not_reverted", actor, model=name, version=version, champion=current,
-                             reason=f"{reason} (champion is now {current or 'unset'}: left as it is)")
-    audit.anchor_in_mlflow(tracking_uri, name, version, entry)
+        sink.record("model.promotion_not_reverted", actor, version, model=name, version=version, champion=current,
+                    reason=f"{reason} (champion is now {current or 'unset'}: left as it is)")
     return restored
 
 
@@ -433,8 +420,8 @@ class AliasesMoved(RuntimeError):
     """``champion`` and ``previous`` are no longer the pair a rollback set out to move: nothing changed."""
 
 
-def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "", operation: str | None = None,
-             expected: tuple[str | None, str | None] | None = None) -> tuple[str, str]:
+def rollback(tracking_uri: str, db, name: str, actor: str, sink: AuditSink, reason: str = "",
+             operation: str | None = None, expected: tuple[str | None, str | None] | None = None) -> tuple[str, str]:
     """Move ``champion`` back to ``previous``, under the model's lock; returns (restored, replaced).
 
     A compare-and-set on the pair (``champion``, ``previous``): with ``expected`` it moves only from
@@ -442,13 +429,11 @@ def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "", ope
     versions and kept in the audit record, so a retry with the same id recognises its own rollback,
     finished or cut off between writes, and completes it exactly as one clean run would.
     ``previous`` is then removed and the replaced version tagged ``voxelflow.rolled_back``, so a second
-    rollback has nothing to go back to until the next promotion. The move is recorded in the audit
-    log and the record anchored on the restored version. A running service follows ``champion``.
+    rollback has nothing to go back to until the next promotion. ``sink`` records the move (once per
+    operation), anchored on the restored version. A running service follows ``champion``.
     """
     import re
     import uuid
-
-    from voxelflow.core import audit
 
     op = operation or uuid.uuid4().hex
     if not re.fullmatch(r"[A-Za-z0-9._:-]{1,200}", op):
@@ -486,7 +471,6 @@ def rollback(tracking_uri: str, db, name: str, actor: str, reason: str = "", ope
         if current is not None:
             tag_version(tracking_uri, name, current, {ROLLED_BACK: f"replaced by {target}: {reason}"[:5000],
                                                       ROLLED_BACK_OPERATION: op})
-    entry = logged(db, ("model.rolled_back",), model=name, operation=op) or audit.append(
-        db, "model.rolled_back", actor, model=name, version=target, replaced=current, reason=reason, operation=op)
-    audit.anchor_in_mlflow(tracking_uri, name, target, entry)
+    sink.record("model.rolled_back", actor, target, once={"model": name, "operation": op}, model=name,
+                version=target, replaced=current, reason=reason, operation=op)
     return target, current or ""

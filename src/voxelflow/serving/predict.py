@@ -7,6 +7,8 @@ sliding-window inference and the inversion back to the input's grid) and writes,
 destination (any fsspec URL), one folder per model version::
 
     DEST/<model>-v<version>/<case id>.nii.gz   the mask: uint8, the input's grid and affine
+    DEST/<model>-v<version>/<case id>.seg.dcm  DICOM input only: the mask as a DICOM Segmentation
+    DEST/<model>-v<version>/<case id>.sr.dcm   DICOM input only: its volumes as a DICOM SR (TID 1500)
     DEST/<model>-v<version>/volumes.csv        one row per mask: each label's volume in mL
 
 Each mask gets one row in the database table ``predictions`` (case, model, version, the mask's URL,
@@ -14,6 +16,11 @@ its sha256, the volumes, when). A rerun skips the cases whose mask by the same v
 there and still exists, so repeated arrival events and retries do no work twice. Names of source
 files never reach the destination: masks are named by case id (a content hash), as in the store;
 ``voxelflow ledger`` maps source objects to case ids.
+
+A case ingested from DICOM was stored de-identified; its Segmentation and SR reference the original
+instances instead (what the PACS holds): the ledger names the source objects of the case, which are
+read again (headers only, each checked against the hash the ledger recorded) to build them
+(:mod:`voxelflow.serving.dicom_results`). Both carry the source's patient and study attributes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import io
 import json
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +46,13 @@ from voxelflow.core.db import Database, ledger, now, predictions
 from voxelflow.core.storage import Layout, Store
 from voxelflow.data.ingest import has_label, ingested_cases, load_case
 from voxelflow.release import registry
+from voxelflow.serving.dicom_results import DicomResultError, dicom_results
 
 TABLE = "volumes.csv"
 MASK_SUFFIX = ".nii.gz"
+SEG_SUFFIX, SR_SUFFIX = ".seg.dcm", ".sr.dcm"  # beside the mask, for DICOM input
+NIFTI = (".nii", ".nii.gz")
+HEADER_BYTES = 16 << 20  # what is kept of a source instance to read its header (its pixels are not needed)
 Progress = Callable[[int, int], None]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # as promote.model_name
@@ -151,6 +162,65 @@ def check_destination(dest: str, source: str | None) -> None:
                          "ingested as new cases; write them elsewhere")
 
 
+# ---------------------------------------------------------------- the original DICOM instances
+
+
+def source_objects(db: Database, pipeline: str, case: str, source: str | None = None) -> dict[str, list[str]]:
+    """sha256 -> the objects (under ``source`` first) the ledger holds for ``case``: its source, as it arrived."""
+    prefix = source_prefix(source) if source else ""
+    with db.transaction() as conn:
+        rows = conn.execute(select(ledger.c.object, ledger.c.sha256).where(
+            ledger.c.pipeline == pipeline, ledger.c.case_id == case,
+            ledger.c.state.in_(("ingested", "duplicate"))).order_by(ledger.c.id)).all()
+    out: dict[str, list[str]] = {}
+    for r in sorted(rows, key=lambda r: not r.object.startswith(prefix)):
+        out.setdefault(r.sha256, []).append(r.object)
+    return out
+
+
+def _header(url: str) -> tuple[Any, str]:
+    """(the header of the DICOM object at ``url``, the sha256 of all its bytes), its pixels streamed by."""
+    import pydicom
+
+    h, head = hashlib.sha256(), bytearray()
+    with fsspec.open(url, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+            if len(head) < HEADER_BYTES:
+                head += block[:HEADER_BYTES - len(head)]
+    return pydicom.dcmread(io.BytesIO(bytes(head)), stop_before_pixels=True), h.hexdigest()
+
+
+def source_instances(db: Database, pipeline: str, case: str, source: str | None = None) -> list[Any] | None:
+    """The original DICOM instances of ``case`` (headers), read again where they arrived; None for a NIfTI case.
+
+    Each must still hold the bytes the ledger recorded (another object under its name is not what was
+    segmented): otherwise, or when none of its copies can be read, :class:`DicomResultError`.
+    """
+    objects = source_objects(db, pipeline, case, source)
+    if not objects or all(o.lower().endswith(NIFTI) for copies in objects.values() for o in copies):
+        return None
+    found = []
+    for sha, copies in objects.items():
+        for url in copies:
+            try:
+                ds, got = _header(url)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - classified: storage trouble raises, the rest is this case's
+                if is_transient(exc):
+                    raise
+                raise DicomResultError(f"source object {sha[:16]} no longer reads as DICOM "
+                                       f"({type(exc).__name__})") from None
+            if got == sha:
+                found.append(ds)
+                break
+        else:
+            raise DicomResultError(f"source object {sha[:16]} is no longer where it arrived (or holds other bytes "
+                                   "now): DICOM results reference the original instances")
+    return found
+
+
 # ---------------------------------------------------------------- masks and volumes
 
 
@@ -213,13 +283,23 @@ class PredictReport:
                 "labelled": len(self.labelled), "table": self.table}
 
 
-def _recorded(conn, pipeline: str, model: str, version: str, outputs: list[str]) -> set[str]:
+def _recorded(conn, pipeline: str, model: str, version: str, outputs: list[str]) -> dict[str, dict[str, Any]]:
+    """The recorded masks among ``outputs``: URL -> its details (``seg`` and ``sr`` URLs for DICOM input)."""
     if not outputs:
-        return set()
-    rows = conn.execute(select(predictions.c.output).where(
+        return {}
+    rows = conn.execute(select(predictions.c.output, predictions.c.volumes).where(
         predictions.c.pipeline == pipeline, predictions.c.model == model, predictions.c.version == version,
         predictions.c.output.in_(outputs))).all()
-    return {r.output for r in rows}
+    return {r.output: json.loads(r.volumes) for r in rows}
+
+
+def _present(dest: Store, key: str, details: dict[str, Any] | None) -> bool:
+    """Whether a recorded mask and the DICOM results recorded with it are all still there."""
+    if details is None or not dest.exists(key):
+        return False
+    stem = key[:-len(MASK_SUFFIX)]
+    return all(dest.exists(stem + suffix) for name, suffix in (("seg", SEG_SUFFIX), ("sr", SR_SUFFIX))
+               if details.get(name))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -236,13 +316,17 @@ def predict(
     load: Callable[[], Any],
     dest: Store,
     progress: Progress | None = None,
+    source: str | None = None,
 ) -> PredictReport:
     """Segment ``cases`` (ingested case ids) with ``load()``'s segmenter, registered as ``model`` ``version``.
 
     ``load`` is called once, and only when some case has no mask by this version yet. A case that
     fails on its own (not a storage error) is reported in ``failed`` and the others go on; storage
     errors raise (a rerun skips what was written). Masks are written and recorded under the lock
-    ``predict:MODEL:VERSION``, so two runs at once (a repeated event) record each mask once.
+    ``predict:MODEL:VERSION``, so two runs at once (a repeated event) record each mask once. A case
+    ingested from DICOM also gets its Segmentation and SR (``seg`` and ``sr`` in its ``predicted``
+    entry; None for NIfTI input), from its original instances (under ``source`` first, as the ledger
+    names them).
     """
     folder = folder_for(model, version)
     report = PredictReport(model, version, dest.url_of(folder))
@@ -252,7 +336,7 @@ def predict(
         recorded = _recorded(conn, layout.pipeline, model, version, list(urls.values()))
     segmenter = None
     for i, case in enumerate(cases):
-        if urls[case] in recorded and dest.exists(keys[case]):
+        if _present(dest, keys[case], recorded.get(urls[case])):
             report.skipped.append(case)
         else:
             try:
@@ -260,19 +344,27 @@ def predict(
                     segmenter = load()
                 item = load_case(layout.raw, case)
                 spacing = item["attrs"].get("spacing") or np.sqrt((item["affine"][:3, :3] ** 2).sum(0)).tolist()
+                originals = source_instances(db, layout.pipeline, case, source)  # before the work: it may fail
                 mask = segmenter.segment(item["image"], item["affine"])
-                volumes = label_volumes(mask, spacing, label_values(segmenter.config))
+                classes = label_values(segmenter.config)
+                volumes = label_volumes(mask, spacing, classes)
                 blob = mask_nifti(mask, item["affine"])
+                extra = {} if originals is None else _dicom_blobs(
+                    dicom_results(originals, mask, segmenter.config.get("labels"), max(classes, default=0) + 1,
+                                  volumes, model, version), keys[case], dest)
             except Exception as exc:  # noqa: BLE001 - classified: storage errors raise, the rest is this case's
                 if is_transient(exc) or segmenter is None:
                     raise
                 report.failed.append({"case": case, "reason": f"{type(exc).__name__}: {exc}"[:500]})
             else:
                 sha = hashlib.sha256(blob).hexdigest()
+                results = {name: url for name, (_, url, _) in extra.items()}
                 details = json.dumps({"voxel_ml": voxel_ml(spacing), "volumes_ml": volumes,
-                                      "shape": list(mask.shape)}, sort_keys=True)
-                if _write(db, layout.pipeline, case, model, version, dest, keys[case], urls[case], blob, sha, details):
-                    report.predicted.append({"case": case, "mask": urls[case], "sha256": sha, "volumes_ml": volumes})
+                                      "shape": list(mask.shape), **results}, sort_keys=True)
+                if _write(db, layout.pipeline, case, model, version, dest, keys[case], urls[case], blob, sha, details,
+                          [(key, data) for key, _, data in extra.values()]):
+                    report.predicted.append({"case": case, "mask": urls[case], "sha256": sha, "volumes_ml": volumes,
+                                             "seg": results.get("seg"), "sr": results.get("sr")})
                 else:
                     report.skipped.append(case)  # another run wrote it meanwhile
         if progress:
@@ -288,13 +380,23 @@ def predict(
     return report
 
 
+def _dicom_blobs(results, key: str, dest: Store) -> dict[str, tuple[str, str, bytes]]:
+    """``seg`` and ``sr`` -> (key, URL, bytes): where a mask's DICOM results go, beside it."""
+    stem = key[:-len(MASK_SUFFIX)]
+    return {name: (stem + suffix, dest.url_of(stem + suffix), data)
+            for name, suffix, data in (("seg", SEG_SUFFIX, results.seg), ("sr", SR_SUFFIX, results.sr))}
+
+
 def _write(db: Database, pipeline: str, case: str, model: str, version: str, dest: Store, key: str, url: str,
-           blob: bytes, sha: str, details: str) -> bool:
-    """Write one mask and its row, unless another run did first; returns whether this one did."""
+           blob: bytes, sha: str, details: str, beside: Sequence[tuple[str, bytes]] = ()) -> bool:
+    """Write one mask (and ``beside`` it, its DICOM results) and its row, unless another run did first;
+    returns whether this one did."""
     with db.locked(f"predict:{model}:{version}") as conn:
         done = _recorded(conn, pipeline, model, version, [url])
-        if done and dest.exists(key):
+        if _present(dest, key, done.get(url)):
             return False
+        for other, data in beside:  # before the mask and its row: a row means everything is there
+            dest.write_bytes(other, data)
         dest.write_bytes(key, blob)
         values = {"sha256": sha, "volumes": details, "at": now()}
         if done:  # recorded, but the mask was removed since: written again
@@ -365,6 +467,6 @@ def run(
         with tempfile.TemporaryDirectory(prefix="voxelflow-predict-") as tmp:  # the segmenter holds its weights
             return registry.load_version(tracking_uri, model.name, version, Path(tmp), device)
 
-    report = predict(db, layout, chosen.unlabelled, model.name, version, load, out, progress)
+    report = predict(db, layout, chosen.unlabelled, model.name, version, load, out, progress, source)
     report.labelled = chosen.labelled
     return report

@@ -23,12 +23,12 @@ from fastapi import FastAPI
 
 from voxelflow.core.db import Database
 from voxelflow.serving.api import health, model, predict
-from voxelflow.serving.api.access import ROUTES, Probes, RequestLog, request_id_of
+from voxelflow.serving.api.access import ROUTES, Logged, Probes, RequestLog, request_id_of
 from voxelflow.serving.api.deps import Admission, Authentication, Limits
 from voxelflow.serving.api.metrics import ServiceMetrics, SwapFailures
 from voxelflow.serving.serve_gpu import GpuSlots, workers_for
 from voxelflow.serving.serve_guard import Denials, Throttle
-from voxelflow.serving.serve_keys import LEGACY_ROLES, ROLES, KeyStore, Principal
+from voxelflow.serving.serve_keys import LEGACY_ROLES, ROLES, KeyCache, KeyStore, Principal
 from voxelflow.serving.serve_model import ModelHolder, failure_summary
 from voxelflow.serving.serve_server import Server, free_port, proxy_options, trusted_networks
 from voxelflow.serving.serve_volumes import (
@@ -43,7 +43,7 @@ from voxelflow.serving.serve_volumes import (
     working_set_bytes,
 )
 
-__all__ = ["BODY_TYPES", "LEGACY_ROLES", "NIFTI", "NPY", "ROLES", "ROUTES", "VOLUME_STATUS", "Denials", "KeyStore",
+__all__ = ["BODY_TYPES", "LEGACY_ROLES", "NIFTI", "NPY", "ROLES", "ROUTES", "VOLUME_STATUS", "Denials", "KeyCache", "KeyStore",
            "ModelHolder", "Principal", "Probes", "Server", "SwapFailures", "Throttle", "create_app",
            "declared_volume", "decode_volume", "encode_mask", "failure_summary", "free_port", "nifti_gz",
            "proxy_options", "trusted_networks", "working_set_bytes"]
@@ -67,6 +67,8 @@ def create_app(
     max_clients: int = 10000,
     gpus: Sequence[str] = (),
     per_gpu: int = 1,
+    key_ttl_s: float = 5.0,
+    key_miss_s: float = 0.5,
 ):
     """The service's ASGI app.
 
@@ -86,6 +88,9 @@ def create_app(
     GPU running the fewest, and a volume whose windows alone would not fit in one inference's share of a GPU's
     memory is refused 413 too. An inference that runs out of memory on a GPU is answered 503 with Retry-After,
     and its memory is handed back before the worker takes the next request.
+    Keys are verified from an in-memory copy of their digests (:class:`KeyCache`): an expired key is refused at
+    once, a revoked one within ``key_ttl_s`` seconds, a key created elsewhere is accepted within ``key_miss_s``,
+    and unknown keys cost at most one database query per ``key_miss_s``.
     """
     workers = workers_for(workers, len(gpus), per_gpu, os.cpu_count() or 1)
     gpu_slots = GpuSlots(gpus, per_gpu) if gpus else None
@@ -94,7 +99,8 @@ def create_app(
 
     throttle = Throttle(rate, burst, max_clients)
     failures = Throttle(failed_rate, failed_burst, max_clients)
-    auth = Authentication(keys, throttle, failures, Denials(db, max_addresses=max_clients))
+    auth = Authentication(KeyCache(keys, key_ttl_s, key_miss_s), throttle, failures,
+                          Denials(db, max_addresses=max_clients))
     admission = Admission(holder, workers, queue)
     limits = Limits(holder, max_bytes, max_voxels, memory_budget, timeout_s, gpu_slots)
     metrics = ServiceMetrics(holder, throttle, failures, gpu_slots, gpus)
@@ -104,7 +110,7 @@ def create_app(
                   openapi_url="/openapi.json" if docs else None)
     app.state.pool = pool
     request_log = RequestLog(metrics)
-    app.middleware("http")(request_log)
+    app.add_middleware(Logged, request_log=request_log)
     # in the documented order: the probes and /metrics, the model, prediction, reloading
     app.include_router(health.router(holder, auth, metrics))
     app.include_router(model.about_router(holder, auth, describe))

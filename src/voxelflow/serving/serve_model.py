@@ -43,6 +43,7 @@ class ModelHolder:
         self.swap_failures = 0  # loads that failed
         self.current: Callable[[], str | None] | None = None  # the alias's version, once watch() reads it
         self.lock = threading.Lock()
+        self._nudged = threading.Event()  # someone said the alias moved: look now, not at the next poll
 
     @property
     def error(self) -> str | None:
@@ -81,14 +82,31 @@ class ModelHolder:
             log.warning(json.dumps({"event": "model.load_failed", "version": wanted, "serving": self.version,
                                     "error": reason}))
 
+    def nudge(self) -> None:
+        """The alias may have moved (a pushed notice, e.g. the event of a promotion): :meth:`watch` looks at
+        once instead of at its next poll."""
+        self._nudged.set()
+
     def watch(self, current: Callable[[], str | None], interval: float) -> threading.Event:
-        """Poll ``current()`` (the alias's version) and reload when it differs; set the event to stop."""
-        stop = threading.Event()
+        """Poll ``current()`` (the alias's version) every ``interval`` seconds, and at once when
+        :meth:`nudge` is called; reload when it differs. Set the returned event to stop."""
+        nudged = self._nudged
+
+        class Stop(threading.Event):
+            def set(self) -> None:  # the loop wakes to see it
+                super().set()
+                nudged.set()
+
+        stop = Stop()
         self.current = current
 
         def loop() -> None:
             lookup_error = None
-            while not stop.wait(interval):
+            while True:
+                self._nudged.wait(interval)
+                self._nudged.clear()
+                if stop.is_set():
+                    return
                 try:
                     wanted = current()
                 except Exception as exc:  # noqa: BLE001 - the registry is away: logged once, tried again

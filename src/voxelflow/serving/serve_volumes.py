@@ -12,39 +12,118 @@ import numpy as np
 from voxelflow.data.formats import VolumeError
 
 NPY = "application/x-npy"
-NIFTI = "application/gzip"
+NIFTI = "application/gzip"  # NIfTI, gzip-compressed (level 1 in answers)
+NIFTI_PLAIN = "application/x-nifti"  # NIfTI, uncompressed
 #: what /v1/segment accepts (or no Content-Type at all: the format is known from the body's first bytes)
-BODY_TYPES = (NPY, NIFTI, "application/x-gzip", "application/octet-stream", "application/x-nifti")
+BODY_TYPES = (NPY, NIFTI, "application/x-gzip", "application/octet-stream", NIFTI_PLAIN)
+#: the mask formats an answer comes in, by the media type a request's ``Accept`` names (``application/octet-stream``:
+#: the input's own, as with no ``Accept``); ``encode_mask`` takes the format
+ANSWER_TYPES = {NPY: "npy", NIFTI_PLAIN: "nii", NIFTI: "nifti", "application/x-gzip": "nifti"}
+#: the Content-Type of each answer format
+ANSWER_MEDIA = {"npy": NPY, "nii": NIFTI_PLAIN, "nifti": NIFTI}
+#: enough of a body for a .npy header (numpy's limit: 10 000 bytes and the magic) or a NIfTI-2 header
+HEAD_BYTES = 16384
+
+Body = bytes | bytearray | memoryview
+
+
+def _is_npy(body: Body, content_type: str) -> bool:
+    return content_type.startswith(NPY) or bytes(body[:6]) == b"\x93NUMPY"
+
+
+def _head(body: Body) -> Body:
+    """The body's first bytes, enough for any header; the whole body when gzip (a header's worth is inflated)."""
+    return body if bytes(body[:2]) == b"\x1f\x8b" else bytes(memoryview(body)[:HEAD_BYTES])
 
 
 def decode_volume(
-    body: bytes, content_type: str, max_voxels: int = 512**3
+    body: Body, content_type: str, max_voxels: int = 512**3
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The request body as (volume, affine or None, response format).
+    """The request body as (volume, affine or None, the input's format: ``npy`` or ``nifti``).
 
     The header (NIfTI-1/2 or .npy) is checked first: shape, voxel type and voxel count; nothing is
-    inflated or allocated beyond what it declares (:mod:`voxelflow.data.formats`). Raises
+    inflated or allocated beyond what it declares (:mod:`voxelflow.data.formats`). A ``.npy`` body in a
+    ``bytearray`` (as the service reads it) becomes the volume without a copy. Raises
     :class:`~voxelflow.data.formats.VolumeError`.
     """
-    from voxelflow.data.formats import read_nifti, read_npy
+    from voxelflow.data.formats import read_nifti
 
-    if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
-        return read_npy(body, "body", max_voxels), None, "npy"
-    vol = read_nifti(body, "body", max_voxels)
+    if _is_npy(body, content_type):
+        return _npy_volume(body, max_voxels), None, "npy"
+    vol = read_nifti(body if isinstance(body, bytes) or bytes(body[:2]) == b"\x1f\x8b" else memoryview(body),
+                     "body", max_voxels)
     return vol.array, vol.affine, "nifti"
 
 
-def declared_volume(body: bytes, content_type: str) -> tuple[tuple[int, ...], np.dtype, tuple[float, ...]]:
+def _npy_volume(body: Body, max_voxels: int) -> np.ndarray:
+    """A ``.npy`` body's array, its header checked first (as :func:`voxelflow.data.formats.read_npy`); a view of
+    a writable, C-ordered body, a copy otherwise."""
+    from voxelflow.data.formats import check_header, npy_header
+
+    header, fortran = npy_header(_head(body), "body")
+    check_header(header, "body", max_voxels)
+    if len(body) < header.nbytes:
+        raise VolumeError("truncated", f"body: {len(body)} bytes, the header needs {header.nbytes}")
+    array = np.frombuffer(body, dtype=header.dtype, count=header.voxels, offset=header.offset)
+    array = array.reshape(header.shape, order="F" if fortran else "C")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise VolumeError("non-finite", "body: contains NaN or infinite values")
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
+
+
+def answer_format(accept: str, given: str, summary: bool = False) -> str | None:
+    """The answer's format for a request's ``Accept`` header: ``npy``, ``nii``, ``nifti`` (gzip) or, with
+    ``summary``, ``json``; None when the header accepts none of them (406).
+
+    No header, ``*/*`` or ``application/octet-stream``: the input's own format (``given``: ``npy`` or ``nifti``),
+    as before content negotiation. Otherwise the acceptable format with the highest ``q`` (a media type's own
+    ``q`` over a wildcard's, RFC 9110); among equals, the input's own, then ``npy``, ``nii``, ``nifti``.
+    """
+    offered = ["json"] if summary else list(dict.fromkeys([given, "npy", "nii", "nifti"]))
+    if not accept.strip():
+        return offered[0]
+    best: dict[str, tuple[int, float]] = {}  # format -> (how specific the matching range was, its q)
+    for item in accept.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        media, q = media.lower(), 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    q = 0.0
+        for fmt in offered:
+            types = ("application/json",) if fmt == "json" else tuple(m for m, f in ANSWER_TYPES.items() if f == fmt)
+            if media in types:
+                rank = 3
+            elif media == "application/octet-stream" and fmt == given and not summary:
+                rank = 2
+            elif media == "application/*":
+                rank = 1
+            elif media == "*/*":
+                rank = 0
+            else:
+                continue
+            if rank > best.get(fmt, (-1, 0.0))[0]:
+                best[fmt] = (rank, q)
+    choices = [f for f in offered if best.get(f, (0, 0.0))[1] > 0]
+    return max(choices, key=lambda f: best[f][1]) if choices else None  # max keeps the first among equals
+
+
+def declared_volume(body: Body, content_type: str) -> tuple[tuple[int, ...], np.dtype, tuple[float, ...]]:
     """Shape, voxel type and spacing (mm) a body declares, from its header alone.
 
-    At most a NIfTI-2 header's worth of gzip is inflated; no voxel is read. Raises
+    At most a NIfTI-2 header's worth of gzip is inflated; no voxel is read or copied. Raises
     :class:`~voxelflow.data.formats.VolumeError` when there is no readable header.
     """
     import nibabel as nib
 
     from voxelflow.data.formats import nifti_prefix, npy_header, read_header, volume_shape
 
-    if content_type.startswith(NPY) or body[:6] == b"\x93NUMPY":
+    body = _head(body)
+    if _is_npy(body, content_type):
         header, _ = npy_header(body, "body")
         return header.shape, header.dtype, (1.0, 1.0, 1.0)
     prefix = nifti_prefix(body, "body")
@@ -145,15 +224,22 @@ VOLUME_STATUS = {"too-large": 413, "bad-shape": 422, "bad-dtype": 422, "non-fini
 
 
 def encode_mask(mask: np.ndarray, affine: np.ndarray | None, fmt: str) -> tuple[bytes, str]:
+    """The mask as ``fmt`` (``npy``, ``nii``: NIfTI-1, ``nifti``: NIfTI-1 gzip-compressed at level 1) and its
+    media type."""
     if fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, mask, allow_pickle=False)
         return buf.getvalue(), NPY
-    return nifti_gz(mask.astype(np.uint8), affine), NIFTI
+    if fmt == "nii":
+        return nifti_bytes(mask.astype(np.uint8, copy=False), affine), NIFTI_PLAIN
+    return nifti_gz(mask.astype(np.uint8, copy=False), affine), NIFTI
+
+
+def nifti_bytes(array: np.ndarray, affine: np.ndarray | None) -> bytes:
+    import nibabel as nib
+
+    return nib.Nifti1Image(array, affine if affine is not None else np.eye(4)).to_bytes()
 
 
 def nifti_gz(array: np.ndarray, affine: np.ndarray | None) -> bytes:
-    import nibabel as nib
-
-    img = nib.Nifti1Image(array, affine if affine is not None else np.eye(4))
-    return gzip.compress(img.to_bytes(), compresslevel=1)
+    return gzip.compress(nifti_bytes(array, affine), compresslevel=1)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from voxelflow.core.settings import Settings
+from voxelflow.spec.candidates import Candidate, CandidatesSpec
 from voxelflow.spec.components import (
     Component,
     Components,
@@ -30,6 +31,7 @@ from voxelflow.spec.components import (
     resolve_monai,
     takes_pair,
 )
+from voxelflow.spec.labels import LabelSpec, labels_problem
 from voxelflow.spec.migrations import SpecMigrated, migrate
 from voxelflow.spec.sections import (
     BUILTIN_METRICS,
@@ -50,6 +52,7 @@ from voxelflow.spec.sections import (
     sides_problem,
 )
 from voxelflow.spec.step_spec import WORK_POOL, StepSpec, ValueAtKey
+from voxelflow.spec.triggers import Triggers, move_retrain_after
 
 __all__ = [  # what this module exported before the sections and components moved out: importable from here still
     "BUILTIN_METRICS", "LATER_KEYS", "WORK_POOL", "Adaptive", "Autoscale", "Component", "Components", "CustomMetric",
@@ -63,7 +66,8 @@ __all__ = [  # what this module exported before the sections and components move
 # Keys added to the spec after its digests were first recorded: at these defaults they are left out of the digest,
 # so a spec that does not use them keeps the digest its earlier runs recorded in lineage.
 LATER_KEYS: list[tuple[str, str, Any]] = [("evaluate", "postprocess", []), ("train", "collective_timeout_s", 300),
-                                         ("train", "deterministic", False)]
+                                         ("train", "deterministic", False), ("data", "accept", None),
+                                         ("train", "max_seconds", None)]
 
 
 class PipelineSpec(_Section):
@@ -81,8 +85,34 @@ class PipelineSpec(_Section):
     promote: PromoteSpec = Field(description="the promote step: the registered model, its gates and approval")
     deploy: DeploySpec = Field(default_factory=DeploySpec, description="the deploy step: where the champion is "
                                "served")
+    triggers: Triggers = Field(default_factory=Triggers, description="what starts the pipeline's runs (a schedule, "
+                               "arriving data, a grown dataset, unlabelled cases): voxelflow up SPEC makes the "
+                               "deployments; not part of the spec's digest")
+    work_pool: str | None = Field(None, pattern=WORK_POOL, description="the work pool voxelflow up deploys the "
+                                  "pipeline's lifecycle, ingest and prediction to (--pool overrides it); unset: "
+                                  "voxelflow-process", examples=["cpu"])
     steps: list[StepSpec] = Field(default_factory=list, description="the user's own steps, each a function run "
                                   "after a built-in or own step, checked against its signature at load")
+    candidates: CandidatesSpec | None = Field(None, description="several candidates trained from this spec, each "
+                                              "with its overrides; the best on the validation cases by "
+                                              "select.metric is the challenger")
+    _candidates: list[Candidate] = PrivateAttr(default_factory=list)
+    labels: dict[int, LabelSpec] = Field(default_factory=dict, description="class index -> its name and codes, "
+                                         "for DICOM results (segments of a DICOM Segmentation); a class without "
+                                         "one is named 'class N'", examples=[{1: {"name": "spleen"}}])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retrain_after_moved(cls, data: Any) -> Any:
+        # data.retrain_after is triggers.dataset_updated.min_new_cases now: moved, with a warning
+        if isinstance(data, dict) and isinstance(data.get("data"), dict) and "retrain_after" in data["data"]:
+            import copy
+            import warnings
+
+            data = copy.deepcopy(data)
+            for change in move_retrain_after(data):
+                warnings.warn(SpecMigrated(change), stacklevel=2)
+        return data
 
     @field_validator("steps")
     @classmethod
@@ -123,6 +153,14 @@ class PipelineSpec(_Section):
         return self
 
     @model_validator(mode="after")
+    def _labels_fit_network(self) -> PipelineSpec:
+        out_channels = int(next(iter(self.train.network.values())).get("out_channels", 2))
+        problem = labels_problem(self.labels, out_channels)
+        if problem:
+            raise ValueAtKey(f"labels.{problem[0]}", problem[1])
+        return self
+
+    @model_validator(mode="after")
     def _window_and_batches(self) -> PipelineSpec:
         if self.roi_size() is None:
             raise ValueError("evaluate.sliding_window.roi_size is needed: neither train.augment samples patches "
@@ -147,6 +185,19 @@ class PipelineSpec(_Section):
             raise
         return self
 
+    @model_validator(mode="after")
+    def _expand_candidates(self) -> PipelineSpec:
+        # after the graph: every candidate is this spec with its overrides, validated in full
+        if self.candidates is not None:
+            from voxelflow.spec import candidates
+
+            self._candidates = candidates.expand(self, PipelineSpec.model_validate)
+        return self
+
+    def candidate_specs(self) -> list[Candidate]:
+        """Each candidate: its index, its overrides and its spec (this spec with them, without candidates)."""
+        return list(self._candidates)
+
     def step_directions(self) -> dict[str, bool]:
         """The own steps' metrics a gate may read -> True when higher is better (``{"qc.outliers": False}``)."""
         return {f"{s.id}.{m}": higher for s in self.steps for m, higher in s.higher_is_better.items()}
@@ -166,8 +217,14 @@ class PipelineSpec(_Section):
         dumped = self.model_dump(mode="json", by_alias=True)
         if not dumped["steps"]:
             del dumped["steps"]
+        if dumped.get("candidates") is None:  # a spec without candidates hashes as before they existed
+            dumped.pop("candidates", None)
+        if not dumped["labels"]:  # added later: a spec without labels hashes as it did before them
+            del dumped["labels"]
         if dumped["version"] == 1:
             del dumped["version"]
+        del dumped["triggers"], dumped["work_pool"]  # how it runs, not what it computes
+        dumped["data"]["retrain_after"] = self.triggers.min_new_cases()  # hashed where it was before it moved
         for section, key, default in LATER_KEYS:  # keys added later, at their defaults: hashed as before them
             if dumped[section].get(key) == default:
                 del dumped[section][key]

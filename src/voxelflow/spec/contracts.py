@@ -1,8 +1,10 @@
 """What each built-in stage is: its spec section, the references it reads and gives, and its outputs.
 
 References are JSON-able records of what a stage made (ids, digests, store keys, scores; never
-arrays): the stage result types below. They cross process boundaries (a stage placed on a work pool
-leaves its result as JSON in the store) and are validated back into their type with pydantic.
+arrays), each a dataclass of its stage's module, named by :data:`voxelflow.stages.references.REFERENCES`
+(the spec sits below the stages: the graph is checked at load, before any stage is imported). They
+cross process boundaries (a stage placed on a work pool leaves its result as JSON in the store) and
+are validated back into their type with pydantic (:func:`voxelflow.stages.context.from_dict`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def _preprocess(r: Any) -> dict[str, Value]:
 
 def _train(r: Any) -> dict[str, Value]:
     return {"steps": r.steps, "seconds": round(r.seconds, 3), "best_metric": _finite(r.best_metric),
-            "best_epoch": r.best_epoch, "stopped_early": bool(r.stopped_early), "resumed": r.resumed_from is not None,
+            "best_epoch": r.best_epoch, "stopped_early": bool(r.stopped_early),
+            "stopped_for_time": bool(r.stopped_for_time), "resumed": r.resumed_from is not None,
             "final_loss": _finite(r.history[-1]["train_loss"]) if r.history else None}
 
 
@@ -87,6 +90,7 @@ STAGES: dict[str, Stage] = {
         "best_metric": "best validation dice (null without validation)",
         "best_epoch": "epoch of the kept weights (null without validation)",
         "stopped_early": "whether patience stopped training before the last epoch",
+        "stopped_for_time": "whether train.max_seconds stopped training before the last epoch",
         "resumed": "whether training resumed from a checkpoint",
         "final_loss": "training loss of the last epoch",
     }, _train),

@@ -6,6 +6,7 @@ Each stage reads only its own section; :class:`voxelflow.spec.config.PipelineSpe
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from typing import Any, Literal
 
@@ -41,6 +42,24 @@ class _Stage(_Section):
     )
 
 
+class Accept(_Section):
+    """Which received series clinical inference segments; the others are recorded as skipped, with the reason."""
+
+    modalities: list[str] = Field(default_factory=list, description="Modality values accepted (e.g. CT); empty: any",
+                                  examples=[["CT"]])
+    body_parts: list[str] = Field(default_factory=list, description="BodyPartExamined values accepted (case "
+                                  "insensitive); empty: any", examples=[["ABDOMEN", "CHEST"]])
+    min_slices: int = Field(1, ge=1, description="fewest slices (frames of the series' instances) accepted")
+    max_slices: int | None = Field(None, ge=1, description="most slices accepted; unset: no bound but "
+                                   "data.max_voxels")
+
+    @model_validator(mode="after")
+    def _order(self) -> Accept:
+        if self.max_slices is not None and self.max_slices < self.min_slices:
+            raise ValueError(f"max_slices ({self.max_slices}) is below min_slices ({self.min_slices})")
+        return self
+
+
 class DataSpec(_Stage):
     source: str = Field(description="fsspec URL of the incoming data; '{home}' expands to VOXELFLOW_HOME")
     layout: Literal["decathlon", "folder", "dicom", "mixed"] = Field(
@@ -50,10 +69,6 @@ class DataSpec(_Stage):
     max_voxels: int = Field(512**3, gt=0, description="cases larger than this are quarantined")
     max_series_files: int = Field(4096, gt=0, description="DICOM series of more objects than this are quarantined "
                                   "too-large from their headers, before any pixel is fetched")
-    retrain_after: int = Field(1, ge=1, description="an ingest after which the labelled dataset holds this many "
-                               "cases not in the last announced one (new, or replacing others) emits "
-                               "voxelflow.dataset.updated (which the lifecycle's on-update deployment is "
-                               "triggered by)")
     deidentify: Literal["basic-profile", "none"] = Field(
         "basic-profile", description="basic-profile: DICOM is de-identified (PS3.15 Annex E basic profile, keyed UIDs) "
         "before anything is stored; none: DICOM is kept as it arrived (needs deidentify_acknowledged; warns every run)")
@@ -61,6 +76,9 @@ class DataSpec(_Stage):
         None, description="with deidentify: none, a statement that the data is already de-identified or that "
         "consent covers it (recorded in the audit log at every ingest)",
         examples=["exported de-identified by the hospital's PACS gateway (DPA 2024-17)"])
+    accept: Accept | None = Field(
+        None, description="received series (voxelflow receive, the DICOMweb watcher) that clinical inference "
+        "segments; unset: every one")
 
     @property
     def needs_deid_key(self) -> bool:
@@ -96,7 +114,10 @@ class PreprocessSpec(_Stage):
     )
     shard_size: int = Field(8, ge=1, description="cases per Dask task")
     cluster: str = Field("auto", description="auto (a local cluster, on GPUs when device is cuda; the "
-                         "VOXELFLOW_DASK_SCHEDULER cluster when set) | local | cuda | tcp://scheduler:8786")
+                         "VOXELFLOW_DASK_SCHEDULER cluster when set; new cases of at most 2^24 voxels in all, on "
+                         "the CPU, are processed in the lifecycle's process, with no cluster to start) | local | "
+                         "cuda | "
+                         "tcp://scheduler:8786")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="where the transforms run; cuda: on the workers' GPUs (LocalCUDACluster under auto)"
     )
@@ -166,6 +187,11 @@ class TrainSpec(_Stage):
                            "many epochs; the best validation keeps its weights, which are what gets registered")
     patience: int | None = Field(None, ge=1, description="stop after this many validations without improvement; "
                                  "null: train every epoch", examples=[10])
+    max_seconds: float | None = Field(
+        None, description="a time budget in seconds (Lightning's max_time): at an epoch's end, training stops when "
+        "one more epoch (the mean epoch so far, with a validation) would pass it; the last epoch is validated, so "
+        "the best weights consider all the training, and the run ends as a finished one (stopped for time). At "
+        "least one epoch is trained; null: no limit", examples=[3600])
     devices: Literal["auto", "cpu"] | int = Field(
         "auto", description="auto: every GPU (DistributedDataParallel when there are several), else the CPU; "
         "cpu: one CPU process; N: N processes, one per GPU, or gloo processes on the CPU. Each step's batch "
@@ -179,6 +205,14 @@ class TrainSpec(_Stage):
         "deterministic algorithms (warn only) and CUBLAS_WORKSPACE_CONFIG=:4096:8, so a resumed run ends with the "
         "uninterrupted one's weights bit for bit (slower); false: a resumed run matches to float tolerance. The CPU "
         "is deterministic either way")
+
+    @field_validator("max_seconds")
+    @classmethod
+    def _max_seconds(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"train.max_seconds must be a positive number of seconds (got {value}); leave it unset "
+                             "(null) for no time limit")
+        return value
 
     @field_validator("devices")
     @classmethod

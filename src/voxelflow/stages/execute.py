@@ -23,7 +23,7 @@ from voxelflow.release import registry
 from voxelflow.spec.conditions import MissingOutput
 from voxelflow.spec.contracts import STAGES
 from voxelflow.spec.graph import Graph, Node, build
-from voxelflow.stages import deploy, evaluate, ingest, preprocess, promote, summary, tracking, train
+from voxelflow.stages import candidates, deploy, evaluate, ingest, preprocess, promote, reuse, summary, tracking, train
 from voxelflow.stages.context import Context
 from voxelflow.stages.split import Split, split_stage
 from voxelflow.stages.steps import StepRecord, run_step
@@ -58,11 +58,18 @@ class State:
     records: dict[str, StepRecord] = field(default_factory=dict)
     unlogged: dict[str, float] = field(default_factory=dict)  # step metrics from before the MLflow run opened
     stop: threading.Event = field(default_factory=threading.Event)  # the lifecycle failed: start nothing more
+    spec: Any = None  # with candidates: the challenger's spec (its preprocessing, its lineage)
+    sweep: Any = None  # with candidates: their preprocessing, runs and choice (voxelflow.stages.candidates)
+    at: str = ""  # the chain node running now: where the lifecycle failed, if it does
+    trained: Any = None  # a recorded training for these inputs (voxelflow.stages.reuse.Found): reused
+    champion_before: str | None = None  # the champion when promote started
+    registered_before: bool = False  # the candidate was registered by an earlier lifecycle
+    dataset: str | None = None  # the digest of a dataset an ingest recorded: the lifecycle's ingest takes it
 
 
 # each stage is called through its module's attribute, so that what replaces it there (a timer) is what runs
 STAGE_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "ingest": lambda spec, ctx: ingest.ingest_stage(spec.data, ctx),
+    "ingest": lambda spec, ctx, dataset=None: ingest.ingest_stage(spec.data, ctx, dataset=dataset),
     "preprocess": lambda spec, ctx, case_ids: preprocess.preprocess_stage(spec.preprocess, ctx, case_ids),
     "train": lambda spec, ctx, train_ids, run_id, val_ids: train.train_stage(spec, ctx, train_ids, run_id, val_ids),
     "evaluate": lambda spec, ctx, outcome, test_ids, run_id: evaluate.evaluate_stage(
@@ -76,7 +83,7 @@ STAGE_FUNCTIONS: dict[str, Callable[..., Any]] = {
 def stage_args(stage_id: str, state: State, spec: Any) -> dict[str, Any]:
     """The references a built-in stage is called with (the same names as its placed flow's parameters)."""
     if stage_id == "ingest":
-        return {}
+        return {"dataset": state.dataset} if state.dataset else {}
     if stage_id == "preprocess":
         return {"case_ids": state.ingested.case_ids}
     if stage_id == "train":
@@ -109,8 +116,12 @@ def _step_metrics(state: State) -> dict[str, float]:
 class Runner:
     """How each node runs; this one runs everything here, with no orchestrator."""
 
-    def __init__(self, spec: Any, ctx: Context, lifecycle_id: str = "") -> None:
+    def __init__(self, spec: Any, ctx: Context, lifecycle_id: str = "", fresh: bool = False,
+                 resume: bool = False, dataset: str | None = None) -> None:
         self.spec, self.ctx, self.lifecycle_id = spec, ctx, lifecycle_id
+        self.dataset = dataset  # the digest of a dataset an ingest recorded: the lifecycle starts from it
+        # recorded results of this pipeline: reused by key (none with fresh); resume: its latest failed lifecycle
+        self.memo = reuse.Memo(ctx, spec, lifecycle_id, fresh=fresh, resume=resume)
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="voxelflow-branch")
 
     def stage(self, stage_id: str, args: dict[str, Any]) -> Any:
@@ -134,9 +145,15 @@ class Runner:
         except BaseException as exc:
             p = state.promotion
             if p is not None and p.promoted:
+                from voxelflow.core import audit
+
                 registry.revert_promotion(self.ctx.tracking_uri, self.ctx.db, self.spec.promote.model_name, p.version,
-                                          "voxelflow", f"the release failed: {type(exc).__name__}: {exc}"[:2000])
+                                          "voxelflow", f"the release failed: {type(exc).__name__}: {exc}"[:2000],
+                                          audit.Sink(self.ctx.db, self.ctx.tracking_uri))
             raise
+
+    def candidates_table(self, rows: list[dict[str, Any]]) -> None:
+        """Show the candidates' table (the flow: a table artifact); with no orchestrator it is in the MLflow run."""
 
     def beside(self, fn: Callable[[], Any]) -> Future:
         ctx = contextvars.copy_context()  # a flow's run context goes with the branch
@@ -157,7 +174,7 @@ def inputs_for(node: Node, state: State, spec: Any, graph: Graph, lifecycle_id: 
         outputs={k: dict(v) for k, v in state.outputs.items() if k in graph.ancestors[node.id]},
         case_ids=list(state.ingested.case_ids) if state.ingested is not None else [],
         test_ids=list(state.split.test) if state.split is not None else [],
-        preprocess_digest=transform_digest(spec.preprocess) if state.prep is not None else None,
+        preprocess_digest=transform_digest((state.spec or spec).preprocess) if state.prep is not None else None,
         run_id=state.run_id, candidate=candidate,
         model_version=state.promotion.version if state.promotion is not None else None)
 
@@ -165,12 +182,20 @@ def inputs_for(node: Node, state: State, spec: Any, graph: Graph, lifecycle_id: 
 def execute(spec: Any, runner: Runner) -> summary.LifecycleResult:
     """Run the graph of ``spec`` with ``runner``; the lifecycle's result, its steps' records included."""
     graph = build(spec)
-    ctx, state = runner.ctx, State()
+    ctx, state = runner.ctx, State(dataset=runner.dataset)
     branches: list[tuple[Node, Future]] = []
     try:
         with contextlib.ExitStack() as stack:
+            each = {n.id for n in candidates.per_candidate(graph)} if spec.candidates is not None else set()
             for node in graph.nodes:
                 _raise_failed(branches)
+                state.at = node.id
+                if node.id in each:  # run for each candidate, with training
+                    continue
+                if node.id == "train" and spec.candidates is not None:
+                    candidates.train_all(spec, state, graph, runner, stack,
+                                         lambda n, st, sp, rn: _user(n, st, graph, sp, rn))
+                    continue
                 if node.branch:
                     branches.append((node, runner.beside(lambda n=node: _after(n, branches, state, graph, spec,
                                                                                  runner))))
@@ -182,14 +207,30 @@ def execute(spec: Any, runner: Runner) -> summary.LifecycleResult:
         _settle(state, branches)
         exc.records = {sid: asdict(rec) for sid, rec in state.records.items()}
         _stopped(ctx, spec, state, exc)
+        _failed(runner, exc.step_id, exc)
         raise
-    except BaseException:
+    except BaseException as exc:
         _settle(state, branches)
+        _failed(runner, state.at, exc)
         raise
+    runner.memo.finished()
     result = summary.summarise(state.ingested, state.prep, state.outcome, state.evaluation, state.promotion,
                                state.deployment, state.run_id or "")
     result.steps = {sid: asdict(rec) for sid, rec in state.records.items()}
+    result.reused, result.champion_before = list(dict.fromkeys(runner.memo.reused)), state.champion_before
+    result.registered_before = state.registered_before
+    if state.sweep is not None:
+        result.candidates, result.parent_run = state.sweep.rows(), state.sweep.parent_run
+        result.pictures.append(state.sweep.curves_key)
     return result
+
+
+def _failed(runner: Runner, step: str, exc: BaseException) -> None:
+    """The lifecycle's row says where it failed (what ``--resume`` continues from); never hides its error."""
+    try:
+        runner.memo.failed(step, exc)
+    except Exception as err:  # noqa: BLE001 - the lifecycle's own error is the one raised
+        log.warning("could not record where the lifecycle failed: %s", err)
 
 
 def _settle(state: State, branches: list[tuple[Node, Future]]) -> None:
@@ -248,15 +289,33 @@ def _stage(sid: str, state: State, spec: Any, runner: Runner, stack: contextlib.
     if sid == "deploy" and state.promotion.champion is None:
         state.records[sid] = StepRecord(sid, "skipped", "no champion to deploy")
         return
-    result = runner.stage(sid, stage_args(sid, state, spec))
+    memo = runner.memo
+    if sid == "promote":
+        state.champion_before = registry.alias_version(ctx.tracking_uri, spec.promote.model_name)
+        state.registered_before = registry.find_version(ctx.tracking_uri, spec.promote.model_name,
+                                                        state.run_id) is not None
+    found = state.trained if sid == "train" else None
+    # with candidates, preprocessing is looked up per distinct preprocessing (voxelflow.stages.candidates)
+    if found is None and (sid == "evaluate" or (sid == "preprocess" and spec.candidates is None)):
+        found = memo.stage(sid, spec, state)
+    if found is not None:
+        result = found.result
+        log.info("%s: reused the recorded result of an earlier lifecycle with the same inputs", sid)
+    elif sid == "preprocess" and spec.candidates is not None:  # once per distinct preprocessing of the candidates
+        result = candidates.preprocess_all(spec, state, runner)
+    else:
+        result = runner.stage(sid, stage_args(sid, state, spec))
+        if sid in reuse.REUSABLE:
+            memo.keep(sid, spec, state, result)
     if sid == "ingest":
         state.ingested = result
     elif sid == "preprocess":
         state.prep = result
         state.split = split_stage(spec.evaluate, preprocess.usable_cases(state.ingested, result))
-        state.run_id = runner.open_run(state.ingested.dataset_digest, state.split)
+        # with candidates each candidate's training is looked up by its own spec (voxelflow.stages.candidates)
+        state.trained = memo.stage("train", spec, state) if spec.candidates is None else None
         assert stack is not None
-        stack.enter_context(tracking.closing_run(ctx, state.run_id))
+        state.run_id = _open_run(runner, state, stack)
         if state.unlogged:
             registry.log_metrics(ctx.tracking_uri, state.run_id, dict(state.unlogged))
             state.unlogged.clear()
@@ -264,7 +323,7 @@ def _stage(sid: str, state: State, spec: Any, runner: Runner, stack: contextlib.
         state.outcome = result
     elif sid == "evaluate":
         state.evaluation = result
-        state.tags = tracking.lineage(spec, state.ingested.dataset_digest)
+        state.tags = tracking.lineage(state.spec or spec, state.ingested.dataset_digest)
     elif sid == "promote":
         state.promotion = result
         state.promotion = runner.approve(state)
@@ -273,6 +332,23 @@ def _stage(sid: str, state: State, spec: Any, runner: Runner, stack: contextlib.
     elif sid == "deploy":
         state.deployment = result
     state.outputs[sid] = STAGES[sid].values(state.promotion if sid == "promote" else result)
+
+
+def _open_run(runner: Runner, state: State, stack: contextlib.ExitStack) -> str:
+    """The lifecycle's MLflow run: the recorded training's (reused), the failed lifecycle's being resumed (its
+    checkpoints are there), else a new one; a run not finished is ended with how this lifecycle ends."""
+    ctx, memo = runner.ctx, runner.memo
+    run_id = state.trained.run_id if state.trained is not None else None
+    if run_id is None and runner.spec.candidates is None:
+        run_id = memo.resume_run()
+    if run_id is None:
+        run_id = runner.open_run(state.ingested.dataset_digest, state.split)
+        stack.enter_context(tracking.closing_run(ctx, run_id))
+    elif registry.client(ctx.tracking_uri).get_run(run_id).info.status != "FINISHED":
+        registry.client(ctx.tracking_uri).update_run(run_id, status="RUNNING")
+        stack.enter_context(tracking.closing_run(ctx, run_id))
+    memo.opened(run_id)
+    return run_id
 
 
 def _user(node: Node, state: State, graph: Graph, spec: Any, runner: Runner) -> None:
@@ -289,7 +365,16 @@ def _user(node: Node, state: State, graph: Graph, spec: Any, runner: Runner) -> 
         state.records[node.id] = StepRecord(node.id, "skipped", reason, gate=node.gate)
         log.info("step %s skipped: %s", node.id, reason)
         return
-    record = runner.step(node, inputs_for(node, state, spec, graph, runner.lifecycle_id))
+    inputs = inputs_for(node, state, spec, graph, runner.lifecycle_id)
+    # the steps before promote are reused by key; those after it always run, on the registry as it is now
+    # with candidates the steps are not reused (each candidate's training is, by its own spec)
+    each = state.sweep is not None or spec.candidates is not None
+    memo = runner.memo if not each and not graph.after_promote(node.id) else None
+    record = memo.step(node.step, inputs) if memo is not None else None
+    if record is None:
+        record = runner.step(node, inputs)
+        if memo is not None and record.status != "failed":  # a gate that did not pass is asked again
+            memo.keep_step(node.step, inputs, record)
     state.records[node.id] = record
     state.outputs[node.id] = {"passed": record.status == "passed", **record.metrics}
     if record.metrics and state.run_id is None:

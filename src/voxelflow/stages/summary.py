@@ -25,6 +25,11 @@ class LifecycleResult:
     deployment: dict[str, Any] | None
     pictures: list[str] = field(default_factory=list)
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)  # the spec's own steps: id -> record
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # a row per candidate: overrides, scores, choice
+    parent_run: str = ""  # with candidates: the lifecycle's MLflow run; run_id is the challenger's, a child of it
+    reused: list[str] = field(default_factory=list)  # steps whose recorded results of an earlier lifecycle were used
+    champion_before: str | None = None  # the champion when promote started
+    registered_before: bool = False  # the candidate's version was registered by an earlier lifecycle
 
 
 def summarise(
@@ -53,12 +58,14 @@ def markdown(result: LifecycleResult, name: str) -> str:
         ("dataset digest", f"`{result.dataset_digest}`"),
         ("cases", f"{result.ingest['cases']} ({result.ingest['ingested']} new, {result.ingest['duplicate']} "
                   f"duplicate, {result.ingest['quarantined']} quarantined; "
-                  f"{result.ingest['already_seen']} objects already in the ledger)"),
+                  f"{result.ingest['already_seen']} objects already in the ledger)"
+                  if not result.ingest.get("recorded") else
+                  f"{result.ingest['cases']} (the dataset the triggering ingest recorded; the source not read again)"),
         ("preprocessed", f"{result.preprocess['processed']} new, {result.preprocess['skipped']} reused, "
                          f"{len(result.preprocess['failed'])} failed"),
         ("training", f"{result.train['steps']} steps in {result.train['seconds']} s"),
         *[(f"test {k}", f"{v:.4f}") for k, v in result.metrics.items()],
-        ("model version", f"{name} v{p['version']} ({'promoted to champion' if p['promoted'] else 'not promoted'})"),
+        ("model version", f"{name} v{p['version']} ({_decision(result)})"),
         ("gates", "; ".join(p["reasons"])),
         ("MLflow run", f"`{result.run_id}`"),
     ]
@@ -66,8 +73,23 @@ def markdown(result: LifecycleResult, name: str) -> str:
         stopped = " - temporary smoke-test endpoint, stopped with the stage" if d.get("temporary") else ""
         rows += [("endpoint", f"{d['endpoint']}/v1/segment (v{d['model_version']}){stopped}"),
                  ("HTTP prediction dice", f"{d['dice']:.4f} on {d['case']}")]
+    if result.reused:
+        rows.insert(0, ("reused", f"{', '.join(result.reused)}: recorded results of an earlier lifecycle with the "
+                                  "same inputs (`--fresh` computes them again)"))
     lines = [f"# voxelflow lifecycle: {name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
-    return "\n".join(lines + steps_markdown(result.steps)) + "\n"
+    from voxelflow.stages.candidates import markdown as candidates_markdown
+
+    return "\n".join(lines + steps_markdown(result.steps) + candidates_markdown(result.candidates)) + "\n"
+
+
+def _decision(result: LifecycleResult) -> str:
+    p, before = result.promotion, result.champion_before
+    if result.registered_before and before == p["version"] == p["champion"]:
+        return "already registered and champion: nothing new registered, the champion unchanged"
+    said = "promoted to champion" if p["promoted"] else "not promoted"
+    if result.registered_before:
+        said += "; already registered by an earlier lifecycle, nothing new registered"
+    return said
 
 
 def steps_markdown(steps: dict[str, dict[str, Any]]) -> list[str]:

@@ -72,3 +72,14 @@ def closing_run(ctx: Context, run_id: str) -> Iterator[None]:
         except Exception as exc:  # noqa: BLE001 - the lifecycle's outcome stands; the run's status is secondary
             logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status,
                                                 redact.redact_exc(exc))
+
+
+def mark_candidate(ctx: Context, run_id: str, parent_run_id: str, index: int, overrides: dict[str, object]) -> None:
+    """A candidate's run: a child of the lifecycle's run (MLflow's parent tag), named by the candidate, with its
+    overrides as params (``candidate.train.learning_rate``)."""
+    from mlflow.entities import Param, RunTag
+
+    tags = [RunTag("mlflow.parentRunId", parent_run_id), RunTag("mlflow.runName", f"{ctx.pipeline}-candidate-{index}"),
+            RunTag("voxelflow.candidate", str(index))]
+    params = [Param(f"candidate.{k}", str(v)[:500]) for k, v in overrides.items()]
+    registry.client(ctx.tracking_uri).log_batch(run_id, params=params, tags=tags)

@@ -33,7 +33,8 @@ class TrainOutcome:
     best_epoch: int | None = None  # the validation whose weights were kept (None: training did not validate)
     best_metric: float | None = None
     stopped_early: bool = False
-    planned_steps: int = 0  # epochs x steps an epoch: steps falls short of it only when patience stopped the run
+    planned_steps: int = 0  # epochs x steps an epoch: steps falls short of it only when patience or time stopped it
+    stopped_for_time: bool = False  # train.max_seconds ended it before the last epoch (not patience)
 
 
 def model_config(spec: PipelineSpec) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def model_config(spec: PipelineSpec) -> dict[str, Any]:
                            "mode": window.mode},
         "precision": spec.train.precision,
         "postprocess": spec.evaluate.postprocess,
+        "labels": {str(k): v.model_dump(mode="json", exclude_none=True) for k, v in sorted(spec.labels.items())},
     }
 
 
@@ -119,7 +121,8 @@ def train_stage(
     try:
         with registry.system_metrics(ctx.tracking_uri, run_id):
             result = train.train(tspec, cases, checkpoints, validation, on_epoch=log, on_validation=overlay)
-        if result.steps < result.planned_steps and not result.stopped_early:  # train() refuses this too
+        if result.steps < result.planned_steps and not (result.stopped_early or result.stopped_for_time):
+            # train() refuses this too
             raise train.IncompleteTraining(f"training made {result.steps} of its {result.planned_steps} planned "
                                            "steps: no model is kept")
         flush()
@@ -135,11 +138,13 @@ def train_stage(
     if result.best_epoch is not None:
         summary.update(best_epoch=result.best_epoch, best_val_epoch_dice=result.best_metric,
                        stopped_early=float(result.stopped_early))
+    if tspec.max_seconds is not None:
+        summary["stopped_for_time"] = float(result.stopped_for_time)
     registry.log_metrics(ctx.tracking_uri, run_id, summary)
     checkpoints.clear()  # the weights are kept; the run finished, its checkpoints are no longer needed
     return TrainOutcome(weights, model_config(spec), result.history, result.steps, result.seconds,
                         result.resumed_from, curve, result.best_epoch, result.best_metric, result.stopped_early,
-                        result.planned_steps)
+                        result.planned_steps, result.stopped_for_time)
 
 
 def check_labels(ctx: Context, sides: list[train.StoreCases], classes: int) -> None:

@@ -1,5 +1,5 @@
-"""Each request's id, access-log line and metrics (a middleware; an unhandled error answered 500 with the request
-id logged), and :class:`Probes`, which answers ``GET /health/live`` before any middleware or routing."""
+"""Each request's id, access-log line and metrics (a plain ASGI middleware; an unhandled error answered 500 with
+the request id logged), and :class:`Probes`, which answers ``GET /health/live`` before any middleware or routing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from voxelflow.core.redact import redact
 from voxelflow.serving.api.metrics import ServiceMetrics
@@ -27,8 +27,8 @@ def request_id_of(given: str) -> str:
 
 
 class RequestLog:
-    """The middleware: an id on every answer (``X-Request-ID``), its route, status and role counted, its time
-    measured and one JSON log line with the key's name (never the key)."""
+    """An id on every answer (``X-Request-ID``), its route, status and role counted, its time measured and one JSON
+    log line with the key's name (never the key); :class:`Logged` is the ASGI middleware that does it."""
 
     def __init__(self, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
@@ -40,23 +40,48 @@ class RequestLog:
         log.info(json.dumps({"request_id": rid, "method": method, "route": route, "status": status,
                              "ms": round(seconds * 1000, 1), "key": who}))
 
-    async def __call__(self, request: Request, call_next) -> Response:
-        rid = request_id_of(request.headers.get("x-request-id", ""))
-        request.state.role = request.state.who = None
+
+class Logged:
+    """The plain ASGI middleware of a :class:`RequestLog` (``app.add_middleware(Logged, request_log=...)``): it
+    only wraps ``send``, so a body streams through untouched (no task or memory stream per message, as a
+    ``BaseHTTPMiddleware`` has). An unhandled error is answered 500 with the request id logged (credentials in
+    URLs masked)."""
+
+    FAILED = b'{"detail": "internal error"}'
+
+    def __init__(self, app: Any, request_log: RequestLog) -> None:
+        self.app, self.request_log = app, request_log
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
+        rid = request_id_of(given)
+        state = scope.setdefault("state", {})
+        state["role"] = state["who"] = None
         start = time.perf_counter()
+        status: list[int] = []
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
+            await send(message)
+
         try:
-            response = await call_next(request)
+            await self.app(scope, receive, send_with_id)
         except Exception:  # noqa: BLE001 - logged with the request id (credentials in URLs masked), answered 500
             import traceback
 
-            log.error(json.dumps({"request_id": rid, "route": request.url.path, "error": "unhandled",
+            log.error(json.dumps({"request_id": rid, "route": scope["path"], "error": "unhandled",
                                   "traceback": redact(traceback.format_exc())}))
-            response = Response('{"detail": "internal error"}', status_code=500, media_type="application/json")
-        route = request.url.path if request.url.path in ROUTES else "other"
-        response.headers["X-Request-ID"] = rid
-        self.answered(rid, request.method, route, response.status_code, request.state.role, request.state.who,
-                      time.perf_counter() - start)
-        return response
+            if not status:  # nothing sent yet: the answer is a 500 (else the connection ends mid-answer)
+                await send_with_id({"type": "http.response.start", "status": 500, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(self.FAILED)).encode())]})
+                await send({"type": "http.response.body", "body": self.FAILED})
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        self.request_log.answered(rid, scope["method"], route, status[0] if status else 500, state.get("role"),
+                          state.get("who"), time.perf_counter() - start)
 
 
 class Probes:

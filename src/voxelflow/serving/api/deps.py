@@ -1,6 +1,6 @@
 """The service's FastAPI dependencies: who may call (API keys and their roles, the throttles), who gets an
-inference worker (the model loaded, a worker or queue place) and what a request may be (media type, size, voxels,
-memory, time).
+inference worker (the model loaded, a worker or queue place) and what a request may be (media type, the answer's
+media type, size, voxels, memory, time).
 
 Each factory takes ``after``, a dependency solved first: the dependency runs only once ``after`` has passed (FastAPI
 skips a dependency whose own dependencies failed), so a route chains its checks and a request is answered by the
@@ -16,14 +16,18 @@ from concurrent.futures import Future
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import Depends, Header, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from voxelflow.data.formats import VolumeError
 from voxelflow.serving.serve_gpu import GpuSlots
 from voxelflow.serving.serve_guard import Denials, Throttle
-from voxelflow.serving.serve_keys import ROLES, KeyStore, Principal
+from voxelflow.serving.serve_keys import ROLES, KeyCache, Principal
 from voxelflow.serving.serve_model import ModelHolder
 from voxelflow.serving.serve_volumes import (
+    ANSWER_TYPES,
     BODY_TYPES,
+    answer_format,
     declared_volume,
     device_working_set_bytes,
     model_grid_voxels,
@@ -54,9 +58,11 @@ class Authentication:
     """API keys: a key (``X-API-Key``, or ``Authorization: Bearer``) names a principal whose roles grant
     permissions. Unknown, expired or missing: 401; without the permission: 403. A valid key is throttled per key
     (``throttle``); a failing request, after the lookup, per client address (``failures``), and audited in
-    aggregate (``denials``); either throttled: 429 with Retry-After."""
+    aggregate (``denials``); either throttled: 429 with Retry-After. Keys are verified from ``keys``' in-memory
+    copy of the digests (:class:`~voxelflow.serving.serve_keys.KeyCache`), on the event loop; only a copy too old
+    to answer is read again, on the threadpool."""
 
-    def __init__(self, keys: KeyStore, throttle: Throttle, failures: Throttle, denials: Denials) -> None:
+    def __init__(self, keys: KeyCache, throttle: Throttle, failures: Throttle, denials: Denials) -> None:
         self.keys, self.throttle, self.failures, self.denials = keys, throttle, failures, denials
 
     @staticmethod
@@ -64,21 +70,20 @@ class Authentication:
         """The peer, or the client a trusted proxy forwarded (uvicorn's ``forwarded_allow_ips``)."""
         return request.client.host[:64] if request.client else "unknown"
 
-    def authorize(self, request: Request, key: str | None, permission: str) -> Principal:
-        """The principal of ``key`` if it may ``permission``; the request's role and key name go on its state."""
+    @staticmethod
+    def key_of(request: Request, key: str | None) -> str | None:
         if not key and request.headers.get("authorization", "").lower().startswith("bearer "):
             key = request.headers["authorization"][7:].strip()  # what Prometheus' scrape config can send
-        who = self.keys.lookup(key)
+        return key
+
+    async def authorize(self, request: Request, key: str | None, permission: str) -> Principal:
+        """The principal of ``key`` if it may ``permission``; the request's role and key name go on its state."""
+        key = self.key_of(request, key)
+        known, who = self.keys.cached(key)
+        if not known:  # the copy of the keys is too old to answer: read again, off the event loop
+            who = await run_in_threadpool(self.keys.lookup, key)
         if who is None or not any(permission in ROLES[r] for r in who.roles):
-            # only now, after the lookup, are failures throttled, per client: a valid key never waits for them
-            address, endpoint = self.client_address(request), request.url.path
-            wait = self.failures.allow(address)
-            self.denials.record(address, 429 if wait else 401 if who is None else 403, endpoint)
-            if wait:
-                raise HTTPException(429, "too many failed requests from this client", headers=retry_after(wait))
-            if who is None:
-                raise HTTPException(401, "missing, unknown or expired API key (send it in the X-API-Key header)")
-            raise HTTPException(403, f"key {who.name!r} ({', '.join(who.roles)}) may not {permission}")
+            await run_in_threadpool(self.refuse, request, who, permission)  # the audit log may be written
         request.state.role = ",".join(who.roles)
         request.state.who = who.name
         wait = self.throttle.allow(who.name)
@@ -86,12 +91,24 @@ class Authentication:
             raise HTTPException(429, f"too many requests for key {who.name!r}", headers=retry_after(wait))
         return who
 
-    def require(self, permission: str, after: Callable[..., Any] = passed) -> Callable[..., Principal]:
-        """A dependency: the caller's :class:`Principal` if its key may ``permission``. A plain function, so FastAPI
-        runs it on its threadpool: the lookup reads the database, off the event loop."""
+    def refuse(self, request: Request, who: Principal | None, permission: str) -> None:
+        """Raise the refusal (429, 401 or 403) of a request whose key failed, throttled and audited per client."""
+        # only now, after the lookup, are failures throttled, per client: a valid key never waits for them
+        address, endpoint = self.client_address(request), request.url.path
+        wait = self.failures.allow(address)
+        self.denials.record(address, 429 if wait else 401 if who is None else 403, endpoint)
+        if wait:
+            raise HTTPException(429, "too many failed requests from this client", headers=retry_after(wait))
+        if who is None:
+            raise HTTPException(401, "missing, unknown or expired API key (send it in the X-API-Key header)")
+        raise HTTPException(403, f"key {who.name!r} ({', '.join(who.roles)}) may not {permission}")
 
-        def authorized(request: Request, x_api_key: str | None = Header(None), _: Any = Depends(after)) -> Principal:
-            return self.authorize(request, x_api_key, permission)
+    def require(self, permission: str, after: Callable[..., Any] = passed) -> Callable[..., Any]:
+        """A dependency: the caller's :class:`Principal` if its key may ``permission``."""
+
+        async def authorized(request: Request, x_api_key: str | None = Header(None),
+                             _: Any = Depends(after)) -> Principal:
+            return await self.authorize(request, x_api_key, permission)
 
         return authorized
 
@@ -174,20 +191,53 @@ class Limits:
 
         return declared_size
 
-    async def body(self, request: Request) -> bytes:
-        """The body, read as it streams in (413 past ``max_bytes``), its header checked against the budgets."""
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_bytes:
-                raise HTTPException(413, f"body exceeds the limit of {self.max_bytes} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
+    def acceptable(self, after: Callable[..., Any] = passed) -> Callable[..., Any]:
+        """A dependency: 406 unless the ``Accept`` header, when given, accepts a format the answer comes in (a mask
+        as ``.npy``, NIfTI or gzip-compressed NIfTI; with ``summary=true``, JSON)."""
+
+        async def acceptable(request: Request, _: Any = Depends(after)) -> None:
+            accept = request.headers.get("accept", "")
+            summary = getattr(request.state, "summary", False)
+            if answer_format(accept, "npy", summary) is None:
+                offered = "application/json" if summary else ", ".join(ANSWER_TYPES)
+                raise HTTPException(406, f"cannot answer in {accept[:200]!r}: accept one of {offered}")
+
+        return acceptable
+
+    async def body(self, request: Request) -> bytearray:
+        """The body, read as it streams in (413 past ``max_bytes``) into one buffer of the declared length (no
+        chunk kept, no join), its header checked against the budgets."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit():  # declared_size refused more than max_bytes before
+            body, size = bytearray(int(declared)), 0
+            view = memoryview(body)
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientDisconnect()
+                chunk = message.get("body", b"")
+                if size + len(chunk) > len(body):
+                    raise HTTPException(400, "body longer than its Content-Length")
+                view[size:size + len(chunk)] = chunk
+                size += len(chunk)
+                if not message.get("more_body", False):
+                    break
+            view.release()
+            if size < len(body):
+                raise HTTPException(400, f"body of {size} bytes, shorter than its Content-Length")
+        else:  # chunked: collected, then joined once
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise HTTPException(413, f"body exceeds the limit of {self.max_bytes} bytes")
+                chunks.append(chunk)
+            body = bytearray().join(chunks)
         if body and (self.memory_budget is not None or self.gpu_slots is not None):
             self.check_budget(body, request.headers.get("content-type", ""))
         return body
 
-    def check_budget(self, body: bytes, content_type: str) -> None:
+    def check_budget(self, body: bytes | bytearray, content_type: str) -> None:
         """413 when the volume the header declares would not fit the memory budget or a GPU's share; 422 when its
         spacing is not finite and positive. A body without a readable header, or over ``max_voxels``, is left to
         decoding, which says what is wrong with it."""

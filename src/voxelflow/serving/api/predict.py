@@ -2,7 +2,7 @@
 hands to the inference pool: decode, segment (on the GPU running the fewest, with GPUs), encode or summarise.
 
 A request is answered by the first check it fails, in this order: the query (422), the key (401, 403, 429), the
-media type (415), the model loaded (503), the declared size (413), a worker or queue place (503), the body as it
+media type (415), the answer's media type (``Accept``, 406), the model loaded (503), the declared size (413), a worker or queue place (503), the body as it
 streams (413), the memory budgets (413, 422); then the inference, within the time limit (504).
 """
 
@@ -21,26 +21,37 @@ from voxelflow.serving.api.deps import AUTH_ERRORS, Admission, Authentication, L
 from voxelflow.serving.api.metrics import ServiceMetrics
 from voxelflow.serving.serve_gpu import RETRY_AFTER_OOM, GpuSlots, out_of_memory, recover
 from voxelflow.serving.serve_model import ModelHolder
-from voxelflow.serving.serve_volumes import BODY_TYPES, NIFTI, NPY, VOLUME_STATUS, decode_volume, encode_mask
+from voxelflow.serving.serve_volumes import (
+    ANSWER_TYPES,
+    BODY_TYPES,
+    NIFTI,
+    NIFTI_PLAIN,
+    NPY,
+    VOLUME_STATUS,
+    answer_format,
+    decode_volume,
+    encode_mask,
+)
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
 class Inference:
-    """One volume's inference on a pool worker: the mask in the input's format and grid (``X-Model-Version``), or
-    with ``summary`` each label's volume in mL. A bad volume is answered as :data:`VOLUME_STATUS` says; one that
+    """One volume's inference on a pool worker: the mask in the input's grid (``X-Model-Version``), in the format
+    the request's ``Accept`` asks for (the input's own without one: :func:`answer_format`), or with ``summary`` each
+    label's volume in mL. A bad volume is answered as :data:`VOLUME_STATUS` says; one that
     runs out of GPU memory 503 with Retry-After, its memory handed back before the worker takes the next."""
 
     def __init__(self, holder: ModelHolder, metrics: ServiceMetrics, max_voxels: int,
                  gpu_slots: GpuSlots | None = None) -> None:
         self.holder, self.metrics, self.max_voxels, self.gpu_slots = holder, metrics, max_voxels, gpu_slots
 
-    def __call__(self, body: bytes, content_type: str, summary: bool) -> Response:
+    def __call__(self, body: bytes | bytearray, content_type: str, summary: bool, accept: str = "") -> Response:
         self.metrics.waiting.dec()
         self.metrics.in_flight.inc()
         try:
             try:
-                return self.segment(body, content_type, summary)
+                return self.segment(body, content_type, summary, accept)
             except HTTPException as exc:
                 return Response(json.dumps({"detail": exc.detail}), status_code=exc.status_code,
                                 media_type="application/json")
@@ -57,7 +68,7 @@ class Inference:
         finally:
             self.metrics.in_flight.dec()
 
-    def segment(self, body: bytes, content_type: str, summary: bool) -> Response:
+    def segment(self, body: bytes | bytearray, content_type: str, summary: bool, accept: str = "") -> Response:
         if not body:
             raise HTTPException(400, "empty body: send a NIfTI (.nii/.nii.gz) or .npy volume")
         try:
@@ -74,7 +85,7 @@ class Inference:
             with self.gpu_slots.take() as device:  # the GPU running the fewest inferences, its replica of the model
                 mask = replicas[device].segmenter.segment(volume, affine)
         self.metrics.latency.observe(time.perf_counter() - start)
-        headers = {"X-Model-Version": str(version)}
+        headers = {"X-Model-Version": str(version), "Vary": "Accept"}
         if summary:
             spacing = np.sqrt((affine[:3, :3] ** 2).sum(0)) if affine is not None else np.ones(3)
             ml = float(np.prod(spacing)) / 1000.0
@@ -82,7 +93,10 @@ class Inference:
             volumes = {str(int(v)): round(float(c) * ml, 3) for v, c in zip(labels, counts) if v != 0}
             return Response(json.dumps({"model_version": version, "voxel_ml": ml, "volumes_ml": volumes,
                                         "shape": list(mask.shape)}), media_type="application/json", headers=headers)
-        payload, media = encode_mask(mask, affine, fmt)
+        answer = answer_format(accept, fmt)
+        if answer is None:  # the route refused it before; a direct caller gets the same answer
+            raise HTTPException(406, f"cannot answer in {accept[:200]!r}: accept one of {', '.join(ANSWER_TYPES)}")
+        payload, media = encode_mask(mask, affine, answer)
         return Response(payload, media_type=media, headers=headers)
 
 
@@ -99,15 +113,21 @@ def router(pool: ThreadPoolExecutor, inference: Inference, auth: Authentication,
     routes = APIRouter()
     authorized = auth.require("segment", after=segment_query)
     typed = limits.media_type(after=authorized)
-    loaded = admission.loaded(after=typed)
+    accepted = limits.acceptable(after=typed)
+    loaded = admission.loaded(after=accepted)
     sized = limits.declared_size(after=loaded)
     admitted = admission.slot(after=sized)
 
     @routes.post("/v1/segment", summary="segment a volume (role predictor)", responses={
-        200: {"description": "the mask in the input's format and grid; with summary=true, each label's volume in mL",
-              "content": {NPY: BINARY, NIFTI: BINARY, "application/json": {"schema": {"type": "object"}}}},
+        200: {"description": "the mask in the input's grid, in the format the Accept header asks for: "
+                             f"{NPY} (.npy), {NIFTI_PLAIN} (NIfTI-1), {NIFTI} (NIfTI-1 gzip-compressed at level 1); "
+                             "without Accept (or */*, application/octet-stream) the input's format (.npy for .npy, "
+                             f"{NIFTI} for NIfTI); with summary=true, each label's volume in mL (application/json)",
+              "content": {NPY: BINARY, NIFTI_PLAIN: BINARY, NIFTI: BINARY,
+                          "application/json": {"schema": {"type": "object"}}}},
         **AUTH_ERRORS, 400: refusal("not a volume"),
         413: refusal("body, voxel count or memory budget over the limit"),
+        406: refusal("the Accept header accepts none of the answer's formats"),
         415: refusal("Content-Type is not a volume's"),
         422: refusal("not a finite numeric 3-D volume, or a bad query parameter",
                      {"anyOf": [{"type": "string"}, {"type": "array"}]}),
@@ -117,7 +137,8 @@ def router(pool: ThreadPoolExecutor, inference: Inference, auth: Authentication,
     async def segment(request: Request, ticket: Ticket = Depends(admitted)) -> Response:
         body = await limits.body(request)
         inference.metrics.waiting.inc()
-        future = pool.submit(inference, body, request.headers.get("content-type", ""), request.state.summary)
+        future = pool.submit(inference, body, request.headers.get("content-type", ""), request.state.summary,
+                             request.headers.get("accept", ""))
         ticket.hand_over(future)
         return await limits.in_time(future)
 
