@@ -1,8 +1,9 @@
 """Two ingests of one source, and two lifecycles of one pipeline, at the same time on one database.
 
-The invariants: no case is stored twice, every arrived object has exactly one ledger state, and
-the audit chain is unbroken. Runs on SQLite always and on PostgreSQL when
-``VOXELFLOW_TEST_DATABASE_URL`` names a server (each test makes and drops its own database).
+The invariants: no case is stored twice, every arrived object has exactly one ledger state, the
+audit chain is unbroken, and each lifecycle records its own row and results. Runs on SQLite always
+and on PostgreSQL when ``VOXELFLOW_TEST_DATABASE_URL`` names a server (each test makes and drops its
+own database).
 """
 
 from __future__ import annotations
@@ -40,9 +41,15 @@ def _ingest(source: str, store: str, db_url: str, start, out) -> None:
     from voxelflow.data.ingest import ingest
     from voxelflow.spec.config import DataSpec
 
-    db = connect(db_url)
-    start.wait(60)
-    report = ingest(DataSpec(source=source), Layout(Store(store), "p"), db, source)
+    try:  # both open (and migrate) the new database at once, then ingest at once
+        start.wait(60)
+        db = connect(db_url)
+        report = ingest(DataSpec(source=source), Layout(Store(store), "p"), db, source)
+    except BaseException:  # the test fails with this process's own error, not a timeout
+        import traceback
+
+        out.put(traceback.format_exc())
+        raise
     out.put((sorted(report.ingested), sorted(report.duplicate), report.objects, report.seen))
 
 
@@ -81,6 +88,8 @@ def test_two_ingests_of_one_source_at_once(kind, tmp_path):
             p.start()
         start.set()
         results = [out.get(timeout=240) for _ in procs]
+        failed = [r for r in results if isinstance(r, str)]
+        assert not failed, failed[0]
         for p in procs:
             p.join(60)
             assert p.exitcode == 0
@@ -97,8 +106,11 @@ from voxelflow.spec.config import Settings, validate_spec
 
 if __name__ == "__main__":  # the local Dask cluster's workers re-import this module
     spec = validate_spec(json.loads(sys.argv[1]))
-    result = pipeline.run(spec, Settings())
-    print(json.dumps([result.promotion["version"], result.promotion["promoted"], result.ingest]))
+    # fresh: each computes every step, so the two race all the way to registering (with reuse, one that
+    # reached training after the other recorded its own would take that training and register nothing)
+    result = pipeline.run(spec, Settings(), fresh=True)
+    print(json.dumps([result.promotion["version"], result.promotion["promoted"], result.ingest, result.run_id,
+                      result.reused]))
 """
 
 
@@ -132,4 +144,23 @@ def test_two_lifecycles_of_one_pipeline_at_once(kind, tmp_path):
         results = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
         assert sorted(r[0] for r in results) == ["1", "2"]  # one model version each
         assert sum(r[2]["ingested"] for r in results) == 6  # each case ingested once, by one of them
+        assert [r[4] for r in results] == [[], []] and results[0][3] != results[1][3]  # each trained, in its run
         _check_invariants(url, store, "demo-spheres", 12)
+        _check_recorded(url, "demo-spheres", {r[3] for r in results})
+
+
+def _check_recorded(db_url: str, pipeline: str, run_ids: set[str]) -> None:
+    """Each lifecycle's row says it finished, in its own MLflow run; each recorded its training (fresh records)."""
+    from sqlalchemy import select
+
+    from voxelflow.core import db as vdb
+    from voxelflow.core.db import Database
+
+    db = Database(db_url)
+    with db.transaction() as conn:
+        rows = conn.execute(select(vdb.lifecycles).where(vdb.lifecycles.c.pipeline == pipeline)).mappings().all()
+        t = vdb.step_results
+        trained = conn.execute(select(t.c.run_id).where(t.c.pipeline == pipeline, t.c.step == "train")).scalars().all()
+    db.dispose()
+    assert sorted(r["status"] for r in rows) == ["finished", "finished"]
+    assert {r["run_id"] for r in rows} == run_ids and sorted(trained) == sorted(run_ids)

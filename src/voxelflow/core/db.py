@@ -31,7 +31,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
 
 from voxelflow.core import redact
 
@@ -112,6 +111,64 @@ predictions = Table(
     Index("ix_predictions_model", "model", "version"),
 )
 
+# Each DICOM result (a case's SEG or SR by one model version) and where it went (voxelflow.serving.dicom_send,
+# migration 0004): the destination without credentials, the hashed SOP Instance UID, and its state: sent,
+# pending (its send failed on a transient error: sent again by a resend) or refused by the destination.
+sends = Table(
+    "sends",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pipeline", String(200), nullable=False),
+    Column("case_id", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("version", String(32), nullable=False),
+    Column("destination", String(1024), nullable=False),
+    Column("object", String(1024), nullable=False),
+    Column("sop_instance", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("pipeline", "case_id", "kind", "model", "version", "destination", name="uq_sends_result"),
+    Index("ix_sends_state", "state"),
+)
+
+# Each step's result under a key of its inputs (voxelflow.stages.reuse, migration 0005): found again by a later
+# lifecycle whose inputs are the same; evaluation's rows also name the champion version it compared against.
+step_results = Table(
+    "step_results",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pipeline", String(200), nullable=False),
+    Column("step", String(200), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("champion", String(32), nullable=True),
+    Column("lifecycle", String(64), nullable=False),
+    Column("run_id", String(64), nullable=True),
+    Column("result", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Index("ix_step_results_key", "pipeline", "step", "key"),
+)
+
+# Each lifecycle of a pipeline and how it ended (migration 0005): `voxelflow run --resume` continues the latest
+# failed one from its failed step, in its MLflow run.
+lifecycles = Table(
+    "lifecycles",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("pipeline", String(200), nullable=False),
+    Column("spec_digest", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # running, failed, finished, resumed (by a later one)
+    Column("failed_step", String(200), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("run_id", String(64), nullable=True),
+    Column("resumes", String(64), nullable=True),
+    Column("started", DateTime(timezone=True), nullable=False),
+    Column("ended", DateTime(timezone=True), nullable=True),
+    Index("ix_lifecycles_pipeline", "pipeline", "started"),
+)
+
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
@@ -166,19 +223,16 @@ class Database:
 
             cfg = Config()
             cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
-            for attempt in range(5):
-                try:
-                    with self.engine.begin() as conn:
-                        if not self.sqlite:  # two processes migrating at once: one waits
-                            from sqlalchemy import text
-
-                            conn.execute(text("SELECT pg_advisory_xact_lock(7265846)"))
-                        cfg.attributes["connection"] = conn
-                        command.upgrade(cfg, "head")
-                    break
-                except (OperationalError, IntegrityError):
-                    if attempt == 4:
-                        raise
+            with self.engine.begin() as conn:
+                # Two processes migrating at once: one waits for the other, then finds the schema at head.
+                # SQLite's driver runs DDL outside any transaction unless one is begun explicitly;
+                # BEGIN IMMEDIATE takes the file's write lock (waiting up to busy_timeout).
+                if self.sqlite:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                else:
+                    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7265846)")
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
             self._migrated.add(self.url)
 
     @contextlib.contextmanager
