@@ -17,13 +17,15 @@ from uuid import UUID
 from voxelflow.data.watch import resource_id
 
 
-def event_for(event: str, pipeline: str, payload: dict[str, Any], event_id: UUID):
-    """The Prefect event ``event`` about ``pipeline`` (resource ``voxelflow.dataset.<pipeline>``). It names no
-    related flow run: with one, the server was seen to take seconds longer to start the triggered run."""
+def event_for(event: str, pipeline: str, payload: dict[str, Any], event_id: UUID,
+              labels: dict[str, str] | None = None):
+    """The Prefect event ``event`` about ``pipeline`` (resource ``voxelflow.dataset.<pipeline>``, with ``labels``
+    besides, e.g. an arrival's route). It names no related flow run: with one, the server was seen to take
+    seconds longer to start the triggered run."""
     from prefect.events import Event
 
-    return Event(event=event, resource={"prefect.resource.id": resource_id(pipeline), "voxelflow.pipeline": pipeline},
-                 payload=payload, id=event_id)
+    return Event(event=event, resource={"prefect.resource.id": resource_id(pipeline), "voxelflow.pipeline": pipeline,
+                                        **(labels or {})}, payload=payload, id=event_id)
 
 
 def post(events: list) -> None:
@@ -35,9 +37,10 @@ def post(events: list) -> None:
         client.request("POST", "/events", json=[e.model_dump(mode="json") for e in events])
 
 
-def send(event: str, pipeline: str, payload: dict[str, Any], event_id: UUID) -> None:
+def send(event: str, pipeline: str, payload: dict[str, Any], event_id: UUID,
+         labels: dict[str, str] | None = None) -> None:
     """Send one event and wait until the Prefect API accepted it; raise when it was not delivered."""
-    post([event_for(event, pipeline, payload, event_id)])
+    post([event_for(event, pipeline, payload, event_id, labels)])
 
 
 CHAMPION_MOVED = "voxelflow.model.champion"  # the registered model's champion alias points at another version

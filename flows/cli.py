@@ -405,7 +405,7 @@ def watch(
 
         from flows.announce import send
         from voxelflow.core.db import connect
-        from voxelflow.data.watch import DATA_ARRIVED, Watcher
+        from voxelflow.data.watch import DATA_ARRIVED, ROUTE_LABEL, ROUTE_SOURCE, ROUTE_SPOOL, Watcher
         from voxelflow.spec.config import Settings, load_spec
 
         settings = Settings()
@@ -417,8 +417,11 @@ def watch(
             settle = arrival.settle_s if arrival else 2.0
         loaded = load_spec(spec, sets=[f"data.source={source}"])
 
+        # a PACS's series go through the spool (predict-arrived routes them), a folder's files to ingest-arrived
+        route = ROUTE_SPOOL if source.startswith("dicomweb+") else ROUTE_SOURCE
+
         def emit(arrival) -> None:  # raises when the event was not delivered: the batch stays unannounced
-            send(DATA_ARRIVED, loaded.name, arrival.payload(), arrival.id)
+            send(DATA_ARRIVED, loaded.name, arrival.payload(), arrival.id, {ROUTE_LABEL: route})
             console.print(f"announced {len(arrival.objects)} objects ({arrival.payload()['bytes']} bytes)",
                           highlight=False)
 
@@ -509,6 +512,7 @@ def serve(
             fail("; ".join(f"VOXELFLOW_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
                            for e in exc.errors()))
         proxies = proxy_options(settings.serve_trusted_proxies)  # X-Forwarded-For only from these peers
+        service_log()
         placed = serve_gpu.plan(visible_gpus(), settings.serve_per_gpu, settings.serve_workers, os.cpu_count() or 1)
         console.print(placed.describe())
         db = connect(settings.database)
@@ -546,8 +550,24 @@ def serve(
             if not (settings.serve_tls_cert and settings.serve_tls_key):
                 fail("HTTPS needs both VOXELFLOW_SERVE_TLS_CERT and VOXELFLOW_SERVE_TLS_KEY")
             tls = {"ssl_certfile": settings.serve_tls_cert, "ssl_keyfile": settings.serve_tls_key}
+        # the service logs each request itself, as one JSON line (uvicorn's own access lines would repeat them)
         uvicorn.run(app_, host=host or settings.serve_host, port=port or settings.serve_port, log_level="info",
-                    **proxies, **tls)
+                    access_log=False, **proxies, **tls)
+
+
+def service_log() -> None:
+    """The service's log (``voxelflow.serving.serve``: one JSON line per request, hot swaps, failed loads) on
+    stderr at INFO, each line as it was written."""
+    import logging
+
+    log = logging.getLogger("voxelflow.serving.serve")
+    if not any(getattr(h, "voxelflow_service", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.voxelflow_service = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 @deploy_app.command("render")

@@ -37,14 +37,14 @@ def receive(
         from voxelflow.core.db import connect
         from voxelflow.core.redact import redact
         from voxelflow.data.receive import Limits, Receiver, receive_spool, tls_context
-        from voxelflow.data.watch import DATA_ARRIVED
+        from voxelflow.data.watch import DATA_ARRIVED, ROUTE_LABEL, ROUTE_SPOOL
         from voxelflow.spec.config import Settings, load_spec
 
         loaded = load_spec(spec)
         settings = Settings()
 
         def emit(arrival) -> None:  # raises when the event was not delivered: the series stays unannounced
-            send(DATA_ARRIVED, loaded.name, arrival.payload(), arrival.id)
+            send(DATA_ARRIVED, loaded.name, arrival.payload(), arrival.id, {ROUTE_LABEL: ROUTE_SPOOL})
             console.print(f"announced a series of {len(arrival.objects)} instances "
                           f"({arrival.payload()['bytes']} bytes)", highlight=False)
 

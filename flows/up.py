@@ -45,16 +45,18 @@ def verify(spec: str, digest: str | None) -> None:
                          f"now {now[:12]}): run `voxelflow up {spec}` again to deploy the edit")
 
 
-def _trigger(pipeline: str, event: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    from voxelflow.data.watch import resource_id
+def _trigger(pipeline: str, event: str, parameters: dict[str, Any], route: str | None = None) -> dict[str, Any]:
+    """An event trigger on ``pipeline``'s resource; ``route``: only arrivals with that route label."""
+    from voxelflow.data.watch import ROUTE_LABEL, resource_id
 
-    return {"type": "event", "enabled": True, "match": {"prefect.resource.id": resource_id(pipeline)},
+    match = {"prefect.resource.id": resource_id(pipeline), **({ROUTE_LABEL: route} if route else {})}
+    return {"type": "event", "enabled": True, "match": match,
             "expect": [event], "parameters": {**parameters, "announcement": dict(ANNOUNCEMENT)}}
 
 
 def plan(spec, ref: str, pool: str | None = None) -> list[dict[str, Any]]:
     """The deployments ``spec`` (loaded from ``ref``) needs, in the shape of deployments/prefect.yaml's entries."""
-    from voxelflow.data.watch import CASES_UNLABELLED, DATA_ARRIVED, DATASET_UPDATED
+    from voxelflow.data.watch import CASES_UNLABELLED, DATA_ARRIVED, DATASET_UPDATED, ROUTE_SOURCE, ROUTE_SPOOL
 
     t, name, digest = spec.triggers, spec.name, spec.digest()
     pool = pool or spec.work_pool or DEFAULT_POOL
@@ -73,7 +75,7 @@ def plan(spec, ref: str, pool: str | None = None) -> list[dict[str, Any]]:
         out.append({"flow": "ingest-arrived", "name": name, "entrypoint": ENTRYPOINTS["ingest-arrived"], "tags": tags,
                     "description": f"Ingest what voxelflow watch announced for {name}.",
                     "parameters": {"spec": ref, "spec_digest": digest}, "work_pool": pool, "concurrency_limit": None, "schedules": [],
-                    "triggers": [_trigger(name, DATA_ARRIVED, {"source": "{{ event.payload.source }}"})]})
+                    "triggers": [_trigger(name, DATA_ARRIVED, {"source": "{{ event.payload.source }}"}, ROUTE_SOURCE)]})
     if t.unlabelled and t.unlabelled.predict:
         out.append({"flow": "predict", "name": name, "entrypoint": ENTRYPOINTS["predict"], "tags": tags,
                     "description": f"Segment {name}'s newly arrived unlabelled cases with the champion.",
@@ -85,7 +87,7 @@ def plan(spec, ref: str, pool: str | None = None) -> list[dict[str, Any]]:
                     "ingestion, the others to clinical inference and back to the PACS.",
                     "parameters": {"spec": ref, "spec_digest": digest}, "work_pool": pool,
                     "concurrency_limit": enqueue, "schedules": [],
-                    "triggers": [_trigger(name, DATA_ARRIVED, {"source": "{{ event.payload.source }}"})]})
+                    "triggers": [_trigger(name, DATA_ARRIVED, {"source": "{{ event.payload.source }}"}, ROUTE_SPOOL)]})
     return out
 
 

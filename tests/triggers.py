@@ -44,8 +44,9 @@ def trigger_deployment(flow, name: str, pipeline: str, spec: str | Path) -> Iter
                                                  parameters={**d["parameters"], "spec": str(spec)})
         try:
             for i, trigger in enumerate(d["triggers"]):
-                assert trigger["match"] == {"prefect.resource.id": resource_id(SHIPPED_PIPELINE)}, trigger["match"]
-                ours = {**copy.deepcopy(trigger), "match": {"prefect.resource.id": resource_id(pipeline)},
+                assert trigger["match"]["prefect.resource.id"] == resource_id(SHIPPED_PIPELINE), trigger["match"]
+                ours = {**copy.deepcopy(trigger), "match": {**trigger["match"],
+                                                            "prefect.resource.id": resource_id(pipeline)},
                         "name": f"test-trigger-{i}"}
                 made = TypeAdapter(DeploymentTriggerTypes).validate_python(ours)
                 made.set_deployment_id(deployment_id)

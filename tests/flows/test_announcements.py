@@ -150,14 +150,15 @@ def test_an_arrival_naming_a_spec_is_refused_and_audited(pipeline, tmp_path):
     from flows.ingest import ingest
     from voxelflow.core import audit
     from voxelflow.data.ingest import read_ledger
-    from voxelflow.data.watch import DATA_ARRIVED
+    from voxelflow.data.watch import DATA_ARRIVED, ROUTE_LABEL, ROUTE_SOURCE
 
     name, spec, source = pipeline
     evil = tmp_path / "evil.yaml"
     evil.write_text((REPO / "deployments/specs/demo.yaml").read_text())
     with trigger_deployment(ingest, "demo-spheres", name, spec) as deployment_id:
         event_id = uuid.uuid4()
-        send(DATA_ARRIVED, name, {"source": source, "objects": [], "count": 0, "spec": str(evil)}, event_id)
+        send(DATA_ARRIVED, name, {"source": source, "objects": [], "count": 0, "spec": str(evil)}, event_id,
+             {ROUTE_LABEL: ROUTE_SOURCE})
         deadline, runs = time.monotonic() + 60, []
         while not runs:
             assert time.monotonic() < deadline, "the event created no ingest run"

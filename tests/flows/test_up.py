@@ -56,6 +56,8 @@ def test_up_twice_makes_one_deployment_per_flow_then_an_edit_updates_and_down_re
         ingest = client.read_deployment_by_name(labels[1])
         (auto,) = client.read_resource_related_automations(f"prefect.deployment.{ingest.id}")
         assert auto.trigger.expect == {"voxelflow.data.arrived"}
+        assert auto.trigger.match.model_dump() == {"prefect.resource.id": f"voxelflow.dataset.{name}",
+                                                   "voxelflow.route": "source"}
         assert auto.actions[0].parameters["source"] == "{{ event.payload.source }}"
 
         assert life.parameters["spec_digest"] == load_spec(spec_path).digest()

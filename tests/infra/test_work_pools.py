@@ -212,6 +212,9 @@ def test_arrival_triggers_chain_ingest_and_lifecycle():
     arrival, update = names["ingest-arrived/demo-spheres"], names["lifecycle/demo-spheres"]
     (a,) = arrival["triggers"]
     assert a["expect"] == ["voxelflow.data.arrived"]
+    assert a["match"]["voxelflow.route"] == "source"  # a folder's arrivals; the spool's go to predict-arrived
+    (r,) = names["predict-arrived/demo-spheres"]["triggers"]
+    assert r["expect"] == ["voxelflow.data.arrived"] and r["match"]["voxelflow.route"] == "spool"
     assert a["parameters"]["source"] == "{{ event.payload.source }}"
     (u,) = update["triggers"]
     assert u["expect"] == ["voxelflow.dataset.updated"]
@@ -261,7 +264,7 @@ def test_the_shipped_demo_deployments_are_what_voxelflow_up_makes():
                                          "makes (flows/up.py): make them agree")
     # and nothing else in the file is started by the pipeline's events: no second trigger, no generic deployment
     others = [full_name(d) for d in DEPLOYMENTS if full_name(d) not in want
-              and any(tr["match"] == {"prefect.resource.id": resource_id(spec.name)} for tr in d.get("triggers", []))]
+              and any(tr["match"]["prefect.resource.id"] == resource_id(spec.name) for tr in d.get("triggers", []))]
     assert others == []
 
 
@@ -290,13 +293,17 @@ def test_a_triggered_deployment_runs_its_own_spec_for_its_own_pipeline_only(d):
     only; the event reaches the run as `announcement` (id, event, resource, payload keys), which it checks."""
     import inspect
 
-    from voxelflow.data.watch import resource_id
+    from voxelflow.data.watch import DATA_ARRIVED, ROUTE_LABEL, ROUTE_SOURCE, ROUTE_SPOOL, resource_id
     from voxelflow.spec.config import load_spec
 
     spec = load_spec(REPO / d["parameters"]["spec"])
     assert "announcement" in inspect.signature(flow_of(d["entrypoint"]).fn).parameters
     for trigger in d["triggers"]:
-        assert trigger["match"] == {"prefect.resource.id": resource_id(spec.name)}, full_name(d)
+        match = dict(trigger["match"])
+        assert match.pop("prefect.resource.id") == resource_id(spec.name), full_name(d)
+        # besides the pipeline, an arrival's route only: a watched source, or the spool of received series
+        assert match == ({ROUTE_LABEL: ROUTE_SOURCE if d["entrypoint"] == "flows/ingest.py:ingest" else ROUTE_SPOOL}
+                         if trigger["expect"] == [DATA_ARRIVED] else {}), full_name(d)
         params = trigger["parameters"]
         assert "spec" not in params and "overlays" not in params, full_name(d)
         assert params["announcement"] == {"id": "{{ event.id | string }}", "event": "{{ event.event }}",

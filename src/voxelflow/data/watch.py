@@ -47,6 +47,12 @@ DATA_REFERENCES = frozenset({"source", "objects", "sizes", "versions", "count", 
 _NAMESPACE = uuid.UUID("6f0c8d2e-5b1a-4c8e-9a57-3d1f0e7b2a64")  # of voxelflow's announcement ids
 
 
+# The route of a voxelflow.data.arrived event, a label of its resource that the deployments' triggers match: a
+# watched folder or bucket (ingest-arrived ingests it) or a series voxelflow receive or a DICOMweb watch put in the
+# spool (predict-arrived routes it). Each flow checks the route again itself; the label only spares the other run.
+ROUTE_LABEL, ROUTE_SOURCE, ROUTE_SPOOL = "voxelflow.route", "source", "spool"
+
+
 def resource_id(pipeline: str) -> str:
     """The Prefect resource every event about ``pipeline`` concerns (what its deployments' triggers match)."""
     return f"voxelflow.dataset.{pipeline}"
