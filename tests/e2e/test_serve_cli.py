@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import subprocess
 import time
@@ -79,6 +80,14 @@ def test_https_with_a_self_signed_certificate_and_keys_from_the_cli(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    # each request is one JSON line of the service's log, with the key's name and never the key
+    output = proc.stdout.read()
+    logged = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    requests = [r for r in logged if "request_id" in r]
+    assert any(r["route"] == "/metrics" and r["status"] == 401 and r["key"] is None for r in requests), requests
+    assert any(r["route"] == "/metrics" and r["status"] == 200 and r["key"] == "grafana" for r in requests)
+    assert all(len(r["request_id"]) >= 8 and r["ms"] >= 0 for r in requests)
+    assert viewer_key not in output and '"GET /metrics' not in output  # uvicorn's own access lines are off
 
 
 def serving(env: dict[str, str]) -> tuple[subprocess.Popen, str]:

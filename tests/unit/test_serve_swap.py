@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
+import logging
 import threading
 
 import httpx
@@ -66,7 +68,6 @@ def test_a_failed_hot_swap_is_counted_and_explained_while_the_old_model_keeps_se
                                                                                       tiny_weights, db, caplog):
     """The alias moves to a version whose artifacts cannot be read: the watch's swap fails, the metric counts it,
     /v1/model (with a key) says which version and why, /health/ready stays ready with what failed, and v1 serves."""
-    import logging
     import time
 
     from fastapi.testclient import TestClient
@@ -121,7 +122,7 @@ def body_of(shape) -> bytes:
 
 
 def test_a_champion_notice_swaps_the_model_in_at_once_not_at_the_next_poll(tiny_model_config, tiny_weights,
-                                                                          prefect_api):
+                                                                          prefect_api, caplog):
     """`voxelflow serve` follows the Prefect API's champion notices (flows.announce): a notice about its model
     makes it look at the alias now, though its poll is 10 minutes away."""
     import time
@@ -131,6 +132,7 @@ def test_a_champion_notice_swaps_the_model_in_at_once_not_at_the_next_poll(tiny_
 
     from flows.announce import follow_champion, notify_champion
 
+    caplog.set_level(logging.INFO, logger="voxelflow.serving.serve")
     alias = {"version": "1"}
     holder = ModelHolder(lambda: (Segmenter(tiny_model_config, tiny_weights[int(alias["version"]) % 2], device="cpu"),
                                   alias["version"]))
@@ -160,6 +162,11 @@ def test_a_champion_notice_swaps_the_model_in_at_once_not_at_the_next_poll(tiny_
                 time.sleep(0.05)
         assert "7" not in heard and heard[-1] == "2"
         assert holder.swaps == 1
+        # the service's log says what swapped and what found it (the notice, not the poll)
+        logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "voxelflow.serving.serve"]
+        (swapped,) = [e for e in logged if e.get("event") == "model.swapped"]
+        assert swapped["version"] == "2" and swapped["serving_before"] == "1" and swapped["cause"] == "notice"
+        assert swapped["load_s"] >= 0
     finally:
         stop.set()
         stop_watch.set()

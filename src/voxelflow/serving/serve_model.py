@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -50,8 +51,10 @@ class ModelHolder:
         """The last failed load's reason (redacted), or None."""
         return self.failure["error"] if self.failure else None
 
-    def reload(self, wanted: str | None = None) -> str | None:
-        """Load the alias's model and swap it in; ``wanted`` is the version expected (for the record of a failure)."""
+    def reload(self, wanted: str | None = None, cause: str | None = None) -> str | None:
+        """Load the alias's model and swap it in; ``wanted`` is the version expected (for the record of a failure),
+        ``cause`` what made the watch look (``notice`` or ``poll``), logged with the swap."""
+        started = time.perf_counter()
         try:
             segmenter, version = self.loader()
             replicas = self.replicate(segmenter) if self.replicate is not None else {}
@@ -59,10 +62,15 @@ class ModelHolder:
             self._failed(wanted, exc)
             raise
         with self.lock:  # loaded aside, swapped in one step: requests see the old model or the new one
-            if self.segmenter is not None and version != self.version:
+            before = self.version
+            if self.segmenter is not None and version != before:
                 self.swaps += 1
             self.segmenter, self.version, self.failure, self.summary = segmenter, version, None, None
             self.replicas = replicas
+        log.info(json.dumps({"event": "model.loaded" if before is None else "model.swapped" if version != before
+                             else "model.reloaded", "version": version,
+                             "serving_before": before, "load_s": round(time.perf_counter() - started, 3),
+                             **({"cause": cause} if cause else {})}))
         return version
 
     def _failed(self, wanted: str | None, exc: BaseException) -> None:
@@ -103,7 +111,7 @@ class ModelHolder:
         def loop() -> None:
             lookup_error = None
             while True:
-                self._nudged.wait(interval)
+                cause = "notice" if self._nudged.wait(interval) else "poll"
                 self._nudged.clear()
                 if stop.is_set():
                     return
@@ -118,7 +126,7 @@ class ModelHolder:
                 lookup_error = None
                 if wanted is not None and wanted != self.version:
                     try:
-                        self.reload(wanted)
+                        self.reload(wanted, cause)
                     except Exception:  # noqa: BLE001 - counted, kept in self.failure and logged by reload
                         continue
 
