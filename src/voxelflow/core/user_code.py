@@ -9,6 +9,7 @@ digest of the source shipped).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 from collections.abc import Iterable, Mapping
@@ -66,17 +67,32 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def _distributions() -> Mapping[str, list[str]]:
+    """Top-level package -> the distributions that install it. Read once per process: it reads every installed
+    distribution's file list (about a second in a full environment), and what is installed does not change
+    under a running lifecycle."""
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
+
+
 def version_of(package: str) -> str:
     """``DIST==VERSION`` of the distribution that installs ``package``, else its ``__version__``, else
     ``unversioned``; with ``+src.DIGEST`` of its Python sources."""
-    from importlib.metadata import packages_distributions, version
+    from importlib.metadata import version
 
-    dists = packages_distributions().get(package, [])
+    dists = _distributions().get(package, [])
     if dists:
         label = f"{dists[0]}=={version(dists[0])}"
     else:
         label = str(getattr(importlib.import_module(package), "__version__", "unversioned"))
     return f"{label}+src.{_digest(source_of(package))}"
+
+
+def source_digests(names: Iterable[str]) -> dict[str, str]:
+    """Package -> the digest of its Python sources (what a key of finished work needs: no distribution lookup)."""
+    return {p: _digest(source_of(p)) for p in sorted(set(names))}
 
 
 def versions(names: Iterable[str]) -> dict[str, str]:

@@ -54,10 +54,12 @@ def section(part: Any) -> dict[str, Any]:
 
 
 def code_version(packages: list[str]) -> str:
-    """voxelflow's version and each user package's version with the digest of its source."""
+    """voxelflow's version and the digest of each user package's source (an edit, or another installed version,
+    changes it)."""
     from voxelflow import __version__
 
-    return "; ".join([f"voxelflow={__version__}", *(f"{p}={v}" for p, v in user_code.versions(packages).items())])
+    return "; ".join([f"voxelflow={__version__}",
+                      *(f"{p}=src.{v}" for p, v in user_code.source_digests(packages).items())])
 
 
 def _tops(paths: list[str]) -> list[str]:
