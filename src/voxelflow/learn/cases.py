@@ -176,10 +176,13 @@ def pad_to_patch(item: dict[str, Any], size: tuple[int, ...]) -> dict[str, Any]:
 
 
 def build_augment(augment: list[dict[str, dict[str, Any]]]):
-    """The spec's random transforms as one MONAI ``Compose`` (None when there are none)."""
+    """The spec's random transforms as one MONAI ``Compose`` (None when there are none); a
+    ``RandCropByPosNegLabeld`` samples its centres' voxels instead of scanning the label at each draw
+    (:mod:`voxelflow.learn.sampling`)."""
     from voxelflow.data.preprocess import build_transforms
+    from voxelflow.learn.sampling import with_sampled_centres
 
-    return build_transforms(augment) if augment else None
+    return with_sampled_centres(build_transforms(augment)) if augment else None
 
 
 class TrainingSet:
@@ -221,7 +224,8 @@ class TrainingSet:
         self.transform.set_random_state(seed=int(np.random.default_rng([self.seed, epoch, i]).integers(2**31)))
         out: Any = item
         for k, t in enumerate(self.transform.transforms):  # one at a time, to name the one that raises
-            out = self._step(partial(self.transform, start=k, end=k + 1), out, i, type(t).__name__)
+            out = self._step(partial(self.transform, start=k, end=k + 1), out, i,
+                             getattr(t, "spec_name", type(t).__name__))  # the name the spec gave it
         return out if isinstance(out, list) else [out]
 
     def _step(self, fn: Callable[[Any], Any], data: Any, i: int, what: str) -> Any:
@@ -309,6 +313,12 @@ class ThreadLoader:
             return False
 
         def fill() -> None:
+            import torch
+
+            # this thread's torch ops run on it alone: with OpenMP each calling thread gets a team of its own,
+            # and its threads, spinning after each small op of a draw, took the training step's cores (its
+            # convolutions ran 10-25 % slower beside this thread); the setting is this thread's only
+            torch.set_num_threads(1)
             try:
                 for batch in self.loader:
                     if not put((batch, None)):
