@@ -110,21 +110,3 @@ def test_a_training_set_draws_through_the_sampled_crop():
     assert len(first) == 4 and all(tuple(p["image"].shape) == (1, 8, 8, 8) for p in first)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
 
-
-def test_the_loader_thread_runs_its_torch_ops_on_itself_alone():
-    """With OpenMP each thread that calls torch gets a team of its own; the loader's would spin on the cores the
-    training step computes on. Its draws see one thread; the training thread keeps its count."""
-    from voxelflow.learn.cases import ThreadLoader
-
-    before = torch.get_num_threads()
-
-    class Seen:
-        def __iter__(self):
-            for _ in range(3):
-                yield torch.get_num_threads()
-
-        def __len__(self):
-            return 3
-
-    assert list(ThreadLoader(Seen())) == [1, 1, 1]
-    assert torch.get_num_threads() == before

@@ -313,12 +313,6 @@ class ThreadLoader:
             return False
 
         def fill() -> None:
-            import torch
-
-            # this thread's torch ops run on it alone: with OpenMP each calling thread gets a team of its own,
-            # and its threads, spinning after each small op of a draw, took the training step's cores (its
-            # convolutions ran 10-25 % slower beside this thread); the setting is this thread's only
-            torch.set_num_threads(1)
             try:
                 for batch in self.loader:
                     if not put((batch, None)):
