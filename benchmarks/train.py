@@ -263,6 +263,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=6)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers of both sides")
+    parser.add_argument("--only", choices=["all", "input", "speed", "memory", "tracking"], default="all",
+                        help="one part of the benchmark")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="where every side trains (default: cuda where there is a GPU, else cpu)")
     args = parser.parse_args()
@@ -275,19 +277,24 @@ def main() -> None:
         root = Path(tmp)
         store, files = make_data(root, args.cases, args.size)
         ids = [f"case-{i}" for i in range(args.cases)]
-        staged, loader = staged_vs_loader(store, ids, args.patch, args.steps, device)
-        print(f"# step: staged {staged:.3f} s, through the loader {loader:.3f} s", flush=True)
-        metric("train_input_efficiency", staged / loader, 0.95, True)
-        ours = voxelflow_rate(store, ids, args.patch, args.steps, args.workers, device)
-        theirs = monai_rate(files, args.patch, args.steps, args.workers, device)
-        print(f"# patches/s: voxelflow {ours:.2f}, plain MONAI {theirs:.2f}", flush=True)
-        metric("train_speedup_vs_monai", ours / theirs, 3.0, True)
-        rss = peak_rss(store, ids, args.patch, device)
-        print(f"# data set 4x the cache budget: {json.dumps(rss)}; this process "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
-        with_t, without_t = tracking(root, store, ids, args.patch, args.steps, device)
-        print(f"# training stage: with tracking {with_t:.2f} s, without {without_t:.2f} s", flush=True)
-        metric("tracking_overhead", with_t / without_t, 1.02, False)
+        part = {p: args.only in ("all", p) for p in ("input", "speed", "memory", "tracking")}
+        if part["input"]:
+            staged, loader = staged_vs_loader(store, ids, args.patch, args.steps, device)
+            print(f"# step: staged {staged:.3f} s, through the loader {loader:.3f} s", flush=True)
+            metric("train_input_efficiency", staged / loader, 0.95, True)
+        if part["speed"]:
+            ours = voxelflow_rate(store, ids, args.patch, args.steps, args.workers, device)
+            theirs = monai_rate(files, args.patch, args.steps, args.workers, device)
+            print(f"# patches/s: voxelflow {ours:.2f}, plain MONAI {theirs:.2f}", flush=True)
+            metric("train_speedup_vs_monai", ours / theirs, 3.0, True)
+        if part["memory"]:
+            rss = peak_rss(store, ids, args.patch, device)
+            print(f"# data set 4x the cache budget: {json.dumps(rss)}; this process "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
+        if part["tracking"]:
+            with_t, without_t = tracking(root, store, ids, args.patch, args.steps, device)
+            print(f"# training stage: with tracking {with_t:.2f} s, without {without_t:.2f} s", flush=True)
+            metric("tracking_overhead", with_t / without_t, 1.02, False)
 
 if __name__ == "__main__":
     main()

@@ -133,7 +133,9 @@ def present_values(label: Any) -> list[int]:
     import torch
 
     if isinstance(label, torch.Tensor):
-        return [int(v) for v in torch.unique(label).tolist()]
+        if label.device.type != "cpu":
+            return [int(v) for v in torch.unique(label).tolist()]
+        label = label.numpy()  # a view: the histogram below, not a sort
     label = np.asarray(label)
     if label.dtype == np.uint8:  # what preprocessing stores: a histogram is much faster than a sort
         return [int(v) for v in np.flatnonzero(np.bincount(label.ravel(), minlength=1))]

@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover
     PythonModel = object  # type: ignore[assignment,misc]
 
 from voxelflow.data.preprocess import _monai_transform, build_transforms, to_meta
+from voxelflow.learn.labels import argmax_channels
 from voxelflow.learn.train import autocast_for, load_network
 
 
@@ -95,7 +96,7 @@ class Segmenter:
             out = Invertd(keys="pred", transform=self.pre, orig_keys="image", nearest_interp=False)(
                 {"pred": logits, "image": image}
             )
-        labels = torch.argmax(torch.as_tensor(out["pred"]), dim=0).to(torch.uint8).as_subclass(torch.Tensor)
+        labels = argmax_channels(torch.as_tensor(out["pred"]).as_subclass(torch.Tensor), dim=0)
         return self.postprocess(labels, affine)
 
     def postprocess(self, labels, affine: np.ndarray):

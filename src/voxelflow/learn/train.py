@@ -165,6 +165,7 @@ class Validation:
         from monai.inferers import SlidingWindowInferer
 
         from voxelflow.learn.evaluate import dice_per_class
+        from voxelflow.learn.labels import argmax_channels
 
         inferer = SlidingWindowInferer(roi_size=self.roi_size, sw_batch_size=self.sw_batch_size,
                                        overlap=self.overlap, mode=self.mode)
@@ -177,7 +178,7 @@ class Validation:
                 image = torch.as_tensor(item["image"]).float()[None].to(device)
                 with torch.no_grad(), autocast_for(precision, device):
                     logits = inferer(image, net)
-                pred = torch.argmax(logits.float(), dim=1)[0].to(torch.uint8).cpu().numpy()
+                pred = argmax_channels(logits[0].float().cpu(), dim=0).numpy()
                 label = np.asarray(torch.as_tensor(item["label"]).cpu())[0]
                 per_class.append(dice_per_class(pred, label, self.n_classes))
                 if i == 0:
