@@ -345,8 +345,14 @@ class ThreadLoader:
 
 
 def make_loader(dataset: TrainingSet, batches: StepBatches, workers: int, device):
-    """MONAI's DataLoader with worker processes (whose exceptions torch raises in this process), or a
-    :class:`ThreadLoader` over one that loads in this process."""
+    """MONAI's DataLoader with worker processes (whose exceptions torch raises in this process); on a GPU
+    without workers, a :class:`ThreadLoader` over one that loads in this process; on the CPU without
+    workers, that loader itself, drawing in the training thread.
+
+    On the CPU the step's torch ops already use every core: a loader thread beside them does not overlap
+    its draws with the step, it competes with it (its torch copies start an OpenMP team of their own that
+    spins on the step's cores). Measured with ``benchmarks/train.py``'s cases, 2 cores, 24 steps: the step
+    took 15-25 % longer with the thread, and about 2 % (the draws themselves) drawing in line."""
     import torch
     from monai.data import DataLoader
 
@@ -357,6 +363,5 @@ def make_loader(dataset: TrainingSet, batches: StepBatches, workers: int, device
         return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                           persistent_workers=False, multiprocessing_context="fork", generator=generator,
                           pin_memory=device.type == "cuda")
-    return ThreadLoader(DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate,
-                                   generator=generator), buffer_size=2)
-
+    in_line = DataLoader(dataset, batch_sampler=batches, num_workers=0, collate_fn=collate, generator=generator)
+    return in_line if torch.device(device).type == "cpu" else ThreadLoader(in_line, buffer_size=2)
