@@ -16,10 +16,10 @@ in between is rerun and announces the same event again, which Prefect runs once.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
 
 from flows.announce import send
 from flows.up import verify
+from tasks import artifacts
 from tasks.ingest import ingest_arrived
 from tasks.settings import run_settings
 from voxelflow.data.ingest import read_ledger
@@ -40,35 +40,36 @@ def ingest(spec: str, source: str | None = None, objects: list[str] | None = Non
            announcement: dict | None = None, spec_digest: str | None = None) -> dict:
     """Ingest ``source`` (default: the spec's ``data.source``) under the spec's pipeline; ``announcement``
     is the triggering event (its id, name, resource and payload keys), checked before anything is read."""
-    verify(spec, spec_digest)
-    loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
-    ctx = Context(run_settings(loaded.data), loaded.name)
-    logger = get_run_logger()
-    if announcement is not None:
-        accept_announcement(ctx.db, loaded.name, announcement, DATA_ARRIVED)
-    if source and _received(ctx, loaded.name, source):  # predict-arrived routes it (flows/predict.py)
-        logger.info("a received DICOM series: routed by predict-arrived, not ingested here")
-        return {"routed": "predict-arrived"}
-    report = ingest_arrived(loaded.data, ctx)
-    wanted = set(objects or [])
-    rows = [{"sha256": r["sha256"][:16], "state": r["state"], "case": r["case_id"] or "", "reason": r["reason"] or ""}
-            for r in read_ledger(ctx.db, loaded.name) if not wanted or r["object"] in wanted]
-    create_table_artifact(rows[-1000:], key=f"arrivals-{loaded.name.lower().replace('_', '-').replace('.', '-')}",
-                          description=f"fate of each arrived object ({len(rows)}; hashes and case ids only)")
-    summary = report.summary()
-    for cid in report.ingested:
-        logger.info("ingested %s", cid)
-    for q in report.quarantined:  # the case name may be a file name: the reason only
-        logger.warning("quarantined a case: %s", q["reason"])
+    with artifacts.flushing():
+        verify(spec, spec_digest)
+        loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
+        ctx = Context(run_settings(loaded.data), loaded.name)
+        logger = get_run_logger()
+        if announcement is not None:
+            accept_announcement(ctx.db, loaded.name, announcement, DATA_ARRIVED)
+        if source and _received(ctx, loaded.name, source):  # predict-arrived routes it (flows/predict.py)
+            logger.info("a received DICOM series: routed by predict-arrived, not ingested here")
+            return {"routed": "predict-arrived"}
+        report = ingest_arrived(loaded.data, ctx)
+        wanted = set(objects or [])
+        rows = [{"sha256": r["sha256"][:16], "state": r["state"], "case": r["case_id"] or "", "reason": r["reason"] or ""}
+                for r in read_ledger(ctx.db, loaded.name) if not wanted or r["object"] in wanted]
+        artifacts.table(rows[-1000:], key=f"arrivals-{loaded.name.lower().replace('_', '-').replace('.', '-')}",
+                        description=f"fate of each arrived object ({len(rows)}; hashes and case ids only)")
+        summary = report.summary()
+        for cid in report.ingested:
+            logger.info("ingested %s", cid)
+        for q in report.quarantined:  # the case name may be a file name: the reason only
+            logger.warning("quarantined a case: %s", q["reason"])
 
-    def unlabelled(event_id, cases: list[str]) -> None:  # predict/<pipeline> segments them
-        send(CASES_UNLABELLED, loaded.name, {"source": loaded.data.source, "cases": cases, "count": len(cases)},
-             event_id)
-        logger.info("%d new unlabelled cases, announced for batch inference (event %s)", len(cases), event_id)
+        def unlabelled(event_id, cases: list[str]) -> None:  # predict/<pipeline> segments them
+            send(CASES_UNLABELLED, loaded.name, {"source": loaded.data.source, "cases": cases, "count": len(cases)},
+                 event_id)
+            logger.info("%d new unlabelled cases, announced for batch inference (event %s)", len(cases), event_id)
 
-    new = announce_dataset(ctx, loaded, report)
-    fresh = unlabelled_update(ctx.db, loaded.name, report.unlabelled, unlabelled)
-    return {**summary, "announced": new, "unlabelled_announced": len(fresh)}
+        new = announce_dataset(ctx, loaded, report)
+        fresh = unlabelled_update(ctx.db, loaded.name, report.unlabelled, unlabelled)
+        return {**summary, "announced": new, "unlabelled_announced": len(fresh)}
 
 
 def announce_dataset(ctx: Context, loaded, report) -> int:

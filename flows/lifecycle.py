@@ -15,11 +15,11 @@ from dataclasses import asdict
 from typing import Any, Iterator
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.release import released, settled
 from flows.stages import FLOW_NAMES, current_lifecycle_id, placed
 from flows.up import verify
+from tasks import artifacts
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
@@ -73,8 +73,8 @@ class FlowRunner(Runner):
 
     def candidates_table(self, rows: list[dict[str, Any]]) -> None:
         key = "candidates-" + "".join(c if c.isalnum() else "-" for c in self.spec.name.lower())
-        create_table_artifact(rows, key=key, description="every candidate: overrides, validation scores, steps, "
-                              "time, chosen or why not")
+        artifacts.table(rows, key=key, description="every candidate: overrides, validation scores, steps, "
+                        "time, chosen or why not")
 
     @contextlib.contextmanager
     def release(self, state: State) -> Iterator[None]:
@@ -103,29 +103,30 @@ def lifecycle(
     what a ``voxelflow.dataset.updated`` trigger passes) starts from the dataset that ingest recorded instead of
     ingesting the source again, while the ledger still holds that dataset.
     """
-    install_log_filter()  # no log line of this run shows a password from a URL
-    if isinstance(spec, str):
-        verify(spec, spec_digest)
-        spec = load_spec(spec, overlays, sets)
-    elif overlays or sets:
-        raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
-    ctx = Context(run_settings(spec.data), spec.name)
-    if announcement is not None:  # the triggering event (lifecycle/<pipeline>): refused unless data references only
-        accept_announcement(ctx.db, spec.name, announcement, DATASET_UPDATED)
-    key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
-    runner = FlowRunner(spec, ctx, current_lifecycle_id(), fresh=fresh, resume=resume, dataset=dataset)
-    try:
-        result = execute(spec, runner)
-    except GateFailed as exc:
-        lines = [f"# voxelflow lifecycle: {spec.name}", "", f"**Stopped by gate `{exc.step_id}`:** {exc.reason}"]
-        create_markdown_artifact("\n".join(lines + steps_markdown(exc.records)) + "\n", key=key,
-                                 description=f"stopped by gate {exc.step_id}")
-        raise
-    finally:
-        runner.close()
-    create_markdown_artifact(markdown(result, spec.name), key=key, description="dataset digest, metrics, model version, endpoint")
-    d = result.deployment
-    if d:
-        where = f"{d['endpoint']}, a temporary smoke-test endpoint" if d["temporary"] else d["endpoint"]
-        print(f"HTTP prediction dice {d['dice']:.4f} (model v{d['model_version']}, {where})")
-    return asdict(result)
+    with artifacts.flushing():
+        install_log_filter()  # no log line of this run shows a password from a URL
+        if isinstance(spec, str):
+            verify(spec, spec_digest)
+            spec = load_spec(spec, overlays, sets)
+        elif overlays or sets:
+            raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
+        ctx = Context(run_settings(spec.data), spec.name)
+        if announcement is not None:  # the triggering event (lifecycle/<pipeline>): refused unless data references only
+            accept_announcement(ctx.db, spec.name, announcement, DATASET_UPDATED)
+        key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
+        runner = FlowRunner(spec, ctx, current_lifecycle_id(), fresh=fresh, resume=resume, dataset=dataset)
+        try:
+            result = execute(spec, runner)
+        except GateFailed as exc:
+            lines = [f"# voxelflow lifecycle: {spec.name}", "", f"**Stopped by gate `{exc.step_id}`:** {exc.reason}"]
+            artifacts.markdown("\n".join(lines + steps_markdown(exc.records)) + "\n", key=key,
+                               description=f"stopped by gate {exc.step_id}")
+            raise
+        finally:
+            runner.close()
+        artifacts.markdown(markdown(result, spec.name), key=key, description="dataset digest, metrics, model version, endpoint")
+        d = result.deployment
+        if d:
+            where = f"{d['endpoint']}, a temporary smoke-test endpoint" if d["temporary"] else d["endpoint"]
+            print(f"HTTP prediction dice {d['dice']:.4f} (model v{d['model_version']}, {where})")
+        return asdict(result)

@@ -20,10 +20,10 @@ results back to the PACS), where ``predict`` works on cases an ingest stored.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.up import verify
+from tasks import artifacts
 from tasks.ingest import ingest_arrived
 from tasks.predict import predict_cases
 from tasks.retry import transient_only
@@ -39,37 +39,38 @@ def predict(spec: str, cases: list[str] | None = None, source: str | None = None
             model: str | None = None, announcement: dict | None = None, spec_digest: str | None = None) -> dict:
     """Segment the unlabelled cases ``cases`` (default: every one not segmented yet) of the spec's pipeline;
     ``announcement`` is the triggering event (its id, name, resource and payload keys)."""
-    verify(spec, spec_digest)
-    loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
-    ctx = Context(run_settings(loaded.data), loaded.name)
-    logger = get_run_logger()
-    if announcement is not None:
-        accept_announcement(ctx.db, loaded.name, announcement, CASES_UNLABELLED)
-    ref = str(ModelRef.parse(model or loaded.promote.model_name))  # a bad reference fails before any work
-    dest = ctx.settings.expand(out) if out else default_destination(ctx.settings.store_url, loaded.name)
-    if source:
-        ingest_arrived(loaded.data, ctx)
-    report = predict_cases(ctx, ref, dest, cases=cases, source=ctx.settings.expand(source) if source else None)
-    for p in report.predicted:
-        logger.info("segmented %s: %s", p["case"], p["sha256"][:16])
-    if report.labelled:
-        logger.info("%d labelled case(s) left alone: batch inference segments unlabelled cases", len(report.labelled))
-    rows = [{"case": p["case"], "status": "predicted", "mask": p["mask"].rsplit("/", 1)[-1],
-             "volumes_ml": ", ".join(f"{k}: {v}" for k, v in p["volumes_ml"].items()), "reason": ""}
-            for p in report.predicted]
-    rows += [{"case": f["case"], "status": "failed", "mask": "", "volumes_ml": "", "reason": f["reason"]}
-             for f in report.failed]
-    rows += [{"case": c, "status": "skipped", "mask": "", "volumes_ml": "",
-              "reason": f"already segmented by version {report.version}"} for c in report.skipped]
-    slug = loaded.name.lower().replace("_", "-").replace(".", "-")
-    where = f" into {report.folder}" + (f" (table {report.table})" if report.table else "")
-    create_table_artifact(rows[:1000], key=f"predictions-{slug}",
-                          description=f"{ref} (version {report.version or 'not needed'}): {len(report.predicted)} "
-                                      f"segmented, {len(report.skipped)} skipped, {len(report.failed)} failed{where}")
-    if report.failed:
-        raise RuntimeError(f"{len(report.failed)} case(s) could not be segmented (the other masks were written): "
-                           + "; ".join(f"{f['case']}: {f['reason']}" for f in report.failed[:3]))
-    return report.summary()
+    with artifacts.flushing():
+        verify(spec, spec_digest)
+        loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
+        ctx = Context(run_settings(loaded.data), loaded.name)
+        logger = get_run_logger()
+        if announcement is not None:
+            accept_announcement(ctx.db, loaded.name, announcement, CASES_UNLABELLED)
+        ref = str(ModelRef.parse(model or loaded.promote.model_name))  # a bad reference fails before any work
+        dest = ctx.settings.expand(out) if out else default_destination(ctx.settings.store_url, loaded.name)
+        if source:
+            ingest_arrived(loaded.data, ctx)
+        report = predict_cases(ctx, ref, dest, cases=cases, source=ctx.settings.expand(source) if source else None)
+        for p in report.predicted:
+            logger.info("segmented %s: %s", p["case"], p["sha256"][:16])
+        if report.labelled:
+            logger.info("%d labelled case(s) left alone: batch inference segments unlabelled cases", len(report.labelled))
+        rows = [{"case": p["case"], "status": "predicted", "mask": p["mask"].rsplit("/", 1)[-1],
+                 "volumes_ml": ", ".join(f"{k}: {v}" for k, v in p["volumes_ml"].items()), "reason": ""}
+                for p in report.predicted]
+        rows += [{"case": f["case"], "status": "failed", "mask": "", "volumes_ml": "", "reason": f["reason"]}
+                 for f in report.failed]
+        rows += [{"case": c, "status": "skipped", "mask": "", "volumes_ml": "",
+                  "reason": f"already segmented by version {report.version}"} for c in report.skipped]
+        slug = loaded.name.lower().replace("_", "-").replace(".", "-")
+        where = f" into {report.folder}" + (f" (table {report.table})" if report.table else "")
+        artifacts.table(rows[:1000], key=f"predictions-{slug}",
+                        description=f"{ref} (version {report.version or 'not needed'}): {len(report.predicted)} "
+                                    f"segmented, {len(report.skipped)} skipped, {len(report.failed)} failed{where}")
+        if report.failed:
+            raise RuntimeError(f"{len(report.failed)} case(s) could not be segmented (the other masks were written): "
+                               + "; ".join(f"{f['case']}: {f['reason']}" for f in report.failed[:3]))
+        return report.summary()
 
 
 @flow(name="predict-arrived", log_prints=False)
@@ -81,48 +82,49 @@ def arrived(spec: str, source: str | None = None, announcement: dict | None = No
     an unlabelled one segmented by the champion and its SEG and SR sent to VOXELFLOW_DICOM_DESTINATION
     (:mod:`voxelflow.serving.clinical`). An arrival from anywhere else is ``voxelflow watch``'s, left to
     ``ingest-arrived``. Logs, artifacts and the result name series by hashes only."""
-    from flows.ingest import announce_dataset
-    from voxelflow.data.watch import DATA_ARRIVED
-    from voxelflow.serving import clinical
+    with artifacts.flushing():
+        from flows.ingest import announce_dataset
+        from voxelflow.data.watch import DATA_ARRIVED
+        from voxelflow.serving import clinical
 
-    verify(spec, spec_digest)
-    loaded = load_spec(spec)
-    ctx = Context(run_settings(loaded.data.model_copy(update={"layout": "dicom"})), loaded.name)
-    logger = get_run_logger()
-    if announcement is not None:
-        accept_announcement(ctx.db, loaded.name, announcement, DATA_ARRIVED)
-    spool = clinical.spool_of(ctx.settings, loaded.name)
-    if source is not None:
-        key = clinical.series_key(spool, source)
-        if key is None:
-            logger.info("not a series of the spool: left to ingest-arrived")
-            return {"routed": 0}
-        keys = [key]
-    else:
-        keys = clinical.pending(spool)
-    unlabelled = loaded.triggers.unlabelled
-    report = route_series(ctx, loaded.data, spool, str(ModelRef.parse(loaded.promote.model_name)), keys,
-                          bool(unlabelled and unlabelled.predict))
-    for o in report.outcomes:
-        logger.info("series %s: %s%s%s", o.series, o.route, f" ({o.reason})" if o.reason else "",
-                    ", results acknowledged" if o.acknowledged else "")
-    if report.sent is not None:
-        logger.info("sent to %s: %d sent, %d pending, %d refused", report.sent["destination"], report.sent["sent"],
-                    report.sent["pending"], report.sent["refused"])
-    rows = [{"series": o.series, "route": o.route, "version": o.version or "", "case": o.case or "",
-             "volumes_ml": ", ".join(f"{k}: {v}" for k, v in o.volumes_ml.items()),
-             "acknowledged": o.acknowledged, "deleted": o.deleted, "reason": o.reason} for o in report.outcomes]
-    slug = loaded.name.lower().replace("_", "-").replace(".", "-")
-    create_table_artifact(rows[:1000], key=f"received-{slug}",
-                          description=f"received series of {loaded.name} (hashes only): {report.summary()}")
-    summary = report.summary()
-    if report.ingest is not None:
-        summary["announced"] = announce_dataset(ctx, loaded, report.ingest)
-    failed = [o for o in report.outcomes if o.route == clinical.FAILED]
-    if failed:
-        raise RuntimeError(f"{len(failed)} received series could not be routed (they stay in the spool): "
-                           + "; ".join(f"{o.series}: {o.reason}" for o in failed[:3]))
-    return summary
+        verify(spec, spec_digest)
+        loaded = load_spec(spec)
+        ctx = Context(run_settings(loaded.data.model_copy(update={"layout": "dicom"})), loaded.name)
+        logger = get_run_logger()
+        if announcement is not None:
+            accept_announcement(ctx.db, loaded.name, announcement, DATA_ARRIVED)
+        spool = clinical.spool_of(ctx.settings, loaded.name)
+        if source is not None:
+            key = clinical.series_key(spool, source)
+            if key is None:
+                logger.info("not a series of the spool: left to ingest-arrived")
+                return {"routed": 0}
+            keys = [key]
+        else:
+            keys = clinical.pending(spool)
+        unlabelled = loaded.triggers.unlabelled
+        report = route_series(ctx, loaded.data, spool, str(ModelRef.parse(loaded.promote.model_name)), keys,
+                              bool(unlabelled and unlabelled.predict))
+        for o in report.outcomes:
+            logger.info("series %s: %s%s%s", o.series, o.route, f" ({o.reason})" if o.reason else "",
+                        ", results acknowledged" if o.acknowledged else "")
+        if report.sent is not None:
+            logger.info("sent to %s: %d sent, %d pending, %d refused", report.sent["destination"], report.sent["sent"],
+                        report.sent["pending"], report.sent["refused"])
+        rows = [{"series": o.series, "route": o.route, "version": o.version or "", "case": o.case or "",
+                 "volumes_ml": ", ".join(f"{k}: {v}" for k, v in o.volumes_ml.items()),
+                 "acknowledged": o.acknowledged, "deleted": o.deleted, "reason": o.reason} for o in report.outcomes]
+        slug = loaded.name.lower().replace("_", "-").replace(".", "-")
+        artifacts.table(rows[:1000], key=f"received-{slug}",
+                        description=f"received series of {loaded.name} (hashes only): {report.summary()}")
+        summary = report.summary()
+        if report.ingest is not None:
+            summary["announced"] = announce_dataset(ctx, loaded, report.ingest)
+        failed = [o for o in report.outcomes if o.route == clinical.FAILED]
+        if failed:
+            raise RuntimeError(f"{len(failed)} received series could not be routed (they stay in the spool): "
+                               + "; ".join(f"{o.series}: {o.reason}" for o in failed[:3]))
+        return summary
 
 
 @task(name="route-series", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,

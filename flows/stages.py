@@ -15,6 +15,7 @@ from prefect import flow
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
+from tasks import artifacts
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
@@ -87,64 +88,71 @@ def _keep(ctx: Context, lifecycle_id: str, stage: str, result: Any) -> None:
 def ingest_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str],
                 dataset: str | None = None) -> None:
     """Ingest the spec's source, or take the recorded ``dataset`` (placed: ``data.work_pool``)."""
-    ctx = context_for(spec, store, peers)
-    _keep(ctx, lifecycle_id, "ingest", ingest(spec.data, ctx, dataset))
+    with artifacts.flushing():
+        ctx = context_for(spec, store, peers)
+        _keep(ctx, lifecycle_id, "ingest", ingest(spec.data, ctx, dataset))
 
 
 @flow(name="preprocess")
 def preprocess_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str],
                     case_ids: list[str]) -> None:
     """Preprocess new cases on a Dask cluster (placed: ``preprocess.work_pool``)."""
-    ctx = context_for(spec, store, peers)
-    _keep(ctx, lifecycle_id, "preprocess", preprocess(spec.preprocess, ctx, case_ids))
+    with artifacts.flushing():
+        ctx = context_for(spec, store, peers)
+        _keep(ctx, lifecycle_id, "preprocess", preprocess(spec.preprocess, ctx, case_ids))
 
 
 @flow(name="train")
 def train_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], train_ids: list[str],
                run_id: str, val_ids: list[str] | None = None) -> None:
     """Train the candidate (placed: ``train.work_pool``, e.g. a GPU pool)."""
-    ctx = context_for(spec, store, peers)
-    _keep(ctx, lifecycle_id, "train", train(spec, ctx, train_ids, run_id, val_ids))
+    with artifacts.flushing():
+        ctx = context_for(spec, store, peers)
+        _keep(ctx, lifecycle_id, "train", train(spec, ctx, train_ids, run_id, val_ids))
 
 
 @flow(name="evaluate")
 def evaluate_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], outcome: dict,
                   test_ids: list[str], run_id: str) -> None:
     """Score candidate and champion on the test cases (placed: ``evaluate.work_pool``)."""
-    ctx = context_for(spec, store, peers)
-    result = evaluate(spec.evaluate, spec.promote.model_name, ctx, from_dict(TrainOutcome, outcome), test_ids, run_id)
-    _keep(ctx, lifecycle_id, "evaluate", result)
+    with artifacts.flushing():
+        ctx = context_for(spec, store, peers)
+        result = evaluate(spec.evaluate, spec.promote.model_name, ctx, from_dict(TrainOutcome, outcome), test_ids, run_id)
+        _keep(ctx, lifecycle_id, "evaluate", result)
 
 
 @flow(name="register-and-promote")
 def promote_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], run_id: str,
                  outcome: dict, evaluation: dict, tags: dict[str, str]) -> None:
     """Register the candidate and apply the gates (placed: ``promote.work_pool``)."""
-    ctx = context_for(spec, store, peers)
-    result = register_and_promote(spec.promote, ctx, run_id, from_dict(TrainOutcome, outcome),
-                                  from_dict(Evaluation, evaluation), tags)
-    _keep(ctx, lifecycle_id, "register-and-promote", result)
+    with artifacts.flushing():
+        ctx = context_for(spec, store, peers)
+        result = register_and_promote(spec.promote, ctx, run_id, from_dict(TrainOutcome, outcome),
+                                      from_dict(Evaluation, evaluation), tags)
+        _keep(ctx, lifecycle_id, "register-and-promote", result)
 
 
 @flow(name="deploy")
 def deploy_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], case_id: str) -> None:
     """Serve the champion and smoke-test it (placed: ``deploy.work_pool``)."""
-    ctx = context_for(spec, store, peers)
-    _keep(ctx, lifecycle_id, "deploy", deploy(spec.deploy, spec.promote.model_name, ctx, case_id))
+    with artifacts.flushing():
+        ctx = context_for(spec, store, peers)
+        _keep(ctx, lifecycle_id, "deploy", deploy(spec.deploy, spec.promote.model_name, ctx, case_id))
 
 
 @flow(name="step")
 def step_flow(spec: PipelineSpec, lifecycle_id: str, store: str, peers: dict[str, str], step_id: str,
               inputs: dict) -> None:
     """One of the spec's own steps (placed: its ``work_pool``), with the context it would have had in the lifecycle."""
-    from tasks.steps import for_step
-    from voxelflow.steps.api import StepInputs
+    with artifacts.flushing():
+        from tasks.steps import for_step
+        from voxelflow.steps.api import StepInputs
 
-    ctx = context_for(spec, store, peers)
-    step = next((s for s in spec.steps if s.id == step_id), None)
-    if step is None:
-        raise ValueError(f"the spec has no step {step_id!r}")
-    _keep(ctx, lifecycle_id, f"step-{step_id}", for_step(step)(step, ctx, StepInputs.model_validate(inputs)))
+        ctx = context_for(spec, store, peers)
+        step = next((s for s in spec.steps if s.id == step_id), None)
+        if step is None:
+            raise ValueError(f"the spec has no step {step_id!r}")
+        _keep(ctx, lifecycle_id, f"step-{step_id}", for_step(step)(step, ctx, StepInputs.model_validate(inputs)))
 
 
 @flow(name="rollback")

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks import artifacts
 from tasks.retry import transient_only
 from voxelflow.spec.config import EvaluateSpec
 from voxelflow.stages.context import Context
@@ -19,5 +19,5 @@ def evaluate(spec: EvaluateSpec, model_name: str, ctx: Context, outcome: TrainOu
     rows = [{"model": "candidate", **result.candidate}]
     if result.champion is not None:
         rows.append({"model": f"champion v{result.champion_version}", **result.champion})
-    create_table_artifact(rows, description=f"test-side scores on {len(test_ids)} cases")
+    artifacts.table(rows, description=f"test-side scores on {len(test_ids)} cases")
     return result

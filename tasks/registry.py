@@ -3,10 +3,10 @@ from __future__ import annotations
 import sys
 
 from prefect import task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction
 
+from tasks import artifacts
 from tasks.retry import transient_only
 from voxelflow.spec.config import PromoteSpec
 from voxelflow.stages.approval import Answer, answer_stage, awaiting
@@ -25,8 +25,8 @@ def register_and_promote(spec: PromoteSpec, ctx: Context, run_id: str, outcome: 
     promotion = register_stage(spec, ctx, run_id, outcome, evaluation, tags)
     verdict = ("promoted to champion" if promotion.promoted else "waiting for approval" if awaiting(spec, promotion)
                else "not promoted")
-    create_table_artifact(promotion.gates, key=f"gates-{spec.model_name.lower().replace('.', '-').replace('_', '-')}",
-                          description=f"{spec.model_name} version {promotion.version}: {verdict}")
+    artifacts.table(promotion.gates, key=f"gates-{spec.model_name.lower().replace('.', '-').replace('_', '-')}",
+                    description=f"{spec.model_name} version {promotion.version}: {verdict}")
     return promotion
 
 

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks import artifacts
 from voxelflow.stages.context import Context
 from voxelflow.stages.steps import StepRecord, run_step
 from voxelflow.steps.api import StepInputs
@@ -17,8 +17,8 @@ def user_step(step, ctx: Context, inputs: StepInputs) -> StepRecord:
     record = run_step(step, ctx, inputs, logger=get_run_logger())
     rows = [{"metric": k, "value": v} for k, v in record.metrics.items()] or [{"metric": "(none)", "value": None}]
     key = f"step-{ctx.pipeline}-{step.id}".lower().replace("_", "-").replace(".", "-")
-    create_table_artifact(rows, key=key, description=f"step {step.id}: {record.status}"
-                          + (f" ({record.reason})" if record.reason else ""))
+    artifacts.table(rows, key=key, description=f"step {step.id}: {record.status}"
+                    + (f" ({record.reason})" if record.reason else ""))
     return record
 
 
