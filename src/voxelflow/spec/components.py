@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, ValidationError, WithJsonSchema
 
 from voxelflow.core.settings import Settings
+from voxelflow.spec import checked
 
 
 class SpecError(ValueError):
@@ -87,6 +88,8 @@ def _check_types(fn: Any, name: str, kwargs: dict[str, Any], what: str) -> None:
 
 def _torch_component(value: Any, module: str, what: str, supplied: set[str]) -> dict[str, dict[str, Any]]:
     """A torch optimizer / LR scheduler by name: arguments known, typed, required ones given."""
+    if checked.is_trusted():
+        return kept_component(value, what)
     name, kwargs = _single_key(value, what)
     cls = resolve_monai(module, name, what, allowed_imports())
     params = inspect.signature(cls.__init__).parameters
@@ -124,6 +127,22 @@ def _refuse_origin(name: str, obj: Any, what: str, allowed: tuple[str, ...]) -> 
                          f"(VOXELFLOW_ALLOWED_IMPORTS={','.join(allowed)}): a re-export does not make it allowed")
 
 
+def _refuse_package(name: str, path: str, what: str, allowed: tuple[str, ...]) -> None:
+    if not _within(path, allowed):
+        raise ValueError(f"{what} {name!r}: the package {path.split('.')[0]!r} is not among the allowed imports "
+                         f"(VOXELFLOW_ALLOWED_IMPORTS={','.join(allowed)}); add it there to use its components")
+
+
+def kept_component(item: Any, what: str) -> dict[str, dict[str, Any]]:
+    """A component of a kept spec (:mod:`voxelflow.spec.checked`: validated in full before, with the same code and
+    packages): its form and the allow-list of import paths are checked, nothing is imported."""
+    name, kwargs = _single_key(item, what)
+    if ":" in name:
+        _refuse_package(name, name.partition(":")[0], what, allowed_imports())
+        checked.note(name)
+    return {name: kwargs}
+
+
 def lookup(module: str | None, name: str, what: str, allowed: tuple[str, ...] | None = None) -> Any:
     """A name in ``module`` (a MONAI or torch module of voxelflow's), or an import path
     ``package.module:name``. With ``allowed`` (a spec being validated), an import path must name one of
@@ -135,9 +154,9 @@ def lookup(module: str | None, name: str, what: str, allowed: tuple[str, ...] | 
         path, sep, attr = name.partition(":")
         if not sep or not path or not attr:
             raise ValueError(f"{what} {name!r}: expected an import path package.module:name")
-        if allowed is not None and not _within(path, allowed):
-            raise ValueError(f"{what} {name!r}: the package {path.split('.')[0]!r} is not among the allowed imports "
-                             f"(VOXELFLOW_ALLOWED_IMPORTS={','.join(allowed)}); add it there to use its components")
+        if allowed is not None:
+            _refuse_package(name, path, what, allowed)
+        checked.note(name)
         try:
             mod = importlib.import_module(path)
         except ImportError as exc:
@@ -230,10 +249,12 @@ def resolve_callable(path: str, what: str, allowed: tuple[str, ...] | None = Non
 def _dict_transforms(value: Any, what: str, random: bool) -> list[dict[str, dict[str, Any]]]:
     """A list of MONAI dictionary transforms by name, checked: known, dictionary form, arguments known
     and typed, ``keys`` given; deterministic ones only (``random=False``) or random ones only."""
-    from monai.transforms import MapTransform, Randomizable
-
     if not isinstance(value, list):
         raise ValueError(f"expected a list of MONAI dictionary transforms ({what})")
+    if checked.is_trusted():
+        return [kept_component(item, "transform") for item in value]
+    from monai.transforms import MapTransform, Randomizable
+
     out = []
     for item in value:
         name, kwargs = _single_key(item, "transform")
@@ -259,12 +280,14 @@ def _dict_transforms(value: Any, what: str, random: bool) -> list[dict[str, dict
 def _mask_transforms(value: Any, what: str) -> list[dict[str, dict[str, Any]]]:
     """A list of MONAI array transforms (by name in monai.transforms, or ``package.module:Class``) applied to
     the label map: known, array form, deterministic, arguments known, typed and the required ones given."""
-    from monai.transforms import MapTransform, Randomizable
-
     if value is None:
         return []
     if not isinstance(value, list):
         raise ValueError(f"expected a list of MONAI array transforms ({what})")
+    if checked.is_trusted():
+        return [kept_component(item, "transform") for item in value]
+    from monai.transforms import MapTransform, Randomizable
+
     out = []
     for item in value:
         name, kwargs = _single_key(item, "transform")

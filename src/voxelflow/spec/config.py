@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from voxelflow.core.settings import Settings
+from voxelflow.spec import checked
 from voxelflow.spec.candidates import Candidate, CandidatesSpec
 from voxelflow.spec.components import (
     Component,
@@ -62,6 +64,7 @@ __all__ = [  # what this module exported before the sections and components move
     "resolve_callable", "resolve_monai", "sides_problem", "takes_pair", "validate_spec",
 ]
 
+log = logging.getLogger(__name__)
 
 # Keys added to the spec after its digests were first recorded: at these defaults they are left out of the digest,
 # so a spec that does not use them keeps the digest its earlier runs recorded in lineage.
@@ -325,10 +328,24 @@ def validate_spec(data: dict[str, Any], source: str = "<spec>") -> PipelineSpec:
     data, changes = migrate(data, source)
     for change in changes:
         warnings.warn(SpecMigrated(change), stacklevel=2)
+    home, digest = Settings().root, checked.key(data, allowed_imports())
+    moving = isinstance(data.get("data"), dict) and "retrain_after" in data["data"]  # its warning comes from the check
+    kept = None if moving else checked.read(home, digest)
+    if kept is not None:  # validated in full before, by the same code and packages: no component imports
+        try:
+            with checked.trusted():
+                return PipelineSpec.model_validate(kept)
+        except (checked.NotKept, ValidationError, ValueError) as exc:
+            log.warning("a kept spec no longer validates (%s): checking %s in full", str(exc).splitlines()[0], source)
+            checked.drop(home, digest)
     try:
-        return PipelineSpec.model_validate(data)
+        with checked.watching() as named:
+            spec = PipelineSpec.model_validate(data)
     except ValidationError as exc:
         raise _explain(source, exc) from None
+    if named <= set(checked.KEPT) and not moving:
+        checked.write(home, digest, spec.model_dump(mode="json", by_alias=True))
+    return spec
 
 
 def load_spec(

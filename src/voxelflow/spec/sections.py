@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from voxelflow.spec import checked
 from voxelflow.spec.components import (
     Component,
     Components,
@@ -23,6 +24,7 @@ from voxelflow.spec.components import (
     _torch_component,
     allowed_imports,
     component_kind,
+    kept_component,
     resolve_callable,
     resolve_monai,
 )
@@ -231,6 +233,8 @@ class TrainSpec(_Stage):
     @field_validator("network", mode="before")
     @classmethod
     def _network(cls, value: Any) -> dict[str, dict[str, Any]]:
+        if checked.is_trusted():
+            return kept_component(value, "network")
         name, kwargs = _single_key(value, "network")
         net = resolve_monai("monai.networks.nets", name, "network", allowed_imports())
         _check_kwargs(net, name, kwargs, "network")
@@ -272,6 +276,8 @@ class TrainSpec(_Stage):
     @field_validator("loss", mode="before")
     @classmethod
     def _loss(cls, value: Any) -> dict[str, dict[str, Any]]:
+        if checked.is_trusted():  # its defaults from the class's signature are in the kept form already
+            return kept_component(value, "loss")
         name, kwargs = _single_key(value, "loss")
         cls = resolve_monai("monai.losses", name, "loss", allowed_imports())
         _check_kwargs(cls, name, kwargs, "loss")
@@ -321,6 +327,9 @@ class CustomMetric(_Section):
 
     @model_validator(mode="after")
     def _resolves(self) -> CustomMetric:
+        if checked.is_trusted():
+            kept_component(self.function, "evaluate.custom_metrics function")
+            return self
         fn = resolve_callable(self.function, "evaluate.custom_metrics function", allowed_imports())
         why = component_kind("metric", fn)
         if why:
