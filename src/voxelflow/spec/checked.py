@@ -81,12 +81,10 @@ def _code_digest() -> str:
     """voxelflow's sources and the versions of what a spec's check reads (once per process)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import voxelflow
+    from voxelflow.core.user_code import source_digests
 
     h = hashlib.sha256()
-    root = Path(voxelflow.__file__).parent
-    for f in sorted(root.rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(f"voxelflow={source_digests(['voxelflow'])['voxelflow']}\0".encode())
     for dist in ("monai", "torch", "pydantic"):
         try:
             h.update(f"{dist}={version(dist)}\0".encode())
