@@ -18,21 +18,18 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows.announce import send
-from flows.up import verify
+from flows.up import begin
 from tasks import artifacts
 from tasks.ingest import ingest_arrived
-from tasks.settings import run_settings
 from voxelflow.data.ingest import read_ledger
 from voxelflow.data.watch import (
     CASES_UNLABELLED,
     DATA_ARRIVED,
     DATASET_UPDATED,
-    accept_announcement,
     dataset_update,
     unlabelled_update,
 )
 from voxelflow.pipeline import Context
-from voxelflow.spec.config import load_spec
 
 
 @flow(name="ingest-arrived", log_prints=False)
@@ -41,12 +38,9 @@ def ingest(spec: str, source: str | None = None, objects: list[str] | None = Non
     """Ingest ``source`` (default: the spec's ``data.source``) under the spec's pipeline; ``announcement``
     is the triggering event (its id, name, resource and payload keys), checked before anything is read."""
     with artifacts.flushing():
-        verify(spec, spec_digest)
-        loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
-        ctx = Context(run_settings(loaded.data), loaded.name)
+        loaded, ctx = begin(spec, spec_digest, DATA_ARRIVED, announcement,
+                            sets=[f"data.source={source}"] if source else None)
         logger = get_run_logger()
-        if announcement is not None:
-            accept_announcement(ctx.db, loaded.name, announcement, DATA_ARRIVED)
         if source and _received(ctx, loaded.name, source):  # predict-arrived routes it (flows/predict.py)
             logger.info("a received DICOM series: routed by predict-arrived, not ingested here")
             return {"routed": "predict-arrived"}

@@ -18,20 +18,19 @@ from prefect import flow
 
 from flows.release import released, settled
 from flows.stages import FLOW_NAMES, current_lifecycle_id, placed
-from flows.up import verify
+from flows.up import begin
 from tasks import artifacts
 from tasks.deploy import deploy
 from tasks.evaluate import evaluate
 from tasks.ingest import ingest
 from tasks.preprocess import preprocess
 from tasks.registry import register_and_promote
-from tasks.settings import run_settings
 from tasks.steps import for_step
 from tasks.train import mlflow_run, train
 from voxelflow.core.redact import install_log_filter
-from voxelflow.data.watch import DATASET_UPDATED, accept_announcement
-from voxelflow.pipeline import Context, markdown, steps_markdown
-from voxelflow.spec.config import PipelineSpec, load_spec
+from voxelflow.data.watch import DATASET_UPDATED
+from voxelflow.pipeline import markdown, steps_markdown
+from voxelflow.spec.config import PipelineSpec
 from voxelflow.spec.contracts import STAGES, as_json
 from voxelflow.spec.graph import Node
 from voxelflow.stages.execute import GateFailed, Runner, State, execute
@@ -105,14 +104,8 @@ def lifecycle(
     """
     with artifacts.flushing():
         install_log_filter()  # no log line of this run shows a password from a URL
-        if isinstance(spec, str):
-            verify(spec, spec_digest)
-            spec = load_spec(spec, overlays, sets)
-        elif overlays or sets:
-            raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
-        ctx = Context(run_settings(spec.data), spec.name)
-        if announcement is not None:  # the triggering event (lifecycle/<pipeline>): refused unless data references only
-            accept_announcement(ctx.db, spec.name, announcement, DATASET_UPDATED)
+        # the triggering event (lifecycle/<pipeline>) is refused unless it carries data references only
+        spec, ctx = begin(spec, spec_digest, DATASET_UPDATED, announcement, overlays=overlays, sets=sets)
         key = "lifecycle-" + "".join(c if c.isalnum() else "-" for c in spec.name.lower())
         runner = FlowRunner(spec, ctx, current_lifecycle_id(), fresh=fresh, resume=resume, dataset=dataset)
         try:

@@ -22,16 +22,14 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.up import verify
+from flows.up import begin
 from tasks import artifacts
 from tasks.ingest import ingest_arrived
 from tasks.predict import predict_cases
 from tasks.retry import transient_only
-from tasks.settings import run_settings
-from voxelflow.data.watch import CASES_UNLABELLED, accept_announcement
+from voxelflow.data.watch import CASES_UNLABELLED
 from voxelflow.pipeline import Context
 from voxelflow.serving.predict import ModelRef, default_destination
-from voxelflow.spec.config import load_spec
 
 
 @flow(name="predict", log_prints=False)
@@ -40,12 +38,9 @@ def predict(spec: str, cases: list[str] | None = None, source: str | None = None
     """Segment the unlabelled cases ``cases`` (default: every one not segmented yet) of the spec's pipeline;
     ``announcement`` is the triggering event (its id, name, resource and payload keys)."""
     with artifacts.flushing():
-        verify(spec, spec_digest)
-        loaded = load_spec(spec, sets=[f"data.source={source}"] if source else None)
-        ctx = Context(run_settings(loaded.data), loaded.name)
+        loaded, ctx = begin(spec, spec_digest, CASES_UNLABELLED, announcement,
+                            sets=[f"data.source={source}"] if source else None)
         logger = get_run_logger()
-        if announcement is not None:
-            accept_announcement(ctx.db, loaded.name, announcement, CASES_UNLABELLED)
         ref = str(ModelRef.parse(model or loaded.promote.model_name))  # a bad reference fails before any work
         dest = ctx.settings.expand(out) if out else default_destination(ctx.settings.store_url, loaded.name)
         if source:
@@ -87,12 +82,9 @@ def arrived(spec: str, source: str | None = None, announcement: dict | None = No
         from voxelflow.data.watch import DATA_ARRIVED
         from voxelflow.serving import clinical
 
-        verify(spec, spec_digest)
-        loaded = load_spec(spec)
-        ctx = Context(run_settings(loaded.data.model_copy(update={"layout": "dicom"})), loaded.name)
+        loaded, ctx = begin(spec, spec_digest, DATA_ARRIVED, announcement,
+                            data=lambda d: d.model_copy(update={"layout": "dicom"}))
         logger = get_run_logger()
-        if announcement is not None:
-            accept_announcement(ctx.db, loaded.name, announcement, DATA_ARRIVED)
         spool = clinical.spool_of(ctx.settings, loaded.name)
         if source is not None:
             key = clinical.series_key(spool, source)

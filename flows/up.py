@@ -45,6 +45,29 @@ def verify(spec: str, digest: str | None) -> None:
                          f"now {now[:12]}): run `voxelflow up {spec}` again to deploy the edit")
 
 
+def begin(spec, spec_digest: str | None, event: str, announcement: dict | None, *, overlays=None, sets=None,
+          data=None):
+    """The start every deployment's flow shares: refuse a spec edited since ``voxelflow up`` (:func:`verify`), load
+    it with ``overlays`` and ``sets`` (``spec`` may be a loaded spec already), open the run's
+    :class:`~voxelflow.pipeline.Context` (settings from :func:`tasks.settings.run_settings`, over the spec's data
+    or ``data(spec.data)``), and refuse a triggering ``announcement`` of ``event`` that concerns another pipeline
+    or carries more than data references. Returns ``(spec, ctx)``."""
+    from tasks.settings import run_settings
+    from voxelflow.data.watch import accept_announcement
+    from voxelflow.pipeline import Context
+    from voxelflow.spec.config import load_spec
+
+    if isinstance(spec, (str, Path)):
+        verify(str(spec), spec_digest)
+        spec = load_spec(spec, overlays, sets)
+    elif overlays or sets:
+        raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
+    ctx = Context(run_settings(data(spec.data) if data else spec.data), spec.name)
+    if announcement is not None:
+        accept_announcement(ctx.db, spec.name, announcement, event)
+    return spec, ctx
+
+
 def _trigger(pipeline: str, event: str, parameters: dict[str, Any], route: str | None = None) -> dict[str, Any]:
     """An event trigger on ``pipeline``'s resource; ``route``: only arrivals with that route label."""
     from voxelflow.data.watch import ROUTE_LABEL, resource_id
