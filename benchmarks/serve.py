@@ -231,10 +231,20 @@ def paired(seg, url: str, key: str, size: int, requests: int) -> tuple[list[floa
     return local, remote
 
 
-def saturation(seg, url: str, key: str, size: int, workers: int, clients: int, seconds: float) -> tuple[
-        float, float, list[int]]:
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) used so far by this process, or by process ``pid`` (Linux ``/proc``)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def saturation(seg, url: str, key: str, size: int, workers: int, clients: int, seconds: float,
+               server_pid: int | None = None) -> tuple[float, float, list[int], dict[str, float]]:
     """Volumes/s in-process with ``workers`` threads and requests/s with ``clients`` over HTTP, in the order
-    in-process, HTTP, HTTP, in-process (``seconds`` each)."""
+    in-process, HTTP, HTTP, in-process (``seconds`` each); and the CPU seconds a volume or a request cost: this
+    process's (inference in-process; the clients over HTTP) and the service's."""
     import httpx
     import numpy as np
 
@@ -243,6 +253,7 @@ def saturation(seg, url: str, key: str, size: int, workers: int, clients: int, s
     volume, body, affine = volume_of(size), npy_body(size), np.eye(4)
     headers = {"X-API-Key": key, "Content-Type": NPY}
     codes: list[int] = []
+    cpu = {"in_process": 0.0, "clients": 0.0, "service": 0.0}
 
     def local_round() -> tuple[int, float]:
         done = [0]
@@ -253,7 +264,9 @@ def saturation(seg, url: str, key: str, size: int, workers: int, clients: int, s
                 seg.segment(volume, affine)
                 done[0] += 1
 
+        before = cpu_seconds()
         elapsed = in_threads(spin, workers)
+        cpu["in_process"] += cpu_seconds() - before
         return done[0], elapsed
 
     def http_round() -> tuple[int, float]:
@@ -265,14 +278,21 @@ def saturation(seg, url: str, key: str, size: int, workers: int, clients: int, s
                 while time.perf_counter() < stop_at:
                     got.append(c.post(f"{url}/v1/segment", content=body, headers=headers).status_code)
 
+        before, service_before = cpu_seconds(), cpu_seconds(server_pid) if server_pid else 0.0
         elapsed = in_threads(hammer, clients)
+        cpu["clients"] += cpu_seconds() - before
+        cpu["service"] += (cpu_seconds(server_pid) - service_before) if server_pid else float("nan")
         codes.extend(got)
         return got.count(200), elapsed
 
     rounds = [local_round(), http_round(), http_round(), local_round()]
     local = sum(n for n, _ in (rounds[0], rounds[3])) / sum(t for _, t in (rounds[0], rounds[3]))
     remote = sum(n for n, _ in rounds[1:3]) / sum(t for _, t in rounds[1:3])
-    return local, remote, codes
+    volumes, answered = sum(n for n, _ in (rounds[0], rounds[3])), sum(n for n, _ in rounds[1:3])
+    per = {"in_process_cpu_s_per_volume": cpu["in_process"] / max(1, volumes),
+           "clients_cpu_s_per_request": cpu["clients"] / max(1, answered),
+           "service_cpu_s_per_request": cpu["service"] / max(1, answered)}
+    return local, remote, codes, per
 
 
 def main() -> None:
@@ -302,7 +322,7 @@ def main() -> None:
             pairs[size] = paired(seg, url, key, size, args.requests)
         if not args.live_only:
             saturated = saturation(seg, url, key, args.saturation_size, workers, args.clients,
-                                   args.saturation_seconds)
+                                   args.saturation_seconds, server.pid)
         if not args.no_live:
             probes, live_codes = live_under_load(url, key, service_env(), args.live_clients, args.live_seconds,
                                                  args.live_size)
@@ -324,10 +344,13 @@ def main() -> None:
                         "value": round(percentile(remote, 0.99) / p50_local, 4), "goal": 1.3,
                         "higher_is_better": False})
     if saturated is not None:
-        local_rps, remote_rps, codes = saturated
+        local_rps, remote_rps, codes, per = saturated
         print(f"saturation at {args.saturation_size}^3: in-process {local_rps:.2f} volumes/s with {workers} threads, "
               f"HTTP {remote_rps:.2f} requests/s with {args.clients} clients (statuses "
-              f"{ {str(c): codes.count(c) for c in sorted(set(codes))} })")
+              f"{ {str(c): codes.count(c) for c in sorted(set(codes))} }); CPU a volume in-process "
+              f"{per['in_process_cpu_s_per_volume'] * 1000:.1f} ms, a request: service "
+              f"{per['service_cpu_s_per_request'] * 1000:.1f} ms, clients {per['clients_cpu_s_per_request'] * 1000:.1f} ms "
+              f"(on the same {os.cpu_count()} cores)")
         metrics.append({"metric": "serve_saturation_ratio", "size": args.saturation_size,
                         "value": round(remote_rps / local_rps, 4), "goal": 0.9, "higher_is_better": True})
     if not args.no_live:
