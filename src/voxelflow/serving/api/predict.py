@@ -8,8 +8,11 @@ streams (413), the memory budgets (413, 422); then the inference, within the tim
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,6 +39,35 @@ from voxelflow.serving.serve_volumes import (
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
+class CpuShare:
+    """The CPU's torch threads shared among the inferences running at once: a lone one gets all ``threads`` (its
+    latency is the in-process one), each of ``n`` at once ``threads // n`` (at least one). Without it every
+    worker's inference spreads over all the cores, so ``n`` of them keep ``n`` times as many threads busy as
+    there are cores. torch's intra-op thread count is the calling thread's (OpenMP's), so each worker sets its
+    own when its inference starts; one already running keeps what it got."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        import torch
+
+        self.threads = max(1, threads or torch.get_num_threads())  # torch's default honours OMP_NUM_THREADS
+        self.running = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def share(self) -> Iterator[int]:
+        import torch
+
+        with self._lock:
+            self.running += 1
+            threads = max(1, self.threads // self.running)
+        torch.set_num_threads(threads)
+        try:
+            yield threads
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
 class Inference:
     """One volume's inference on a pool worker: the mask in the input's grid (``X-Model-Version``), in the format
     the request's ``Accept`` asks for (the input's own without one: :func:`answer_format`), or with ``summary`` each
@@ -45,6 +77,7 @@ class Inference:
     def __init__(self, holder: ModelHolder, metrics: ServiceMetrics, max_voxels: int,
                  gpu_slots: GpuSlots | None = None) -> None:
         self.holder, self.metrics, self.max_voxels, self.gpu_slots = holder, metrics, max_voxels, gpu_slots
+        self.cpu = CpuShare()
 
     def __call__(self, body: bytes | bytearray, content_type: str, summary: bool, accept: str = "") -> Response:
         self.metrics.waiting.dec()
@@ -80,7 +113,8 @@ class Inference:
             segmenter, version, replicas = holder.segmenter, holder.version, holder.replicas
         start = time.perf_counter()
         if self.gpu_slots is None or not replicas:
-            mask = segmenter.segment(volume, affine)
+            with self.cpu.share():
+                mask = segmenter.segment(volume, affine)
         else:
             with self.gpu_slots.take() as device:  # the GPU running the fewest inferences, its replica of the model
                 mask = replicas[device].segmenter.segment(volume, affine)
