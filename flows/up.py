@@ -33,16 +33,19 @@ def spec_ref(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def verify(spec: str, digest: str | None) -> None:
-    """Refuse to run a deployment's spec whose file changed since ``voxelflow up`` recorded ``digest``."""
+def verify(spec: str, digest: str | None):
+    """Refuse to run a deployment's spec whose file changed since ``voxelflow up`` recorded ``digest``; returns the
+    spec as the file holds it (None without a ``digest``: nothing was loaded)."""
     if digest is None:
-        return
+        return None
     from voxelflow.spec.config import load_spec
 
-    now = load_spec(spec).digest()
+    loaded = load_spec(spec)
+    now = loaded.digest()
     if now != digest:
         raise ValueError(f"the spec {spec} changed since `voxelflow up` made this deployment (digest {digest[:12]}, "
                          f"now {now[:12]}): run `voxelflow up {spec}` again to deploy the edit")
+    return loaded
 
 
 def begin(spec, spec_digest: str | None, event: str, announcement: dict | None, *, overlays=None, sets=None,
@@ -58,8 +61,8 @@ def begin(spec, spec_digest: str | None, event: str, announcement: dict | None, 
     from voxelflow.spec.config import load_spec
 
     if isinstance(spec, (str, Path)):
-        verify(str(spec), spec_digest)
-        spec = load_spec(spec, overlays, sets)
+        as_filed = verify(str(spec), spec_digest)
+        spec = as_filed if as_filed is not None and not overlays and not sets else load_spec(spec, overlays, sets)
     elif overlays or sets:
         raise ValueError("overlays and sets apply to a spec file: pass the spec as a path")
     ctx = Context(run_settings(data(spec.data) if data else spec.data), spec.name)
