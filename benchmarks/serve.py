@@ -16,6 +16,8 @@ Then liveness under load: 32 clients (a process of their own) send 64³ volumes 
 answered while a probe asks ``/health/live`` every 50 ms on a new connection, as the kubelet does;
 prints ``serve_live_p99_ms`` (goal ≤ 100: far inside a probe's 1 s default timeout).
 ``--live-only`` runs just that part (about ``--live-seconds`` plus the service's start); ``--no-live`` skips it.
+Both sides keep freed memory for the next volume (:func:`voxelflow.core.memory.keep_freed_memory`, as ``voxelflow
+serve`` does); ``--glibc-default`` runs both with glibc's default malloc instead.
 ``--http`` and ``--loop`` choose uvicorn's HTTP parser and event loop (default: uvicorn's ``auto``, httptools
 and uvloop when installed).
 """
@@ -40,6 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 SERVER = r"""
 import sys, json
 from pathlib import Path
+if sys.argv[6:7] != ["glibc-default"]:
+    from voxelflow.core.memory import keep_freed_memory
+    keep_freed_memory()  # as `voxelflow serve` does first
 import uvicorn
 from voxelflow.core.db import Database
 from voxelflow.learn.model import Segmenter
@@ -304,6 +309,8 @@ def main() -> None:
     parser.add_argument("--saturation-seconds", type=float, default=6.0)
     parser.add_argument("--http", default="auto", help="uvicorn's HTTP parser: auto, httptools, h11")
     parser.add_argument("--loop", default="auto", help="uvicorn's event loop: auto, uvloop, asyncio")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="both sides with glibc's default malloc (freed large blocks go back to the system)")
     parser.add_argument("--live-clients", type=int, default=32)
     parser.add_argument("--live-size", type=int, default=64)
     parser.add_argument("--live-seconds", type=float, default=20.0)
@@ -311,11 +318,16 @@ def main() -> None:
     parser.add_argument("--no-live", action="store_true", help="skip serve_live_p99_ms")
     args = parser.parse_args()
 
+    from voxelflow.core.memory import keep_freed_memory
+
+    if not args.glibc_default:
+        keep_freed_memory()  # the in-process side keeps freed memory as the service does: like against like
     work = write_model(Path(tempfile.mkdtemp(prefix="voxelflow-bench-serve-")))
     workers = max(1, os.cpu_count() or 1)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if not args.live_only else []
     seg = segmenter(work) if not args.live_only else None
-    server, url, key = start_service(work, SERVER, workers, extra=[args.http, args.loop])
+    server, url, key = start_service(work, SERVER, workers, extra=[args.http, args.loop,
+                                                                   "glibc-default" if args.glibc_default else "keep"])
     pairs, saturated = {}, None
     try:
         for size in sizes:
@@ -330,7 +342,8 @@ def main() -> None:
         stop_service(server)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"uvicorn http={args.http} loop={args.loop}; load average {os.getloadavg()[0]:.1f}")
+          f"uvicorn http={args.http} loop={args.loop}; malloc {'glibc default' if args.glibc_default else 'freed memory kept'}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     metrics = []
     for size, (local, remote) in pairs.items():
         p50_local = statistics.median(local)

@@ -34,6 +34,8 @@ from serve import npy_body, segmenter, start_service, stop_service, volume_of, w
 PROFILED = r"""
 import cProfile, inspect, io, json, os, pstats, sys, time
 from pathlib import Path
+from voxelflow.core.memory import keep_freed_memory
+keep_freed_memory()  # as `voxelflow serve` does first
 import monai.transforms
 import uvicorn
 from voxelflow.core.db import Database
@@ -217,6 +219,9 @@ def main() -> None:
     parser.add_argument("--accept", default=None, help="the Accept header sent (default: none)")
     parser.add_argument("--cprofile", action="store_true")
     args = parser.parse_args()
+    from voxelflow.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # this process's in-process segment as the service's (benchmarks/serve.py)
     work = write_model(Path(tempfile.mkdtemp(prefix="voxelflow-profile-serve-")))
     sizes = [int(s) for s in args.sizes.split(",")]
     results = {}

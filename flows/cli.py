@@ -492,6 +492,9 @@ def serve(
                                                   "champion in at once")] = 5.0,
 ) -> None:
     """Serve a registered model over HTTP (API keys, throttling, health, metrics)."""
+    from voxelflow.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # before any thread: each inference reuses the memory the last one freed
     with reasons():
         import tempfile
 
