@@ -305,7 +305,11 @@ def serving(work: Path, timeout: float) -> dict:
             tasks["register-and-promote"].end_time.timestamp() - lifecycles[0].start_time.timestamp(), 2)
         split["everything_else"] = round(served - landed - split["lifecycle_running_to_promoted"], 2)
         split["promoted_to_served"] = round(served - tasks["register-and-promote"].end_time.timestamp(), 2)
+    # a stage that failed once and was tried again (its warning in the worker's log, which goes with the folder)
+    retried = [line.strip()[:300] for line in logs[1].read_text(errors="replace").splitlines()
+               if ("attempt" in line and "failed" in line) or "Retrying" in line]
     return {"value": served - landed, "breakdown_s": marks, "split_s": split, "versions": [before, about["version"]],
+            "retried": retried,
             "runs": {"ingest": len(ingests), "lifecycle": len(lifecycles)},
             "new_version_gates": {k.removeprefix("voxelflow.gate."): v for k, v in about.get("tags", {}).items()
                                   if k.startswith("voxelflow.gate.")},
