@@ -237,12 +237,11 @@ def paired(seg, url: str, key: str, size: int, requests: int) -> tuple[list[floa
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system) used so far by this process, or by process ``pid`` (Linux ``/proc``)."""
-    if pid is None:
-        t = os.times()
-        return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) used so far by this process, or by process ``pid``."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def saturation(seg, url: str, key: str, size: int, workers: int, clients: int, seconds: float,

@@ -71,9 +71,11 @@ def test_a_lone_inference_gets_every_thread_and_concurrent_ones_their_share():
 def test_the_share_never_drops_below_one_thread():
     share = CpuShare(2)
     share.running = 5  # five already running on two threads' worth of cores
+    before = torch.get_num_threads()
     with share.share() as n:
         assert n == 1 and torch.get_num_threads() == 1
     assert share.running == 5
+    assert torch.get_num_threads() == before  # the caller's own count is back
 
 
 def test_a_cpu_inference_runs_on_its_share(segmenter):

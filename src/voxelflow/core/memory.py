@@ -15,7 +15,6 @@ It changes the whole process, so the processes voxelflow owns call it (``voxelfl
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -29,13 +28,12 @@ def keep_freed_memory(mmap_bytes: int = GiB, trim_bytes: int = GiB, arenas: int 
     """Keep freed blocks under ``mmap_bytes`` in the process (one of ``arenas`` arenas, the threads' too) and give
     back only free memory beyond ``trim_bytes``. Call it before the threads that allocate start. True when glibc took
     every setting; False (logged) where the C library is not glibc's or refused one: nothing changes then."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the symbols this process has loaded: its C library's among them
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - only glibc has both; another C library's mallopt differs
-    except (OSError, AttributeError, TypeError):
-        log.info("freed memory goes back to the system as the C library decides (%s is not glibc)", name)
+    except (OSError, AttributeError):
+        log.info("freed memory goes back to the system as the C library decides (it is not glibc)")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     taken = {"arenas": mallopt(M_ARENA_MAX, arenas), "mmap": mallopt(M_MMAP_THRESHOLD, min(mmap_bytes, 2**31 - 1)),

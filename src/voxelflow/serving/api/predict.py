@@ -44,7 +44,7 @@ class CpuShare:
     latency is the in-process one), each of ``n`` at once ``threads // n`` (at least one). Without it every
     worker's inference spreads over all the cores, so ``n`` of them keep ``n`` times as many threads busy as
     there are cores. torch's intra-op thread count is the calling thread's (OpenMP's), so each worker sets its
-    own when its inference starts; one already running keeps what it got."""
+    own when its inference starts (and back when it ends); one already running keeps what it got."""
 
     def __init__(self, threads: int | None = None) -> None:
         import torch
@@ -60,10 +60,12 @@ class CpuShare:
         with self._lock:
             self.running += 1
             threads = max(1, self.threads // self.running)
+        before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             yield threads
         finally:
+            torch.set_num_threads(before)
             with self._lock:
                 self.running -= 1
 
