@@ -158,12 +158,25 @@ class _StoreScu:
                 context.load_cert_chain(settings.dicom_send_tls_cert, settings.dicom_send_tls_key)
             tls = (context, dest.host)
         self.dest = dest
-        self.assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
-        if self.assoc.is_rejected:
-            primitive = self.assoc.acceptor.primitive
-            passes = primitive.result == 0x02  # rejected (transient); 0x01 is permanent
+        # The A-ASSOCIATE-RJ PDU as it arrives: a PACS that rejects and closes at once can beat pynetdicom's
+        # check of the connection, which then reports an abort and drops the rejection it had received.
+        rejections: list[Any] = []
+
+        def on_pdu(event: Any) -> None:
+            if type(event.pdu).__name__ == "A_ASSOCIATE_RJ":
+                rejections.append(event.pdu)
+
+        from pynetdicom import evt
+
+        self.assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls,
+                                  evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
+        rejected = self.assoc.acceptor.primitive if self.assoc.is_rejected else None
+        if rejected is None and rejections and not self.assoc.is_established:
+            rejected = rejections[0]
+        if rejected is not None:
+            passes = rejected.result == 0x02  # rejected (transient); 0x01 is permanent
             raise SendFailed(f"{dest} rejected the association ({'transient' if passes else 'permanent'}): "
-                             f"{primitive.reason_str}", transient=passes)
+                             f"{rejected.reason_str}", transient=passes)
         if not self.assoc.is_established:
             raise SendFailed(f"could not associate with {dest} (connection refused, reset or timed out)",
                              transient=True)
