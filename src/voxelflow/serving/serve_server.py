@@ -50,7 +50,10 @@ class Server:
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
+        # log_config=None: uvicorn's own (a dictConfig) would close every handler the process has, among them
+        # Prefect's API log handler in a flow run, whose close waited about 5 s for its queue in the deploy stage
         self._server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                                     log_config=None,
                                                      **proxy_options(trusted_proxies)))
         self._thread = threading.Thread(target=self._server.run, name="voxelflow-serve", daemon=True)
 
