@@ -192,7 +192,7 @@ def served_model(url: str, key: str) -> dict:
     return resp.json()
 
 
-def serving(work: Path, timeout: float) -> dict:
+def serving(work: Path, timeout: float, warm_off: bool = False, warm_before: bool = False) -> dict:
     """One arrival of the demo's data set, timed to the service answering with the newly promoted version."""
     from flows.server import free_port, local_prefect_server
     from voxelflow.data.synthetic import make_decathlon
@@ -205,7 +205,10 @@ def serving(work: Path, timeout: float) -> dict:
     t0 = time.monotonic()
     with local_prefect_server(work / "prefect-server-serving") as api_url:
         env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "prefect-client-serving"),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "VOXELFLOW_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "VOXELFLOW_HOME": str(home), "PYTHONWARNINGS": "ignore",
+               # the flow runs' warm-start servers (voxelflow.core.warm) in a folder of this run's: none is up
+               # before the arrival, as on a worker that has run nothing yet; --warm-off: none at all
+               "VOXELFLOW_WARM_DIR": str(work / "warm"), **({"VOXELFLOW_WARM_START": "0"} if warm_off else {})}
         setup["prefect_server_s"] = time.monotonic() - t0
         # the set-up of README "Data arrival": pool, the spec's deployments, a worker with the shipped polling
         cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
@@ -219,6 +222,11 @@ def serving(work: Path, timeout: float) -> dict:
             cli(["voxelflow", "run", SPEC, "--set", f"data.source={older}", "--set", "train.epochs=2",
                  "--set", "promote.gates.min_dice=0"], env)
             setup["older_champion_demo_s"] = time.monotonic() - t
+            if warm_before:  # the warm-start server up before the data land, as on a worker that has run before
+                subprocess.run([sys.executable, "-m", "voxelflow.core.warm", "site"], env=env, cwd=REPO,
+                               capture_output=True, check=True)
+                wait_for(lambda: any('"warm.serving"' in log.read_text() for log in (work / "warm").glob("*.log")),
+                         120, "the warm-start server", logs)
             key = cli(["voxelflow", "keys", "create", "arrival-benchmark", "--role", "viewer"], env).stdout.split()[-1]
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -308,7 +316,10 @@ def serving(work: Path, timeout: float) -> dict:
     # a stage that failed once and was tried again (its warning in the worker's log, which goes with the folder)
     retried = [line.strip()[:300] for line in logs[1].read_text(errors="replace").splitlines()
                if ("attempt" in line and "failed" in line) or "Retrying" in line]
-    return {"value": served - landed, "breakdown_s": marks, "split_s": split, "versions": [before, about["version"]],
+    warm_servers = [{**json.loads(line), "serving_at": rel(json.loads(line)["at"])}
+                    for log in (work / "warm").glob("*.log") for line in log.read_text().splitlines()
+                    if line.startswith('{"event": "warm.serving"')]
+    return {"value": served - landed, "breakdown_s": marks, "warm_servers": warm_servers, "split_s": split, "versions": [before, about["version"]],
             "retried": retried,
             "runs": {"ingest": len(ingests), "lifecycle": len(lifecycles)},
             "new_version_gates": {k.removeprefix("voxelflow.gate."): v for k, v in about.get("tags", {}).items()
@@ -324,6 +335,11 @@ def main() -> None:
     what.add_argument("--serving-only", action="store_true", help="measure arrival_to_serving_s alone")
     what.add_argument("--no-serving", action="store_true", help="measure arrival_to_running_s alone")
     parser.add_argument("--serving-timeout", type=float, default=480, help="seconds to wait for the new version")
+    warmth = parser.add_mutually_exclusive_group()
+    warmth.add_argument("--warm-off", action="store_true", help="flow runs start cold (VOXELFLOW_WARM_START=0)")
+    warmth.add_argument("--warm-before", action="store_true",
+                        help="start the flow runs' warm-start server before the data land (default: the first run "
+                             "starts it, as on a worker that has run nothing yet)")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (server, worker, watch logs)")
     args = parser.parse_args()
 
@@ -337,7 +353,8 @@ def main() -> None:
         if not args.serving_only:
             with local_prefect_server(work / "prefect-server") as api_url:
                 env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(work / "prefect-client"),
-                       "VOXELFLOW_HOME": str(work / "home"), "PYTHONWARNINGS": "ignore"}
+                       "VOXELFLOW_HOME": str(work / "home"), "PYTHONWARNINGS": "ignore",
+                       "VOXELFLOW_WARM_DIR": str(work / "warm-rounds")}
                 cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
                 # the ingest's deployment alone: no lifecycle runs on the rounds' cases meanwhile
                 cli(["prefect", "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
@@ -345,7 +362,7 @@ def main() -> None:
                 baseline = [] if args.no_baseline else rounds(api_url, env, work, {}, "prefect-defaults", 1, 0)
                 shipped = rounds(api_url, env, work, SHIPPED_WORKER, "shipped", args.rounds, 1)
         if not args.no_serving:
-            served = serving(work, args.serving_timeout)
+            served = serving(work, args.serving_timeout, args.warm_off, args.warm_before)
     except BaseException:
         print(f"failed; logs kept in {work}", file=sys.stderr)
         raise

@@ -8,11 +8,13 @@ import sys
 
 def engine_command() -> dict[str, str]:
     """The command that starts a process-pool flow run as one process: this environment's Python running
-    Prefect's engine, which runs the pull step and the flow.
+    Prefect's engine, which runs the pull step and the flow, through :mod:`voxelflow.core.warm`.
 
     Without a ``command``, Prefect 3.9's process worker first starts a supervisor process for the pull
     step and then the engine in a second Python process: about a second more per flow run. The path
     is this interpreter's, as the working directory is the one `prefect deploy` ran in, so the worker
-    needs nothing on its PATH.
+    needs nothing on its PATH. ``voxelflow.core.warm`` runs ``python -m prefect.engine`` forked from a
+    server that has torch, MONAI, MLflow and the library imported (the first run starts it and runs cold;
+    ``VOXELFLOW_WARM_START=0`` in the worker's environment turns it off).
     """
-    return {"command": f"{shlex.quote(sys.executable)} -m prefect.engine"}
+    return {"command": f"{shlex.quote(sys.executable)} -m voxelflow.core.warm prefect.engine"}

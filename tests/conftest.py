@@ -21,6 +21,22 @@ def pytest_configure(config):
     results they give here, instead of training on the GPU because no device was named."""
     if config.getoption("markexpr", "").strip() != "gpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    # the warm-start servers the suite's flow runs start (voxelflow.core.warm) live in a folder of this process's,
+    # ended with it
+    if "VOXELFLOW_WARM_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["VOXELFLOW_WARM_DIR"] = tempfile.mkdtemp(prefix="voxelflow-warm-")
+        config._voxelflow_warm_dir = os.environ["VOXELFLOW_WARM_DIR"]
+
+
+def pytest_unconfigure(config):
+    """End the warm-start servers this process's flow runs started (each ends when its socket goes)."""
+    where = getattr(config, "_voxelflow_warm_dir", None)
+    if where:
+        import shutil
+
+        shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +57,7 @@ def prefect_env(prefect_api, tmp_path) -> dict[str, str]:
 
 def client_env(api_url: str, tmp: Path) -> dict[str, str]:
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")},  # the test's name is not theirs
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(tmp / "prefect-client"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

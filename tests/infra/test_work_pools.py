@@ -142,7 +142,7 @@ def test_process_pool_deployments_use_the_worker_environment():
     (step,) = PREFECT_FILE["build"]
     assert step == {"flows.deploy_steps.engine_command": {"id": "engine"}}
     command = engine_command()["command"]
-    assert shlex.split(command) == [sys.executable, "-m", "prefect.engine"]  # this environment's, not PATH's
+    assert shlex.split(command) == [sys.executable, "-m", "voxelflow.core.warm", "prefect.engine"]  # this env's
     variables = ProcessWorker.get_default_base_job_template()["variables"]
     for d in DEPLOYMENTS:
         if d["work_pool"]["name"] not in KUBERNETES_POOLS:

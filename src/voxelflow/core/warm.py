@@ -1,0 +1,582 @@
+"""Warm starts: ``python -m voxelflow.core.warm MODULE [ARG ...]`` runs ``python -m MODULE ARG ...`` in a process
+forked from a server that has imported torch, MONAI, MLflow and the voxelflow library already.
+
+A process-pool flow run is a fresh interpreter (``python -m prefect.engine``); before its first stage does any work
+it imports about 6.5 s of modules on a 2-core machine (MONAI alone 4.9 s, torch included). The first run with
+warm starts on (the default) starts a server in the background, detached, and runs the usual way; each later run
+with the same interpreter, code and environment asks that server for a copy of itself (``fork``) that has them
+all imported. The copy runs the module as ``python -m`` would:
+
+- with the caller's standard input, output and error (its file descriptors, passed over the socket), its working
+  directory, umask, arguments and environment (``os.environ`` replaced before the module is imported; nothing
+  the server imported reads the ``PREFECT*`` or ``VOXELFLOW_*`` variables at import time, and the server never
+  imports Prefect, whose settings are read then), and ``sys.path[0]`` the working directory;
+- with fresh seeds for ``random``, numpy's global generator and torch's, as a fresh process would have;
+- in a process group of its own, to which the caller forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and
+  SIGUSR2 (a worker's cancellation reaches the run and its subprocesses); if the caller is killed outright, the
+  server kills the group;
+- its exit status, or the signal that ended it, is the caller's.
+
+A server is keyed by a digest of the interpreter, the environment (all but ``PREFECT*`` and ``VOXELFLOW_*``) and
+the state of the code it would import (each preloaded package's files and the folders they are installed in): a
+``pip install``, an edited voxelflow source file or another ``OMP_NUM_THREADS`` is another key, so another server;
+a server ends with the last of the processes that started its callers (the worker), after ``--idle-seconds``
+without a run (``VOXELFLOW_WARM_IDLE_S``, default a day), or at once when its socket is removed; never while a
+run it forked goes on.
+Only the same user may connect (the folder is 0700 and the server checks the peer's uid). Where a CUDA device may
+be visible runs start cold: CUDA does not survive a fork once initialised. Where no server is up
+yet, where it cannot be reached, or with ``VOXELFLOW_WARM_START=0``, the module runs in this process instead
+(``exec``), exactly as ``python -m MODULE`` would. A run that is handed to a server is never run a second time.
+
+The cost: the server's memory (about 0.8 GB resident with the modules below), shared copy-on-write with its runs.
+This module never imports Prefect; it is the library's because it runs any module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: what a server imports before it forks: everything a lifecycle imports but Prefect and the flows
+PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.optim", "monai", "monai.transforms", "monai.networks.nets",
+           "mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.pytorch", "xarray", "zarr", "sqlalchemy", "nibabel", "pydicom", "fsspec", "pydantic", "httpx",
+           "voxelflow.pipeline", "voxelflow.data.preprocess", "voxelflow.learn.train", "voxelflow.learn.evaluate",
+           "voxelflow.release.registry", "voxelflow.stages.deploy", "voxelflow.serving.serve", "uvicorn")
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+IDLE_S = 86400.0
+WAIT_FOR_START_S = 120.0  # a server still importing: wait for it (the run would import the same), this long at most
+_HEADER = struct.Struct("!I")
+
+
+class WarmError(RuntimeError):
+    """The server could not take the run (the caller runs it itself)."""
+
+
+# ---------------------------------------------------------------- where and which
+
+
+def folder() -> Path:
+    """The servers' folder: ``VOXELFLOW_WARM_DIR``, else ``voxelflow-warm-<uid>`` in the temporary folder; 0700."""
+    where = Path(os.environ.get("VOXELFLOW_WARM_DIR") or Path(tempfile.gettempdir()) / f"voxelflow-warm-{os.getuid()}")
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = where.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise WarmError(f"{where} is not a folder only this user can use (owner {info.st_uid}, mode "
+                        f"{oct(info.st_mode & 0o777)})")
+    return where
+
+
+def _code_state(names: tuple[str, ...]) -> list[str]:
+    """What would make a preloaded module another: each package's files (paths, sizes, mtimes) for voxelflow, the
+    entry file and install folder of the others (a ``pip install`` rewrites both)."""
+    import importlib.util
+
+    state, seen = [], set()
+    for name in names:
+        top = name.split(".")[0]
+        if top in seen:
+            continue
+        seen.add(top)
+        try:
+            found = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.origin:
+            state.append(f"{top}:absent")
+            continue
+        origin = Path(found.origin)
+        roots = list(found.submodule_search_locations or [])
+        if top == "voxelflow":
+            for root in roots:
+                for base, dirs, files in os.walk(root):
+                    dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                    for f in sorted(files):
+                        if f.endswith(".py"):
+                            st = os.stat(os.path.join(base, f))
+                            state.append(f"{os.path.join(base, f)}:{st.st_size}:{st.st_mtime_ns}")
+            continue
+        for path in [origin, *(Path(r).parent for r in roots)]:
+            try:
+                st = path.stat()
+                state.append(f"{path}:{st.st_ino}:{st.st_mtime_ns}")
+            except OSError:
+                state.append(f"{path}:absent")
+    return state
+
+
+def kept_environment(env: dict[str, str]) -> dict[str, str]:
+    """The variables a server is made with (and keyed by): all but ``PREFECT*`` and ``VOXELFLOW_*``, which its
+    modules read only when called."""
+    return {k: v for k, v in env.items() if not k.startswith(("PREFECT", "VOXELFLOW_"))}
+
+
+def key_of(env: dict[str, str], preload: tuple[str, ...] = PRELOAD) -> str:
+    digest = hashlib.sha256()
+    for part in [sys.executable, *sorted(f"{k}={v}" for k, v in kept_environment(env).items()), *preload,
+                 *_code_state(preload)]:
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def preload_names(env: dict[str, str]) -> tuple[str, ...]:
+    """``VOXELFLOW_WARM_PRELOAD`` (comma-separated module names) or :data:`PRELOAD`."""
+    given = env.get("VOXELFLOW_WARM_PRELOAD", "")
+    return tuple(n.strip() for n in given.split(",") if n.strip()) or PRELOAD
+
+
+# ---------------------------------------------------------------- the wire: 4-byte length, JSON
+
+
+def _send(conn: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    framed = _HEADER.pack(len(data)) + data
+    if fds:
+        socket.send_fds(conn, [framed], fds)
+    else:
+        conn.sendall(framed)
+
+
+def _receive(conn: socket.socket, want_fds: int = 0) -> tuple[dict | None, list[int]]:
+    """One message (None at end of stream) and the descriptors that came with its first bytes."""
+    buf, fds = b"", []
+    while len(buf) < _HEADER.size:
+        if want_fds and not fds:
+            chunk, got, _, _ = socket.recv_fds(conn, 65536, want_fds)
+            fds.extend(got)
+        else:
+            chunk = conn.recv(65536)
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        buf += chunk
+    (size,) = _HEADER.unpack(buf[:_HEADER.size])
+    if size > 16 << 20:
+        raise WarmError(f"a message of {size} bytes")
+    buf = buf[_HEADER.size:]
+    while len(buf) < size:
+        chunk = conn.recv(size - len(buf))
+        if not chunk:
+            return None, fds
+        buf += chunk
+    return json.loads(buf[:size]), fds
+
+
+# ---------------------------------------------------------------- the caller
+
+
+def _connect(path: Path) -> socket.socket | None:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(5)
+        conn.connect(str(path))
+        conn.settimeout(None)
+        return conn
+    except OSError:
+        conn.close()
+        return None
+
+
+def _holder_alive(lock: Path) -> bool:
+    """Whether a server holds ``lock`` (it does for its whole life, from before its imports)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def start_server(where: Path, key: str, env: dict[str, str], idle_s: float = IDLE_S, owner: int | None = None) -> None:
+    """A server for ``key``, detached (its own session, nothing of the caller's open), its log ``<key>.log``; it
+    ends with ``owner`` (default: the process that started this one) and the later callers' starters."""
+    import subprocess
+
+    owner = os.getppid() if owner is None else owner
+    with open(where / f"{key}.log", "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "voxelflow.core.warm", "--serve", key, "--idle-seconds", str(idle_s),
+                          "--owner", str(owner)],
+                         env={**kept_environment(env), **{k: v for k, v in env.items() if k.startswith("VOXELFLOW_WARM")}},
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
+                         cwd=str(where))
+
+
+def server_for(env: dict[str, str], start: bool = True) -> socket.socket | None:
+    """A connection to the server for this interpreter, code and ``env``; None where there is none to use now (one is
+    started, with ``start``, where none is)."""
+    where = folder()
+    preload = preload_names(env)
+    key = key_of(env, preload)
+    path, lock = where / f"{key}.sock", where / f"{key}.lock"
+    conn = _connect(path)
+    if conn is not None:
+        return conn
+    if not _holder_alive(lock):
+        if start:
+            start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S))
+        return None
+    deadline = time.monotonic() + WAIT_FOR_START_S  # starting: it imports what this run would import
+    while time.monotonic() < deadline and _holder_alive(lock):
+        time.sleep(0.05)
+        conn = _connect(path)
+        if conn is not None:
+            return conn
+    return None
+
+
+def _exit_as(status: dict) -> int:
+    if status.get("signal"):
+        sig = int(status["signal"])
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    return int(status.get("code", 1))
+
+
+def through(conn: socket.socket, module: str, args: list[str]) -> int:
+    """Hand ``python -m module args`` to the server on ``conn`` and be that run for whoever started this process."""
+    umask = os.umask(0)
+    os.umask(umask)
+    _send(conn, {"module": module, "args": args, "cwd": os.getcwd(), "umask": umask, "env": dict(os.environ),
+                 "owner": os.getppid()},
+          fds=[0, 1, 2])
+    started, _ = _receive(conn)
+    if started is None or "pid" not in started:
+        raise WarmError((started or {}).get("error", "the server ended before it started the run"))
+    pid = int(started["pid"])
+
+    def forward(sig, _frame):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    while True:
+        try:
+            ended, _ = _receive(conn)
+            break
+        except InterruptedError:
+            continue
+    if ended is None:  # the server went away (killed) while the run goes on: wait for the run, its status unknown
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        print(f"voxelflow warm start: the server ended before run {pid} did; its exit status is unknown",
+              file=sys.stderr)
+        return 1
+    return _exit_as(ended)
+
+
+def cold(module: str, args: list[str]) -> None:
+    """``python -m module args`` in place of this process."""
+    os.execv(sys.executable, [sys.executable, "-m", module, *args])
+
+
+def cuda_may_be_visible(env: dict[str, str]) -> bool:
+    """Whether a run here could use a CUDA device: CUDA does not survive a fork once a preloaded module has touched
+    it, so such runs start cold (they are long ones anyway)."""
+    if env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
+
+
+def run(module: str, args: list[str]) -> int:
+    off = os.environ.get("VOXELFLOW_WARM_START", "1").strip().lower() in ("0", "false", "no", "off")
+    if off or cuda_may_be_visible(dict(os.environ)):
+        cold(module, args)
+    try:
+        conn = server_for(dict(os.environ))
+    except (OSError, WarmError) as exc:
+        print(f"voxelflow warm start: no server ({exc}); starting cold", file=sys.stderr)
+        conn = None
+    if conn is None:
+        cold(module, args)
+    try:
+        return through(conn, module, args)
+    except (OSError, WarmError) as exc:  # refused before any fork: nothing ran, so run it here
+        print(f"voxelflow warm start: the server did not take the run ({exc}); starting cold", file=sys.stderr)
+        conn.close()
+        cold(module, args)
+    return 1  # not reached: cold() replaces this process
+
+
+# ---------------------------------------------------------------- the server
+
+
+class _Job:
+    """What a forked copy runs: the request it was forked for."""
+
+    def __init__(self, request: dict, fds: list[int]) -> None:
+        self.request, self.fds = request, fds
+
+    def become(self) -> None:
+        """Turn this copy of the server into the caller's ``python -m`` process, then run the module."""
+        import random
+        import runpy
+
+        req = self.request
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # blocked since the fork: delivered now, as a run's
+        for target, fd in zip((0, 1, 2), self.fds):
+            os.dup2(fd, target)
+            if fd > 2:
+                os.close(fd)
+        os.chdir(req["cwd"])
+        os.umask(int(req["umask"]))
+        os.environ.clear()
+        os.environ.update(req["env"])
+        sys.path[0] = os.getcwd()
+        sys.argv = [req["module"], *req["args"]]
+        try:  # as Python sets it up: stdout line-buffered on a terminal only (stderr always is)
+            sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
+        except (AttributeError, ValueError, OSError):
+            pass
+        random.seed()
+        if "numpy" in sys.modules:
+            sys.modules["numpy"].random.seed()
+        if "torch" in sys.modules:
+            sys.modules["torch"].seed()
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+
+
+def preload(names: tuple[str, ...]) -> list[str]:
+    """Import ``names``; the ones that could not be imported, with why (a run imports those itself)."""
+    import importlib
+
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - an optional module: the run imports it, or fails, itself
+            missing.append(f"{name} ({type(exc).__name__}: {exc})")
+    return missing
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None) -> _Job | None:
+    """Be the server for ``key`` until idle for ``idle_s``, its socket is gone or SIGTERM; returns the job in a
+    forked copy (which then becomes the run), None in the server when it ends."""
+    import gc
+    import threading
+
+    where = folder()
+    path, lock_path = where / f"{key}.sock", where / f"{key}.lock"
+    lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        return None  # another server for this key is up or starting
+    started = time.monotonic()
+    if cuda_may_be_visible(dict(os.environ)):
+        print("voxelflow warm start: a CUDA device may be visible; not serving", file=sys.stderr)
+        return None
+    missing = preload(preload_names(dict(os.environ)))
+    if "prefect" in sys.modules:
+        print("voxelflow warm start: a preloaded module imported prefect; not serving", file=sys.stderr)
+        return None
+    if threading.active_count() != 1:
+        print(f"voxelflow warm start: preloading started threads ({threading.enumerate()}); not serving",
+              file=sys.stderr)
+        return None
+    gc.collect()
+    gc.freeze()  # what is here now stays in the copies' permanent generation: their collections leave it untouched
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    staged = where / f"{key}.{os.getpid()}.sock"
+    staged.unlink(missing_ok=True)
+    listener.bind(str(staged))
+    os.chmod(staged, 0o600)
+    listener.listen(64)
+    os.replace(staged, path)
+    inode = path.stat().st_ino
+    print(json.dumps({"event": "warm.serving", "key": key, "pid": os.getpid(), "at": round(time.time(), 3),
+                      "preload_s": round(time.monotonic() - started, 2), "missing": missing}), flush=True)
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    stopping = []
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ, "accept")
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    children: dict[int, socket.socket] = {}  # pid -> the caller's connection
+    last = time.monotonic()
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = children.pop(pid, None)
+            if conn is None:
+                continue
+            ended = ({"signal": os.WTERMSIG(status)} if os.WIFSIGNALED(status)
+                     else {"code": os.WEXITSTATUS(status)})
+            try:
+                _send(conn, ended)
+            except OSError:
+                pass
+            with contextlib.suppress(KeyError):
+                sel.unregister(conn)
+            conn.close()
+
+    while True:
+        listening = not stopping
+        try:
+            listening = listening and path.stat().st_ino == inode
+        except OSError:
+            listening = False
+        if not listening:
+            if listener.fileno() >= 0:
+                sel.unregister(listener)
+                listener.close()
+                if stopping:
+                    for pid in children:
+                        try:
+                            os.killpg(pid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
+            if not children:
+                break
+        elif not children and (time.monotonic() - last > idle_s or (owners and not any(map(_alive, owners)))):
+            break  # idle, or every worker that used it has ended
+        for ready, _ in sel.select(timeout=2.0):
+            if ready.data == "wake":
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                reap()
+            elif ready.data == "accept":
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    continue
+                last = time.monotonic()
+                try:
+                    conn.settimeout(10)
+                    if _peer_uid(conn) != os.getuid():
+                        _send(conn, {"error": "another user"})
+                        conn.close()
+                        continue
+                    request, fds = _receive(conn, want_fds=3)
+                    conn.settimeout(None)
+                except (OSError, ValueError, WarmError):
+                    conn.close()
+                    continue
+                if request is None or len(fds) != 3 or not isinstance(request.get("module"), str):
+                    for fd in fds:
+                        os.close(fd)
+                    conn.close()
+                    continue
+                sys.stdout.flush()
+                sys.stderr.flush()
+                signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # none may reach the copy before its handlers reset
+                pid = os.fork()
+                if pid == 0:  # the copy: keep only the caller's descriptors, become the run
+                    os.setpgid(0, 0)
+                    sel.close()
+                    for held in [listener, conn, *children.values()]:
+                        held.close()
+                    for fd in (lock, wake_r, wake_w):
+                        os.close(fd)
+                    return _Job(request, fds)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+                try:
+                    os.setpgid(pid, pid)  # also here, so the caller's first signal finds the group
+                except OSError:
+                    pass
+                for fd in fds:
+                    os.close(fd)
+                children[pid] = conn
+                if isinstance(request.get("owner"), int) and request["owner"] > 1 and owners is not None:
+                    owners.add(request["owner"])
+                sel.register(conn, selectors.EVENT_READ, pid)
+                try:
+                    _send(conn, {"pid": pid})
+                except OSError:
+                    pass
+            else:  # a caller's connection: it ended (the caller was killed) while its run goes on
+                pid = ready.data
+                try:
+                    data = ready.fileobj.recv(1)
+                except OSError:
+                    data = b""
+                if not data:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    sel.unregister(ready.fileobj)
+        reap()
+    try:
+        if path.stat().st_ino == inode:
+            path.unlink()
+    except OSError:
+        pass
+    os.close(lock)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--serve"]:
+        idle = float(argv[argv.index("--idle-seconds") + 1]) if "--idle-seconds" in argv else IDLE_S
+        owners = {int(argv[argv.index("--owner") + 1])} if "--owner" in argv else set()
+        job = serve(argv[1], idle, owners)
+        if job is None:
+            return
+        job.become()
+        return
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: python -m voxelflow.core.warm MODULE [ARG ...]")
+    raise SystemExit(run(argv[0], argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
