@@ -163,7 +163,8 @@ def test_another_environment_is_another_server_and_warm_starts_can_be_off(place)
     start(env, work)
     server_pid(where)
     assert report(start(env, work)[1])["torch"] is True
-    assert report(start(env, work, OMP_NUM_THREADS="1")[1])["torch"] is False  # its own server, starting
+    other = {"OMP_NUM_THREADS": str(int(env.get("OMP_NUM_THREADS") or 1) + 1)}
+    assert report(start(env, work, **other)[1])["torch"] is False  # its own server, starting
     assert report(start(env, work, VOXELFLOW_WARM_START="0")[1])["torch"] is False
     assert len(list(where.glob("*.lock"))) == 2  # off: none started for it
 
@@ -177,7 +178,7 @@ def test_changed_code_is_another_key(tmp_path):
         env = {"PATH": "/usr/bin"}
         before = warm.key_of(env, ("probe_pkg",))
         assert warm.key_of({**env, "PREFECT_API_URL": "x", "VOXELFLOW_HOME": "y"}, ("probe_pkg",)) == before
-        assert warm.key_of({**env, "OMP_NUM_THREADS": "1"}, ("probe_pkg",)) != before
+        assert warm.key_of({**env, "OMP_NUM_THREADS": "3"}, ("probe_pkg",)) != before
         time.sleep(0.01)
         (pkg / "__init__.py").write_text("A = 2\n")
         assert warm.key_of(env, ("probe_pkg",)) != before
