@@ -316,9 +316,10 @@ def serving(work: Path, timeout: float, warm_off: bool = False, warm_before: boo
     # a stage that failed once and was tried again (its warning in the worker's log, which goes with the folder)
     retried = [line.strip()[:300] for line in logs[1].read_text(errors="replace").splitlines()
                if ("attempt" in line and "failed" in line) or "Retrying" in line]
-    warm_servers = [{**json.loads(line), "serving_at": rel(json.loads(line)["at"])}
-                    for log in (work / "warm").glob("*.log") for line in log.read_text().splitlines()
+    warm_servers = [json.loads(line) for log in (work / "warm").glob("*.log") for line in log.read_text().splitlines()
                     if line.startswith('{"event": "warm.serving"')]
+    for server in warm_servers:
+        server["serving_at"] = rel(server["at"])
     return {"value": served - landed, "breakdown_s": marks, "warm_servers": warm_servers, "split_s": split, "versions": [before, about["version"]],
             "retried": retried,
             "runs": {"ingest": len(ingests), "lifecycle": len(lifecycles)},

@@ -256,3 +256,4 @@ def test_a_server_ends_with_the_worker_whose_runs_started_it(place):
     while time.monotonic() < deadline and alive(server):
         time.sleep(0.2)
     assert not alive(server)
+

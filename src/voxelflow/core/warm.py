@@ -76,9 +76,11 @@ def folder() -> Path:
 
 
 def _code_state(names: tuple[str, ...]) -> list[str]:
-    """What would make a preloaded module another: each package's files (paths, sizes, mtimes) for voxelflow, the
-    entry file and install folder of the others (a ``pip install`` rewrites both)."""
+    """What would make a preloaded module another: voxelflow's sources (their digest), the entry file and install
+    folder of the other packages (a ``pip install`` rewrites both)."""
     import importlib.util
+
+    from voxelflow.core.user_code import source_digests
 
     state, seen = [], set()
     for name in names:
@@ -93,17 +95,11 @@ def _code_state(names: tuple[str, ...]) -> list[str]:
         if found is None or not found.origin:
             state.append(f"{top}:absent")
             continue
+        if top == "voxelflow":
+            state.append(f"voxelflow:{source_digests(['voxelflow'])['voxelflow']}")
+            continue
         origin = Path(found.origin)
         roots = list(found.submodule_search_locations or [])
-        if top == "voxelflow":
-            for root in roots:
-                for base, dirs, files in os.walk(root):
-                    dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-                    for f in sorted(files):
-                        if f.endswith(".py"):
-                            st = os.stat(os.path.join(base, f))
-                            state.append(f"{os.path.join(base, f)}:{st.st_size}:{st.st_mtime_ns}")
-            continue
         for path in [origin, *(Path(r).parent for r in roots)]:
             try:
                 st = path.stat()
@@ -215,9 +211,9 @@ def start_server(where: Path, key: str, env: dict[str, str], idle_s: float = IDL
                          cwd=str(where))
 
 
-def server_for(env: dict[str, str], start: bool = True) -> socket.socket | None:
+def server_for(env: dict[str, str]) -> socket.socket | None:
     """A connection to the server for this interpreter, code and ``env``; None where there is none to use now (one is
-    started, with ``start``, where none is)."""
+    started where none is)."""
     where = folder()
     preload = preload_names(env)
     key = key_of(env, preload)
@@ -226,8 +222,7 @@ def server_for(env: dict[str, str], start: bool = True) -> socket.socket | None:
     if conn is not None:
         return conn
     if not _holder_alive(lock):
-        if start:
-            start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S))
+        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S))
         return None
     deadline = time.monotonic() + WAIT_FOR_START_S  # starting: it imports what this run would import
     while time.monotonic() < deadline and _holder_alive(lock):
@@ -266,12 +261,7 @@ def through(conn: socket.socket, module: str, args: list[str]) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    while True:
-        try:
-            ended, _ = _receive(conn)
-            break
-        except InterruptedError:
-            continue
+    ended, _ = _receive(conn)  # a forwarded signal interrupts the wait, which goes on (PEP 475)
     if ended is None:  # the server went away (killed) while the run goes on: wait for the run, its status unknown
         while True:
             try:

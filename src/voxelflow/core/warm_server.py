@@ -38,9 +38,9 @@ class _Job:
         import runpy
 
         req = self.request
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGCHLD, *FORWARDED):
             signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # blocked since the fork: delivered now, as a run's
         for target, fd in zip((0, 1, 2), self.fds):
