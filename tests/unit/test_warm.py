@@ -60,7 +60,7 @@ def place(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     yield env, work, where
-    for log in where.glob("*.log"):
+    for log in where.parent.rglob("*.log"):  # the servers of every warm folder the test made
         for line in log.read_text().splitlines():
             if line.startswith("{"):
                 pid = json.loads(line).get("pid")
@@ -257,3 +257,12 @@ def test_a_server_ends_with_the_worker_whose_runs_started_it(place):
         time.sleep(0.2)
     assert not alive(server)
 
+
+def test_a_folder_deeper_than_a_socket_address_may_be(place):
+    env, work, where = place
+    deep = where.parent / ("d" * 60) / ("e" * 60)
+    env = {**env, "VOXELFLOW_WARM_DIR": str(deep)}
+    start(env, work)
+    server_pid(deep)
+    assert len(str(next(deep.glob("*.sock")))) > 108
+    assert report(start(env, work)[1])["torch"] is True

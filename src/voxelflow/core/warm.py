@@ -34,6 +34,7 @@ This module never imports Prefect; it is the library's because it runs any modul
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -44,6 +45,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 #: what a server imports before it forks: everything a lifecycle imports but Prefect and the flows
@@ -170,11 +172,26 @@ def _receive(conn: socket.socket, want_fds: int = 0) -> tuple[dict | None, list[
 # ---------------------------------------------------------------- the caller
 
 
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """``path`` as a Unix socket's address: itself, or, where it is longer than an address may be (108 bytes), the
+    same file through a descriptor of its folder (``/proc/self/fd/N/NAME``)."""
+    if len(os.fsencode(str(path))) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 def _connect(path: Path) -> socket.socket | None:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(5)
-        conn.connect(str(path))
+        with socket_address(path) as address:
+            conn.connect(address)
         conn.settimeout(None)
         return conn
     except OSError:

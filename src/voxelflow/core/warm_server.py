@@ -23,6 +23,7 @@ from voxelflow.core.warm import (
     cuda_may_be_visible,
     folder,
     preload_names,
+    socket_address,
 )
 
 
@@ -124,7 +125,8 @@ def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None) -> _
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     staged = where / f"{key}.{os.getpid()}.sock"
     staged.unlink(missing_ok=True)
-    listener.bind(str(staged))
+    with socket_address(staged) as address:
+        listener.bind(address)
     os.chmod(staged, 0o600)
     listener.listen(64)
     os.replace(staged, path)
