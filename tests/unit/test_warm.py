@@ -137,10 +137,7 @@ def test_a_signal_to_the_caller_reaches_the_run_and_its_group(place):
     proc.send_signal(signal.SIGTERM)  # what a worker's cancellation sends
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGTERM  # the run died of it, so the caller does
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and alive(grandchild):
-        time.sleep(0.1)
-    assert not alive(grandchild)
+    assert ended(grandchild, within=10)
 
 
 def test_a_caller_killed_outright_takes_its_run_with_it(place):
@@ -152,10 +149,7 @@ def test_a_caller_killed_outright_takes_its_run_with_it(place):
     assert run["torch"] is True and alive(run["pid"])
     proc.kill()
     proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and alive(run["pid"]):
-        time.sleep(0.1)
-    assert not alive(run["pid"])
+    assert ended(run["pid"], within=10)
 
 
 def test_another_environment_is_another_server_and_warm_starts_can_be_off(place):
@@ -190,20 +184,14 @@ def test_a_server_ends_when_its_socket_goes_or_when_idle(place):
     env, work, where = place
     start(env, work, VOXELFLOW_WARM_IDLE_S="1")
     server = server_pid(where)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and alive(server):
-        time.sleep(0.2)
-    assert not alive(server)  # idle for a second
+    assert ended(server, within=20)  # idle for a second
     for log in where.glob("*.log"):
         log.unlink()
     start(env, work)
     server = server_pid(where)
     for sock in where.glob("*.sock"):
         sock.unlink()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and alive(server):
-        time.sleep(0.2)
-    assert not alive(server)
+    assert ended(server, within=20)
     assert report(start(env, work)[1])["torch"] is False  # gone: the next run is cold (and starts another)
 
 
@@ -233,6 +221,14 @@ def test_the_shipped_preload_works_in_a_forked_run(place):
     assert all(entry["missing"] == [] for entry in logged)
 
 
+def ended(pid: int, within: float) -> bool:
+    """Whether ``pid`` is gone within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.1)
+    return not alive(pid)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -252,10 +248,7 @@ def test_a_server_ends_with_the_worker_whose_runs_started_it(place):
                           cwd=work, capture_output=True, text=True, timeout=120)
     assert report(done.stdout)["torch"] is False
     server = server_pid(where)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and alive(server):
-        time.sleep(0.2)
-    assert not alive(server)
+    assert ended(server, within=20)
 
 
 def test_a_folder_deeper_than_a_socket_address_may_be(place):
