@@ -192,7 +192,7 @@ def served_model(url: str, key: str) -> dict:
     return resp.json()
 
 
-def serving(work: Path, timeout: float, warm_off: bool = False, warm_before: bool = False) -> dict:
+def serving(work: Path, timeout: float, warm_off: bool = False, prefect_worker: bool = False) -> dict:
     """One arrival of the demo's data set, timed to the service answering with the newly promoted version."""
     from flows.server import free_port, local_prefect_server
     from voxelflow.data.synthetic import make_decathlon
@@ -214,19 +214,17 @@ def serving(work: Path, timeout: float, warm_off: bool = False, warm_before: boo
         cli(["prefect", "work-pool", "create", "voxelflow-process", "--type", "process"], env)
         cli(["voxelflow", "up", SPEC], env)
         staged = make_decathlon(work / "staged-demo", n_cases=16)  # the 12 cases v1 saw and 4 new ones
-        with process(["prefect", "worker", "start", "--pool", "voxelflow-process", "--type", "process"],
-                     {**env, **SHIPPED_WORKER}, logs[1]), \
+        # `voxelflow worker` (README "Data arrival"): its runs' warm-start server starts with it; --prefect-worker:
+        # `prefect worker start`, whose first run starts that server and runs cold beside its imports
+        worker = (["prefect", "worker", "start", "--pool", "voxelflow-process", "--type", "process"] if prefect_worker
+                  else ["voxelflow", "worker", "--pool", "voxelflow-process"])
+        with process(worker, {**env, **SHIPPED_WORKER}, logs[1]), \
                 process(["voxelflow", "watch", str(incoming), "--spec", SPEC], env, logs[2]):
             t = time.monotonic()
             older = make_decathlon(work / "older-demo", n_cases=12)  # the older champion: v1, 2 epochs on 12 cases
             cli(["voxelflow", "run", SPEC, "--set", f"data.source={older}", "--set", "train.epochs=2",
                  "--set", "promote.gates.min_dice=0"], env)
             setup["older_champion_demo_s"] = time.monotonic() - t
-            if warm_before:  # the warm-start server up before the data land, as on a worker that has run before
-                subprocess.run([sys.executable, "-m", "voxelflow.core.warm", "site"], env=env, cwd=REPO,
-                               capture_output=True, check=True)
-                wait_for(lambda: any('"warm.serving"' in log.read_text() for log in (work / "warm").glob("*.log")),
-                         120, "the warm-start server", logs)
             key = cli(["voxelflow", "keys", "create", "arrival-benchmark", "--role", "viewer"], env).stdout.split()[-1]
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -338,9 +336,9 @@ def main() -> None:
     parser.add_argument("--serving-timeout", type=float, default=480, help="seconds to wait for the new version")
     warmth = parser.add_mutually_exclusive_group()
     warmth.add_argument("--warm-off", action="store_true", help="flow runs start cold (VOXELFLOW_WARM_START=0)")
-    warmth.add_argument("--warm-before", action="store_true",
-                        help="start the flow runs' warm-start server before the data land (default: the first run "
-                             "starts it, as on a worker that has run nothing yet)")
+    warmth.add_argument("--prefect-worker", action="store_true",
+                        help="`prefect worker start` instead of `voxelflow worker`: the first flow run starts the "
+                             "warm-start server and runs cold")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (server, worker, watch logs)")
     args = parser.parse_args()
 
@@ -363,7 +361,7 @@ def main() -> None:
                 baseline = [] if args.no_baseline else rounds(api_url, env, work, {}, "prefect-defaults", 1, 0)
                 shipped = rounds(api_url, env, work, SHIPPED_WORKER, "shipped", args.rounds, 1)
         if not args.no_serving:
-            served = serving(work, args.serving_timeout, args.warm_off, args.warm_before)
+            served = serving(work, args.serving_timeout, args.warm_off, args.prefect_worker)
     except BaseException:
         print(f"failed; logs kept in {work}", file=sys.stderr)
         raise

@@ -757,6 +757,10 @@ from flows.up import down, up  # noqa: E402 - the commands' own module imports t
 app.command()(up)
 app.command()(down)
 
+from flows.worker import worker  # noqa: E402 - the command's own module
+
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(worker)
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -119,11 +119,13 @@ def dask_cluster(workdir: Path, env: dict[str, str], n_workers: int = 2) -> Iter
 
 
 @contextlib.contextmanager
-def prefect_worker(pool: str, env: dict[str, str], log: Path, cwd: Path) -> Iterator[subprocess.Popen]:
-    """`prefect worker start --pool POOL` (process type) for the life of the block."""
+def prefect_worker(pool: str, env: dict[str, str], log: Path, cwd: Path, warm: bool = False) -> Iterator[subprocess.Popen]:
+    """`prefect worker start --pool POOL` (process type) for the life of the block; ``warm``: `voxelflow worker`, which
+    starts its runs' warm-start server first and then is that worker."""
+    command = ([str(BIN / "voxelflow"), "worker", "--pool", pool] if warm else
+               [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"])
     with open(log, "w") as fh:
-        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
-                                env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+        proc = subprocess.Popen(command, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         yield proc
     finally:

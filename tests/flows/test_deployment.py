@@ -46,7 +46,8 @@ def run_the_deployment(env: dict[str, str], tmp_path, api: str, info: dict) -> N
 
     webhook = Receiver()  # notify_webhook's destination, in the worker's environment
     env["VOXELFLOW_WEBHOOK_URL"] = f"{webhook.base}/hooks/lifecycle"
-    with prefect_worker("voxelflow-process", env, tmp_path / "worker.log", REPO):  # killed if it will not stop
+    env["VOXELFLOW_WARM_DIR"] = str(tmp_path / "warm")  # this worker's warm-start server alone
+    with prefect_worker("voxelflow-process", env, tmp_path / "worker.log", REPO, warm=True):  # killed if it will not stop
         run = run_cli(["prefect", "deployment", "run", "lifecycle/demo-spheres",
                        "--param", 'overlays=["deployments/params/quick.yaml"]',
                        "--watch", "--watch-timeout", "480"], env, timeout=540)
@@ -63,6 +64,11 @@ def run_the_deployment(env: dict[str, str], tmp_path, api: str, info: dict) -> N
                           "--watch", "--watch-timeout", "480"], env, timeout=540)
         log = (tmp_path / "worker.log").read_text()
         assert custom.returncode == 0, custom.stdout[-2000:] + custom.stderr[-2000:] + log[-4000:]
+        # `voxelflow worker` started the server its runs used: none of them started another (a key of their own)
+        servers = [json.loads(line) for p in (tmp_path / "warm").glob("*.log") for line in p.read_text().splitlines()
+                   if '"warm.serving"' in line]
+        assert len(list((tmp_path / "warm").glob("*.lock"))) == 1 and len(servers) == 1, servers
+        assert servers[0]["missing"] == [], servers
     webhook.close()
 
     from voxelflow.release import registry

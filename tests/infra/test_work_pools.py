@@ -137,12 +137,13 @@ def test_process_pool_deployments_use_the_worker_environment():
     from prefect.utilities.schema_tools import validate
     from prefect.workers.process import ProcessWorker
 
-    from flows.deploy_steps import engine_command
+    from flows.deploy_steps import ENGINE_PRELOAD, engine_command
 
     (step,) = PREFECT_FILE["build"]
     assert step == {"flows.deploy_steps.engine_command": {"id": "engine"}}
     command = engine_command()["command"]
-    assert shlex.split(command) == [sys.executable, "-m", "voxelflow.core.warm", "prefect.engine"]  # this env's
+    assert shlex.split(command) == [sys.executable, "-m", "voxelflow.core.warm", "--preload", ",".join(ENGINE_PRELOAD),
+                                    "prefect.engine"]  # this env's
     variables = ProcessWorker.get_default_base_job_template()["variables"]
     for d in DEPLOYMENTS:
         if d["work_pool"]["name"] not in KUBERNETES_POOLS:

@@ -23,7 +23,7 @@ PROBE = textwrap.dedent("""
     started = set(sys.modules)
     line = sys.stdin.readline().strip()
     report = {"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "pid": os.getpid(), "ppid": os.getppid(),
-              "pgid": os.getpgid(0), "stdin": line, "mine": os.environ.get("PREFECT_PROBE_MINE"), "torch": "torch" in started,
+              "pgid": os.getpgid(0), "stdin": line, "mine": os.environ.get("PREFECT__PROBE_MINE"), "torch": "torch" in started,
               "umask": os.umask(0o022)}
     if "--seeds" in sys.argv:
         import numpy, torch
@@ -36,6 +36,11 @@ PROBE = textwrap.dedent("""
         torch.optim.Adam(net.parameters()).step()
         resampled = Spacing(pixdim=(2.0, 2.0, 2.0))(torch.rand(1, 32, 32, 32))
         report["work"] = [list(out.shape), list(resampled.shape), torch.get_num_threads()]
+    if "--prefect" in sys.argv:  # a preloaded Prefect: its settings are this run's
+        report["prefect"] = "prefect.flow_engine" in started
+        from prefect.settings import get_current_settings
+        report["api_url"] = str(get_current_settings().api.url)
+        report["flow_run"] = os.environ.get("PREFECT__FLOW_RUN_ID")
     print(json.dumps(report), flush=True)
     print("to stderr", file=sys.stderr, flush=True)
     if "--group" in sys.argv:  # a subprocess in the run's group, as a Dask worker would be
@@ -70,8 +75,9 @@ def place(tmp_path, monkeypatch):
                     pass
 
 
-def start(env, work, *args, stdin="hello\n", wait=True, **extra):
-    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.core.warm", "probe", *args], env={**env, **extra},
+def start(env, work, *args, stdin="hello\n", wait=True, preload=None, **extra):
+    given = ["--preload", preload] if preload else []
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.core.warm", *given, "probe", *args], env={**env, **extra},
                             cwd=work, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdin.write(stdin)
     proc.stdin.close()
@@ -106,7 +112,7 @@ def test_the_first_run_is_cold_and_later_runs_are_forked_from_the_server_it_star
     server = server_pid(where)
     assert oct(where.stat().st_mode & 0o777) == "0o700"
 
-    proc, out, err = start(env, work, "a", "b c", stdin="over the socket\n", PREFECT_PROBE_MINE="yes",
+    proc, out, err = start(env, work, "a", "b c", stdin="over the socket\n", PREFECT__PROBE_MINE="yes",
                            VOXELFLOW_PROBE_EXIT="3")  # variables a server is not keyed by: each run's own
     warm_run = report(out)
     assert proc.returncode == 3, err  # the run's status is the caller's
@@ -171,7 +177,9 @@ def test_changed_code_is_another_key(tmp_path):
     try:
         env = {"PATH": "/usr/bin"}
         before = warm.key_of(env, ("probe_pkg",))
-        assert warm.key_of({**env, "PREFECT_API_URL": "x", "VOXELFLOW_HOME": "y"}, ("probe_pkg",)) == before
+        assert warm.key_of({**env, "PREFECT__FLOW_RUN_ID": "x", "VOXELFLOW_HOME": "y"}, ("probe_pkg",)) == before
+        assert warm.key_of({**env, "PREFECT_API_URL": "x"}, ("probe_pkg",)) != before  # read when Prefect is imported
+        assert warm.key_of(env, ("probe_pkg", "json")) != before  # another preload
         assert warm.key_of({**env, "OMP_NUM_THREADS": "3"}, ("probe_pkg",)) != before
         time.sleep(0.01)
         (pkg / "__init__.py").write_text("A = 2\n")
@@ -259,3 +267,28 @@ def test_a_folder_deeper_than_a_socket_address_may_be(place):
     server_pid(deep)
     assert len(str(next(deep.glob("*.sock")))) > 108
     assert report(start(env, work)[1])["torch"] is True
+
+
+def test_a_callers_preload_is_imported_by_its_server_with_each_runs_settings(place):
+    """The flows layer's --preload (Prefect's engine): imported before the fork, with settings from the variables the
+    server is keyed by, and each run's identity (PREFECT__*) its own."""
+    env, work, where = place
+    env = {**env, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PREFECT_HOME": str(work / "prefect-home")}
+    first = report(start(env, work, "--prefect", preload="prefect.main,prefect.flow_engine",
+                         PREFECT__FLOW_RUN_ID="run-1")[1])
+    assert first["prefect"] is False and first["flow_run"] == "run-1"  # cold, while its server starts
+    server_pid(where)
+    forked = report(start(env, work, "--prefect", preload="prefect.main,prefect.flow_engine",
+                          PREFECT__FLOW_RUN_ID="run-2")[1])
+    assert forked["prefect"] is True and forked["ppid"] != os.getpid()
+    assert forked["api_url"] == "http://127.0.0.1:9/api" and forked["flow_run"] == "run-2"
+    other = report(start(env, work, "--prefect", preload="prefect.main,prefect.flow_engine",
+                         PREFECT_API_URL="http://127.0.0.1:10/api")[1])
+    assert other["prefect"] is False and other["api_url"] == "http://127.0.0.1:10/api"  # another key: cold
+    assert report(start(env, work, "--prefect")[1])["prefect"] is False  # no preload given: the library's list only
+
+
+def test_a_preload_that_is_not_a_module_name_is_refused(place):
+    env, work, where = place
+    proc, out, err = start(env, work, preload="os;import shutil")
+    assert proc.returncode != 0 and "is not a module name" in err and not list(where.glob("*.lock"))

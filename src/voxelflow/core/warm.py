@@ -9,15 +9,17 @@ all imported. The copy runs the module as ``python -m`` would:
 
 - with the caller's standard input, output and error (its file descriptors, passed over the socket), its working
   directory, umask, arguments and environment (``os.environ`` replaced before the module is imported; nothing
-  the server imported reads the ``PREFECT*`` or ``VOXELFLOW_*`` variables at import time, and the server never
-  imports Prefect, whose settings are read then), and ``sys.path[0]`` the working directory;
+  the server imported reads the ``VOXELFLOW_*`` variables or a run's ``PREFECT__*`` identity at import time; a
+  preloaded Prefect's settings, read at import, come from the same ``PREFECT_*`` variables, the server being
+  keyed by them, and are read again in the copy), and ``sys.path[0]`` the working directory;
 - with fresh seeds for ``random``, numpy's global generator and torch's, as a fresh process would have;
 - in a process group of its own, to which the caller forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and
   SIGUSR2 (a worker's cancellation reaches the run and its subprocesses); if the caller is killed outright, the
   server kills the group;
 - its exit status, or the signal that ended it, is the caller's.
 
-A server is keyed by a digest of the interpreter, the environment (all but ``PREFECT*`` and ``VOXELFLOW_*``) and
+A server is keyed by a digest of the interpreter, the environment (all but ``VOXELFLOW_*`` and ``PREFECT__*``), the
+modules it imports (:data:`PRELOAD` and the caller's ``--preload``, which the flows layer gives: Prefect's engine) and
 the state of the code it would import (each preloaded package's files and the folders they are installed in): a
 ``pip install``, an edited voxelflow source file or another ``OMP_NUM_THREADS`` is another key, so another server;
 a server ends with the last of the processes that started its callers (the worker), after ``--idle-seconds``
@@ -29,7 +31,7 @@ yet, where it cannot be reached, or with ``VOXELFLOW_WARM_START=0``, the module 
 (``exec``), exactly as ``python -m MODULE`` would. A run that is handed to a server is never run a second time.
 
 The cost: the server's memory (about 0.8 GB resident with the modules below), shared copy-on-write with its runs.
-This module never imports Prefect; it is the library's because it runs any module.
+This module never imports Prefect by itself; it is the library's because it runs any module.
 """
 
 from __future__ import annotations
@@ -112,9 +114,10 @@ def _code_state(names: tuple[str, ...]) -> list[str]:
 
 
 def kept_environment(env: dict[str, str]) -> dict[str, str]:
-    """The variables a server is made with (and keyed by): all but ``PREFECT*`` and ``VOXELFLOW_*``, which its
-    modules read only when called."""
-    return {k: v for k, v in env.items() if not k.startswith(("PREFECT", "VOXELFLOW_"))}
+    """The variables a server is made with (and keyed by): all but ``VOXELFLOW_*``, which the library reads only
+    when called, and ``PREFECT__*``, a run's identity (its flow run, worker and deployment), which Prefect's engine
+    reads when it runs. Prefect's settings (``PREFECT_*``) are read when Prefect is imported: they are kept."""
+    return {k: v for k, v in env.items() if not k.startswith(("PREFECT__", "VOXELFLOW_"))}
 
 
 def key_of(env: dict[str, str], preload: tuple[str, ...] = PRELOAD) -> str:
@@ -125,10 +128,19 @@ def key_of(env: dict[str, str], preload: tuple[str, ...] = PRELOAD) -> str:
     return digest.hexdigest()[:20]
 
 
-def preload_names(env: dict[str, str]) -> tuple[str, ...]:
-    """``VOXELFLOW_WARM_PRELOAD`` (comma-separated module names) or :data:`PRELOAD`."""
-    given = env.get("VOXELFLOW_WARM_PRELOAD", "")
-    return tuple(n.strip() for n in given.split(",") if n.strip()) or PRELOAD
+def module_names(given: str) -> tuple[str, ...]:
+    """Comma-separated module names, each checked (a name is all a server is ever told to import)."""
+    names = tuple(n.strip() for n in given.split(",") if n.strip())
+    for name in names:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise WarmError(f"{name!r} is not a module name")
+    return names
+
+
+def preload_names(env: dict[str, str], extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``VOXELFLOW_WARM_PRELOAD`` (comma-separated module names) or :data:`PRELOAD`, then the caller's ``extra``."""
+    base = module_names(env.get("VOXELFLOW_WARM_PRELOAD", "")) or PRELOAD
+    return base + tuple(n for n in extra if n not in base)
 
 
 # ---------------------------------------------------------------- the wire: 4-byte length, JSON
@@ -214,7 +226,8 @@ def _holder_alive(lock: Path) -> bool:
         os.close(fd)
 
 
-def start_server(where: Path, key: str, env: dict[str, str], idle_s: float = IDLE_S, owner: int | None = None) -> None:
+def start_server(where: Path, key: str, env: dict[str, str], idle_s: float = IDLE_S, owner: int | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
     """A server for ``key``, detached (its own session, nothing of the caller's open), its log ``<key>.log``; it
     ends with ``owner`` (default: the process that started this one) and the later callers' starters."""
     import subprocess
@@ -222,24 +235,38 @@ def start_server(where: Path, key: str, env: dict[str, str], idle_s: float = IDL
     owner = os.getppid() if owner is None else owner
     with open(where / f"{key}.log", "ab") as log:
         subprocess.Popen([sys.executable, "-m", "voxelflow.core.warm_server", key, "--idle-seconds", str(idle_s),
-                          "--owner", str(owner)],
+                          "--owner", str(owner), *(["--preload", ",".join(extra)] if extra else [])],
                          env={**kept_environment(env), **{k: v for k, v in env.items() if k.startswith("VOXELFLOW_WARM")}},
                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True,
                          cwd=str(where))
 
 
-def server_for(env: dict[str, str]) -> socket.socket | None:
-    """A connection to the server for this interpreter, code and ``env``; None where there is none to use now (one is
-    started where none is)."""
+def warm_up(env: dict[str, str], extra: tuple[str, ...] = (), owner: int | None = None) -> str | None:
+    """Start the server that runs with ``env`` and ``extra`` will use, unless one is up or starting: what a worker
+    does before its first run, so that run is warm too. Its key; None where warm starts are off or a CUDA device may
+    be visible. The server ends with ``owner`` (default: this process, which a worker then ``exec``s)."""
+    if warm_starts_off(env) or cuda_may_be_visible(env):
+        return None
     where = folder()
-    preload = preload_names(env)
+    key = key_of(env, preload_names(env, extra))
+    if not _holder_alive(where / f"{key}.lock"):
+        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S),
+                     owner=os.getpid() if owner is None else owner, extra=extra)
+    return key
+
+
+def server_for(env: dict[str, str], extra: tuple[str, ...] = ()) -> socket.socket | None:
+    """A connection to the server for this interpreter, code, ``env`` and modules (:func:`preload_names` with
+    ``extra``); None where there is none to use now (one is started where none is)."""
+    where = folder()
+    preload = preload_names(env, extra)
     key = key_of(env, preload)
     path, lock = where / f"{key}.sock", where / f"{key}.lock"
     conn = _connect(path)
     if conn is not None:
         return conn
     if not _holder_alive(lock):
-        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S))
+        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S), extra=extra)
         return None
     deadline = time.monotonic() + WAIT_FOR_START_S  # starting: it imports what this run would import
     while time.monotonic() < deadline and _holder_alive(lock):
@@ -305,12 +332,15 @@ def cuda_may_be_visible(env: dict[str, str]) -> bool:
     return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
 
 
-def run(module: str, args: list[str]) -> int:
-    off = os.environ.get("VOXELFLOW_WARM_START", "1").strip().lower() in ("0", "false", "no", "off")
-    if off or cuda_may_be_visible(dict(os.environ)):
+def warm_starts_off(env: dict[str, str]) -> bool:
+    return env.get("VOXELFLOW_WARM_START", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def run(module: str, args: list[str], extra: tuple[str, ...] = ()) -> int:
+    if warm_starts_off(dict(os.environ)) or cuda_may_be_visible(dict(os.environ)):
         cold(module, args)
     try:
-        conn = server_for(dict(os.environ))
+        conn = server_for(dict(os.environ), extra)
     except (OSError, WarmError) as exc:
         print(f"voxelflow warm start: no server ({exc}); starting cold", file=sys.stderr)
         conn = None
@@ -326,10 +356,19 @@ def run(module: str, args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m voxelflow.core.warm [--preload M1,M2] MODULE [ARG ...]``: ``--preload`` names modules the server
+    imports too (the caller's own; their import-time reads of the environment are why it keys by it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    extra: tuple[str, ...] = ()
+    if argv[:1] == ["--preload"] and len(argv) > 1:
+        try:
+            extra = module_names(argv[1])
+        except WarmError as exc:
+            raise SystemExit(f"voxelflow warm start: {exc}") from None
+        argv = argv[2:]
     if not argv or argv[0].startswith("-"):
-        raise SystemExit("usage: python -m voxelflow.core.warm MODULE [ARG ...]")
-    raise SystemExit(run(argv[0], argv[1:]))
+        raise SystemExit("usage: python -m voxelflow.core.warm [--preload MODULE,...] MODULE [ARG ...]")
+    raise SystemExit(run(argv[0], argv[1:], extra))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from voxelflow.core.warm import (
     _send,
     cuda_may_be_visible,
     folder,
+    module_names,
     preload_names,
     socket_address,
 )
@@ -54,6 +55,8 @@ class _Job:
         os.environ.update(req["env"])
         sys.path[0] = os.getcwd()
         sys.argv = [req["module"], *req["args"]]
+        if "prefect.context" in sys.modules:  # preloaded by the caller's --preload: its settings as this run's env has
+            sys.modules["prefect.context"].refresh_global_settings_context()  # them (profiles file, argv included)
         try:  # as Python sets it up: stdout line-buffered on a terminal only (stderr always is)
             sys.stdout.reconfigure(line_buffering=sys.stdout.isatty())
         except (AttributeError, ValueError, OSError):
@@ -63,6 +66,10 @@ class _Job:
             sys.modules["numpy"].random.seed()
         if "torch" in sys.modules:
             sys.modules["torch"].seed()
+        if req["module"] in sys.modules:  # imported by a preloaded one (prefect.flow_engine imports prefect.engine), as
+            import warnings  # in a cold start, where the module imports itself again: runpy's warning says only that
+
+            warnings.filterwarnings("ignore", message=f"'{req['module']}' found in sys.modules", category=RuntimeWarning)
         runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
 
 
@@ -94,9 +101,10 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None) -> _Job | None:
+def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None, extra: tuple[str, ...] = ()) -> _Job | None:
     """Be the server for ``key`` until idle for ``idle_s``, its socket is gone or SIGTERM; returns the job in a
-    forked copy (which then becomes the run), None in the server when it ends."""
+    forked copy (which then becomes the run), None in the server when it ends. It imports :func:`preload_names`
+    with the caller's ``extra``."""
     import gc
     import threading
 
@@ -112,10 +120,7 @@ def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None) -> _
     if cuda_may_be_visible(dict(os.environ)):
         print("voxelflow warm start: a CUDA device may be visible; not serving", file=sys.stderr)
         return None
-    missing = preload(preload_names(dict(os.environ)))
-    if "prefect" in sys.modules:
-        print("voxelflow warm start: a preloaded module imported prefect; not serving", file=sys.stderr)
-        return None
+    missing = preload(preload_names(dict(os.environ), extra))
     if threading.active_count() != 1:
         print(f"voxelflow warm start: preloading started threads ({threading.enumerate()}); not serving",
               file=sys.stderr)
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     idle = float(argv[argv.index("--idle-seconds") + 1]) if "--idle-seconds" in argv else IDLE_S
     owners = {int(argv[argv.index("--owner") + 1])} if "--owner" in argv else set()
-    job = serve(argv[0], idle, owners)
+    extra = module_names(argv[argv.index("--preload") + 1]) if "--preload" in argv else ()
+    job = serve(argv[0], idle, owners, extra)
     if job is not None:  # a forked copy: be the caller's run
         job.become()
 
