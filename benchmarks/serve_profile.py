@@ -206,6 +206,8 @@ def profile(work: Path, size: int, requests: int, http: str, loop: str, accept: 
         r["total"] - records[f"p{i}"]["segment"] for i, r in zip(range(3, 3 + requests), rows))
     medians["in-process segment"] = statistics.median(here[3:])
     medians["service segment"] = statistics.median(records[f"p{i}"]["segment"] for i in range(3, 3 + requests))
+    medians["rows"] = [{**r, "segment": records[f"p{i}"]["segment"], "in-process": here[i]}
+                       for i, r in zip(range(3, 3 + requests), rows)]
     loop_profile = (work / "loop_profile.txt").read_text() if cprofile else ""
     return medians, loop_profile
 
@@ -218,6 +220,7 @@ def main() -> None:
     parser.add_argument("--loop", default="auto", help="uvicorn's event loop: auto, asyncio, uvloop")
     parser.add_argument("--accept", default=None, help="the Accept header sent (default: none)")
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--slowest", type=int, default=0, help="also print the N slowest requests' steps (the tail)")
     args = parser.parse_args()
     from voxelflow.core.memory import keep_freed_memory
 
@@ -235,6 +238,9 @@ def main() -> None:
     for step in (*STEPS, "total", "not inference", "service segment", "in-process segment"):
         print(f"| {step} | " + " | ".join(f"{results[s][step] * 1000:.2f}" for s in sizes) + " |")
     for size in sizes:
+        rows = results[size].pop("rows")
+        for row in sorted(rows, key=lambda r: -r["total"])[:args.slowest]:
+            print(f"slowest at {size}³ (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in row.items()))
         print(json.dumps({"size": size, "http": args.http, "loop": args.loop,
                           **{k: round(v * 1000, 3) for k, v in results[size].items()}}))
     if args.cprofile:

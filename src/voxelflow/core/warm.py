@@ -30,7 +30,8 @@ be visible runs start cold: CUDA does not survive a fork once initialised. Where
 yet, where it cannot be reached, or with ``VOXELFLOW_WARM_START=0``, the module runs in this process instead
 (``exec``), exactly as ``python -m MODULE`` would. A run that is handed to a server is never run a second time.
 
-The cost: the server's memory (about 0.8 GB resident with the modules below), shared copy-on-write with its runs.
+The cost: the server's memory (about 0.7 GB resident with the modules below and Prefect's engine), shared
+copy-on-write with its runs.
 This module never imports Prefect by itself; it is the library's because it runs any module.
 """
 
