@@ -35,6 +35,9 @@ def worker(ctx: typer.Context,
     from flows.deploy_steps import ENGINE_PRELOAD
     from voxelflow.core import warm
 
+    if any(arg == "--type" or arg.startswith("--type=") or arg == "-t" for arg in ctx.args):
+        raise typer.BadParameter("voxelflow worker is a process worker (its runs are forked from a warm server); "
+                                 "start other types with prefect worker start --type TYPE", param_hint="--type")
     try:
         key = warm.warm_up(run_environment(dict(os.environ)), ENGINE_PRELOAD)
     except (OSError, warm.WarmError) as exc:

@@ -53,3 +53,12 @@ def test_it_warms_then_becomes_prefect_worker_start(tmp_path, monkeypatch):
     assert extra == ENGINE_PRELOAD
     [argv] = became
     assert argv[argv.index("worker") + 1:] == ["start", "--type", "process", "--pool", "cpu", "--limit", "2"]
+
+
+def test_another_worker_type_is_refused():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["worker", "--pool", "k8s-cpu", "--type", "kubernetes"])
+    assert result.exit_code == 2 and "process worker" in result.output
