@@ -63,7 +63,7 @@ def test_lifecycle_across_pools_with_s3_and_a_shared_database(prefect_env, tmp_p
 
             cpu_env = {**base, "VOXELFLOW_HOME": str(homes["cpu"]), "VOXELFLOW_DASK_SCHEDULER": scheduler}
             gpu_env = {**base, "VOXELFLOW_HOME": str(homes["gpu"])}
-            with prefect_worker("cpu", cpu_env, tmp_path / "worker-cpu.log", REPO), \
+            with prefect_worker("cpu", cpu_env, tmp_path / "worker-cpu.log", REPO, warm=True), \
                     prefect_worker("gpu", gpu_env, tmp_path / "worker-gpu.log", REPO):
                 run = run_cli(["prefect", "deployment", "run", "lifecycle/cpu",
                                "--param", 'overlays=["deployments/params/gpu-pool.yaml", "deployments/params/quick.yaml", '
