@@ -292,3 +292,24 @@ def test_a_preload_that_is_not_a_module_name_is_refused(place):
     env, work, where = place
     proc, out, err = start(env, work, preload="os;import shutil")
     assert proc.returncode != 0 and "is not a module name" in err and not list(where.glob("*.lock"))
+
+
+def test_a_preloaded_submodule_runs_as_main_without_runpys_warning(tmp_path):
+    """prefect.flow_engine imports prefect.engine, which each run executes as __main__: as a cold start does, with no
+    RuntimeWarning that the module was imported before."""
+    code = tmp_path / "code" / "pkgx"
+    code.mkdir(parents=True)
+    (code / "__init__.py").write_text("")
+    (code / "mod.py").write_text("import sys\nprint(__name__, 'pkgx.mod' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "VOXELFLOW_WARM"))}
+    env.update({"PYTHONPATH": str(code.parent), "VOXELFLOW_WARM_DIR": str(tmp_path / "warm"),
+                "VOXELFLOW_WARM_PRELOAD": "json", "VOXELFLOW_WARM_IDLE_S": "60", "PYTHONWARNINGS": "default"})
+    command = [sys.executable, "-m", "voxelflow.core.warm", "--preload", "pkgx.mod", "pkgx.mod"]
+    cold = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert cold.stdout.split() == ["__main__", "False"], cold.stderr
+    server = server_pid(tmp_path / "warm")
+    try:
+        forked = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        assert forked.stdout.split() == ["__main__", "True"] and "RuntimeWarning" not in forked.stderr, forked.stderr
+    finally:
+        os.kill(server, signal.SIGTERM)
