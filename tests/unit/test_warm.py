@@ -313,3 +313,26 @@ def test_a_preloaded_submodule_runs_as_main_without_runpys_warning(tmp_path):
         assert forked.stdout.split() == ["__main__", "True"] and "RuntimeWarning" not in forked.stderr, forked.stderr
     finally:
         os.kill(server, signal.SIGTERM)
+
+
+def test_a_second_worker_warming_up_the_same_server_is_an_owner_too(place, monkeypatch):
+    """Two workers with one environment share one server: it lives while either does, and ends with the last."""
+    env, work, where = place
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(warm, "cuda_may_be_visible", lambda env: False)
+    first, second = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2))
+    try:
+        key = warm.warm_up(dict(os.environ), owner=first.pid)
+        server = server_pid(where)
+        assert warm.warm_up(dict(os.environ), owner=second.pid) == key  # up already: registered, none started
+        assert len(list(where.glob("*.lock"))) == 1
+        first.kill()
+        first.wait()
+        assert not ended(server, within=6)  # the second worker still lives
+        second.kill()
+        second.wait()
+        assert ended(server, within=20)
+    finally:
+        for proc in (first, second):
+            proc.kill()

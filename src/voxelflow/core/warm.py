@@ -22,9 +22,9 @@ A server is keyed by a digest of the interpreter, the environment (all but ``VOX
 modules it imports (:data:`PRELOAD` and the caller's ``--preload``, which the flows layer gives: Prefect's engine) and
 the state of the code it would import (each preloaded package's files and the folders they are installed in): a
 ``pip install``, an edited voxelflow source file or another ``OMP_NUM_THREADS`` is another key, so another server;
-a server ends with the last of the processes that started its callers (the worker), after ``--idle-seconds``
-without a run (``VOXELFLOW_WARM_IDLE_S``, default a day), or at once when its socket is removed; never while a
-run it forked goes on.
+a server ends with the last of the processes that started its callers or warmed it up (the workers), after
+``--idle-seconds`` without a run (``VOXELFLOW_WARM_IDLE_S``, default a day), or at once when its socket is removed;
+never while a run it forked goes on.
 Only the same user may connect (the folder is 0700 and the server checks the peer's uid). Where a CUDA device may
 be visible runs start cold: CUDA does not survive a fork once initialised. Where no server is up
 yet, where it cannot be reached, or with ``VOXELFLOW_WARM_START=0``, the module runs in this process instead
@@ -250,9 +250,15 @@ def warm_up(env: dict[str, str], extra: tuple[str, ...] = (), owner: int | None 
         return None
     where = folder()
     key = key_of(env, preload_names(env, extra))
-    if not _holder_alive(where / f"{key}.lock"):
-        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S),
-                     owner=os.getpid() if owner is None else owner, extra=extra)
+    owner = os.getpid() if owner is None else owner
+    conn = _connect(where / f"{key}.sock")
+    if conn is not None:  # up already (another worker's): this one is an owner too, so it lives as long as either
+        with conn:
+            conn.settimeout(5)
+            _send(conn, {"owner": owner})
+            _receive(conn)
+    elif not _holder_alive(where / f"{key}.lock"):
+        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S), owner=owner, extra=extra)
     return key
 
 

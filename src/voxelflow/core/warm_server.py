@@ -219,6 +219,13 @@ def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None, extr
                 except (OSError, ValueError, WarmError):
                     conn.close()
                     continue
+                if request is not None and not fds and set(request) == {"owner"}:  # a worker that will send runs
+                    if isinstance(request["owner"], int) and request["owner"] > 1 and owners is not None:
+                        owners.add(request["owner"])
+                    with contextlib.suppress(OSError):
+                        _send(conn, {"owners": len(owners or ())})
+                    conn.close()
+                    continue
                 if request is None or len(fds) != 3 or not isinstance(request.get("module"), str):
                     for fd in fds:
                         os.close(fd)
