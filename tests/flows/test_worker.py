@@ -42,7 +42,7 @@ def test_it_warms_then_becomes_prefect_worker_start(tmp_path, monkeypatch):
     monkeypatch.delenv("VOXELFLOW_WARM_START", raising=False)
     monkeypatch.setattr(warm, "cuda_may_be_visible", lambda env: False)  # a GPU machine's runs start cold
     started, became = [], []
-    monkeypatch.setattr(warm, "start_server", lambda where, key, env, idle, owner=None, extra=(): started.append(
+    monkeypatch.setattr(warm, "start_server", lambda where, key, env, idle=None, owner=None, extra=(): started.append(
         (key, owner, extra)))
     monkeypatch.setattr(flows.worker.os, "execv", lambda path, argv: became.append(argv))
     result = CliRunner().invoke(app, ["worker", "--pool", "cpu", "--limit", "2"])

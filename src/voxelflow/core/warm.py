@@ -227,13 +227,15 @@ def _holder_alive(lock: Path) -> bool:
         os.close(fd)
 
 
-def start_server(where: Path, key: str, env: dict[str, str], idle_s: float = IDLE_S, owner: int | None = None,
+def start_server(where: Path, key: str, env: dict[str, str], idle_s: float | None = None, owner: int | None = None,
                  extra: tuple[str, ...] = ()) -> None:
     """A server for ``key``, detached (its own session, nothing of the caller's open), its log ``<key>.log``; it
-    ends with ``owner`` (default: the process that started this one) and the later callers' starters."""
+    ends with ``owner`` (default: the process that started this one) and the later callers' starters, or after
+    ``idle_s`` without a run (default: ``VOXELFLOW_WARM_IDLE_S`` of ``env``, else :data:`IDLE_S`)."""
     import subprocess
 
     owner = os.getppid() if owner is None else owner
+    idle_s = float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S) if idle_s is None else idle_s
     with open(where / f"{key}.log", "ab") as log:
         subprocess.Popen([sys.executable, "-m", "voxelflow.core.warm_server", key, "--idle-seconds", str(idle_s),
                           "--owner", str(owner), *(["--preload", ",".join(extra)] if extra else [])],
@@ -248,33 +250,39 @@ def warm_up(env: dict[str, str], extra: tuple[str, ...] = (), owner: int | None 
     be visible. The server ends with ``owner`` (default: this process, which a worker then ``exec``s)."""
     if warm_starts_off(env) or cuda_may_be_visible(env):
         return None
-    where = folder()
-    key = key_of(env, preload_names(env, extra))
     owner = os.getpid() if owner is None else owner
-    conn = _connect(where / f"{key}.sock")
+    key, conn, _ = _find_or_start(env, extra, owner)
     if conn is not None:  # up already (another worker's): this one is an owner too, so it lives as long as either
         with conn:
             conn.settimeout(5)
             _send(conn, {"owner": owner})
             _receive(conn)
-    elif not _holder_alive(where / f"{key}.lock"):
-        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S), owner=owner, extra=extra)
     return key
+
+
+def _find_or_start(env: dict[str, str], extra: tuple[str, ...], owner: int | None = None
+                   ) -> tuple[str, socket.socket | None, bool]:
+    """The key of the server for ``env`` and ``extra``, a connection to it if it is serving, and whether it is
+    starting (held, not serving yet); one is started (for ``owner``) where none is."""
+    where = folder()
+    key = key_of(env, preload_names(env, extra))
+    conn = _connect(where / f"{key}.sock")
+    if conn is not None:
+        return key, conn, False
+    if _holder_alive(where / f"{key}.lock"):
+        return key, None, True
+    start_server(where, key, env, owner=owner, extra=extra)
+    return key, None, False
 
 
 def server_for(env: dict[str, str], extra: tuple[str, ...] = ()) -> socket.socket | None:
     """A connection to the server for this interpreter, code, ``env`` and modules (:func:`preload_names` with
     ``extra``); None where there is none to use now (one is started where none is)."""
-    where = folder()
-    preload = preload_names(env, extra)
-    key = key_of(env, preload)
-    path, lock = where / f"{key}.sock", where / f"{key}.lock"
-    conn = _connect(path)
-    if conn is not None:
+    key, conn, starting = _find_or_start(env, extra)
+    if conn is not None or not starting:
         return conn
-    if not _holder_alive(lock):
-        start_server(where, key, env, float(env.get("VOXELFLOW_WARM_IDLE_S") or IDLE_S), extra=extra)
-        return None
+    where = folder()
+    path, lock = where / f"{key}.sock", where / f"{key}.lock"
     deadline = time.monotonic() + WAIT_FOR_START_S  # starting: it imports what this run would import
     while time.monotonic() < deadline and _holder_alive(lock):
         time.sleep(0.05)

@@ -153,6 +153,10 @@ def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None, extr
     children: dict[int, socket.socket] = {}  # pid -> the caller's connection
     last = time.monotonic()
 
+    def add_owner(request: dict) -> None:  # the process that started the caller (a worker): the server ends with it
+        if isinstance(request.get("owner"), int) and request["owner"] > 1 and owners is not None:
+            owners.add(request["owner"])
+
     def reap() -> None:
         while children:
             try:
@@ -220,8 +224,7 @@ def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None, extr
                     conn.close()
                     continue
                 if request is not None and not fds and set(request) == {"owner"}:  # a worker that will send runs
-                    if isinstance(request["owner"], int) and request["owner"] > 1 and owners is not None:
-                        owners.add(request["owner"])
+                    add_owner(request)
                     with contextlib.suppress(OSError):
                         _send(conn, {"owners": len(owners or ())})
                     conn.close()
@@ -251,8 +254,7 @@ def serve(key: str, idle_s: float = IDLE_S, owners: set[int] | None = None, extr
                 for fd in fds:
                     os.close(fd)
                 children[pid] = conn
-                if isinstance(request.get("owner"), int) and request["owner"] > 1 and owners is not None:
-                    owners.add(request["owner"])
+                add_owner(request)
                 sel.register(conn, selectors.EVENT_READ, pid)
                 try:
                     _send(conn, {"pid": pid})
