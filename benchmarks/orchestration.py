@@ -103,8 +103,12 @@ def main() -> None:
         reused.append(result.reused)
         return time.perf_counter() - start, result.metrics["dice"]
 
+    task_calls: list[int] = []  # Prefect task calls of each flow lifecycle
+    count_task_calls(task_calls)
+
     def flowed(run_spec, tag: str, fresh: bool = True) -> tuple[float, float]:
         os.environ["VOXELFLOW_HOME"] = str(fresh_home(tag).home)
+        task_calls.append(0)
         start = time.perf_counter()
         result = lifecycle(run_spec, fresh=fresh)
         reused.append(result["reused"])
@@ -134,6 +138,9 @@ def main() -> None:
                         stages[name][stage].append(sum(values))
                     line.append(f"{name} {seconds:.1f} s (dice {dice:.3f})")
                 print(f"repeat {i + 1}: " + ", ".join(line), flush=True)
+            measured = args.only in ("all", "orchestration") and args.repeats > 0
+            lifecycle_tasks = statistics.median(task_calls[-args.repeats:]) if measured else 0
+            floor = prefect_floor(spec, direct, flowed) if measured else None
             steps = (step_overhead(spec, flowed, args.step_pairs, stage_s) if args.only in ("all", "steps")
                      else None)
             cached = (cached_rerun(spec, flowed, args.reruns, stage_s, reused) if args.only in ("all", "cached")
@@ -142,11 +149,104 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if args.only in ("all", "orchestration"):
-        report(times, stages)
+        report(times, stages, floor, lifecycle_tasks)
     if steps:
         print(json.dumps(steps))
     if cached:
         print(json.dumps(cached))
+
+
+def count_task_calls(into: list[int]) -> None:
+    """Count each Prefect task call in ``into[-1]`` (a flow lifecycle appends its 0 before it starts)."""
+    from prefect.tasks import Task
+
+    original = Task.__call__
+
+    def counted(self, *args, **kwargs):
+        if into:
+            into[-1] += 1
+        return original(self, *args, **kwargs)
+
+    Task.__call__ = counted
+
+
+def server_cpu_s() -> float:
+    """CPU time (user + system) used so far by the Prefect server this script started, its children included."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.Process().children():
+        try:
+            if "prefect" not in " ".join(proc.cmdline()):
+                continue
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def prefect_floor(spec, direct, flowed, runs: int = 10, settle_s: float = 1.0) -> dict[str, float]:
+    """What Prefect itself costs here, on the lifecycle's server: an empty flow's run (its creation, states and
+    result storage lookups through the API) and a no-op task's (its engine and state events), medians of ``runs``;
+    and the server's CPU for each, and for one lifecycle of each side (less what the idle server uses).
+
+    Each run waits ``settle_s`` first, as a lifecycle starts after the one before has settled: the server records
+    a run's task events after it ends, and a flow run created meanwhile can meet SQLite's lock (503, then the client
+    retries after about 2 s). The server's CPU is read after a run has settled (its events recorded), so each
+    lifecycle here is followed by a few seconds of nothing."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    per_task: list[float] = []
+
+    @task(name="floor-noop", cache_policy=NO_CACHE)
+    def noop() -> None:
+        return None
+
+    @flow(name="floor-empty")
+    def empty() -> None:
+        return None
+
+    @flow(name="floor-tasks")
+    def tasks(n: int = 8) -> None:
+        for _ in range(n):
+            start = time.perf_counter()
+            noop()
+            per_task.append(time.perf_counter() - start)
+
+    empty()
+    tasks()
+    per_task.clear()
+    time.sleep(3 * settle_s)
+    before, at = server_cpu_s(), time.perf_counter()
+    time.sleep(5 * settle_s)
+    idle = (server_cpu_s() - before) / (time.perf_counter() - at)  # its own services' polling
+
+    def server_share(fn, settle: float) -> tuple[float, float]:
+        """(wall seconds of ``fn``, the server's CPU seconds for it, once settled)"""
+        cpu, at = server_cpu_s(), time.perf_counter()
+        fn()
+        wall = time.perf_counter() - at
+        time.sleep(settle)
+        return wall, server_cpu_s() - cpu - idle * (time.perf_counter() - at)
+
+    flows, flow_cpu, task_cpu = [], [], []
+    for _ in range(runs):
+        wall, cpu = server_share(empty, settle_s)
+        flows.append(wall)
+        flow_cpu.append(cpu)
+    for _ in range(3):
+        task_cpu.append(server_share(tasks, settle_s)[1])
+    empty_cpu = statistics.median(flow_cpu)
+    lifecycles = {name: server_share(lambda side=side, name=name: side(spec, f"floor-{name}"), 4 * settle_s)[1]
+                  for name, side in (("direct", direct), ("flow", flowed))}
+    return {"empty_flow_s": statistics.median(flows), "noop_task_s": statistics.median(per_task),
+            "server_cpu_ms": {"idle_per_s": round(idle * 1000, 1), "empty_flow": round(empty_cpu * 1000, 1),
+                              "noop_task": round((statistics.median(task_cpu) - empty_cpu) / 8 * 1000, 1),
+                              "direct_lifecycle": round(lifecycles["direct"] * 1000, 1),
+                              "flow_lifecycle": round(lifecycles["flow"] * 1000, 1)}}
 
 
 def with_noop_steps(spec):
@@ -212,14 +312,29 @@ def cached_rerun(spec, flowed, reruns: int, stage_s: dict[str, list[float]], reu
             "rerun_stage_s": {k: round(statistics.median(v), 2) for k, v in left.items()}}
 
 
-def report(times: dict[str, list[float]], stages: dict[str, dict[str, list[float]]]) -> None:
+def report(times: dict[str, list[float]], stages: dict[str, dict[str, list[float]]], floor: dict[str, float] | None,
+           tasks: float) -> None:
     print(f"{'stage (median s)':<18} {'direct':>8} {'flow':>8}")
     for stage in stages["flow"]:
         d = statistics.median(stages["direct"].get(stage, [0.0]))
         f = statistics.median(stages["flow"][stage])
         print(f"{stage:<18} {d:8.2f} {f:8.2f}")
-    ratio = statistics.median(times["flow"]) / statistics.median(times["direct"])
+    direct = statistics.median(times["direct"])
+    ratio = statistics.median(times["flow"]) / direct
     paired = [f / d for f, d in zip(times["flow"], times["direct"])]
+    extra = {}
+    if floor:
+        floor_s = floor["empty_flow_s"] + tasks * floor["noop_task_s"]
+        extra = {"floor_ratio": round(1 + floor_s / direct, 4), "empty_flow_ms": round(floor["empty_flow_s"] * 1000, 1),
+                 "noop_task_ms": round(floor["noop_task_s"] * 1000, 2), "tasks": tasks,
+                 "server_cpu_ms": floor["server_cpu_ms"]}
+        print(f"Prefect's floor here: an empty flow {floor['empty_flow_s'] * 1000:.1f} ms, a no-op task "
+              f"{floor['noop_task_s'] * 1000:.2f} ms; {tasks:g} tasks a lifecycle: {floor_s:.3f} s over a direct "
+              f"{direct:.2f} s: Prefect's own calls alone give {1 + floor_s / direct:.4f}")
+        c = floor["server_cpu_ms"]
+        print(f"the Prefect server's CPU (ms, idle {c['idle_per_s']} ms a second taken out): an empty flow "
+              f"{c['empty_flow']}, a no-op task {c['noop_task']}, a lifecycle direct {c['direct_lifecycle']}, through "
+              f"the flow {c['flow_lifecycle']} (on the same {os.cpu_count()} cores as the lifecycle)")
     print(json.dumps({
         "metric": "orchestration_overhead",
         "value": round(ratio, 4),
@@ -228,6 +343,7 @@ def report(times: dict[str, list[float]], stages: dict[str, dict[str, list[float
         "direct_s": [round(t, 2) for t in times["direct"]],
         "flow_s": [round(t, 2) for t in times["flow"]],
         "paired_ratios": [round(r, 3) for r in paired],
+        **extra,
     }))
 
 
