@@ -28,15 +28,23 @@ def pytest_configure(config):
 
         os.environ["VOXELFLOW_WARM_DIR"] = tempfile.mkdtemp(prefix="voxelflow-warm-")
         config._voxelflow_warm_dir = os.environ["VOXELFLOW_WARM_DIR"]
+    # MLflow's schema template (voxelflow.core.mlflow_schema): one for the suite, made by whichever test needs it
+    # first, shared by the xdist workers and their subprocesses, never the user's own cache
+    if "VOXELFLOW_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["VOXELFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="voxelflow-cache-")
+        config._voxelflow_cache_dir = os.environ["VOXELFLOW_CACHE_DIR"]
 
 
 def pytest_unconfigure(config):
-    """End the warm-start servers this process's flow runs started (each ends when its socket goes)."""
-    where = getattr(config, "_voxelflow_warm_dir", None)
-    if where:
-        import shutil
+    """End the warm-start servers this process's flow runs started (each ends when its socket goes), and remove the
+    suite's cache."""
+    import shutil
 
-        shutil.rmtree(where, ignore_errors=True)
+    for where in (getattr(config, "_voxelflow_warm_dir", None), getattr(config, "_voxelflow_cache_dir", None)):
+        if where:
+            shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
