@@ -83,7 +83,7 @@ def test_a_cache_others_may_write_to_is_refused_and_mlflow_makes_the_database(tm
     shared.chmod(0o777)
     monkeypatch.setenv("VOXELFLOW_CACHE_DIR", str(shared))
     monkeypatch.setattr(mlflow_schema, "_checked", set())
-    with pytest.raises(PermissionError, match="only this user"):
+    with pytest.raises(PermissionError, match="only this user can use"):
         mlflow_schema.cache_folder()
     db = tmp_path / "mlflow.db"
     with caplog.at_level("INFO", logger="voxelflow.core.mlflow_schema"):

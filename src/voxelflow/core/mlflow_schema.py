@@ -9,9 +9,10 @@ MLflow's tables and nothing else: MLflow makes its default experiment, with this
 first opens the database, as it does after its own migrations.
 
 A database file that exists, even empty, is never touched, and one that another process creates at the same moment
-wins (the copy is linked in, never moved over a file). Whatever goes wrong here (a cache that cannot be written, a
-template that does not read as the revision it is named for, a file system without hard links) leaves the new
-database to MLflow's own migrations, as before, and is logged.
+wins (the copy is linked in, never moved over a file). A template that does not read as the revision it is named for
+is made again. Whatever else goes wrong here (a cache that cannot be written or that others may use, a copy that does
+not read as that revision, a file system without hard links) leaves the new database to MLflow's own migrations, as
+before, and is logged.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from voxelflow.core.private import private_folder
+
 log = logging.getLogger(__name__)
 
 _checked: set[str] = set()  # tracking URIs already looked at in this process
@@ -31,15 +34,10 @@ _lock = threading.Lock()
 
 def cache_folder() -> Path:
     """``VOXELFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/voxelflow``, else ``~/.cache/voxelflow``: made 0700, and refused
-    unless this user owns it and nobody else may write to it (a template from it becomes every new database)."""
+    unless only this user can use it (a template from it becomes every new database)."""
     named = os.environ.get("VOXELFLOW_CACHE_DIR")
-    where = Path(named) if named else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voxelflow"
-    where.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = where.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o022:
-        raise PermissionError(f"{where} is not a folder only this user can write to (owner {info.st_uid}, mode "
-                              f"{oct(info.st_mode & 0o777)})")
-    return where
+    return private_folder(Path(named) if named else
+                          Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "voxelflow")
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

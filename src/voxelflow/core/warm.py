@@ -51,6 +51,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from voxelflow.core.private import private_folder
+
 #: what a server imports before it forks: everything a lifecycle imports but Prefect and the flows
 PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.optim", "monai", "monai.transforms", "monai.networks.nets",
            "mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.pytorch", "xarray", "zarr", "sqlalchemy", "nibabel", "pydicom", "fsspec", "pydantic", "httpx",
@@ -72,12 +74,10 @@ class WarmError(RuntimeError):
 def folder() -> Path:
     """The servers' folder: ``VOXELFLOW_WARM_DIR``, else ``voxelflow-warm-<uid>`` in the temporary folder; 0700."""
     where = Path(os.environ.get("VOXELFLOW_WARM_DIR") or Path(tempfile.gettempdir()) / f"voxelflow-warm-{os.getuid()}")
-    where.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = where.stat()
-    if info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise WarmError(f"{where} is not a folder only this user can use (owner {info.st_uid}, mode "
-                        f"{oct(info.st_mode & 0o777)})")
-    return where
+    try:
+        return private_folder(where)
+    except PermissionError as exc:
+        raise WarmError(str(exc)) from None
 
 
 def _code_state(names: tuple[str, ...]) -> list[str]:
