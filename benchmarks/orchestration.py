@@ -187,6 +187,9 @@ def server_cpu_s() -> float:
     return total
 
 
+FLOOR_TASKS = 8  # no-op tasks in each flow of prefect_floor's
+
+
 def prefect_floor(spec, direct, flowed, runs: int = 10, settle_s: float = 1.0) -> dict[str, float]:
     """What Prefect itself costs here, on the lifecycle's server: an empty flow's run (its creation, states and
     result storage lookups through the API) and a no-op task's (its engine and state events), medians of ``runs``;
@@ -210,8 +213,8 @@ def prefect_floor(spec, direct, flowed, runs: int = 10, settle_s: float = 1.0) -
         return None
 
     @flow(name="floor-tasks")
-    def tasks(n: int = 8) -> None:
-        for _ in range(n):
+    def tasks() -> None:
+        for _ in range(FLOOR_TASKS):
             start = time.perf_counter()
             noop()
             per_task.append(time.perf_counter() - start)
@@ -244,7 +247,7 @@ def prefect_floor(spec, direct, flowed, runs: int = 10, settle_s: float = 1.0) -
                   for name, side in (("direct", direct), ("flow", flowed))}
     return {"empty_flow_s": statistics.median(flows), "noop_task_s": statistics.median(per_task),
             "server_cpu_ms": {"idle_per_s": round(idle * 1000, 1), "empty_flow": round(empty_cpu * 1000, 1),
-                              "noop_task": round((statistics.median(task_cpu) - empty_cpu) / 8 * 1000, 1),
+                              "noop_task": round((statistics.median(task_cpu) - empty_cpu) / FLOOR_TASKS * 1000, 1),
                               "direct_lifecycle": round(lifecycles["direct"] * 1000, 1),
                               "flow_lifecycle": round(lifecycles["flow"] * 1000, 1)}}
 

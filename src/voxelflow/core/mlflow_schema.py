@@ -10,9 +10,8 @@ first opens the database, as it does after its own migrations.
 
 A database file that exists, even empty, is never touched, and one that another process creates at the same moment
 wins (the copy is linked in, never moved over a file). A template that does not read as the revision it is named for
-is made again. Whatever else goes wrong here (a cache that cannot be written or that others may use, a copy that does
-not read as that revision, a file system without hard links) leaves the new database to MLflow's own migrations, as
-before, and is logged.
+is made again. Whatever else goes wrong here (a cache that cannot be written or that others may use, a file system
+without hard links) leaves the new database to MLflow's own migrations, as before, and is logged.
 """
 
 from __future__ import annotations
@@ -101,18 +100,16 @@ def seed(tracking_uri: str) -> bool:
         return False
     part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
-        made, revision = template(cache_folder())
+        made, _ = template(cache_folder())
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(made, part)
-        if revision_of(part) != revision:
-            raise RuntimeError(f"the copy of {made} does not read as revision {revision}")
+        shutil.copyfile(made, part)  # of a template just read as its revision (replaced whole, never in place)
         os.link(part, path)  # never over a database another process made meanwhile
         return True
     except FileExistsError:
         return False
     except Exception as exc:  # noqa: BLE001 - MLflow's own migrations make the database instead
         log.info("MLflow's schema was not copied for %s (%s: %s); MLflow's migrations make it", path,
-                    type(exc).__name__, exc)
+                 type(exc).__name__, exc)
         return False
     finally:
         part.unlink(missing_ok=True)
