@@ -61,9 +61,9 @@ def revision_of(path: Path) -> str | None:
     return row[0] if row else None
 
 
-def template(folder: Path) -> tuple[Path, str]:
+def template(folder: Path) -> Path:
     """The schema of this MLflow release in ``folder``, made there first if it is missing or does not read as its
-    revision; returns (its path, the revision)."""
+    revision."""
     import mlflow
     from mlflow.store.db.utils import _get_latest_schema_revision, _initialize_tables
     from sqlalchemy import create_engine
@@ -71,7 +71,7 @@ def template(folder: Path) -> tuple[Path, str]:
     revision = _get_latest_schema_revision()
     made = folder / f"mlflow-{mlflow.__version__}-{revision}.db"
     if revision_of(made) == revision:
-        return made, revision
+        return made
     part = folder / f".{made.name}.{os.getpid()}.{threading.get_ident()}.part"
     part.unlink(missing_ok=True)
     try:
@@ -85,7 +85,7 @@ def template(folder: Path) -> tuple[Path, str]:
         os.replace(part, made)  # whole or not at all; two makers at once both leave a whole one
     finally:
         part.unlink(missing_ok=True)
-    return made, revision
+    return made
 
 
 def seed(tracking_uri: str) -> bool:
@@ -100,7 +100,7 @@ def seed(tracking_uri: str) -> bool:
         return False
     part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
-        made, _ = template(cache_folder())
+        made = template(cache_folder())
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(made, part)  # of a template just read as its revision (replaced whole, never in place)
         os.link(part, path)  # never over a database another process made meanwhile
