@@ -343,9 +343,9 @@ def test_cases_keep_their_own_shapes(tmp_path):
 
 
 def test_a_few_new_cases_are_processed_without_starting_a_cluster(demo_pre, tmp_path, monkeypatch):
-    """What an arrival or the demo adds (new cases of at most HERE_VOXELS voxels in all) is preprocessed in the
-    lifecycle's process under `cluster: auto`: a local cluster costs more to start than they take. More voxels, a
-    shared scheduler, an explicit cluster, adaptive scaling or the GPU keep the cluster."""
+    """What an arrival or the demo adds is preprocessed in the lifecycle's process under `cluster: auto`: a
+    local cluster costs more to start than the cases take. A shared scheduler, an explicit cluster, adaptive
+    scaling or the GPU get the cluster from the first case."""
     from voxelflow.data import cluster
     from voxelflow.data.synthetic import make_decathlon
     from voxelflow.spec.config import DataSpec, Settings
@@ -355,22 +355,66 @@ def test_a_few_new_cases_are_processed_without_starting_a_cluster(demo_pre, tmp_
     from voxelflow.stages.ingest import ingest_stage
 
     source = make_decathlon(tmp_path / "src", n_cases=3, size=12)
-    ctx = Context(Settings(home=tmp_path / "home", store=str(tmp_path / "store"), dask_scheduler=None), "p")
+    ctx = Context(Settings(home=tmp_path / "home", store=str(tmp_path / "store"), dask_scheduler=None,
+                           dask_workers=2), "p")
     ids = ingest_stage(DataSpec(source=str(source), layout="decathlon"), ctx).case_ids
 
     def no_cluster(*args, **kwargs):
         raise AssertionError("a cluster was started for a few small new cases")
 
     monkeypatch.setattr(cluster, "dask_client", no_cluster)
-    first = stage.preprocess_stage(demo_pre, ctx, ids[:2])
-    second = stage.preprocess_stage(demo_pre, ctx, ids)  # the one case the first left is the only new one
+    one = demo_pre.model_copy(update={"shard_size": 1})  # a decision after every case
+    first = stage.preprocess_stage(one, ctx, ids[:2])
+    second = stage.preprocess_stage(one, ctx, ids)  # the one case the first left is the only new one
     assert (first.processed, second.processed, second.skipped) == (2, 1, 2) and not second.failed
 
-    assert not stage.needs_cluster(demo_pre, ctx, []) and not stage.needs_cluster(demo_pre, ctx, ids)
-    monkeypatch.setattr(stage, "HERE_VOXELS", 2 * 12**3)  # the three 12^3 cases are over it, two are not
-    assert stage.needs_cluster(demo_pre, ctx, ids) and not stage.needs_cluster(demo_pre, ctx, ids[:2])
-    monkeypatch.setattr(stage, "HERE_VOXELS", 2**24)
+    assert stage.here_first(demo_pre, ctx)
     for changed in ({"cluster": "local"}, {"device": "cuda"}, {"adaptive": Adaptive(minimum=1, maximum=2)}):
-        assert stage.needs_cluster(demo_pre.model_copy(update=changed), ctx, ids[:1]), changed
+        assert not stage.here_first(demo_pre.model_copy(update=changed), ctx), changed
     shared = Context(ctx.settings.model_copy(update={"dask_scheduler": "tcp://127.0.0.1:8786"}), "p")
-    assert stage.needs_cluster(demo_pre, shared, ids[:1])
+    assert not stage.here_first(demo_pre, shared)
+
+
+def test_a_cluster_is_worth_it_when_the_rest_would_take_longer_here_than_its_start():
+    from voxelflow.data.preprocess import CLUSTER_COST_S, worth_a_cluster
+
+    per_case = 1.0
+    even = CLUSTER_COST_S * 2  # cases left at which two workers save exactly the cluster's cost
+    assert not worth_a_cluster(8 * per_case, 8, int(even), 2)
+    assert worth_a_cluster(8 * per_case, 8, int(even) + 1, 2)
+    assert worth_a_cluster(8 * per_case, 8, int(even), 4)  # more workers share the rest
+    assert not worth_a_cluster(8 * per_case, 8, 10_000, 1)  # one worker is one case at a time, as here
+    assert not worth_a_cluster(8 * per_case, 8, 0, 8) and not worth_a_cluster(0.0, 0, 10_000, 8)
+
+
+def test_the_rest_moves_onto_a_cluster_once_it_is_predicted_sooner(sequential, ingested, tmp_path, client,
+                                                                   monkeypatch):
+    """Cases start here; once the first shard's time predicts the rest ends sooner on the cluster (its cost
+    set to nothing here), the other shards run there, with one report, progress to the end and the same bytes."""
+    import contextlib
+
+    from voxelflow.data import preprocess as prep
+
+    spec, seq_out, _, _ = sequential
+    layout, report = ingested
+    one = spec.model_copy(update={"shard_size": 1})
+    started = []
+
+    def cluster():
+        started.append(1)
+        return contextlib.nullcontext(client)
+
+    for cost, expected in ((1e9, 0), (0.0, 2)):  # never worth it; worth it after the first case
+        monkeypatch.setattr(prep, "CLUSTER_COST_S", cost)
+        out = CaseStore(Store(tmp_path / str(cost)), "pre")
+        calls = []
+        client.result_sizes.clear()
+        result = preprocess(one, layout.raw, report.case_ids, out, progress=lambda i, n, calls=calls: calls.append((i, n)),
+                            cluster=cluster, workers=2)
+        assert (result.processed, result.shards, result.failed) == (3, 3, [])
+        assert calls == [(1, 3), (2, 3), (3, 3)]  # one case more per shard, wherever it ran
+        on_workers = [k for k in client.result_sizes if k.startswith("preprocess_shard")]
+        assert len(on_workers) == expected, (cost, on_workers)
+        seq, got = load_arrays(seq_out, report.case_ids), load_arrays(out, report.case_ids)
+        assert all(got[k].tobytes() == seq[k].tobytes() for k in ("image", "label"))
+    assert started == [1]  # only the cheap cluster was started, and once

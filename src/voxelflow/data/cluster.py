@@ -175,6 +175,11 @@ def dask_client(
         yield client
 
 
+def local_workers(n_workers: int | None = None) -> int:
+    """The workers of a local CPU cluster voxelflow starts: ``n_workers``, else the cores, at most 8."""
+    return n_workers or max(1, min(os.cpu_count() or 1, 8))
+
+
 def _local_cluster(kind: str, n_workers: int | None, adaptive: Any, memory_limit: str | int | None):
     """The cluster to start and the adaptive bounds to give it (clamped to the GPUs for CUDA)."""
     bounds = _bounds(adaptive)
@@ -191,7 +196,7 @@ def _local_cluster(kind: str, n_workers: int | None, adaptive: Any, memory_limit
                                    dashboard_address="127.0.0.1:0", memory_limit=limit,
                                    device_memory_limit=GPU_MEMORY_FRACTION, silence_logs=logging.ERROR)
         return cluster, plan.adapt
-    workers = n_workers or max(1, min(os.cpu_count() or 1, 8))
+    workers = local_workers(n_workers)
     if bounds:
         workers = bounds[0]
     cluster = LocalCluster(

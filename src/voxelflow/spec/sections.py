@@ -116,10 +116,9 @@ class PreprocessSpec(_Stage):
     )
     shard_size: int = Field(8, ge=1, description="cases per Dask task")
     cluster: str = Field("auto", description="auto (a local cluster, on GPUs when device is cuda; the "
-                         "VOXELFLOW_DASK_SCHEDULER cluster when set; new cases of at most 2^24 voxels in all, on "
-                         "the CPU, are processed in the lifecycle's process, with no cluster to start) | local | "
-                         "cuda | "
-                         "tcp://scheduler:8786")
+                         "VOXELFLOW_DASK_SCHEDULER cluster when set; on the CPU, new cases start in the lifecycle's "
+                         "process and move onto a local cluster only once the time they take predicts it ends "
+                         "sooner, its start included) | local | cuda | tcp://scheduler:8786")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="where the transforms run; cuda: on the workers' GPUs (LocalCUDACluster under auto)"
     )
