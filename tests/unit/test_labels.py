@@ -59,3 +59,18 @@ def test_values_outside_the_classes_are_refused_never_counted():
         confusion(np.zeros((2, 2), np.uint8), np.full((2, 2), 3, np.uint8), 2)
     with pytest.raises(ValueError, match="differ in shape"):
         confusion(np.zeros((2, 2)), np.zeros((2, 3)), 2)
+
+
+@pytest.mark.parametrize("n", [2, 15, 16, 17])
+def test_confusion_counts_every_pair_alike_in_uint8_and_wider_labels(n):
+    """uint8 labels of up to 16 classes are counted from one uint8 code a voxel (16 x 16 codes fill it): the
+    counts are those of the int64 codes, every (truth, prediction) pair included, and 17 classes take the wide path."""
+    rng = np.random.default_rng(n)
+    truth = rng.integers(0, n, (9, 8, 7)).astype(np.uint8)
+    pred = rng.integers(0, n, truth.shape).astype(np.uint8)
+    truth.flat[: n * n], pred.flat[: n * n] = np.repeat(np.arange(n), n), np.tile(np.arange(n), n)  # every pair
+    expected = np.zeros((n, n), np.int64)
+    np.add.at(expected, (truth.ravel().astype(np.int64), pred.ravel().astype(np.int64)), 1)
+    for a, b in ((pred, truth), (pred.astype(np.int32), truth), (pred, truth.astype(np.int64))):
+        counts = confusion(a, b, n)
+        assert counts.shape == (n, n) and (counts == expected).all() and counts.min() >= 1

@@ -44,7 +44,10 @@ def confusion(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray
         if a.size and (a.min() < 0 or a.max() >= n_classes):
             outside = sorted(int(v) for v in np.unique(a) if not 0 <= v < n_classes)
             raise ValueError(f"label-values: {outside} outside 0..{n_classes - 1} ({n_classes} classes) in the {name}")
-    flat = truth.astype(np.int64, copy=False).ravel() * n_classes + pred.astype(np.int64, copy=False).ravel()
+    if n_classes**2 <= 256 and pred.dtype == truth.dtype == np.uint8:  # one uint8 code a voxel, no int64 copies
+        flat = truth.ravel() * np.uint8(n_classes) + pred.ravel()
+    else:
+        flat = truth.astype(np.int64, copy=False).ravel() * n_classes + pred.astype(np.int64, copy=False).ravel()
     return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
