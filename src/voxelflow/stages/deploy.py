@@ -44,6 +44,8 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
         return Deployment(f"kubernetes:{spec.kubernetes.namespace}/{ctx.pipeline}-inference", version, case_id,
                           float("nan"), 0.0)
 
+    import ssl
+
     import httpx
 
     from voxelflow.serving.serve import NIFTI, KeyStore, ModelHolder, Server, create_app, decode_volume, nifti_gz
@@ -61,8 +63,11 @@ def deploy_stage(spec: DeploySpec, model_name: str, ctx: Context, case_id: str) 
                              version=holder.version, endpoint=server.url, temporary=True,
                              note="smoke test: the endpoint stops when the deploy stage ends")
                 start = time.perf_counter()
+                # plain HTTP to this process's own server: a TLS context with no CA bundle to load (httpx loads
+                # certifi's for each client otherwise, 30-90 ms here), which would refuse any https peer
                 resp = httpx.post(f"{server.url}/v1/segment", content=nifti_gz(case["image"], case["affine"]),
-                                  headers={"X-API-Key": key, "Content-Type": NIFTI}, timeout=120)
+                                  headers={"X-API-Key": key, "Content-Type": NIFTI}, timeout=120,
+                                  verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
                 latency = time.perf_counter() - start
     finally:
         keys.revoke(key)
