@@ -247,6 +247,28 @@ def test_connect_pools_one_database_per_url(sqlite_url):
         first.dispose()
 
 
+def test_a_deleted_sqlite_file_is_opened_again_not_read_through_old_connections(tmp_path):
+    """A home removed under a live process (a notebook starting over): the pooled connections would still read
+    the deleted file (the old ledger, no file on disk); connect() opens and migrates the new one instead."""
+    path = tmp_path / "home" / "voxelflow.db"
+    url = f"sqlite:///{path}"
+    first = connect(url)
+    try:
+        with first.transaction() as conn:
+            conn.execute(insert(cursors).values(name="old", value="1", updated=now()))
+        assert connect(url) is first  # nothing changed: the same pool
+        for f in path.parent.iterdir():
+            f.unlink()  # the file, its WAL and shared memory
+        again = connect(url)
+        assert again is not first and path.exists()
+        with again.transaction() as conn:
+            assert conn.execute(select(cursors)).all() == []  # a new, migrated database
+        assert set(schema(url)[0]) >= TABLES
+    finally:
+        vdb._open.pop(url, None).dispose()
+        first.dispose()
+
+
 def test_database_pickles_as_its_url(db):
     copy = pickle.loads(pickle.dumps(db))
     assert copy.url == db.url

@@ -10,6 +10,7 @@ the database's write lock on SQLite (one writer at a time).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 
 from voxelflow.core import redact
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 
@@ -193,16 +196,18 @@ class Database:
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         self.url = url
         self.sqlite = url.startswith("sqlite")
+        path = url.split("///", 1)[1].split("?", 1)[0] if self.sqlite and "///" in url else ""
+        self.path: Path | None = Path(path) if path and path != ":memory:" else None  # a SQLite file
         try:
             if self.sqlite:
-                path = url.split("///", 1)[1] if "///" in url else ""
-                if path and path != ":memory:":
-                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                if self.path:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.engine: Engine = create_engine(url, connect_args={"timeout": 60})
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             else:
                 self.engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
             self.migrate()
+            self.file = self.file_identity()
         except Exception as exc:  # the URL carries the password: no error text repeats it
             redact.scrub(exc)
             raise
@@ -261,6 +266,16 @@ class Database:
         conn.execute(upsert(locks).values(name=name).on_conflict_do_nothing())
         conn.execute(update(locks).where(locks.c.name == name).values(holder=f"pid {os.getpid()}", at=now()))
 
+    def file_identity(self) -> tuple[int, int] | None:
+        """The SQLite file's device and inode (None for a server, or while no file is there)."""
+        if self.path is None:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -270,9 +285,16 @@ _open_lock = threading.Lock()
 
 
 def connect(url: str) -> Database:
-    """The process-wide :class:`Database` for ``url`` (engines are pooled; open each once)."""
+    """The process-wide :class:`Database` for ``url`` (engines are pooled; open each once). A SQLite file that was
+    deleted or replaced since is opened again, migrated first: pooled connections would still read the old one."""
     with _open_lock:
         db = _open.get(url)
+        if db is not None and db.path is not None and db.file_identity() != db.file:
+            log.warning("the database file %s was deleted or replaced: opening it again", db.path)
+            db.dispose()
+            with Database._migrate_lock:
+                Database._migrated.discard(db.url)
+            db = None
         if db is None:
             db = _open[url] = Database(url)
         return db
