@@ -115,3 +115,30 @@ def test_two_seeders_at_once_leave_one_whole_database(cache, tmp_path):
     assert sorted(results) == [False, True]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["mlflow.db"]  # no part left
     assert experiments(f"sqlite:///{target}") == [("0", "Default", "active")]
+
+
+def test_a_database_deleted_under_the_process_is_opened_again(cache, tmp_path):
+    """A home removed under a live process (a notebook starting over): MLflow's engine and stores for the URI would
+    still point at the deleted file and refuse every write; client() lets MLflow open the new file, seeded, and
+    leaves a file that is still there on the engine it has."""
+    import shutil
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    home = tmp_path / "home"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    c = client(uri)
+    first = c.create_run(c.create_experiment("e", artifact_location=str(tmp_path / "a1"))).info.run_id
+    engine = SqlAlchemyStore._engine_map[uri]
+    client(uri).get_run(first)
+    assert SqlAlchemyStore._engine_map[uri] is engine  # nothing changed: nothing reopened
+
+    shutil.rmtree(home)
+    c = client(uri)
+    assert (home / "mlflow.db").exists() and SqlAlchemyStore._engine_map.get(uri) is not engine
+    run = c.create_run(c.create_experiment("e", artifact_location=str(tmp_path / "a2"))).info.run_id
+    c.create_registered_model("m")
+    c.create_model_version("m", f"runs:/{run}/model", run)
+    with sqlite3.connect(home / "mlflow.db") as db:  # written to the file on disk, and only the new run
+        assert db.execute("SELECT run_uuid FROM runs").fetchall() == [(run,)]
+        assert db.execute("SELECT name, version FROM model_versions").fetchall() == [("m", 1)]

@@ -88,6 +88,12 @@ def template(folder: Path) -> Path:
     return made
 
 
+def forget(tracking_uri: str) -> None:
+    """Look at ``tracking_uri`` again on its next :func:`seed` (its file was deleted since)."""
+    with _lock:
+        _checked.discard(tracking_uri)
+
+
 def seed(tracking_uri: str) -> bool:
     """Put MLflow's schema in place for a ``sqlite://`` tracking URI whose file does not exist yet; True when this call
     put it there. Every other URI, an existing file and any failure (logged) leave it to MLflow."""
