@@ -90,8 +90,7 @@ def main() -> None:
     clock_stages(stage_s)
 
     def fresh_home(tag: str) -> Settings:
-        # a new folder each time: MLflow caches its SQLite engine per URI, so a deleted database
-        # under the same path would be stale
+        # a new folder each time: no run finds another's database, store or MLflow runs
         return Settings(home=work / tag)
 
     reused: list[list[str]] = []  # each run's reused steps: the last one's is checked by cached_rerun
