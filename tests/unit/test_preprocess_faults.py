@@ -132,3 +132,35 @@ def test_a_case_that_raises_fails_with_its_reason(tmp_path):
     assert report.processed == 1 and out.committed() == ["case-000"]
     assert [f["case"] for f in report.failed] == ["case-001"]
     assert "label" in report.failed[0]["reason"]
+
+
+def test_failures_on_either_side_of_the_move_onto_a_cluster_fail_alone(tmp_path, monkeypatch):
+    """Here first, then a real 2-worker local cluster (its cost set to nothing, so the rest moves after the first
+    shard): a case that raises here and one that raises on the cluster each fail once with their reason, every
+    other case is committed, and progress ends at the total."""
+    from voxelflow.data import preprocess as prep
+    from voxelflow.data.cluster import dask_client
+
+    raw = CaseStore(Store(tmp_path), "raw")
+    ids = [f"case-{i:03d}" for i in range(6)]
+    for i, cid in enumerate(ids):
+        write_raw(raw, cid, i, size=24)
+    unlabelled = raw.open("case-000").load().drop_vars("label")
+    bad = ["case-001", "case-004"]  # in the first shard (here) and in the third (on the cluster)
+    for cid in bad:
+        raw.write(cid, unlabelled)
+    monkeypatch.setattr(prep, "CLUSTER_COST_S", 0.0)
+    started = []
+
+    def cluster():
+        started.append(1)
+        return dask_client("local", n_workers=2)
+
+    spec = PreprocessSpec(transforms=TRANSFORMS, shard_size=2)
+    out = CaseStore(Store(tmp_path), "out")
+    calls = []
+    report = preprocess(spec, raw, ids, out, progress=lambda i, n: calls.append((i, n)), cluster=cluster, workers=2)
+    assert started == [1]
+    assert [f["case"] for f in report.failed] == bad and all("label" in f["reason"] for f in report.failed)
+    assert report.processed == 4 and out.committed() == [c for c in ids if c not in bad]
+    assert calls == sorted(calls) and calls[-1] == (6, 6)
