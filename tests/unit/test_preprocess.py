@@ -402,42 +402,32 @@ def test_the_rest_moves_onto_a_cluster_once_it_is_predicted_sooner(sequential, i
     spec, seq_out, _, _ = sequential
     layout, report = ingested
     one = spec.model_copy(update={"shard_size": 1})
-    entered, exited, starts = [], [], []
-    shard_done = {n: threading.Event() for n in (1, 2, 3)}
-
-    class Recorded(prep._Starting):
-        def __init__(self, cluster):
-            super().__init__(cluster)
-            starts.append(self)
-
-    monkeypatch.setattr(prep, "_Starting", Recorded)
+    entered, exited = [], []
+    up = threading.Event()
 
     @contextlib.contextmanager
-    def cluster(up_after: int, fail=False):
+    def cluster(delay_s=0.0, fail=False):
         entered.append(threading.current_thread().name)
-        assert shard_done[up_after].wait(60)  # up only once that shard has ended here
+        time.sleep(delay_s)
         if fail:
             raise RuntimeError("no cluster here")
+        up.set()
         try:
             yield client
         finally:
             exited.append(1)
 
-    def run(cost, factory, wait_up_after=None):
+    def run(cost, factory, wait_after=None):
         monkeypatch.setattr(prep, "CLUSTER_COST_S", cost)
-        entered.clear(), exited.clear(), starts.clear(), client.result_sizes.clear()
-        for event in shard_done.values():
-            event.clear()
+        entered.clear(), exited.clear(), up.clear(), client.result_sizes.clear()
         out = CaseStore(Store(tmp_path / f"{cost}-{len(list(tmp_path.iterdir()))}"), "pre")
         calls = []
 
         def progress(i, n):
             calls.append((i, n))
-            shard_done[i].set()
-            if i == wait_up_after:  # the next shard begins once the cluster is up
-                deadline = time.monotonic() + 60
-                while not (starts and starts[0].up()) and time.monotonic() < deadline:
-                    time.sleep(0.01)
+            if i == wait_after:  # the next shard begins once the cluster is up
+                assert up.wait(60)
+                time.sleep(0.2)  # and its client handed over (set just after the block is entered)
 
         result = preprocess(one, layout.raw, report.case_ids, out, progress=progress, cluster=factory, workers=2)
         assert (result.processed, result.shards, result.failed) == (3, 3, [])
@@ -446,9 +436,9 @@ def test_the_rest_moves_onto_a_cluster_once_it_is_predicted_sooner(sequential, i
         assert all(got[k].tobytes() == seq[k].tobytes() for k in ("image", "label"))
         return [k for k in client.result_sizes if k.startswith("preprocess_shard")]
 
-    assert run(1e9, lambda: cluster(1)) == [] and entered == []  # never worth a cluster: none started
-    on_workers = run(0.0, lambda: cluster(2), wait_up_after=2)  # worth it after shard 1; shard 2 ran here meanwhile
+    assert run(1e9, cluster) == [] and entered == []  # never worth a cluster: none started
+    on_workers = run(0.0, cluster, wait_after=2)  # worth it after the first case; the second ran here meanwhile
     assert len(on_workers) == 1 and entered == ["voxelflow-cluster-start"] and exited == [1]
-    assert run(0.0, lambda: cluster(3)) == [] and exited == [1]  # up after the last shard: closed all the same
+    assert run(0.0, lambda: cluster(delay_s=1.0)) == [] and exited == [1]  # up after the last shard: closed
     with pytest.raises(RuntimeError, match="no cluster here"):
-        run(0.0, lambda: cluster(3, fail=True))
+        run(0.0, lambda: cluster(delay_s=0.5, fail=True))

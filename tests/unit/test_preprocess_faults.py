@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -151,28 +152,21 @@ def test_failures_on_either_side_of_the_move_onto_a_cluster_fail_alone(tmp_path,
     for cid in bad:
         raw.write(cid, unlabelled)
     monkeypatch.setattr(prep, "CLUSTER_COST_S", 0.0)
-    started, ran, starts = [], [], []
-
-    class Recorded(prep._Starting):
-        def __init__(self, cluster):
-            super().__init__(cluster)
-            starts.append(self)
-
-    monkeypatch.setattr(prep, "_Starting", Recorded)
+    started, ran, up = [], [], threading.Event()
 
     @contextlib.contextmanager
     def cluster():
         started.append(1)
         with dask_client("local", n_workers=2) as client:
+            up.set()
             yield client
             ran.extend(client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes)))
 
     def progress(i: int, n: int) -> None:
         calls.append((i, n))
         if i == 4:  # the second shard ran here while the cluster started; the third waits for it
-            deadline = time.monotonic() + 120
-            while not (starts and starts[0].up()) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            assert up.wait(120)
+            time.sleep(0.2)  # its client handed over, just after the block is entered
 
     spec = PreprocessSpec(transforms=TRANSFORMS, shard_size=2)
     out = CaseStore(Store(tmp_path), "out")
