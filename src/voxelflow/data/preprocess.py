@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from concurrent.futures import Future
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 
 import numpy as np
 
@@ -379,67 +376,19 @@ def worth_a_cluster(seconds: float, done: int, left: int, workers: int) -> bool:
     return here - here / workers > CLUSTER_COST_S
 
 
-class _Starting:
-    """A cluster started in a thread of its own while shards go on here; its client once it is up, and the cluster
-    closed (in that thread, which entered it) by :meth:`close`. An error starting it is raised by :meth:`client`,
-    or by :meth:`close` when the shards ended here before it came."""
-
-    def __init__(self, cluster: Callable[[], AbstractContextManager[Any]]) -> None:
-        self._up: Future = Future()
-        self._release = threading.Event()
-        self._error: BaseException | None = None  # one closing it
-        self._thread = threading.Thread(target=self._hold, args=(cluster,), name="voxelflow-cluster-start",
-                                        daemon=True)
-        self._thread.start()
-
-    def _hold(self, cluster: Callable[[], AbstractContextManager[Any]]) -> None:
-        try:
-            with cluster() as client:
-                self._up.set_result(client)
-                self._release.wait()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, never lost
-            if self._up.done():
-                self._error = exc
-            else:
-                self._up.set_exception(exc)
-
-    def up(self) -> bool:
-        return self._up.done()
-
-    def client(self) -> Any:
-        self._asked = True
-        return self._up.result()
-
-    def close(self) -> None:
-        self._release.set()
-        self._thread.join()
-        failed = self._up.exception()
-        if failed is not None and not getattr(self, "_asked", False):
-            raise failed
-        if self._error is not None:
-            raise self._error
-
-
 def _run_here_first(spec: PreprocessSpec, raw: CaseStore, out: CaseStore, parts: list[list[str]], tally: _Tally,
-                    cluster: Callable[[], AbstractContextManager[Any]], workers: int) -> None:
-    """Shards here one after the other while that is the sooner way. Once it is not, the cluster starts beside
-    them, and the shards not begun by the time it is up run there."""
+                    cluster: Callable[[], ContextManager[Any]], workers: int) -> None:
+    """Shards here one after the other while that is the sooner way; the rest on ``cluster()`` once it is not."""
     started = time.perf_counter()
-    starting: _Starting | None = None
-    try:
-        for i, part in enumerate(parts):
-            if starting is not None and starting.up():
-                _run_dask(starting.client(), spec, raw, out, parts[i:], tally)
-                return
-            _run_local(spec, raw, out, [part], tally)
-            rest = parts[i + 1 :]
-            seconds, done, left = time.perf_counter() - started, sum(map(len, parts[: i + 1])), sum(map(len, rest))
-            if starting is None and worth_a_cluster(seconds, done, left, min(workers, len(rest))):
-                log.info("starting a Dask cluster for the %d case(s) left: %d took %.1f s here", left, done, seconds)
-                starting = _Starting(cluster)
-    finally:
-        if starting is not None:
-            starting.close()
+    for i, part in enumerate(parts):
+        _run_local(spec, raw, out, [part], tally)
+        rest = parts[i + 1 :]
+        seconds, done, left = time.perf_counter() - started, sum(map(len, parts[: i + 1])), sum(map(len, rest))
+        if worth_a_cluster(seconds, done, left, min(workers, len(rest))):
+            log.info("preprocessing the %d case(s) left on a Dask cluster: %d took %.1f s here", left, done, seconds)
+            with cluster() as client:
+                _run_dask(client, spec, raw, out, rest, tally)
+            return
 
 
 def preprocess(
@@ -449,16 +398,15 @@ def preprocess(
     out: CaseStore,
     client=None,
     progress: Callable[[int, int], None] | None = None,
-    cluster: Callable[[], AbstractContextManager[Any]] | None = None,
+    cluster: Callable[[], ContextManager[Any]] | None = None,
     workers: int = 1,
 ) -> PreprocessReport:
     """Preprocess the cases ``out`` lacks, shard by shard: on Dask workers with ``client``, else here.
 
     With ``cluster`` instead (a function that starts a Dask cluster of ``workers`` workers: a context manager
-    giving its client), shards run here first; as soon as the time the done ones took predicts the rest ends
-    sooner on that cluster, its start and close included (:func:`worth_a_cluster`), it starts beside the shards
-    still running here and takes those not begun once it is up. So a few cases never wait for a cluster and
-    many never run one by one.
+    giving its client), shards run here first, and the rest moves onto that cluster as soon as the time the
+    done ones took predicts it ends sooner there, its start and close included (:func:`worth_a_cluster`);
+    so a few cases never wait for a cluster and many never run one by one.
     ``out`` is the store for these transforms (``Layout.preprocessed(transform_digest(spec))``).
     ``progress(done_cases, total_cases)`` is called as shards end. Cases that cannot be processed
     (an error, or killing their worker again and again) are listed in ``failed`` with a reason;
