@@ -268,16 +268,20 @@ class Database:
 
     def file_identity(self) -> tuple[int, int] | None:
         """The SQLite file's device and inode (None for a server, or while no file is there)."""
-        if self.path is None:
-            return None
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_dev, st.st_ino
+        return None if self.path is None else file_identity(self.path)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """The device and inode of the file at ``path`` (None while no file is there): another file once it was
+    deleted and made again, or replaced."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 _open: dict[str, Database] = {}

@@ -10,10 +10,11 @@ another one than it was and lets MLflow open it anew."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
+from pathlib import Path
 
 from voxelflow.core import mlflow_schema
+from voxelflow.core.db import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -24,33 +25,24 @@ _lock = threading.Lock()
 def client(tracking_uri: str):
     from mlflow import MlflowClient
 
-    _reopen_if_replaced(tracking_uri)
-    mlflow_schema.seed(tracking_uri)
-    made = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     path = mlflow_schema.sqlite_path(tracking_uri)
     if path is not None:
-        seen = _identity(path)
-        if seen is not None:
-            with _lock:
-                _files[tracking_uri] = seen
+        _reopen_if_replaced(tracking_uri, path)
+    mlflow_schema.seed(tracking_uri)
+    made = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    seen = None if path is None else file_identity(path)
+    if seen is not None:
+        with _lock:
+            _files[tracking_uri] = seen
     return made
 
 
-def _identity(path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _reopen_if_replaced(tracking_uri: str) -> None:
-    """When the SQLite file of ``tracking_uri`` is gone or another one than this process used, drop MLflow's
-    engines for it and its cached stores, so that the next use opens the file there now (seeded first)."""
-    path = mlflow_schema.sqlite_path(tracking_uri)
+def _reopen_if_replaced(tracking_uri: str, path: Path) -> None:
+    """When ``path``, the SQLite file of ``tracking_uri``, is gone or another one than this process used, drop
+    MLflow's engines for it and its cached stores, so that the next use opens the file there now (seeded first)."""
     with _lock:
         before = _files.get(tracking_uri)
-        if path is None or before is None or _identity(path) == before:
+        if before is None or file_identity(path) == before:
             return
         del _files[tracking_uri]
     log.warning("MLflow's database %s was deleted or replaced: opening it again", path)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -377,13 +378,14 @@ def worth_a_cluster(seconds: float, done: int, left: int, workers: int) -> bool:
 
 
 def _run_here_first(spec: PreprocessSpec, raw: CaseStore, out: CaseStore, parts: list[list[str]], tally: _Tally,
-                    cluster: Callable[[], ContextManager[Any]], workers: int) -> None:
+                    cluster: Callable[[], AbstractContextManager[Any]], workers: int) -> None:
     """Shards here one after the other while that is the sooner way; the rest on ``cluster()`` once it is not."""
-    started = time.perf_counter()
+    started, done, left = time.perf_counter(), 0, sum(map(len, parts))
     for i, part in enumerate(parts):
         _run_local(spec, raw, out, [part], tally)
         rest = parts[i + 1 :]
-        seconds, done, left = time.perf_counter() - started, sum(map(len, parts[: i + 1])), sum(map(len, rest))
+        done, left = done + len(part), left - len(part)
+        seconds = time.perf_counter() - started
         if worth_a_cluster(seconds, done, left, min(workers, len(rest))):
             log.info("preprocessing the %d case(s) left on a Dask cluster: %d took %.1f s here", left, done, seconds)
             with cluster() as client:
@@ -398,7 +400,7 @@ def preprocess(
     out: CaseStore,
     client=None,
     progress: Callable[[int, int], None] | None = None,
-    cluster: Callable[[], ContextManager[Any]] | None = None,
+    cluster: Callable[[], AbstractContextManager[Any]] | None = None,
     workers: int = 1,
 ) -> PreprocessReport:
     """Preprocess the cases ``out`` lacks, shard by shard: on Dask workers with ``client``, else here.
