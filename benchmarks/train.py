@@ -106,7 +106,7 @@ def staged_vs_loader(store, ids, patch: int, steps: int, device: str) -> tuple[f
     staged = [tuple(t.to(dev) for t in train.collate([drawn[k] for k in keys])) for keys in batches]
 
     torch.manual_seed(0)
-    net = train.build_network(spec.network).to(dev)
+    net = train.for_training(train.build_network(spec.network), dev)
     loss_fn, opt = train.build_loss(spec.loss), train.build_optimizer(spec.optimizer, net.parameters(), 1e-3)
     scaler = torch.amp.GradScaler(dev.type, enabled=train.resolve_precision(spec.precision, dev) == "fp16-mixed")
     start = time.perf_counter()

@@ -335,3 +335,40 @@ def test_auto_precision_is_fp32_on_a_cpu():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # emulated bf16 is ~10x slower there
     assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"  # asked for: done
     assert TrainSpec(network=copy.deepcopy(NETWORK)).precision == "auto"
+
+
+def test_a_cpu_network_trains_channels_last_and_its_weights_load_either_way(data, tmp_path):
+    """On a CPU the 3-D convolutions' weights train in NDHWC (faster there, the same arithmetic to rounding):
+    the trained weights are contiguous safetensors, and a checkpoint resumes into a network of either layout."""
+    from voxelflow.learn.train import build_loss, build_network, for_training, state_dict_bytes
+
+    net = for_training(build_network(copy.deepcopy(NETWORK)), torch.device("cpu"))
+    convs = [p for p in net.parameters() if p.dim() == 5]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in convs)
+    plain = for_training(build_network(copy.deepcopy(NETWORK)), torch.device("cpu"), world=2)
+    assert all(p.is_contiguous() for p in plain.parameters())
+
+    images, labels = data
+    result = train(spec(), ArrayCases(images, labels), ckpts(tmp_path))
+    assert all(t.is_contiguous() for t in load(result.weights).values())
+    # the same steps in the default layout: the same losses, to float rounding
+    x, y = torch.as_tensor(images), torch.as_tensor(labels).long()
+    losses = []
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        torch.manual_seed(0)
+        n = build_network(copy.deepcopy(NETWORK)).to(memory_format=layout)
+        opt = torch.optim.Adam(n.parameters(), 0.01)
+        loss_fn = build_loss(copy.deepcopy(LOSS))
+        for _ in range(3):
+            opt.zero_grad()
+            loss = loss_fn(n(x), y)
+            loss.backward()
+            opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    # a checkpoint written by the channels-last run resumes into a default-layout network
+    state = ckpts(tmp_path).load_latest("cpu")
+    fresh = build_network(copy.deepcopy(NETWORK))
+    fresh.load_state_dict(state["model"])
+    assert all(p.is_contiguous() for p in fresh.parameters())
+    assert same_weights(result.weights, state_dict_bytes(fresh))
